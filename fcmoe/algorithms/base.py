@@ -1,0 +1,117 @@
+"""The algorithm contract: a server half (aggregate) and a client half (start, finish, personalised prediction).
+
+One object per method holds both halves; the engines (in-process ``fcmoe.sim`` and Flower ``fcmoe.fl``) drive it:
+
+    start  = algo.client_start(global, client_state)              # client, before local training
+    Δ_i    = local_train(start) − start                           # engine + fcmoe.training
+    result = algo.aggregate(global, [ClientUpdate…])              # server
+    algo.client_finish(client_state, global, result.state, result.messages[i])   # client, after the round
+    logits = algo.personalised_logits(runtime, client_state, result.state, train_i, test_i)
+
+Client state is a plain dict that never leaves the client (FC-MoE residual, PFL-MoE head and gate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from fcmoe.core import Tree, fedavg_step
+from fcmoe.models.layout import ExpertLayout
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Base of every algorithm's frozen config; subclasses validate in ``__post_init__``."""
+
+
+@dataclass
+class ClientUpdate:
+    """What a client uploads after local training."""
+
+    client_id: int
+    delta: Tree  # θ_end − θ_start over the trainable keys
+    num_samples: int  # n_i
+    routing_counts: dict[str, torch.Tensor]  # MoE layer → [E] tokens routed to each expert (padding excluded)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def frequencies(self, layer: str) -> torch.Tensor:
+        """f_{i,l,k} = tokens routed to k / tokens through layer l (zeros if the layer saw no token)."""
+        counts = self.routing_counts[layer].to(torch.float64)
+        return counts / counts.sum().clamp_min(1.0)
+
+
+@dataclass
+class ServerResult:
+    """What the server half returns for one round."""
+
+    state: Tree  # the new global trainable tree
+    messages: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per-client extras sent down
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """Model outputs on a dataset."""
+
+    logits: torch.Tensor  # [n, C]
+    pooled: torch.Tensor  # [n, H] sentence vectors before the head
+    labels: torch.Tensor  # [n]
+
+
+class ClientRuntime(Protocol):
+    """What a client half may ask of the local model (implemented in ``fcmoe.training``)."""
+
+    head_keys: tuple[str, str]
+
+    def predict(self, state: Mapping[str, torch.Tensor], data: Any) -> Prediction: ...
+
+
+class Algorithm:
+    """Base class; subclasses set ``name`` and ``config_class`` and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+
+    def __init__(self, config: AlgorithmConfig, layout: ExpertLayout) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.layout = layout
+
+    # ------------------------------------------------------------------ client half
+    def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
+        """Parameters local training starts from (default: the global model itself)."""
+        return global_state
+
+    def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
+                      message: Mapping[str, torch.Tensor] | None) -> None:
+        """Update private client state from the server's per-client message (default: nothing)."""
+
+    def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                            train: Any, test: Any) -> torch.Tensor:
+        """Logits of the client's deployed model on its test split (default: the global model)."""
+        return runtime.predict(global_state, test).logits
+
+    # ------------------------------------------------------------------ server half
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers shared by subclasses
+    def fedavg(self, global_state: Tree, updates: Sequence[ClientUpdate], keys: Sequence[str]) -> Tree:
+        """FedAvg step on ``keys`` only."""
+        return fedavg_step(global_state, [u.delta for u in updates], [u.num_samples for u in updates], keys)
+
+    @staticmethod
+    def stack_experts(layout: ExpertLayout, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor:
+        """Client expert updates of one MoE layer as ``[N, E, P]``."""
+        return torch.stack([layout.gather_experts(u.delta, layer) for u in updates])
+
+    @staticmethod
+    def utilisation(updates: Sequence[ClientUpdate], layer: str) -> list[float]:
+        """Share of all clients' tokens routed to each expert of ``layer``."""
+        total = torch.stack([u.routing_counts[layer] for u in updates]).sum(dim=0).to(torch.float64)
+        return (total / total.sum().clamp_min(1.0)).tolist()

@@ -1,0 +1,145 @@
+"""FC-MoE (Lu et al. 2026, arXiv 2606.15625): conflict-aware federated fine-tuning of MoE models.
+
+Client i, round t (the numbered steps of the paper's method section):
+
+1. re-anchoring: train from θ + λ·r_i (r_i the cached residual, 0 at first); upload Δ_i measured from that start,
+   the routing frequencies f_{i,l,k} and n_i. The residual itself never leaves the client.
+2. server, importance per expert unit: c_{i,l,k} = f_{i,l,k}·‖Δ_{i,l,k}‖ (scheme "freq_norm"),
+   w_{i,l,k} = c_{i,l,k} / Σ_j c_{j,l,k}; an expert nobody used keeps its value.
+3. server, consensus projection per expert unit (``fcmoe.core.consensus``): g = Σ_i w_i Δ_i; clients with
+   cos(Δ_i, g) < τ are projected, Δ̃_i = Δ_i − c_i g, ρ_i = c_i g.
+4. server, aggregate: expert units θ ← θ + η Σ_i w_i Δ̃_i = θ + η·scale·g; shared and router parameters by FedAvg.
+5. client, retention: r_i ← γ·r_i + ρ_i; the personalised model is θ + λ·r_i.
+
+Communication (step 5): ρ_i = c_i·g and the global expert step is u = η·scale·g, so ρ_i = s_i·u with the scalar
+s_i = c_i / (η·scale). The server sends one scalar per (client, MoE layer, expert); the client rebuilds ρ_i from
+the model change it observes. scale = 1 − Σ_{conflicting} w_j c_j ≥ 1 because conflicting pairs have c_j < 0 when
+τ ≤ 0, which is why τ is restricted to [−1, 0].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
+from fcmoe.core import IMPORTANCE_SCHEMES, Tree, consensus_coefficients, importance_weights, tree_add
+from fcmoe.registry import register_algorithm
+
+RESIDUAL = "residual"
+
+
+@dataclass(frozen=True)
+class FCMoEConfig(AlgorithmConfig):
+    """FC-MoE switches; the defaults are the paper's.
+
+    Attributes
+    ----------
+    importance
+        Importance scheme for w_{i,l,k}: size | freq | norm | freq_norm | size_freq_norm. "size" = ablation
+        "without importance weighting".
+    projection
+        Consensus projection on/off (off = ablation "without projection").
+    tau
+        Conflict threshold on cos(Δ_i, g), in [−1, 0].
+    retention
+        λ, weight of the cached residual in the re-anchored start and the personalised model (0 = ablation
+        "without retention").
+    decay
+        γ in r_i ← γ·r_i + ρ_i (0 replaces the residual each round).
+    server_lr
+        η, server step size on expert units.
+    """
+
+    importance: str = "freq_norm"
+    projection: bool = True
+    tau: float = 0.0
+    retention: float = 0.5
+    decay: float = 0.0
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_SCHEMES:
+            raise ValueError(f"fcmoe.importance = {self.importance!r}: choose one of {', '.join(IMPORTANCE_SCHEMES)}")
+        if not -1.0 <= self.tau <= 0.0:
+            raise ValueError(f"fcmoe.tau = {self.tau}: must be in [-1, 0] (the scalar residual message needs "
+                             "conflicting pairs to have negative inner products)")
+        if self.retention < 0:
+            raise ValueError(f"fcmoe.retention = {self.retention}: λ must be >= 0 (0 disables retention)")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"fcmoe.decay = {self.decay}: γ must be in [0, 1]")
+        if not self.server_lr > 0:
+            raise ValueError(f"fcmoe.server_lr = {self.server_lr}: η must be > 0 (default 1.0)")
+
+
+@register_algorithm("fcmoe")
+class FCMoE(Algorithm):
+    """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
+
+    name = "fcmoe"
+    config_class = FCMoEConfig
+    config: FCMoEConfig
+
+    # ------------------------------------------------------------------ client half
+    def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
+        residual = client_state.get(RESIDUAL)
+        if residual is None or self.config.retention == 0:
+            return global_state
+        return tree_add(global_state, residual, scale=self.config.retention)  # θ + λ r_i
+
+    def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
+                      message: Mapping[str, torch.Tensor] | None) -> None:
+        """r_i ← γ·r_i + s_i·(θ_new − θ_old) per expert unit, from the per-expert scalars s_i."""
+        if not message:
+            return
+        old_residual: Tree = client_state.get(RESIDUAL, {})
+        residual: Tree = {}
+        for layer in self.layout.layers:
+            scalars = message[layer.name].to(torch.float32)  # [E]
+            keep_old = self.config.decay > 0 and layer.expert_keys[0][0] in old_residual
+            if not scalars.any() and not keep_old:
+                continue  # no conflict in this layer: its residual is zero and not stored
+            step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)
+            rho = scalars[:, None] * step  # [E, P]  ρ_i = s_i · (θ_new − θ_old)
+            if keep_old:
+                rho = rho + self.config.decay * self.layout.gather_experts(old_residual, layer)
+            residual.update(self.layout.split_experts(layer, rho))
+        client_state[RESIDUAL] = residual
+
+    def personalised_logits(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
+                            train: Any, test: Any) -> torch.Tensor:
+        """The personalised model θ + λ·r_i on the client's test split."""
+        return runtime.predict(self.client_start(global_state, client_state), test).logits
+
+    # ------------------------------------------------------------------ server half
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
+        cfg, layout = self.config, self.layout
+        state = dict(global_state)
+        state.update(self.fedavg(global_state, updates, [*layout.shared_keys, *layout.router_keys]))
+        n = torch.tensor([u.num_samples for u in updates])
+        messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
+        conflict_rate, mean_cosine, utilisation = {}, {}, {}
+        for layer in layout.layers:
+            deltas = self.stack_experts(layout, updates, layer)  # [N, E, P]
+            freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
+            norms = torch.linalg.vector_norm(deltas.float(), dim=-1)  # [N, E]
+            weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
+            coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0)
+            scale = coeffs.scale  # [E], >= 1 for tau <= 0
+            step = cfg.server_lr * scale[:, None] * coeffs.consensus  # [E, P]; zero for unused experts
+            state = layout.scatter_experts(state, layer, layout.gather_experts(global_state, layer) + step)
+            scalars = coeffs.coefficient / (cfg.server_lr * scale)[None, :]  # [N, E]  ρ_i = s_i · step
+            for i, update in enumerate(updates):
+                messages[update.client_id][layer.name] = scalars[i].to(torch.float32)
+            used = weights.sum(dim=0) > 0  # [E]
+            pairs = coeffs.conflicted[:, used]
+            conflict_rate[layer.name] = pairs.float().mean().item() if pairs.numel() else 0.0
+            mean_cosine[layer.name] = coeffs.cosine[:, used].mean().item() if used.any() else 0.0
+            utilisation[layer.name] = self.utilisation(updates, layer.name)
+        total = sum(conflict_rate.values()) / max(len(conflict_rate), 1)
+        return ServerResult(state=state, messages=messages,
+                            metrics={"conflict_rate": total, "conflict_rate_per_layer": conflict_rate,
+                                     "mean_cosine_per_layer": mean_cosine, "utilisation": utilisation})

@@ -1,0 +1,49 @@
+"""FedMoE-Agg (Mei et al. 2024, arXiv 2408.11304): activated-expert modular aggregation.
+
+Shared parameters by FedAvg. For each expert unit (l, k), the holders H are the clients that routed at least one
+token to it: |H| = 0 keeps the expert, |H| = 1 copies that client's expert, otherwise the n-weighted mean over H.
+Router rows follow the same rule (row k of a router belongs to expert k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
+from fcmoe.core import Tree, expert_weighted_mean, holder_weights
+from fcmoe.registry import register_algorithm
+
+
+@dataclass(frozen=True)
+class FedMoEConfig(AlgorithmConfig):
+    """FedMoE-Agg; the FedMoE-Sub expert budget is not implemented yet."""
+
+
+@register_algorithm("fedmoe")
+class FedMoE(Algorithm):
+    """Expert units averaged over the clients that activated them."""
+
+    name = "fedmoe"
+    config_class = FedMoEConfig
+
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
+        layout = self.layout
+        state = dict(global_state)
+        state.update(self.fedavg(global_state, updates, layout.shared_keys))
+        n = torch.tensor([u.num_samples for u in updates])
+        held, utilisation = [], {}
+        for layer in layout.layers:
+            holders = torch.stack([u.routing_counts[layer.name] > 0 for u in updates])  # [N, E]
+            weights = holder_weights(n, holders)  # [N, E]
+            step = expert_weighted_mean(self.stack_experts(layout, updates, layer), weights)  # [E, P]
+            state = layout.scatter_experts(state, layer, layout.gather_experts(global_state, layer) + step)
+            router_deltas = torch.stack([layout.gather_router(u.delta, layer) for u in updates])  # [N, E, R]
+            router = layout.gather_router(global_state, layer) + expert_weighted_mean(router_deltas, weights)
+            state = layout.scatter_router(state, layer, router)
+            held.append(holders.sum(dim=0).float().mean().item())
+            utilisation[layer.name] = self.utilisation(updates, layer.name)
+        return ServerResult(state=state, metrics={"mean_holders_per_expert": sum(held) / max(len(held), 1),
+                                                  "utilisation": utilisation})

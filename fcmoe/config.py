@@ -1,0 +1,266 @@
+"""Experiment configuration: frozen, validated dataclasses loaded from TOML, saved with every run.
+
+Every value has a default (the embedded offline benchmark); a TOML file or ``--set key=value`` overrides it.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with one line naming the key, the
+value and the fix, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fcmoe.algorithms import ALGORITHMS, AlgorithmConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus, how much of it, and how it is tokenised."""
+
+    name: str = "20ng"  # 20ng | bbc4
+    train_per_class: int = 100  # documents per class drawn from the training split (the federated pool)
+    test_per_class: int = 50  # documents per class drawn from the official test split (global test set)
+    max_length: int = 64  # tokens per document
+    local_test_fraction: float = 0.2  # each client's data is split train / test 80 / 20
+
+    def __post_init__(self) -> None:
+        _positive("data.train_per_class", self.train_per_class)
+        _positive("data.test_per_class", self.test_per_class)
+        if not 8 <= self.max_length <= 512:
+            raise ConfigError(f"data.max_length = {self.max_length}: must be in [8, 512] tokens (default 64)")
+        if not 0.0 < self.local_test_fraction < 1.0:
+            raise ConfigError(f"data.local_test_fraction = {self.local_test_fraction}: must be in (0, 1), e.g. 0.2")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training pool is split over clients (flwr-datasets partitioners)."""
+
+    kind: str = "dirichlet"  # dirichlet | iid
+    num_clients: int = 10
+    alpha: float = 0.1  # Dirichlet concentration over labels: small = more skewed
+    min_partition_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dirichlet", "iid"):
+            raise ConfigError(f"partition.kind = {self.kind!r}: choose 'dirichlet' or 'iid'")
+        _positive("partition.num_clients", self.num_clients)
+        if not self.alpha > 0:
+            raise ConfigError(f"partition.alpha = {self.alpha}: the Dirichlet concentration must be > 0, e.g. 0.1")
+        if self.min_partition_size < 2:
+            raise ConfigError(f"partition.min_partition_size = {self.min_partition_size}: must be >= 2 "
+                              "(each client needs a train and a test example)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone, and how it is made sparse."""
+
+    name: str = "minilm-moe"  # minilm-moe (pretrained all-MiniLM-L6-v2, offline) | tiny-bert-moe (random, tests)
+    path: str = ""  # a local Hugging Face folder to use instead of the offline asset
+    num_experts: int = 8
+    moe_layers: tuple[int, ...] = (-2, -1)  # layer indices to upcycle; negative counts from the top
+    trainable_layers: int = 2  # the top layers trained; the embeddings and all lower layers are frozen and cached
+    router_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.name not in ("minilm-moe", "tiny-bert-moe"):
+            raise ConfigError(f"model.name = {self.name!r}: choose 'minilm-moe' or 'tiny-bert-moe'")
+        if self.num_experts < 1:
+            raise ConfigError(f"model.num_experts = {self.num_experts}: must be >= 1 (the paper uses 16)")
+        if self.trainable_layers < 1:
+            raise ConfigError(f"model.trainable_layers = {self.trainable_layers}: must be >= 1")
+        if not self.router_init_std >= 0:
+            raise ConfigError(f"model.router_init_std = {self.router_init_std}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training, identical for every method."""
+
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-4
+    router_lr: float = 1e-3  # fresh routers learn faster than pretrained weights need to move
+    weight_decay: float = 0.01
+    aux_loss_coef: float = 0.1  # Switch load-balancing loss weight
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("train.local_epochs", self.local_epochs)
+        _positive("train.batch_size", self.batch_size)
+        for key in ("lr", "router_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be > 0 (default 1e-4 / 1e-3)")
+        for key in ("weight_decay", "aux_loss_coef", "max_grad_norm"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: every listed method on the same data, partition, model initialisation and budget."""
+
+    methods: tuple[str, ...] = ("fedavg", "fedmoe", "pflmoe", "fcmoe")
+    rounds: int = 5
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithms: Mapping[str, AlgorithmConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("methods is empty: list at least one of " + ", ".join(ALGORITHMS.names()))
+        for method in self.methods:
+            if method not in ALGORITHMS.names():
+                raise ConfigError(f"methods: unknown method {method!r}; choose from {', '.join(ALGORITHMS.names())}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods = {list(self.methods)} lists a method twice")
+        _positive("rounds", self.rounds)
+        full = {name: self.algorithms.get(name) or ALGORITHMS.get(name).config_class()
+                for name in ALGORITHMS.names()}
+        object.__setattr__(self, "algorithms", types.MappingProxyType(full))
+
+    def algorithm_config(self, method: str) -> AlgorithmConfig:
+        return self.algorithms[method]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (TOML-serialisable) with every resolved value."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "algorithms":
+                out.update({name: _plain(dataclasses.asdict(cfg)) for name, cfg in value.items()})
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = _plain(dataclasses.asdict(value))
+            else:
+                out[f.name] = _plain(value)
+        return out
+
+    def save(self, path: Path) -> None:
+        path.write_text(tomli_w.dumps(self.to_dict()))
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
+                              "train": TrainConfig}
+
+
+def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict (as read from TOML) into an :class:`ExperimentConfig`."""
+    top: dict[str, Any] = {}
+    algorithms: dict[str, AlgorithmConfig] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            top[key] = _build_dataclass(_SECTIONS[key], value, key)
+        elif key in ALGORITHMS.names():
+            algorithms[key] = _build_dataclass(ALGORITHMS.get(key).config_class, value, key)
+        elif key in ("methods", "rounds", "seed", "out_dir"):
+            top[key] = value
+        else:
+            allowed = ["methods", "rounds", "seed", "out_dir", *_SECTIONS, *ALGORITHMS.names()]
+            raise ConfigError(f"unknown config key {key!r}; allowed top-level keys: {', '.join(allowed)}")
+    top = _coerce_fields(ExperimentConfig, top, "")
+    try:
+        return ExperimentConfig(**top, algorithms=algorithms)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a TOML file (or the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing TOML file to --config")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set partition.alpha=0.5")
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: --set data.name=bbc4
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build_dataclass(cls: type, value: Any, section: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{section}] must be a table of key = value, got {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; allowed in [{section}]: {', '.join(sorted(names))}")
+    try:
+        return cls(**_coerce_fields(cls, dict(value), section + "."))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _coerce_fields(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in values.items():
+        out[name] = _coerce(hints[name], value, prefix + name)
+    return out
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) or origin is Mapping:
+        return value  # already built
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. {key} = [4, 5]")
+        item_type = typing.get_args(hint)[0]
+        return tuple(_coerce(item_type, v, key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} = {value}: must be >= 1")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

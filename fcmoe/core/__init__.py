@@ -1,0 +1,26 @@
+"""Pure tensor math of federated aggregation: no transformers, no flwr, inputs never mutated."""
+
+from fcmoe.core.aggregate import expert_weighted_mean, fedavg_step, holder_weights
+from fcmoe.core.consensus import ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project
+from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
+from fcmoe.core.tree import Tree, tree_add, tree_clone, tree_num_bytes, tree_sub, weighted_mean
+
+__all__ = [
+    "IMPORTANCE_SCHEMES",
+    "ConsensusCoefficients",
+    "ConsensusResult",
+    "Tree",
+    "consensus_coefficients",
+    "expert_weighted_mean",
+    "fedavg_step",
+    "holder_weights",
+    "consensus_project",
+    "importance_scores",
+    "importance_weights",
+    "normalise_columns",
+    "tree_add",
+    "tree_clone",
+    "tree_num_bytes",
+    "tree_sub",
+    "weighted_mean",
+]

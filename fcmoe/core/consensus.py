@@ -1,0 +1,123 @@
+"""Gradient consensus projection (FC-MoE step 3), batched over clients and experts.
+
+For one MoE layer, stack every client's expert updates into ``deltas [N, E, P]`` (client i, expert k, the P
+flattened parameters of expert k) and the importance weights into ``weights [N, E]``. Per expert k:
+
+    g_k        = Σ_i w_{i,k} Δ_{i,k}                                   (consensus direction)
+    c_{i,k}    = ⟨Δ_{i,k}, g_k⟩ / ‖g_k‖²    if cos(Δ_{i,k}, g_k) < τ, else 0
+    Δ̃_{i,k}   = Δ_{i,k} − c_{i,k} g_k                                  (projected update)
+    ρ_{i,k}    = c_{i,k} g_k                                            (residual, kept by the client)
+    aggregate_k = Σ_i w_{i,k} Δ̃_{i,k} = g_k · (1 − Σ_i w_{i,k} c_{i,k})
+
+The last identity is why the residual can travel as one scalar per (client, expert): ρ_{i,k} is a multiple of
+g_k, and so is the aggregate step. :func:`consensus_coefficients` computes only g, c and the mask (O(N·E·P) reads,
+O(E·P) writes); :func:`consensus_project` also materialises the projected updates and residuals.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fcmoe.core.aggregate import expert_weighted_mean
+
+
+class ConsensusCoefficients(NamedTuple):
+    """The compact form of a projection: everything else is a multiple of ``consensus``."""
+
+    consensus: torch.Tensor  # [E, P]  g_k = Σ_i w_{i,k} Δ_{i,k}
+    coefficient: torch.Tensor  # [N, E]  c_{i,k}; residual ρ_{i,k} = c_{i,k} · g_k (0 where not conflicted)
+    conflicted: torch.Tensor  # [N, E]  bool, cos(Δ_{i,k}, g_k) < τ
+    cosine: torch.Tensor  # [N, E]  cos(Δ_{i,k}, g_k), 0 where either vector is zero
+    scale: torch.Tensor  # [E]  1 − Σ_i w_{i,k} c_{i,k}; aggregate_k = scale_k · g_k
+
+
+class ConsensusResult(NamedTuple):
+    """Output of :func:`consensus_project`."""
+
+    aggregate: torch.Tensor  # [E, P]  Σ_i w_{i,k} Δ̃_{i,k}
+    projected: torch.Tensor  # [N, E, P]  Δ̃
+    residual: torch.Tensor  # [N, E, P]  ρ = Δ − Δ̃
+    conflicted: torch.Tensor  # [N, E] bool
+    consensus: torch.Tensor  # [E, P]  g
+    coefficient: torch.Tensor  # [N, E]  c
+    cosine: torch.Tensor  # [N, E]
+
+
+def _check_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: float) -> None:
+    if deltas.dim() != 3:
+        raise ValueError(f"deltas must be [N clients, E experts, P params], got shape {tuple(deltas.shape)}")
+    if weights.shape != deltas.shape[:2]:
+        raise ValueError(f"weights must be [N, E] = {tuple(deltas.shape[:2])}, got {tuple(weights.shape)}")
+    if not -1.0 <= tau <= 1.0:
+        raise ValueError(f"tau={tau} is a cosine threshold and must lie in [-1, 1]")
+    if (weights < 0).any():
+        raise ValueError("weights must be non-negative")
+
+
+def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0) -> ConsensusCoefficients:
+    """Consensus direction, projection coefficients and conflict mask, without materialising [N, E, P] outputs.
+
+    Parameters
+    ----------
+    deltas
+        ``[N, E, P]`` client updates Δ_{i,k}; never modified.
+    weights
+        ``[N, E]`` importance weights, each column summing to 1 (or all zero for an expert nobody used).
+    tau
+        Conflict threshold on the cosine to the consensus (paper τ, default 0): pairs with cos < τ are projected.
+
+    Returns
+    -------
+    ConsensusCoefficients
+    """
+    _check_inputs(deltas, weights, tau)
+    # Accumulate in float32 at least: bf16 sums over P ~ 10^6 lose every digit.
+    acc = torch.promote_types(deltas.dtype, torch.float32)
+    w = weights.to(acc)
+    g = expert_weighted_mean(deltas.to(acc), w)  # [E, P]
+    dots = torch.einsum("nep,ep->ne", deltas.to(acc), g)  # [N, E]  ⟨Δ_{i,k}, g_k⟩
+    g_sq = (g * g).sum(dim=-1)  # [E]  ‖g_k‖²
+    delta_norm = torch.linalg.vector_norm(deltas.to(acc), dim=-1)  # [N, E]
+    denom = delta_norm * g_sq.sqrt()[None, :]  # [N, E]
+    cosine = torch.where(denom > 0, dots / denom.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(dots))
+    conflicted = (cosine < tau) & (denom > 0)
+    coefficient = torch.where(conflicted, dots / g_sq.clamp_min(torch.finfo(acc).tiny)[None, :], 0.0)  # [N, E]
+    scale = 1.0 - (w * coefficient).sum(dim=0)  # [E]
+    return ConsensusCoefficients(g, coefficient, conflicted, cosine, scale)
+
+
+def consensus_project(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0) -> ConsensusResult:
+    """Project every conflicting client update onto the normal plane of the consensus (FC-MoE step 3).
+
+    Parameters
+    ----------
+    deltas
+        ``[N, E, P]`` client updates Δ_{i,k}; never modified.
+    weights
+        ``[N, E]`` importance weights w_{i,k}, each column summing to 1 over the N clients.
+    tau
+        Cosine threshold τ (default 0). τ = −1 projects nothing, so the aggregate is the plain weighted mean.
+
+    Returns
+    -------
+    ConsensusResult
+        ``aggregate [E, P]``, ``projected [N, E, P]``, ``residual [N, E, P]``, ``conflicted [N, E]`` and the
+        compact fields ``consensus``, ``coefficient``, ``cosine``. ⟨projected_i, g⟩ = 0 for conflicted pairs,
+        projected + residual = deltas exactly up to rounding.
+    """
+    coeffs = consensus_coefficients(deltas, weights, tau)
+    g = coeffs.consensus
+    residual = (coeffs.coefficient[:, :, None] * g[None, :, :]).to(deltas.dtype)  # [N, E, P]
+    projected = deltas - residual  # [N, E, P]
+    aggregate = (coeffs.scale[:, None] * g).to(deltas.dtype)  # [E, P]
+    return ConsensusResult(
+        aggregate=aggregate,
+        projected=projected,
+        residual=residual,
+        conflicted=coeffs.conflicted,
+        consensus=g.to(deltas.dtype),
+        coefficient=coeffs.coefficient,
+        cosine=coeffs.cosine,
+    )

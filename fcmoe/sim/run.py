@@ -1,0 +1,59 @@
+"""One experiment in the in-process engine: every method in turn, results in a run folder.
+
+Run folder contents: ``config.toml`` (resolved), ``partition.json`` (client rows + label histograms),
+``metrics.jsonl`` (one line per method and round), ``summary.json`` (final figures per method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fcmoe.config import ExperimentConfig
+from fcmoe.experiment import prepare_experiment
+from fcmoe.sim.engine import MethodSummary, run_method
+
+log = logging.getLogger(__name__)
+
+
+def new_run_dir(out_dir: str | Path) -> Path:
+    """A fresh, timestamped folder under ``out_dir``."""
+    base = Path(out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        run_dir = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {base}")
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool = True) -> list[MethodSummary]:
+    """Prepare the shared inputs once, run every configured method, write the run folder."""
+    config.save(run_dir / "config.toml")
+    exp = prepare_experiment(config)
+    exp.partition.save(run_dir / "partition.json", exp.pool.labels, exp.pool.label_names)
+    metrics_path = run_dir / "metrics.jsonl"
+    summaries: list[MethodSummary] = []
+    total = len(config.methods) * config.rounds * exp.num_clients
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("starting", total=total)
+
+        def on_progress(method: str, round_index: int, clients_done: int) -> None:
+            progress.update(task, advance=1, description=f"{method} round {round_index}/{config.rounds} "
+                                                         f"client {clients_done}/{exp.num_clients}")
+
+        for method in config.methods:
+            summary, _ = run_method(exp, method, metrics_path, on_progress)
+            summaries.append(summary)
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"setup_s": exp.setup_s, "methods": {s.method: dataclasses.asdict(s) for s in summaries}}, indent=2))
+    return summaries

@@ -1,0 +1,124 @@
+"""Local training and evaluation on cached features (knows nothing about federation).
+
+One :class:`LocalTrainer` wraps the single model instance of a process; every client's local epoch loads its
+start tree into it, trains, and reads the end tree back out, so memory stays at one model plus the trees.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fcmoe.algorithms.base import Prediction
+from fcmoe.config import TrainConfig
+from fcmoe.core import Tree
+from fcmoe.models.classifier import EncoderClassifier
+from fcmoe.models.layout import ExpertLayout
+from fcmoe.models.routing import RoutingRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSet:
+    """Cached frozen-layer features of some documents."""
+
+    features: torch.Tensor  # [n, T, H]
+    mask: torch.Tensor  # [n, T] 1 = real token
+    labels: torch.Tensor  # [n]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, rows: torch.Tensor) -> FeatureSet:
+        return FeatureSet(self.features[rows], self.mask[rows], self.labels[rows])
+
+
+@dataclass
+class LocalResult:
+    """Outcome of one client's local training."""
+
+    state: Tree  # trainable tree at the end
+    routing_counts: dict[str, torch.Tensor]  # layer → [E] tokens routed, padding excluded
+    loss: float  # mean training loss (cross-entropy + aux)
+    steps: int
+
+
+def featurize(model: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+              batch_size: int = 64) -> FeatureSet:
+    """Run the frozen bottom of ``model`` once over documents (``[n, T]`` ids) and keep the features."""
+    chunks = [model.featurize(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+    return FeatureSet(torch.cat(chunks), mask.clone(), labels.clone())
+
+
+class LocalTrainer:
+    """Trains and evaluates trainable trees on one model instance.
+
+    Parameters
+    ----------
+    model
+        The shared model; its trainable parameters are overwritten by every call.
+    layout
+        Its expert layout (router parameters get ``router_lr``; routing is recorded through it).
+    config
+        Optimiser and loss settings.
+    """
+
+    def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig) -> None:
+        self.model = model
+        self.layout = layout
+        self.config = config
+        self.recorder = RoutingRecorder(model, layout)
+        self.head_keys = model.head_keys
+
+    def train(self, start: Mapping[str, torch.Tensor], data: FeatureSet, seed: int) -> LocalResult:
+        """``local_epochs`` epochs of AdamW from ``start``; the seed fixes batch order and dropout."""
+        cfg, model = self.config, self.model
+        model.load_trainable_state(dict(start))
+        model.train()
+        torch.manual_seed(seed)  # dropout
+        generator = torch.Generator().manual_seed(seed)
+        router_keys = set(self.layout.router_keys)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimiser = torch.optim.AdamW(
+            [{"params": [p for n, p in params if n not in router_keys], "lr": cfg.lr},
+             {"params": [p for n, p in params if n in router_keys], "lr": cfg.router_lr}],
+            weight_decay=cfg.weight_decay)
+        self.recorder.reset()
+        total, steps = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            for rows in torch.randperm(len(data), generator=generator).split(cfg.batch_size):
+                batch = data.subset(rows)
+                with self.recorder.recording(batch.mask):
+                    logits = model(batch.features, batch.mask)  # [B, C]
+                loss = nn.functional.cross_entropy(logits, batch.labels) + cfg.aux_loss_coef * model.aux_loss()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
+                optimiser.step()
+                total += loss.item()
+                steps += 1
+        if not math.isfinite(total):
+            log.warning("local training produced a non-finite loss (%s)", total)
+        return LocalResult(model.trainable_state(), self.recorder.snapshot(), total / max(steps, 1), steps)
+
+    @torch.no_grad()
+    def predict(self, state: Mapping[str, torch.Tensor], data: FeatureSet, batch_size: int = 128) -> Prediction:
+        """Logits and pooled vectors of the model with trainable tree ``state`` on ``data`` (eval mode)."""
+        model = self.model
+        model.load_trainable_state(dict(state))
+        model.eval()
+        pooled = torch.cat([model.encode(data.features[i:i + batch_size], data.mask[i:i + batch_size])
+                            for i in range(0, len(data), batch_size)])  # [n, H]
+        return Prediction(logits=model.head(pooled), pooled=pooled, labels=data.labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy."""
+    return (logits.argmax(dim=-1) == labels).float().mean().item() if labels.numel() else float("nan")
