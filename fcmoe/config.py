@@ -31,7 +31,7 @@ class DataConfig:
 
     name: str = "20ng"  # 20ng | bbc4
     train_per_class: int = 100  # documents per class drawn from the training split (the federated pool)
-    test_per_class: int = 50  # documents per class drawn from the official test split (global test set)
+    test_per_class: int = 40  # documents per class drawn from the official test split (global test set)
     max_length: int = 64  # tokens per document
     local_test_fraction: float = 0.2  # each client's data is split train / test 80 / 20
 

@@ -107,7 +107,10 @@ class FCMoE(Algorithm):
             if keep_old:
                 rho = rho + self.config.decay * self.layout.gather_experts(old_residual, layer)
             residual.update(self.layout.split_experts(layer, rho))
-        client_state[RESIDUAL] = residual
+        if residual:
+            client_state[RESIDUAL] = residual
+        else:
+            client_state.pop(RESIDUAL, None)
 
     def personalised_logits(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
                             train: Any, test: Any) -> torch.Tensor:

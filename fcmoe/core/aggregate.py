@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fcmoe.core.tree import Tree, weighted_mean
+from fcmoe.core.tree import Tree, weighted_mean, weighted_sum
 
 
 def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -22,12 +22,12 @@ def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.T
     Returns
     -------
     torch.Tensor
-        ``[E, P]`` in ``deltas``' dtype, accumulated in at least float32.
+        ``[E, P]``, accumulated in at least float32.
     """
     if weights.shape != deltas.shape[:2]:
         raise ValueError(f"weights must be [N, E] = {tuple(deltas.shape[:2])}, got {tuple(weights.shape)}")
-    acc = torch.promote_types(deltas.dtype, torch.float32)
-    return torch.einsum("ne,nep->ep", weights.to(acc), deltas.to(acc)).to(deltas.dtype)
+    w = weights.to(torch.float32)
+    return weighted_sum(list(deltas.unbind(0)), [w[i][:, None] for i in range(w.shape[0])])  # [E, P]
 
 
 def holder_weights(num_samples: torch.Tensor, holders: torch.Tensor) -> torch.Tensor:

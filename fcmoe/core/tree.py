@@ -35,6 +35,27 @@ def tree_clone(a: Mapping[str, torch.Tensor]) -> Tree:
     return {k: v.detach().clone() for k, v in a.items()}
 
 
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i w_i·x_i accumulated in client order, in at least float32.
+
+    The single accumulation primitive of fcmoe: FedAvg on trees and per-expert means both call it, so an
+    expert mean whose weights equal FedAvg's factors reproduces FedAvg bit for bit (one product, then one add,
+    per client, in the same order).
+
+    Parameters
+    ----------
+    tensors
+        N tensors of one shape.
+    weights
+        N float32 tensors broadcastable to that shape (scalars for FedAvg, ``[E, 1]`` for per-expert weights).
+    """
+    acc_dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    acc = tensors[0].to(acc_dtype) * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        acc += tensor.to(acc_dtype) * weight
+    return acc
+
+
 def weighted_mean(trees: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tree:
     """FedAvg's weighted mean Σ_i (w_i / Σ_j w_j) · x_i of several trees.
 
@@ -48,8 +69,8 @@ def weighted_mean(trees: Sequence[Mapping[str, torch.Tensor]], weights: Sequence
     Returns
     -------
     Tree
-        The weighted mean, accumulated in float32 (or float64 for float64 inputs) in client order, the same
-        order as Flower's ``aggregate_arrayrecords`` so the two agree to rounding.
+        The weighted mean, accumulated in at least float32 in client order, the same order as Flower's
+        ``aggregate_arrayrecords``, so the two agree to rounding.
     """
     if len(trees) == 0:
         raise ValueError("weighted_mean needs at least one tree")
@@ -58,15 +79,8 @@ def weighted_mean(trees: Sequence[Mapping[str, torch.Tensor]], weights: Sequence
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"weighted_mean: weights sum to {total}; at least one must be positive")
-    factors = [float(w) / total for w in weights]
-    out: Tree = {}
-    for key in trees[0]:
-        acc_dtype = torch.float64 if trees[0][key].dtype == torch.float64 else torch.float32
-        acc = trees[0][key].to(acc_dtype) * factors[0]
-        for tree, f in zip(trees[1:], factors[1:]):
-            acc.add_(tree[key].to(acc_dtype), alpha=f)
-        out[key] = acc.to(trees[0][key].dtype)
-    return out
+    factors = [torch.tensor(float(w) / total, dtype=torch.float32) for w in weights]
+    return {key: weighted_sum([t[key] for t in trees], factors).to(trees[0][key].dtype) for key in trees[0]}
 
 
 def tree_num_bytes(a: Mapping[str, torch.Tensor]) -> int:

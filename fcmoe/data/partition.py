@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +77,14 @@ def partition_pool(labels: np.ndarray, kind: str, num_clients: int, alpha: float
     else:
         partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = dataset
+    with warnings.catch_warnings():  # flwr-datasets warns each time it redraws to honour min_partition_size
+        warnings.simplefilter("ignore", UserWarning)
+        rows_per_client = [np.array(partitioner.load_partition(cid)["row"], dtype=np.int64)
+                           for cid in range(num_clients)]
     rng = np.random.default_rng(seed)
     clients = []
     for cid in range(num_clients):
-        rows = np.array(partitioner.load_partition(cid)["row"], dtype=np.int64)
-        rows = rng.permutation(rows)
+        rows = rng.permutation(rows_per_client[cid])
         n_test = int(round(test_fraction * rows.size))
         if rows.size < 2:
             raise ValueError(f"client {cid} got {rows.size} documents; raise partition.min_partition_size")

@@ -67,10 +67,12 @@ def _quiet_load(folder: Path) -> BertModel:
         raise FileNotFoundError(f"model.path = {str(folder)!r} has no config.json; point it at a Hugging Face folder")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the unused pooler weights are reported, harmlessly
+    transformers.logging.disable_progress_bar()
     try:
         return BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False)
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
 
 
 def _hf_tokenize(folder: Path, max_length: int) -> Tokenize:

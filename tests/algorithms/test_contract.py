@@ -1,0 +1,81 @@
+"""One table of cases drives the contract of every registered algorithm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fcmoe.algorithms import ALGORITHMS, ClientUpdate
+from fcmoe.core import tree_add
+from fcmoe.models.build import BuiltModel
+from tests.conftest import tiny_model
+
+
+def make_updates(built: BuiltModel, deltas: list[dict[str, torch.Tensor]], sizes: list[int],
+                 counts: list[torch.Tensor] | None = None) -> list[ClientUpdate]:
+    layers = built.layout.layers
+    updates = []
+    for i, (delta, n) in enumerate(zip(deltas, sizes)):
+        routing = {s.name: (counts[i] if counts else torch.full((s.num_experts,), 5)) for s in layers}
+        updates.append(ClientUpdate(i, delta, n, routing))
+    return updates
+
+
+def random_delta(state: dict[str, torch.Tensor], seed: int, scale: float = 1e-2) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+@pytest.fixture(params=ALGORITHMS.names())
+def algorithm(request: pytest.FixtureRequest, tiny: BuiltModel):  # noqa: ANN201
+    cls = ALGORITHMS.get(request.param)
+    return cls(cls.config_class(), tiny.layout)
+
+
+def test_shapes_kept_and_finite(algorithm, tiny: BuiltModel) -> None:  # noqa: ANN001
+    state = tiny.model.trainable_state()
+    updates = make_updates(tiny, [random_delta(state, s) for s in range(3)], [10, 20, 30])
+    new = algorithm.aggregate(state, updates).state
+    assert new.keys() == state.keys()
+    for key, value in new.items():
+        assert value.shape == state[key].shape and value.dtype == state[key].dtype, key
+        assert torch.isfinite(value).all(), key
+    assert any(not torch.equal(new[k], state[k]) for k in state)
+
+
+def test_identical_updates_are_a_fixed_point(algorithm, tiny: BuiltModel) -> None:  # noqa: ANN001
+    """All clients sending the same Δ must move the model by exactly that Δ (and by nothing if Δ = 0)."""
+    state = tiny.model.trainable_state()
+    delta = random_delta(state, 7)
+    moved = algorithm.aggregate(state, make_updates(tiny, [delta] * 3, [5, 9, 11])).state
+    expected = tree_add(state, delta)
+    for key in state:
+        torch.testing.assert_close(moved[key], expected[key], rtol=1e-5, atol=1e-6)
+    zero = {k: torch.zeros_like(v) for k, v in state.items()}
+    still = algorithm.aggregate(state, make_updates(tiny, [zero] * 3, [5, 9, 11])).state
+    for key in state:
+        assert torch.equal(still[key], state[key]), key
+
+
+def test_same_inputs_same_result_and_inputs_untouched(algorithm, tiny: BuiltModel) -> None:  # noqa: ANN001
+    state = tiny.model.trainable_state()
+    deltas = [random_delta(state, s) for s in range(4)]
+    snapshot = [{k: v.clone() for k, v in d.items()} for d in deltas]
+    state_copy = {k: v.clone() for k, v in state.items()}
+    first = algorithm.aggregate(state, make_updates(tiny, deltas, [3, 4, 5, 6])).state
+    second = algorithm.aggregate(state, make_updates(tiny, deltas, [3, 4, 5, 6])).state
+    for key in state:
+        assert torch.equal(first[key], second[key])
+        assert torch.equal(state[key], state_copy[key])
+    for d, s in zip(deltas, snapshot):
+        assert all(torch.equal(d[k], s[k]) for k in d)
+
+
+def test_registry_refuses_a_name_clash() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        ALGORITHMS.register("fedavg")(object)
+
+
+def test_every_layout_case_builds() -> None:
+    built = tiny_model(num_experts=3)
+    assert [s.num_experts for s in built.layout.layers] == [3, 3]

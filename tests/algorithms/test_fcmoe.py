@@ -1,0 +1,112 @@
+"""FC-MoE against its definition: FedAvg limit, importance weighting, projection and retention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fcmoe.algorithms.fcmoe import RESIDUAL, FCMoE, FCMoEConfig
+from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
+from fcmoe.algorithms.fedmoe import FedMoE, FedMoEConfig
+from fcmoe.core import tree_add, tree_sub
+from fcmoe.models.build import BuiltModel
+from tests.algorithms.test_contract import make_updates, random_delta
+
+
+def test_size_weights_no_projection_no_retention_equals_fedavg_exactly(tiny: BuiltModel) -> None:
+    state = tiny.model.trainable_state()
+    deltas = [random_delta(state, s) for s in range(4)]
+    counts = [torch.tensor([3, 0, 1, 9]), torch.tensor([0, 0, 5, 1]), torch.tensor([1, 1, 1, 1]),
+              torch.tensor([2, 0, 0, 0])]
+    updates = make_updates(tiny, deltas, [7, 19, 3, 30], counts)
+    fcmoe = FCMoE(FCMoEConfig(importance="size", tau=-1.0, retention=0.0), tiny.layout)
+    fedavg = FedAvg(FedAvgConfig(), tiny.layout)
+    ours, reference = fcmoe.aggregate(state, updates).state, fedavg.aggregate(state, updates).state
+    for key in state:
+        assert torch.equal(ours[key], reference[key]), key
+
+
+def test_unused_expert_keeps_its_value(tiny: BuiltModel) -> None:
+    state = tiny.model.trainable_state()
+    counts = [torch.tensor([3, 0, 1, 9]), torch.tensor([2, 0, 5, 1])]
+    updates = make_updates(tiny, [random_delta(state, s) for s in range(2)], [5, 5], counts)
+    new = FCMoE(FCMoEConfig(), tiny.layout).aggregate(state, updates).state
+    layer = tiny.layout.layers[0]
+    for key in layer.expert_keys[1]:
+        assert torch.equal(new[key], state[key]), key
+    assert not torch.equal(new[layer.expert_keys[0][0]], state[layer.expert_keys[0][0]])
+
+
+def test_frequency_weighting_favours_the_heavy_user(tiny: BuiltModel) -> None:
+    """Client 0 routes 90 % of its tokens to expert 0: with scheme 'freq' its update dominates expert 0."""
+    state = tiny.model.trainable_state()
+    layer = tiny.layout.layers[0]
+    d0, d1 = random_delta(state, 0), random_delta(state, 1)
+    counts = [torch.tensor([90, 10, 0, 0]), torch.tensor([10, 90, 0, 0])]
+    updates = make_updates(tiny, [d0, d1], [10, 10], counts)
+    new = FCMoE(FCMoEConfig(importance="freq", projection=False), tiny.layout).aggregate(state, updates).state
+    key = layer.expert_keys[0][0]
+    torch.testing.assert_close(new[key], state[key] + 0.9 * d0[key] + 0.1 * d1[key])
+
+
+def test_conflicting_client_gets_a_residual_equal_to_what_was_removed(tiny: BuiltModel) -> None:
+    state = tiny.model.trainable_state()
+    layer = tiny.layout.layers[0]
+    base = random_delta(state, 3)
+    opposed = {k: -0.5 * v for k, v in base.items()}  # client 1 pulls against clients 0 and 2
+    updates = make_updates(tiny, [base, opposed, base], [10, 10, 10])
+    algo = FCMoE(FCMoEConfig(importance="size", retention=0.5), tiny.layout)
+    result = algo.aggregate(state, updates)
+    assert result.metrics["conflict_rate"] > 0
+    states: list[dict] = [{} for _ in range(3)]
+    for u in updates:
+        algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
+    assert RESIDUAL not in states[0] and RESIDUAL not in states[2]
+    # ρ_1 = Δ_1 − Δ̃_1 = ⟨Δ_1, g⟩/‖g‖² g with g = (Δ + Δ − 0.5Δ)/3 = 0.5Δ → ρ_1 = −0.5Δ = Δ_1 (fully opposed)
+    key = layer.expert_keys[0][0]
+    torch.testing.assert_close(states[1][RESIDUAL][key], opposed[key], rtol=1e-4, atol=1e-6)
+    # re-anchoring: the next start of client 1 is θ + λ ρ_1
+    start = algo.client_start(result.state, states[1])
+    torch.testing.assert_close(start[key], result.state[key] + 0.5 * opposed[key], rtol=1e-4, atol=1e-6)
+    # the projected aggregate dropped client 1's opposing component: experts moved by (2/3)·Δ
+    torch.testing.assert_close(tree_sub(result.state, state)[key], (2 / 3) * base[key], rtol=1e-4, atol=1e-6)
+
+
+def test_messages_are_one_scalar_per_layer_and_expert(tiny: BuiltModel) -> None:
+    state = tiny.model.trainable_state()
+    updates = make_updates(tiny, [random_delta(state, s) for s in range(3)], [1, 2, 3])
+    result = FCMoE(FCMoEConfig(), tiny.layout).aggregate(state, updates)
+    for message in result.messages.values():
+        assert set(message) == {s.name for s in tiny.layout.layers}
+        assert all(v.shape == (s.num_experts,) for s, v in zip(tiny.layout.layers, message.values()))
+
+
+def test_fedmoe_copies_a_single_holder_and_keeps_unheld(tiny: BuiltModel) -> None:
+    state = tiny.model.trainable_state()
+    d0, d1 = random_delta(state, 0), random_delta(state, 1)
+    counts = [torch.tensor([4, 0, 0, 1]), torch.tensor([0, 0, 2, 1])]
+    updates = make_updates(tiny, [d0, d1], [10, 30], counts)
+    new = FedMoE(FedMoEConfig(), tiny.layout).aggregate(state, updates).state
+    layer = tiny.layout.layers[1]
+    expected = {0: state_plus(state, d0), 1: state, 2: state_plus(state, d1)}
+    for k, ref in expected.items():
+        for key in layer.expert_keys[k]:
+            torch.testing.assert_close(new[key], ref[key])
+    key3 = layer.expert_keys[3][0]
+    torch.testing.assert_close(new[key3], state[key3] + 0.25 * d0[key3] + 0.75 * d1[key3])
+    router = layer.router_keys[0]
+    torch.testing.assert_close(new[router][1], state[router][1])  # nobody used expert 1: its row is kept
+    torch.testing.assert_close(new[router][0], state[router][0] + d0[router][0])
+
+
+def state_plus(state: dict, delta: dict) -> dict:
+    return tree_add(state, delta)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("tau", 0.5, "tau"), ("retention", -1.0, "retention"), ("importance", "nope", "importance"),
+    ("server_lr", 0.0, "server_lr"), ("decay", 2.0, "decay"),
+])
+def test_bad_config_names_the_field(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FCMoEConfig(**{field: value})

@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests never reach the Hugging Face hub; offline assets come from the fcmoe cache."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fcmoe.models.build import BuiltModel, build_model  # noqa: E402
+
+
+def tiny_model(num_experts: int = 4, num_labels: int = 3, trainable_layers: int = 2, seed: int = 0) -> BuiltModel:
+    """A random 2-layer d = 64 BERT with both layers upcycled to ``num_experts`` experts."""
+    return build_model("tiny-bert-moe", num_labels, num_experts=num_experts, moe_layers=(0, 1),
+                       trainable_layers=trainable_layers, router_init_std=0.5, max_length=16, seed=seed)
+
+
+@pytest.fixture
+def tiny() -> BuiltModel:
+    return tiny_model()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,95 @@
+"""Properties of the consensus projection (DESIGN §2) on random and hand-built inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fcmoe.core import consensus_coefficients, consensus_project, normalise_columns
+
+
+def random_case(seed: int, n: int = 5, e: int = 3, p: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(n, e, p, generator=gen, dtype=torch.float64)
+    weights = normalise_columns(torch.rand(n, e, generator=gen, dtype=torch.float64) + 0.01).double()
+    return deltas, weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6), e=st.integers(1, 4), p=st.integers(1, 9),
+       tau=st.floats(-1.0, 0.0))
+def test_projection_properties(seed: int, n: int, e: int, p: int, tau: float) -> None:
+    deltas, weights = random_case(seed, n, e, p)
+    before = deltas.clone(), weights.clone()
+    out = consensus_project(deltas, weights, tau)
+    g = out.consensus
+    # Δ̃ + ρ = Δ
+    torch.testing.assert_close(out.projected + out.residual, deltas, rtol=0, atol=1e-12)
+    # ⟨Δ̃_i, g⟩ ≥ 0 for every conflicted pair (it is 0 up to rounding); unconflicted pairs are untouched
+    dots = torch.einsum("nep,ep->ne", out.projected, g)
+    scale = deltas.abs().max() * g.abs().max() * p
+    assert (dots[out.conflicted] >= -1e-12 * scale).all()
+    assert torch.equal(out.projected[~out.conflicted], deltas[~out.conflicted])
+    assert (out.residual[~out.conflicted] == 0).all()
+    # conflicted means cos < τ
+    assert torch.equal(out.conflicted, out.cosine < tau)
+    # the aggregate is Σ_i w_i Δ̃_i
+    torch.testing.assert_close(out.aggregate, torch.einsum("ne,nep->ep", weights, out.projected))
+    # residuals are multiples of g: ρ_i = c_i g
+    torch.testing.assert_close(out.residual, out.coefficient[:, :, None] * g[None])
+    # inputs never mutated
+    assert torch.equal(deltas, before[0]) and torch.equal(weights, before[1])
+
+
+def test_tau_minus_one_is_the_weighted_mean() -> None:
+    deltas, weights = random_case(3)
+    out = consensus_project(deltas, weights, tau=-1.0)
+    assert not out.conflicted.any()
+    torch.testing.assert_close(out.aggregate, torch.einsum("ne,nep->ep", weights, deltas))
+    assert torch.equal(out.projected, deltas)
+
+
+def test_parallel_updates_are_never_projected() -> None:
+    direction = torch.randn(2, 11)
+    magnitudes = torch.tensor([0.5, 1.0, 3.0, 0.1])
+    deltas = magnitudes[:, None, None] * direction[None]  # [4, 2, 11], all positive multiples
+    weights = torch.full((4, 2), 0.25)
+    out = consensus_project(deltas, weights, tau=0.0)
+    assert not out.conflicted.any()
+    torch.testing.assert_close(out.aggregate, deltas.mean(dim=0))
+
+
+def test_opposed_update_is_projected_to_orthogonal() -> None:
+    # expert 0: client 0 = (1, 0), client 1 = (-1, 1) with weights 0.75 / 0.25 → g = (0.5, 0.25)
+    deltas = torch.tensor([[[1.0, 0.0]], [[-1.0, 1.0]]])
+    weights = torch.tensor([[0.75], [0.25]])
+    out = consensus_project(deltas, weights, tau=0.0)
+    g = torch.tensor([0.5, 0.25])
+    torch.testing.assert_close(out.consensus[0], g)
+    assert out.conflicted.tolist() == [[False], [True]]
+    c = (-1.0 * 0.5 + 1.0 * 0.25) / (0.5**2 + 0.25**2)  # ⟨Δ_1, g⟩ / ‖g‖² = -0.8
+    torch.testing.assert_close(out.residual[1, 0], c * g)
+    torch.testing.assert_close(out.projected[1, 0], torch.tensor([-1.0, 1.0]) - c * g)
+    torch.testing.assert_close(out.aggregate[0], g * (1 - 0.25 * c))
+    assert abs(float(out.projected[1, 0] @ g)) < 1e-6
+
+
+def test_unused_expert_gets_zero_step_and_no_conflict() -> None:
+    deltas = torch.randn(3, 2, 5)
+    weights = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.0, 0.0]])
+    out = consensus_coefficients(deltas, weights)
+    assert torch.equal(out.consensus[1], torch.zeros(5))
+    assert not out.conflicted[:, 1].any()
+
+
+@pytest.mark.parametrize("bad", [torch.randn(2, 3), torch.randn(2, 3, 4, 5)])
+def test_shape_errors_name_the_expected_shape(bad: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"\[N clients, E experts, P params\]"):
+        consensus_project(bad, torch.ones(2, 3))
+
+
+def test_weight_shape_mismatch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="weights must be"):
+        consensus_project(torch.randn(2, 3, 4), torch.ones(3, 2))

@@ -1,0 +1,43 @@
+"""Our FedAvg equals Flower's own ``aggregate_arrayrecords`` on the same state dicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fcmoe.core import tree_add, tree_sub, weighted_mean
+
+
+def random_tree(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(5, 3, generator=gen), "b.bias": torch.randn(7, generator=gen),
+            "experts.expert_0.wi.weight": torch.randn(4, 4, generator=gen)}
+
+
+def test_weighted_mean_matches_flower_fedavg() -> None:
+    trees = [random_tree(s) for s in range(4)]
+    sizes = [13, 40, 7, 101]
+    records = [RecordDict({"arrays": ArrayRecord(dict(t)),
+                           "metrics": MetricRecord({"num-examples": n})}) for t, n in zip(trees, sizes)]
+    flower = aggregate_arrayrecords(records, "num-examples").to_numpy_ndarrays()
+    ours = weighted_mean(trees, sizes)
+    for key, expected in zip(trees[0], flower):
+        np.testing.assert_allclose(ours[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_tree_ops_do_not_mutate() -> None:
+    a, b = random_tree(0), random_tree(1)
+    a0, b0 = {k: v.clone() for k, v in a.items()}, {k: v.clone() for k, v in b.items()}
+    diff = tree_sub(a, b)
+    back = tree_add(b, diff)
+    for key in a:
+        torch.testing.assert_close(back[key], a[key])
+        assert torch.equal(a[key], a0[key]) and torch.equal(b[key], b0[key])
+
+
+def test_weighted_mean_rejects_zero_weights() -> None:
+    with pytest.raises(ValueError, match="sum to 0"):
+        weighted_mean([random_tree(0)], [0])

