@@ -63,3 +63,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("rounds = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+
+
+def test_default_toml_is_the_builtin_default() -> None:
+    assert load_config(CONFIGS[0].parent / "default.toml") == load_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    load_config(path)

@@ -109,9 +109,3 @@ class Algorithm:
     def stack_experts(layout: ExpertLayout, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor:
         """Client expert updates of one MoE layer as ``[N, E, P]``."""
         return torch.stack([layout.gather_experts(u.delta, layer) for u in updates])
-
-    @staticmethod
-    def utilisation(updates: Sequence[ClientUpdate], layer: str) -> list[float]:
-        """Share of all clients' tokens routed to each expert of ``layer``."""
-        total = torch.stack([u.routing_counts[layer] for u in updates]).sum(dim=0).to(torch.float64)
-        return (total / total.sum().clamp_min(1.0)).tolist()

@@ -76,6 +76,7 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
         row = _evaluate(exp, algo, global_state, client_states)
         row.update(method=method, round=round_index,
                    train_loss=sum(u.metrics["loss"] for u in updates) / len(updates),
+                   utilisation=expert_utilisation(updates),
                    bytes_up=sum(tree_num_bytes(u.delta) + tree_num_bytes(u.routing_counts) + 8 for u in updates),
                    bytes_down=len(updates) * model_bytes + sum(tree_num_bytes(m) for m in server.messages.values()),
                    wall_s=time.perf_counter() - round_started, **server.metrics)
@@ -86,6 +87,15 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
     summary = MethodSummary(method, row["global_acc"], row["local_acc_mean"], row["local_acc_std"], cfg.rounds,
                             time.perf_counter() - started)
     return summary, global_state
+
+
+def expert_utilisation(updates: list[ClientUpdate]) -> dict[str, list[float]]:
+    """Per MoE layer, the share of all clients' (non-padding) tokens routed to each expert."""
+    out = {}
+    for layer in updates[0].routing_counts:
+        total = torch.stack([u.routing_counts[layer] for u in updates]).sum(dim=0).to(torch.float64)  # [E]
+        out[layer] = (total / total.sum().clamp_min(1.0)).tolist()
+    return out
 
 
 def _evaluate(exp: Experiment, algo: Algorithm, global_state: Tree, client_states: list[dict[str, Any]],

