@@ -99,7 +99,7 @@ class FCMoE(Algorithm):
         residual: Tree = {}
         for layer in self.layout.layers:
             scalars = message[layer.name].to(torch.float32)  # [E]
-            keep_old = self.config.decay > 0 and layer.expert_keys[0][0] in old_residual
+            keep_old = self.config.decay > 0 and layer.keys[0] in old_residual
             if not scalars.any() and not keep_old:
                 continue  # no conflict in this layer: its residual is zero and not stored
             step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)

@@ -3,15 +3,21 @@
 An :class:`ExpertLayout` is built from the key → shape map of a trainable tree and splits it into
 - *expert units*: per MoE layer, the parameters of each expert, gathered as one ``[E, P]`` matrix;
 - *router rows*: per MoE layer, the router tensors whose first dimension is E (row k belongs to expert k);
-- *shared* keys: everything else (attention, norms, dense FFNs, embeddings, head).
+- *shared* keys: everything else (attention, norms, dense FFNs, shared experts, embeddings, head).
+
+Three storage forms are registered:
+- ``per_expert_modules``: ``<layer>.experts.expert_{k}.<param>`` (Switch Transformers, fcmoe's upcycled models);
+- ``fused``: ``<layer>.experts.gate_up_proj [E, …]`` / ``down_proj [E, …]`` (Mixtral, Qwen2/3-MoE, OLMoE,
+  DeepSeek-V3; GPT-OSS's transposed tensors too, since only dimension 0 is read), router ``<layer>.gate``;
+- ``lora``: PEFT LoRA on fused experts (``target_parameters``): ``lora_A [E·r, in]`` holds expert k in rows
+  ``k·r:(k+1)·r``; ``lora_B [out, E·r]`` holds it in the strided columns ``k, k+E, k+2E, …``.
 
 Algorithms never parse parameter names; they call :meth:`ExpertLayout.gather_experts` /
-:meth:`ExpertLayout.scatter_experts` and the router equivalents.
+:meth:`ExpertLayout.split_experts` / :meth:`ExpertLayout.scatter_experts` and the router equivalents.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,15 +30,61 @@ Tree = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ExpertPart:
+    """One way expert parameters are stored: ``keys`` read as an ``[E, width]`` block.
+
+    kind: "module" (``keys[k]`` is expert k's whole tensor), "index" (``keys[0][k]``), "lora_a" (rows
+    ``k·r:(k+1)·r`` of ``keys[0]``), "lora_b" (columns ``k::E`` of ``keys[0]``).
+    """
+
+    kind: str
+    keys: tuple[str, ...]
+    shape: torch.Size  # of one stored tensor
+    num_experts: int
+
+    @property
+    def width(self) -> int:
+        numel = self.shape.numel()
+        return numel if self.kind == "module" else numel // self.num_experts
+
+    def gather(self, tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        e = self.num_experts
+        if self.kind == "module":
+            return torch.stack([tree[key].reshape(-1) for key in self.keys])  # [E, p]
+        tensor = tree[self.keys[0]]
+        if self.kind == "lora_b":  # [out, r·E], column c = j·E + k → [E, out·r]
+            return tensor.reshape(tensor.shape[0], -1, e).permute(2, 0, 1).reshape(e, -1)
+        return tensor.reshape(e, -1)  # "index" [E, …] and "lora_a" [E·r, in] are both row-major in k
+
+    def split(self, block: torch.Tensor) -> Tree:
+        e = self.num_experts
+        if self.kind == "module":
+            return {key: block[k].reshape(self.shape).clone() for k, key in enumerate(self.keys)}
+        if self.kind == "lora_b":
+            out = self.shape[0]
+            return {self.keys[0]: block.reshape(e, out, -1).permute(1, 2, 0).reshape(self.shape).clone()}
+        return {self.keys[0]: block.reshape(self.shape).clone()}
+
+
+@dataclass(frozen=True)
 class MoELayerSpec:
     """Where one MoE layer's experts and router live in the tree."""
 
     name: str  # module prefix, e.g. "layers.0.mlp"
     num_experts: int
-    expert_keys: tuple[tuple[str, ...], ...]  # [E][j]: the j-th tensor of expert k (same order for every k)
-    router_keys: tuple[str, ...]  # tensors with first dimension E
-    expert_numel: int  # P: parameters per expert
-    router_module: str  # module whose output is the router logits [..., E] (hooked for routing statistics)
+    parts: tuple[ExpertPart, ...]
+    router_keys: tuple[str, ...]  # trainable tensors with first dimension E
+    router_module: str  # module hooked for routing statistics
+    router_output: str  # "logits" | "switch" | "topk": how to read the hooked module's output
+
+    @property
+    def expert_numel(self) -> int:
+        """P: parameters per expert."""
+        return sum(part.width for part in self.parts)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(key for part in self.parts for key in part.keys)
 
 
 class ExpertLayout:
@@ -40,27 +92,26 @@ class ExpertLayout:
 
     storage: str = ""
 
-    def __init__(self, shapes: Mapping[str, torch.Size]) -> None:
+    def __init__(self, shapes: Mapping[str, torch.Size], num_experts: int | None = None) -> None:
         self.shapes = {k: torch.Size(v) for k, v in shapes.items()}
+        self.num_experts_hint = num_experts
         self.layers: tuple[MoELayerSpec, ...] = self._parse(self.shapes)
-        claimed = {k for spec in self.layers for ks in spec.expert_keys for k in ks}
-        claimed |= {k for spec in self.layers for k in spec.router_keys}
-        self.shared_keys: tuple[str, ...] = tuple(k for k in self.shapes if k not in claimed)
+        self.expert_keys: tuple[str, ...] = tuple(k for spec in self.layers for k in spec.keys)
         self.router_keys: tuple[str, ...] = tuple(k for spec in self.layers for k in spec.router_keys)
-        self.expert_keys: tuple[str, ...] = tuple(k for s in self.layers for ks in s.expert_keys for k in ks)
+        claimed = set(self.expert_keys) | set(self.router_keys)
+        self.shared_keys: tuple[str, ...] = tuple(k for k in self.shapes if k not in claimed)
 
     @classmethod
-    def from_tree(cls, tree: Mapping[str, torch.Tensor]) -> ExpertLayout:
-        return cls({k: v.shape for k, v in tree.items()})
+    def from_tree(cls, tree: Mapping[str, torch.Tensor], num_experts: int | None = None) -> ExpertLayout:
+        return cls({k: v.shape for k, v in tree.items()}, num_experts)
 
     def _parse(self, shapes: Mapping[str, torch.Size]) -> tuple[MoELayerSpec, ...]:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- experts
     def gather_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec) -> torch.Tensor:
-        """Expert parameters of one layer as ``[E, P]`` (row k = expert k's tensors, flattened, concatenated)."""
-        rows = [torch.cat([tree[key].reshape(-1) for key in keys]) for keys in layer.expert_keys]
-        return torch.stack(rows)  # [E, P]
+        """Expert parameters of one layer as ``[E, P]`` (row k = every part of expert k, flattened)."""
+        return torch.cat([part.gather(tree) for part in layer.parts], dim=1)
 
     def split_experts(self, layer: MoELayerSpec, values: torch.Tensor) -> Tree:
         """The inverse of :meth:`gather_experts`: ``values [E, P]`` → a tree of that layer's expert keys only."""
@@ -68,12 +119,10 @@ class ExpertLayout:
             raise ValueError(f"{layer.name}: expected expert values of shape "
                              f"{(layer.num_experts, layer.expert_numel)}, got {tuple(values.shape)}")
         out: Tree = {}
-        for k, keys in enumerate(layer.expert_keys):
-            offset = 0
-            for key in keys:
-                numel = self.shapes[key].numel()
-                out[key] = values[k, offset:offset + numel].reshape(self.shapes[key]).clone()
-                offset += numel
+        offset = 0
+        for part in layer.parts:
+            out.update(part.split(values[:, offset:offset + part.width]))
+            offset += part.width
         return out
 
     def scatter_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec, values: torch.Tensor) -> Tree:
@@ -101,38 +150,107 @@ class ExpertLayout:
 
 
 _EXPERT_MODULE = re.compile(r"^(?P<layer>.+)\.experts\.expert_(?P<k>\d+)\.(?P<param>.+)$")
-_ROUTER = re.compile(r"^(?P<layer>.+)\.router\.classifier\.(weight|bias)$")
+_SWITCH_ROUTER = re.compile(r"^(?P<layer>.+)\.router\.classifier\.(weight|bias)$")
 
 
 @register_layout("per_expert_modules")
 class PerExpertModuleLayout(ExpertLayout):
     """Experts as separate modules ``<layer>.experts.expert_{k}.<param>``, router ``<layer>.router.classifier``.
 
-    Used by transformers' Switch Transformers (``…mlp.experts.expert_{k}.wi/wo``) and fcmoe's upcycled encoders.
+    Used by transformers' Switch Transformers (``…mlp.experts.expert_{k}.wi/wo``, router module
+    ``…mlp.router`` returning the capacity-masked dispatch) and fcmoe's upcycled models (router logits from
+    ``…mlp.router.classifier``).
     """
 
     storage = "per_expert_modules"
+    router_output = "logits"
 
     def _parse(self, shapes: Mapping[str, torch.Size]) -> tuple[MoELayerSpec, ...]:
-        found: dict[str, dict[int, list[str]]] = {}
+        found: dict[str, dict[int, dict[str, str]]] = {}
         for key in shapes:
             match = _EXPERT_MODULE.match(key)
             if match:
-                found.setdefault(match["layer"], {}).setdefault(int(match["k"]), []).append(key)
+                found.setdefault(match["layer"], {}).setdefault(int(match["k"]), {})[match["param"]] = key
         specs = []
         for name, experts in found.items():
             num_experts = len(experts)
             if sorted(experts) != list(range(num_experts)):
                 raise ValueError(f"{name}: expert indices {sorted(experts)} are not 0..{num_experts - 1}")
-            suffixes = [sorted(key[len(f"{name}.experts.expert_{k}."):] for key in experts[k])
-                        for k in range(num_experts)]
-            if any(s != suffixes[0] for s in suffixes):
+            params = sorted(experts[0])
+            if any(sorted(experts[k]) != params for k in experts):
                 raise ValueError(f"{name}: experts do not all have the same parameters")
-            keys = tuple(tuple(f"{name}.experts.expert_{k}.{s}" for s in suffixes[0]) for k in range(num_experts))
-            routers = tuple(k for k in shapes if (m := _ROUTER.match(k)) and m["layer"] == name)
+            parts = tuple(ExpertPart("module", tuple(experts[k][p] for k in range(num_experts)),
+                                     shapes[experts[0][p]], num_experts) for p in params)
+            routers = tuple(k for k in shapes if (m := _SWITCH_ROUTER.match(k)) and m["layer"] == name)
             for key in routers:
                 if shapes[key][0] != num_experts:
                     raise ValueError(f"router {key} has {shapes[key][0]} rows for {num_experts} experts")
-            numel = sum(math.prod(shapes[key]) for key in keys[0])
-            specs.append(MoELayerSpec(name, num_experts, keys, routers, numel, f"{name}.router.classifier"))
+            module = f"{name}.router" if self.router_output == "switch" else f"{name}.router.classifier"
+            specs.append(MoELayerSpec(name, num_experts, parts, routers, module, self.router_output))
+        return tuple(specs)
+
+
+@register_layout("switch")
+class SwitchLayout(PerExpertModuleLayout):
+    """transformers' Switch Transformers: hooks ``…mlp.router`` to see capacity-dropped tokens."""
+
+    storage = "switch"
+    router_output = "switch"
+
+
+_FUSED = re.compile(r"^(?P<layer>.+)\.experts\.(?P<param>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$")
+_GATE = re.compile(r"^(?P<layer>.+)\.gate\.(weight|bias)$")
+
+
+@register_layout("fused")
+class FusedExpertLayout(ExpertLayout):
+    """Fused 3-D expert tensors: expert k is ``tensor[k]`` for every ``<layer>.experts.*`` tensor."""
+
+    storage = "fused"
+
+    def _parse(self, shapes: Mapping[str, torch.Size]) -> tuple[MoELayerSpec, ...]:
+        found: dict[str, list[str]] = {}
+        for key in shapes:
+            if match := _FUSED.match(key):
+                found.setdefault(match["layer"], []).append(key)
+        specs = []
+        for name, keys in found.items():
+            num_experts = shapes[keys[0]][0]
+            if any(shapes[k][0] != num_experts for k in keys):
+                raise ValueError(f"{name}: fused expert tensors disagree on the number of experts")
+            parts = tuple(ExpertPart("index", (k,), shapes[k], num_experts) for k in keys)
+            routers = tuple(k for k in shapes if (m := _GATE.match(k)) and m["layer"] == name)
+            specs.append(MoELayerSpec(name, num_experts, parts, routers, f"{name}.gate", "topk"))
+        return tuple(specs)
+
+
+_LORA = re.compile(r"^(?P<layer>.+?)\.experts(?P<wrapper>(\.base_layer)*)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)"
+                   r"\.weight$")
+
+
+@register_layout("lora")
+class LoRAExpertLayout(ExpertLayout):
+    """PEFT LoRA on fused experts (``LoraConfig(target_parameters=["experts.gate_up_proj", …])``).
+
+    Aggregation works on each expert's *factor slices* (its r rows of A and r strided columns of B), not on
+    ΔW = B·A: slices are what clients upload and what a per-expert weighted mean can combine without ever
+    materialising ``E × out × in`` matrices; it is FedIT-style factor averaging, applied expert by expert. Editing
+    expert k's slices leaves every other expert's factors bit-identical (tested).
+    """
+
+    storage = "lora"
+
+    def _parse(self, shapes: Mapping[str, torch.Size]) -> tuple[MoELayerSpec, ...]:
+        if not self.num_experts_hint:
+            raise ValueError("the LoRA expert layout needs the number of experts (from the model config)")
+        e = self.num_experts_hint
+        found: dict[str, list[ExpertPart]] = {}
+        for key in shapes:
+            if match := _LORA.match(key):
+                kind = "lora_a" if match["ab"] == "A" else "lora_b"
+                found.setdefault(match["layer"], []).append(ExpertPart(kind, (key,), shapes[key], e))
+        specs = []
+        for name, parts in found.items():
+            routers = tuple(k for k in shapes if (m := _GATE.match(k)) and m["layer"] == name)
+            specs.append(MoELayerSpec(name, e, tuple(parts), routers, f"{name}.gate", "topk"))
         return tuple(specs)

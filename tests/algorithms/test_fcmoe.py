@@ -31,9 +31,9 @@ def test_unused_expert_keeps_its_value(tiny: BuiltModel) -> None:
     updates = make_updates(tiny, [random_delta(state, s) for s in range(2)], [5, 5], counts)
     new = FCMoE(FCMoEConfig(), tiny.layout).aggregate(state, updates).state
     layer = tiny.layout.layers[0]
-    for key in layer.expert_keys[1]:
+    for key in [part.keys[1] for part in layer.parts]:
         assert torch.equal(new[key], state[key]), key
-    assert not torch.equal(new[layer.expert_keys[0][0]], state[layer.expert_keys[0][0]])
+    assert not torch.equal(new[layer.parts[0].keys[0]], state[layer.parts[0].keys[0]])
 
 
 def test_frequency_weighting_favours_the_heavy_user(tiny: BuiltModel) -> None:
@@ -44,7 +44,7 @@ def test_frequency_weighting_favours_the_heavy_user(tiny: BuiltModel) -> None:
     counts = [torch.tensor([90, 10, 0, 0]), torch.tensor([10, 90, 0, 0])]
     updates = make_updates(tiny, [d0, d1], [10, 10], counts)
     new = FCMoE(FCMoEConfig(importance="freq", projection=False), tiny.layout).aggregate(state, updates).state
-    key = layer.expert_keys[0][0]
+    key = layer.parts[0].keys[0]
     torch.testing.assert_close(new[key], state[key] + 0.9 * d0[key] + 0.1 * d1[key])
 
 
@@ -62,7 +62,7 @@ def test_conflicting_client_gets_a_residual_equal_to_what_was_removed(tiny: Buil
         algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
     assert RESIDUAL not in states[0] and RESIDUAL not in states[2]
     # ρ_1 = Δ_1 − Δ̃_1 = ⟨Δ_1, g⟩/‖g‖² g with g = (Δ + Δ − 0.5Δ)/3 = 0.5Δ → ρ_1 = −0.5Δ = Δ_1 (fully opposed)
-    key = layer.expert_keys[0][0]
+    key = layer.parts[0].keys[0]
     torch.testing.assert_close(states[1][RESIDUAL][key], opposed[key], rtol=1e-4, atol=1e-6)
     # re-anchoring: the next start of client 1 is θ + λ ρ_1
     start = algo.client_start(result.state, states[1])

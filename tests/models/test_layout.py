@@ -59,7 +59,7 @@ def test_editing_expert_k_changes_only_expert_k(built: BuiltModel) -> None:
     values[k] += 1.0
     edited = layout.scatter_experts(state, layer, values)
     changed = {key for key in state if not torch.equal(edited[key], state[key])}
-    assert changed == set(layer.expert_keys[k])
+    assert changed == {part.keys[k] for part in layer.parts}
     # and through the real module: loading the edited tree changes only expert k's parameters
     model.load_trainable_state(edited)
     params = dict(model.named_parameters())
