@@ -17,7 +17,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from fcmoe.models.moe import MoEEncoderLayer, SwitchMoE
+from fcmoe.models.moe import MoEEncoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class EncoderClassifier(nn.Module):
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, C]`` from cached features."""
         return self.head(self.encode(features, attention_mask))
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' load-balancing losses from the last training forward."""
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, SwitchMoE)]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the trainable parameters: the tree clients exchange."""

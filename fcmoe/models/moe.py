@@ -42,7 +42,7 @@ class SwitchMoE(nn.Module):
 
     The combine weight is ``p / stopgrad(p)``: exactly 1 in the forward pass, so a freshly upcycled layer computes
     the dense FFN bit-for-bit, while the router still receives the gradient of ``p`` (straight-through). The
-    Switch load-balancing loss ``E · Σ_k frac_k · mean_prob_k`` of the last forward is kept in ``aux_loss``.
+    load-balancing loss is computed from the router logits by :class:`~fcmoe.models.routing.RoutingRecorder`.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str,
@@ -53,7 +53,6 @@ class SwitchMoE(nn.Module):
         self.experts = nn.ModuleDict(
             {f"expert_{k}": DenseExpert(hidden_size, intermediate_size, activation) for k in range(num_experts)}
         )
-        self.aux_loss: torch.Tensor = torch.zeros(())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape  # [B, T, H]
@@ -67,9 +66,6 @@ class SwitchMoE(nn.Module):
             rows = (top_expert == k).nonzero(as_tuple=True)[0]
             if rows.numel():
                 out.index_copy_(0, rows, expert(tokens[rows]) * combine[rows, None])
-        if self.training:
-            frac = torch.bincount(top_expert, minlength=self.num_experts).to(probs.dtype) / top_expert.numel()
-            self.aux_loss = self.num_experts * (frac * probs.mean(dim=0)).sum()
         return out.reshape(shape)
 
     @classmethod

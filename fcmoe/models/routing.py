@@ -1,24 +1,50 @@
-"""Routing statistics from forward hooks on the routers: tokens routed to each expert, padding excluded.
+"""Routing statistics and the load-balancing loss, from forward hooks on the routers.
 
-FC-MoE's importance weights need f_{i,l,k} = tokens client i routed to expert k of layer l / tokens through l,
-and FedMoE needs to know which experts a client used at all. A hook on each router's logits module takes the
-top-1 choice per token (argmax of the logits = argmax of the softmax) and counts it where the attention mask is 1.
-Cost: one argmax and one bincount per layer per batch, negligible next to the expert matmuls.
+FC-MoE's importance weights need f_{i,l,k} = assignments client i made to expert k of layer l / all its
+assignments in l (top-1: tokens; top-k: k assignments per token), and FedMoE needs to know which experts a client
+used at all. A hook on each layer's router module reads its output, by the layer's ``router_output`` kind:
+- "logits": raw logits ``[..., E]``; the choice is the argmax (fcmoe's upcycled Switch-style layers);
+- "switch": transformers' Switch router ``(dispatch one-hot [B, T, E], probs, logits)``; tokens whose dispatch row
+  is empty were dropped by ``expert_capacity`` and are counted in ``dropped`` instead;
+- "topk": ``(logits [B·T, E], scores, indices [B·T, k])`` of the fused-expert families.
+Padding tokens (attention mask 0) are never counted. The hooked logits also give the Switch load-balancing loss
+E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a softmax of the logits, over all tokens
+as in transformers' Switch), so one mechanism serves every family. Cost: an argmax/bincount per layer per batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from fcmoe.models.layout import ExpertLayout
+from fcmoe.models.layout import ExpertLayout, MoELayerSpec
+
+
+def read_router_output(kind: str, output: Any, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits [n, E], choices [n, k], kept [n, k] bool)`` from a router module's output, n = B·T tokens."""
+    if kind == "logits":
+        logits = output.reshape(-1, num_experts)
+        choices = logits.detach().argmax(dim=-1, keepdim=True)
+        return logits, choices, torch.ones_like(choices, dtype=torch.bool)
+    if kind == "switch":
+        dispatch, _, logits = output
+        logits = logits.reshape(-1, num_experts)
+        choices = logits.detach().argmax(dim=-1, keepdim=True)
+        kept = dispatch.reshape(-1, num_experts).sum(dim=-1, keepdim=True) > 0
+        return logits, choices, kept
+    if kind == "topk":
+        logits, _, indices = output
+        choices = indices.reshape(logits.reshape(-1, num_experts).shape[0], -1)
+        return logits.reshape(-1, num_experts), choices, torch.ones_like(choices, dtype=torch.bool)
+    raise ValueError(f"unknown router output kind {kind!r}")
 
 
 class RoutingRecorder:
-    """Counts top-1 routing decisions per MoE layer while enabled.
+    """Counts routing decisions per MoE layer while recording, and collects the balance loss.
 
     Parameters
     ----------
@@ -31,21 +57,27 @@ class RoutingRecorder:
     def __init__(self, model: nn.Module, layout: ExpertLayout) -> None:
         self.counts: dict[str, torch.Tensor] = {s.name: torch.zeros(s.num_experts, dtype=torch.long)
                                                 for s in layout.layers}
+        self.dropped: dict[str, int] = {s.name: 0 for s in layout.layers}
+        self._losses: list[torch.Tensor] = []
         self._token_mask: torch.Tensor | None = None
         self._enabled = False
-        self._handles = [
-            model.get_submodule(spec.router_module).register_forward_hook(self._make_hook(spec.name))
-            for spec in layout.layers
-        ]
+        self._handles = [model.get_submodule(spec.router_module).register_forward_hook(self._make_hook(spec))
+                         for spec in layout.layers]
 
-    def _make_hook(self, layer: str):  # noqa: ANN202 - torch hook signature
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], logits: torch.Tensor) -> None:
+    def _make_hook(self, spec: MoELayerSpec):  # noqa: ANN202 - torch hook signature
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not self._enabled:
                 return
-            choice = logits.detach().argmax(dim=-1).reshape(-1)  # [B·T]
+            logits, choices, kept = read_router_output(spec.router_output, output, spec.num_experts)
+            if torch.is_grad_enabled() and logits.requires_grad:
+                # over every token, padding included, as transformers' Switch computes it
+                frac = torch.bincount(choices.reshape(-1), minlength=spec.num_experts).to(torch.float32)
+                probs = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # [E]
+                self._losses.append(spec.num_experts * (frac / frac.sum() * probs).sum())
             if self._token_mask is not None:
-                choice = choice[self._token_mask]
-            self.counts[layer] += torch.bincount(choice, minlength=self.counts[layer].numel())
+                choices, kept = choices[self._token_mask], kept[self._token_mask]
+            self.counts[spec.name] += torch.bincount(choices[kept], minlength=spec.num_experts).cpu()
+            self.dropped[spec.name] += int((~kept).sum())
 
         return hook
 
@@ -54,18 +86,24 @@ class RoutingRecorder:
         """Count the routing of the forward passes inside the block; ``attention_mask`` [B, T] marks real tokens."""
         self._token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
         self._enabled = True
+        self._losses = []
         try:
             yield
         finally:
             self._enabled = False
             self._token_mask = None
 
+    def balance_loss(self) -> torch.Tensor:
+        """Sum over MoE layers of the Switch load-balancing loss of the last recorded forward."""
+        return torch.stack(self._losses).sum() if self._losses else torch.zeros(())
+
     def reset(self) -> None:
         for counts in self.counts.values():
             counts.zero_()
+        self.dropped = dict.fromkeys(self.dropped, 0)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of the counts so far: layer name → ``[E]`` token counts."""
+        """A copy of the counts so far: layer name → ``[E]`` routed assignments."""
         return {name: c.clone() for name, c in self.counts.items()}
 
     def close(self) -> None:

@@ -96,7 +96,7 @@ class LocalTrainer:
                 batch = data.subset(rows)
                 with self.recorder.recording(batch.mask):
                     logits = model(batch.features, batch.mask)  # [B, C]
-                loss = nn.functional.cross_entropy(logits, batch.labels) + cfg.aux_loss_coef * model.aux_loss()
+                loss = nn.functional.cross_entropy(logits, batch.labels) + cfg.aux_loss_coef * self.recorder.balance_loss()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm > 0:
