@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, AlgorithmConfig
+from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 
 
 class ConfigError(ValueError):
@@ -68,16 +69,25 @@ class PartitionConfig:
 class ModelConfig:
     """Which backbone, and how it is made sparse."""
 
-    name: str = "minilm-moe"  # minilm-moe (pretrained all-MiniLM-L6-v2, offline) | tiny-bert-moe (random, tests)
-    path: str = ""  # a local Hugging Face folder to use instead of the offline asset
+    name: str = "minilm-moe"  # a family of fcmoe.models.catalog.FAMILY_NAMES; "<family>-tiny" = random, for tests
+    path: str = ""  # a local Hugging Face folder (or hub id) instead of the offline asset / family default
+    finetune: str = "full"  # full | lora (LoRA on fused experts + attention; fused families only)
+    lora_rank: int = 8
     num_experts: int = 8
     moe_layers: tuple[int, ...] = (-2, -1)  # layer indices to upcycle; negative counts from the top
     trainable_layers: int = 2  # the top layers trained; the embeddings and all lower layers are frozen and cached
     router_init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.name not in ("minilm-moe", "tiny-bert-moe"):
-            raise ConfigError(f"model.name = {self.name!r}: choose 'minilm-moe' or 'tiny-bert-moe'")
+        if self.name not in FAMILY_NAMES:
+            raise ConfigError(f"model.name = {self.name!r}: choose one of {', '.join(FAMILY_NAMES)}")
+        if self.finetune not in ("full", "lora"):
+            raise ConfigError(f"model.finetune = {self.finetune!r}: choose 'full' or 'lora'")
+        if self.finetune == "lora" and not supports_lora(self.name):
+            raise ConfigError(f"model.finetune = 'lora' with model.name = {self.name!r}: LoRA on experts needs fused "
+                              f"expert tensors; use one of {', '.join(n for n in FAMILY_NAMES if supports_lora(n))}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"model.lora_rank = {self.lora_rank}: must be >= 1 (e.g. 8)")
         if self.num_experts < 1:
             raise ConfigError(f"model.num_experts = {self.num_experts}: must be >= 1 (the paper uses 16)")
         if self.trainable_layers < 1:

@@ -28,7 +28,26 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
-class EncoderClassifier(nn.Module):
+class TrainableTree:
+    """Mixin for classifiers: the trainable parameters as the tree that clients exchange."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the trainable parameters."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a trainable tree into the model (every trainable key must be present)."""
+        params = dict(self.named_parameters())  # type: ignore[attr-defined]
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            diff = sorted(set(state) ^ expected)
+            raise KeyError(f"trainable state does not match the model; differing keys e.g. {diff[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+class EncoderClassifier(TrainableTree, nn.Module):
     """BERT-family encoder with optional upcycled MoE layers and a classification head.
 
     Parameters
@@ -99,21 +118,6 @@ class EncoderClassifier(nn.Module):
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, C]`` from cached features."""
         return self.head(self.encode(features, attention_mask))
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the trainable parameters: the tree clients exchange."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a trainable tree into the model (every trainable key must be present)."""
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if set(state) != expected:
-            diff = sorted(set(state) ^ expected)
-            raise KeyError(f"trainable state does not match the model; differing keys e.g. {diff[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
     head_keys: tuple[str, str] = ("head.weight", "head.bias")
 

@@ -1,0 +1,23 @@
+"""Names of the model families ``model.name`` accepts (no heavy imports: the config validates against it).
+
+``<family>`` loads pretrained weights from ``model.path`` (a local folder or a hub id; the hub is unreachable
+offline); ``<family>-tiny`` is a random 2-layer, d = 64, 4-expert configuration of the same family for tests.
+"""
+
+from __future__ import annotations
+
+UPCYCLED = ("minilm-moe", "tiny-bert-moe")  # dense encoders sparse-upcycled by fcmoe
+FUSED = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3")  # experts as fused [E, …] tensors
+HUB = ("switch", *FUSED)
+FAMILY_NAMES: tuple[str, ...] = (*UPCYCLED, *HUB, *(f"{name}-tiny" for name in HUB))
+DEFAULT_PATHS = {"switch": "google/switch-base-16"}
+
+
+def base_family(name: str) -> str:
+    """``qwen3_moe-tiny`` → ``qwen3_moe``."""
+    return name.removesuffix("-tiny")
+
+
+def supports_lora(name: str) -> bool:
+    """LoRA on experts (PEFT ``target_parameters``) needs fused expert tensors."""
+    return base_family(name) in FUSED

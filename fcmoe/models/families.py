@@ -1,0 +1,136 @@
+"""Hugging Face MoE families: Switch Transformers (encoder + head) and fused-expert decoders, full or LoRA.
+
+Each family maps to a transformers config class (for the ``-tiny`` random variant), the pooling its classifier
+uses, and the expert layout that addresses its parameters. Pretrained weights come from ``model.path`` (a local
+folder, or a hub id when the hub is reachable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel, AutoTokenizer
+
+from fcmoe.models.backbone import BackboneClassifier
+from fcmoe.models.catalog import DEFAULT_PATHS, base_family, supports_lora
+from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build one family."""
+
+    config_class: str  # transformers config class name
+    tiny: dict[str, Any]  # kwargs of a 2-layer, d = 64, 4-expert random config
+    pooling: str  # "mean" (encoder) | "last" (decoder)
+    layout: type[ExpertLayout]
+    experts_attribute: str  # config attribute holding the number of routed experts
+
+
+_DECODER = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+
+FAMILIES: dict[str, Family] = {
+    # Switch: sparse step 2 makes block 1 of 2 an MoE layer; transformers only adds Switch's own losses then.
+    "switch": Family("SwitchTransformersConfig",
+                     dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2,
+                          expert_capacity=64), "mean", SwitchLayout, "num_experts"),
+    "qwen3_moe": Family("Qwen3MoeConfig", dict(_DECODER, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, head_dim=16), "last", FusedExpertLayout,
+                        "num_experts"),
+    "mixtral": Family("MixtralConfig", dict(_DECODER, num_local_experts=4, num_experts_per_tok=2), "last",
+                      FusedExpertLayout, "num_local_experts"),
+    "olmoe": Family("OlmoeConfig", dict(_DECODER, num_experts=4, num_experts_per_tok=2), "last",
+                    FusedExpertLayout, "num_experts"),
+    "qwen2_moe": Family("Qwen2MoeConfig", dict(_DECODER, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, shared_expert_intermediate_size=32),
+                        "last", FusedExpertLayout, "num_experts"),
+    "deepseek_v3": Family("DeepseekV3Config", dict(_DECODER, num_key_value_heads=4, moe_intermediate_size=32,
+                                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                                   first_k_dense_replace=0, n_group=1, topk_group=1,
+                                                   q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                                   qk_nope_head_dim=8, v_head_dim=16), "last",
+                          FusedExpertLayout, "n_routed_experts"),
+}
+
+LORA_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+LORA_TARGET_MODULES = ["q_proj", "v_proj"]
+
+
+def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int,
+                     max_length: int) -> tuple[BackboneClassifier, ExpertLayout, Any]:
+    """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family."""
+    family = FAMILIES[base_family(name)]
+    if finetune == "lora" and not supports_lora(name):
+        raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: "
+                         "use finetune = 'full' or a fused family (qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3)")
+    if name.endswith("-tiny"):
+        config = getattr(transformers, family.config_class)(**family.tiny)
+        backbone = _from_config(name, config)
+        tokenize = hashing_tokenize(config.vocab_size, max_length)
+    else:
+        source = path or DEFAULT_PATHS.get(name, "")
+        if not source:
+            raise ValueError(f"model.path is empty: {name!r} needs a local folder or hub id of its weights")
+        backbone = _from_pretrained(name, source)
+        tokenize = hf_tokenize(source, max_length)
+        config = backbone.config
+    embeddings = backbone.get_input_embeddings()
+    num_experts = int(getattr(config, family.experts_attribute))
+    if finetune == "lora":
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                          target_modules=LORA_TARGET_MODULES, target_parameters=LORA_TARGET_PARAMETERS)
+        backbone = get_peft_model(backbone, lora)
+    model = BackboneClassifier(backbone, embeddings, num_labels, family.pooling)
+    layout_class = LoRAExpertLayout if finetune == "lora" else family.layout
+    layout = layout_class.from_tree(model.trainable_state(), num_experts)
+    if not layout.layers:
+        raise ValueError(f"{name}: no MoE layer found in the trainable parameters")
+    return model, layout, tokenize
+
+
+def _from_config(name: str, config: Any) -> Any:
+    if base_family(name) == "switch":
+        return transformers.SwitchTransformersEncoderModel(config)
+    return AutoModel.from_config(config)
+
+
+def _from_pretrained(name: str, source: str) -> Any:
+    if base_family(name) == "switch":
+        return transformers.SwitchTransformersEncoderModel.from_pretrained(source)
+    return AutoModel.from_pretrained(source)
+
+
+def hf_tokenize(source: str, max_length: int) -> Any:
+    """Right-padded, truncated tokenisation with the model's own tokenizer (pad = eos if it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+    def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    return tokenize
+
+
+def hashing_tokenize(vocab_size: int, max_length: int) -> Any:
+    """[CLS]=1, words → 2 + crc32(word) mod (V − 2), padding 0: no vocabulary file needed (random tiny models)."""
+    import zlib
+
+    def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [1] + [2 + zlib.crc32(w.encode()) % (vocab_size - 2) for w in text.split()][: max_length - 1]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids, (ids != 0).long()
+
+    return tokenize
