@@ -1,0 +1,153 @@
+"""LAYOUT_CASES: every model family and fine-tuning mode, on tiny random configs, through one ExpertLayout API."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fcmoe.config import ConfigError, load_config
+from fcmoe.models.build import BuiltModel, build_model
+from fcmoe.models.catalog import FAMILY_NAMES, HUB, supports_lora
+from fcmoe.models.layout import FusedExpertLayout, LoRAExpertLayout, PerExpertModuleLayout, SwitchLayout
+from fcmoe.models.routing import RoutingRecorder
+from fcmoe.sim.run import run_experiment
+
+LAYOUT_CASES: list[tuple[str, str, type]] = [  # (model.name, model.finetune, expected layout)
+    ("tiny-bert-moe", "full", PerExpertModuleLayout),
+    ("switch-tiny", "full", SwitchLayout),
+    *[(f"{f}-tiny", "full", FusedExpertLayout) for f in HUB if f != "switch"],
+    *[(f"{f}-tiny", "lora", LoRAExpertLayout) for f in HUB if supports_lora(f)],
+]
+CASE_IDS = [f"{name}-{finetune}" for name, finetune, _ in LAYOUT_CASES]
+
+TEXTS = ["the cat sat on the mat today", "a b", "one two three four five six seven eight nine ten eleven"]
+
+
+def build(name: str, finetune: str) -> BuiltModel:
+    return build_model(name, 3, num_experts=4, moe_layers=(0, 1), trainable_layers=2, router_init_std=0.5,
+                       max_length=16, seed=0, finetune=finetune, lora_rank=2)
+
+
+@pytest.fixture(params=LAYOUT_CASES, ids=CASE_IDS)
+def case(request: pytest.FixtureRequest) -> tuple[BuiltModel, type]:
+    name, finetune, layout_class = request.param
+    return build(name, finetune), layout_class
+
+
+def test_layout_kind_and_key_partition(case: tuple[BuiltModel, type]) -> None:
+    built, layout_class = case
+    layout = built.layout
+    assert type(layout) is layout_class and layout.layers
+    state = built.model.trainable_state()
+    groups = [set(layout.shared_keys), set(layout.router_keys), set(layout.expert_keys)]
+    assert set().union(*groups) == set(state) and sum(map(len, groups)) == len(state)
+    assert all(spec.num_experts == 4 for spec in layout.layers)
+
+
+def test_gather_scatter_round_trip_is_exact(case: tuple[BuiltModel, type]) -> None:
+    built, _ = case
+    state = built.model.trainable_state()
+    for layer in built.layout.layers:
+        back = built.layout.scatter_experts(state, layer, built.layout.gather_experts(state, layer))
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_editing_expert_k_touches_only_its_slices(case: tuple[BuiltModel, type]) -> None:
+    built, _ = case
+    layout = built.layout
+    state = built.model.trainable_state()
+    layer = layout.layers[-1]
+    k = 2
+    values = layout.gather_experts(state, layer)
+    values[k] += 1.0
+    edited = layout.scatter_experts(state, layer, values)
+    for key in state:
+        changed = edited[key] != state[key]
+        if key not in layer.keys:
+            assert not changed.any(), key
+            continue
+        part = next(p for p in layer.parts if key in p.keys)
+        expected = torch.zeros_like(changed)
+        if part.kind == "module":
+            expected[...] = part.keys.index(key) == k
+        elif part.kind == "index":
+            expected[k] = True
+        elif part.kind == "lora_a":  # rows k·r:(k+1)·r
+            r = state[key].shape[0] // 4
+            expected[k * r:(k + 1) * r] = True
+        else:  # lora_b: strided columns k, k+E, …
+            expected[:, k::4] = True
+        assert torch.equal(changed, expected), key
+    # and the row read back is the edited one: the other experts' rows are bit-identical
+    again = layout.gather_experts(edited, layer)
+    assert torch.equal(again, values)
+
+
+def test_routing_counts_sum_to_real_tokens(case: tuple[BuiltModel, type]) -> None:
+    built, _ = case
+    ids, mask = built.tokenize(TEXTS)
+    recorder = RoutingRecorder(built.model, built.layout)
+    with recorder.recording(mask), torch.no_grad():
+        built.model(built.model.featurize(ids, mask), mask)
+    real = int(mask.sum())
+    assert real < mask.numel()
+    for spec in built.layout.layers:
+        top_k = int(recorder.counts[spec.name].sum() + recorder.dropped[spec.name]) // real
+        assert int(recorder.counts[spec.name].sum()) + recorder.dropped[spec.name] == top_k * real
+        assert top_k in (1, 2)
+
+
+def test_balance_loss_has_gradient_to_the_routers(case: tuple[BuiltModel, type]) -> None:
+    built, _ = case
+    ids, mask = built.tokenize(TEXTS)
+    recorder = RoutingRecorder(built.model, built.layout)
+    built.model.train()
+    with recorder.recording(mask):
+        built.model(built.model.featurize(ids, mask), mask)
+    loss = recorder.balance_loss()
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    if built.layout.router_keys:  # LoRA keeps the routers frozen
+        loss.backward()
+        params = dict(built.model.named_parameters())
+        assert any(params[k].grad is not None and params[k].grad.abs().sum() > 0 for k in built.layout.router_keys)
+
+
+@pytest.mark.parametrize(("name", "finetune"), [case[:2] for case in LAYOUT_CASES], ids=CASE_IDS)
+def test_two_client_two_round_federation_is_finite(name: str, finetune: str, tmp_path: Path) -> None:
+    config = load_config(overrides=[f"model.name={name}", f"model.finetune={finetune}", "model.lora_rank=2",
+                                    "model.num_experts=4", "data.train_per_class=2", "data.test_per_class=1",
+                                    "data.max_length=16", "partition.num_clients=2", "partition.min_partition_size=4",
+                                    "rounds=2", "methods=['fedavg','fcmoe']"])
+    summaries = run_experiment(config, tmp_path, show_progress=False)
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and all(math.isfinite(s.global_acc) for s in summaries)
+    assert all('"train_loss": NaN' not in row for row in rows)
+
+
+def test_every_family_has_a_tiny_case() -> None:
+    tiny = {name for name, _, _ in LAYOUT_CASES}
+    assert {n for n in FAMILY_NAMES if n.endswith("-tiny")} <= tiny
+
+
+def test_lora_on_per_expert_modules_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="LoRA on experts needs fused expert tensors"):
+        load_config(overrides=["model.name=switch-tiny", "model.finetune=lora"])
+
+
+def test_switch_capacity_drops_are_reported_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcmoe.models import families
+
+    small = families.Family(**{**families.FAMILIES["switch"].__dict__,
+                               "tiny": {**families.FAMILIES["switch"].tiny, "expert_capacity": 2}})
+    monkeypatch.setitem(families.FAMILIES, "switch", small)
+    built = build("switch-tiny", "full")
+    ids, mask = built.tokenize(TEXTS)
+    recorder = RoutingRecorder(built.model, built.layout)
+    with recorder.recording(mask), torch.no_grad():
+        built.model(built.model.featurize(ids, mask), mask)
+    (spec,) = built.layout.layers
+    assert recorder.dropped[spec.name] > 0
+    assert int(recorder.counts[spec.name].sum()) + recorder.dropped[spec.name] == int(mask.sum())
