@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which corpus, how much of it, and how it is tokenised."""
 
-    name: str = "20ng"  # 20ng | bbc4
+    name: str = "20ng"  # 20ng | bbc4 | mmlu-offline
     train_per_class: int = 100  # documents per class drawn from the training split (the federated pool)
     test_per_class: int = 40  # documents per class drawn from the official test split (global test set)
     max_length: int = 64  # tokens per document

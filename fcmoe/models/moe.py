@@ -7,6 +7,8 @@ the paper's Switch models and our upcycled encoders.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -25,12 +27,12 @@ class SwitchRouter(nn.Module):
 
 
 class DenseExpert(nn.Module):
-    """One expert: ``wo(act(wi(x)))`` with biases (a copy of BERT's FFN, which has them)."""
+    """BERT's FFN as one module, named as a Switch expert: ``wo(act(wi(x)))`` with BERT's biases."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
+    def __init__(self, wi: nn.Linear, wo: nn.Linear, activation: str) -> None:
         super().__init__()
-        self.wi = nn.Linear(hidden_size, intermediate_size)
-        self.wo = nn.Linear(intermediate_size, hidden_size)
+        self.wi = copy.deepcopy(wi)
+        self.wo = copy.deepcopy(wo)
         self.act = ACT2FN[activation]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -38,21 +40,18 @@ class DenseExpert(nn.Module):
 
 
 class SwitchMoE(nn.Module):
-    """Top-1 routed mixture of :class:`DenseExpert` (Fedus et al. 2021), without capacity limits.
+    """Top-1 routed mixture of copies of one feed-forward block (Fedus et al. 2021), without capacity limits.
 
     The combine weight is ``p / stopgrad(p)``: exactly 1 in the forward pass, so a freshly upcycled layer computes
     the dense FFN bit-for-bit, while the router still receives the gradient of ``p`` (straight-through). The
     load-balancing loss is computed from the router logits by :class:`~fcmoe.models.routing.RoutingRecorder`.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str,
-                 router_init_std: float = 0.02) -> None:
+    def __init__(self, experts: list[nn.Module], hidden_size: int, router_init_std: float = 0.02) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.router = SwitchRouter(hidden_size, num_experts, router_init_std)
-        self.experts = nn.ModuleDict(
-            {f"expert_{k}": DenseExpert(hidden_size, intermediate_size, activation) for k in range(num_experts)}
-        )
+        self.num_experts = len(experts)
+        self.router = SwitchRouter(hidden_size, self.num_experts, router_init_std)
+        self.experts = nn.ModuleDict({f"expert_{k}": expert for k, expert in enumerate(experts)})
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape  # [B, T, H]
@@ -69,17 +68,10 @@ class SwitchMoE(nn.Module):
         return out.reshape(shape)
 
     @classmethod
-    def upcycle(cls, wi: nn.Linear, wo: nn.Linear, num_experts: int, activation: str,
+    def upcycle(cls, dense_ffn: nn.Module, hidden_size: int, num_experts: int,
                 router_init_std: float = 0.02) -> SwitchMoE:
         """Sparse upcycling (Komatsuzaki et al. 2022): every expert starts as a copy of the dense FFN."""
-        moe = cls(wi.in_features, wi.out_features, num_experts, activation, router_init_std)
-        with torch.no_grad():
-            for expert in moe.experts.values():
-                expert.wi.weight.copy_(wi.weight)
-                expert.wi.bias.copy_(wi.bias)
-                expert.wo.weight.copy_(wo.weight)
-                expert.wo.bias.copy_(wo.bias)
-        return moe
+        return cls([copy.deepcopy(dense_ffn) for _ in range(num_experts)], hidden_size, router_init_std)
 
 
 class MoEEncoderLayer(nn.Module):
@@ -92,9 +84,8 @@ class MoEEncoderLayer(nn.Module):
     def __init__(self, dense_layer: nn.Module, num_experts: int, activation: str, router_init_std: float) -> None:
         super().__init__()
         self.attention = dense_layer.attention
-        self.mlp = SwitchMoE.upcycle(
-            dense_layer.intermediate.dense, dense_layer.output.dense, num_experts, activation, router_init_std
-        )
+        dense_ffn = DenseExpert(dense_layer.intermediate.dense, dense_layer.output.dense, activation)
+        self.mlp = SwitchMoE.upcycle(dense_ffn, dense_ffn.wi.in_features, num_experts, router_init_std)
         self.output_norm = dense_layer.output.LayerNorm
         self.dropout = dense_layer.output.dropout
 
