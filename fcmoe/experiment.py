@@ -56,7 +56,8 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     built = build_model(model_cfg.name, len(pool.label_names), num_experts=model_cfg.num_experts,
                         moe_layers=model_cfg.moe_layers, trainable_layers=model_cfg.trainable_layers,
                         router_init_std=model_cfg.router_init_std, max_length=data.max_length, seed=config.seed,
-                        path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank)
+                        path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
+                        label_names=pool.label_names)
     pool_features = _featurize(built, pool)
     global_test = _featurize(built, test)
     client_train = [pool_features.subset(torch.from_numpy(c.train)) for c in partition.clients]

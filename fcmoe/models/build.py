@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from transformers import BertModel
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import FAMILY_NAMES
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
+from fcmoe.models.decoder import build_upcycled_decoder
 from fcmoe.models.families import build_hub_family, hashing_tokenize, hf_tokenize
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 
@@ -35,7 +36,8 @@ class BuiltModel:
 
 def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[int, ...],
                 trainable_layers: int, router_init_std: float, max_length: int, seed: int,
-                path: str = "", finetune: str = "full", lora_rank: int = 8) -> BuiltModel:
+                path: str = "", finetune: str = "full", lora_rank: int = 8,
+                label_names: Sequence[str] | None = None) -> BuiltModel:
     """Build family ``name`` (see ``fcmoe.models.catalog``) with a seeded fresh head (and routers if upcycled).
 
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
@@ -53,6 +55,14 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
         config = tiny_bert_config()
         encoder = BertModel(config, add_pooling_layer=False)
         tokenize = hashing_tokenize(config.vocab_size, max_length)
+    elif name.startswith("smollm2-moe"):
+        if finetune != "full":
+            raise ValueError(f"model.finetune = {finetune!r}: {name} supports only 'full' (its experts are modules)")
+        names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
+        decoder, layout, tokenize = build_upcycled_decoder(
+            name, names, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+            router_init_std=router_init_std, max_length=max_length, path=path)
+        return BuiltModel(decoder, layout, tokenize)
     elif name in FAMILY_NAMES:
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
                                                        lora_rank=lora_rank, max_length=max_length)

