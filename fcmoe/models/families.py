@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.catalog import DEFAULT_PATHS, base_family, supports_lora
+from fcmoe.models.catalog import DEFAULT_PATHS, base_family
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
 
 
@@ -66,9 +66,6 @@ def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lo
                      max_length: int) -> tuple[BackboneClassifier, ExpertLayout, Any]:
     """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family."""
     family = FAMILIES[base_family(name)]
-    if finetune == "lora" and not supports_lora(name):
-        raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: "
-                         "use finetune = 'full' or a fused family (qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3)")
     if name.endswith("-tiny"):
         config = getattr(transformers, family.config_class)(**family.tiny)
         backbone = _from_config(name, config)

@@ -96,7 +96,8 @@ class LocalTrainer:
                 batch = data.subset(rows)
                 with self.recorder.recording(batch.mask):
                     logits = model(batch.features, batch.mask)  # [B, C]
-                loss = nn.functional.cross_entropy(logits, batch.labels) + cfg.aux_loss_coef * self.recorder.balance_loss()
+                balance = self.recorder.balance_loss()  # Switch load-balancing loss from the hooked router logits
+                loss = nn.functional.cross_entropy(logits, batch.labels) + cfg.aux_loss_coef * balance
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm > 0:
