@@ -41,7 +41,7 @@ def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts
     else:
         folder = Path(path) if path else _smollm2_folder()
         gguf = {"gguf_file": SMOLLM2_GGUF} if (folder / SMOLLM2_GGUF).is_file() else {}
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **gguf)
+        tokenizer = _quiet(lambda: AutoTokenizer.from_pretrained(str(folder), **gguf))
         causal_lm = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), **gguf))
         tokenize = _left_truncating(tokenizer, max_length)
         choice_ids = _single_token_ids(tokenizer, label_names)

@@ -17,6 +17,7 @@ from fcmoe.sim.run import run_experiment
 
 LAYOUT_CASES: list[tuple[str, str, type]] = [  # (model.name, model.finetune, expected layout)
     ("tiny-bert-moe", "full", PerExpertModuleLayout),
+    ("smollm2-moe-tiny", "full", PerExpertModuleLayout),
     ("switch-tiny", "full", SwitchLayout),
     *[(f"{f}-tiny", "full", FusedExpertLayout) for f in HUB if f != "switch"],
     *[(f"{f}-tiny", "lora", LoRAExpertLayout) for f in HUB if supports_lora(f)],
