@@ -124,7 +124,7 @@ class FCMoE(Algorithm):
         state.update(self.fedavg(global_state, updates, [*layout.shared_keys, *layout.router_keys]))
         n = torch.tensor([u.num_samples for u in updates])
         messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
-        conflict_rate, mean_cosine = {}, {}
+        conflict_rate, mean_cosine, projected_weight = {}, {}, {}
         for layer in layout.layers:
             deltas = self.stack_experts(layout, updates, layer)  # [N, E, P]
             freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
@@ -141,7 +141,10 @@ class FCMoE(Algorithm):
             pairs = coeffs.conflicted[:, used]
             conflict_rate[layer.name] = pairs.float().mean().item() if pairs.numel() else 0.0
             mean_cosine[layer.name] = coeffs.cosine[:, used].mean().item() if used.any() else 0.0
+            # importance weight carried by the projected pairs: how much projection can move the aggregate
+            projected_weight[layer.name] = (weights[coeffs.conflicted].sum() / weights.sum().clamp_min(1e-12)).item()
         total = sum(conflict_rate.values()) / max(len(conflict_rate), 1)
         return ServerResult(state=state, messages=messages,
                             metrics={"conflict_rate": total, "conflict_rate_per_layer": conflict_rate,
-                                     "mean_cosine_per_layer": mean_cosine})
+                                     "mean_cosine_per_layer": mean_cosine,
+                                     "projected_weight_share_per_layer": projected_weight})

@@ -87,3 +87,13 @@ def test_messages_are_one_scalar_per_layer_and_expert(tiny: BuiltModel) -> None:
 def test_bad_config_names_the_field(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FCMoEConfig(**{field: value})
+
+
+def test_projected_weight_share_is_reported(tiny: BuiltModel) -> None:
+    state = tiny.model.trainable_state()
+    base = random_delta(state, 3)
+    opposed = {k: -0.5 * v for k, v in base.items()}
+    updates = make_updates(tiny, [base, opposed, base], [10, 10, 10])
+    metrics = FCMoE(FCMoEConfig(importance="size"), tiny.layout).aggregate(state, updates).metrics
+    # client 1 (weight 1/3 on every expert) is projected everywhere
+    assert all(abs(v - 1 / 3) < 1e-6 for v in metrics["projected_weight_share_per_layer"].values())
