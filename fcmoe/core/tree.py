@@ -51,7 +51,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     """
     acc_dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     acc = tensors[0].to(acc_dtype) * weights[0]
-    for tensor, weight in zip(tensors[1:], weights[1:]):
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         acc += tensor.to(acc_dtype) * weight
     return acc
 
