@@ -29,6 +29,7 @@ class Family:
     pooling: str  # "mean" (encoder) | "last" (decoder)
     layout: type[ExpertLayout]
     experts_attribute: str  # config attribute holding the number of routed experts
+    router_attr: str = "gate"  # attribute of the router module inside each MoE block
 
 
 _DECODER = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -56,6 +57,9 @@ FAMILIES: dict[str, Family] = {
                                                    q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
                                                    qk_nope_head_dim=8, v_head_dim=16), "last",
                           FusedExpertLayout, "n_routed_experts"),
+    "gpt_oss": Family("GptOssConfig", dict(_DECODER, intermediate_size=32, head_dim=16, num_local_experts=4,
+                                           num_experts_per_tok=2, rope_parameters=None), "last",
+                      FusedExpertLayout, "num_local_experts", router_attr="router"),
 }
 
 LORA_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -87,7 +91,7 @@ def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lo
         backbone = get_peft_model(backbone, lora)
     model = BackboneClassifier(backbone, embeddings, num_labels, family.pooling)
     layout_class = LoRAExpertLayout if finetune == "lora" else family.layout
-    layout = layout_class.from_tree(model.trainable_state(), num_experts)
+    layout = layout_class.from_tree(model.trainable_state(), num_experts, family.router_attr)
     if not layout.layers:
         raise ValueError(f"{name}: no MoE layer found in the trainable parameters")
     return model, layout, tokenize

@@ -7,8 +7,9 @@ An :class:`ExpertLayout` is built from the key → shape map of a trainable tree
 
 Three storage forms are registered:
 - ``per_expert_modules``: ``<layer>.experts.expert_{k}.<param>`` (Switch Transformers, fcmoe's upcycled models);
-- ``fused``: ``<layer>.experts.gate_up_proj [E, …]`` / ``down_proj [E, …]`` (Mixtral, Qwen2/3-MoE, OLMoE,
-  DeepSeek-V3; GPT-OSS's transposed tensors too, since only dimension 0 is read), router ``<layer>.gate``;
+- ``fused``: ``<layer>.experts.gate_up_proj [E, …]`` / ``down_proj [E, …]`` (+ GPT-OSS's ``*_bias [E, …]``)
+  (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3; GPT-OSS's transposed tensors too, since only dimension 0 is read),
+  router ``<layer>.gate`` (GPT-OSS: ``<layer>.router``);
 - ``lora``: PEFT LoRA on fused experts (``target_parameters``): ``lora_A [E·r, in]`` holds expert k in rows
   ``k·r:(k+1)·r``; ``lora_B [out, E·r]`` holds it in the strided columns ``k, k+E, k+2E, …``.
 
@@ -92,9 +93,11 @@ class ExpertLayout:
 
     storage: str = ""
 
-    def __init__(self, shapes: Mapping[str, torch.Size], num_experts: int | None = None) -> None:
+    def __init__(self, shapes: Mapping[str, torch.Size], num_experts: int | None = None,
+                 router_attr: str = "gate") -> None:
         self.shapes = {k: torch.Size(v) for k, v in shapes.items()}
         self.num_experts_hint = num_experts
+        self.router_attr = router_attr  # fused families: the router module's attribute name (GPT-OSS: "router")
         self.layers: tuple[MoELayerSpec, ...] = self._parse(self.shapes)
         self.expert_keys: tuple[str, ...] = tuple(k for spec in self.layers for k in spec.keys)
         self.router_keys: tuple[str, ...] = tuple(k for spec in self.layers for k in spec.router_keys)
@@ -102,8 +105,14 @@ class ExpertLayout:
         self.shared_keys: tuple[str, ...] = tuple(k for k in self.shapes if k not in claimed)
 
     @classmethod
-    def from_tree(cls, tree: Mapping[str, torch.Tensor], num_experts: int | None = None) -> ExpertLayout:
-        return cls({k: v.shape for k, v in tree.items()}, num_experts)
+    def from_tree(cls, tree: Mapping[str, torch.Tensor], num_experts: int | None = None,
+                  router_attr: str = "gate") -> ExpertLayout:
+        return cls({k: v.shape for k, v in tree.items()}, num_experts, router_attr)
+
+    def _router_keys(self, shapes: Mapping[str, torch.Size], layer: str) -> tuple[str, ...]:
+        """Trainable tensors of ``<layer>.<router_attr>`` (weight, bias): row k belongs to expert k."""
+        return tuple(f"{layer}.{self.router_attr}.{p}" for p in ("weight", "bias")
+                     if f"{layer}.{self.router_attr}.{p}" in shapes)
 
     def _parse(self, shapes: Mapping[str, torch.Size]) -> tuple[MoELayerSpec, ...]:
         raise NotImplementedError
@@ -199,7 +208,6 @@ class SwitchLayout(PerExpertModuleLayout):
 
 
 _FUSED = re.compile(r"^(?P<layer>.+)\.experts\.(?P<param>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$")
-_GATE = re.compile(r"^(?P<layer>.+)\.gate\.(weight|bias)$")
 
 
 @register_layout("fused")
@@ -219,8 +227,8 @@ class FusedExpertLayout(ExpertLayout):
             if any(shapes[k][0] != num_experts for k in keys):
                 raise ValueError(f"{name}: fused expert tensors disagree on the number of experts")
             parts = tuple(ExpertPart("index", (k,), shapes[k], num_experts) for k in keys)
-            routers = tuple(k for k in shapes if (m := _GATE.match(k)) and m["layer"] == name)
-            specs.append(MoELayerSpec(name, num_experts, parts, routers, f"{name}.gate", "topk"))
+            specs.append(MoELayerSpec(name, num_experts, parts, self._router_keys(shapes, name),
+                                      f"{name}.{self.router_attr}", "topk"))
         return tuple(specs)
 
 
@@ -251,6 +259,6 @@ class LoRAExpertLayout(ExpertLayout):
                 found.setdefault(match["layer"], []).append(ExpertPart(kind, (key,), shapes[key], e))
         specs = []
         for name, parts in found.items():
-            routers = tuple(k for k in shapes if (m := _GATE.match(k)) and m["layer"] == name)
-            specs.append(MoELayerSpec(name, e, tuple(parts), routers, f"{name}.gate", "topk"))
+            specs.append(MoELayerSpec(name, e, tuple(parts), self._router_keys(shapes, name),
+                                      f"{name}.{self.router_attr}", "topk"))
         return tuple(specs)
