@@ -13,7 +13,7 @@ import time
 import torch
 
 from fcmoe.config import TrainConfig
-from fcmoe.data.sources import load_20ng
+from fcmoe.data.offline import load_20ng
 from fcmoe.models.build import build_model
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 from fcmoe.training.local import LocalTrainer, featurize

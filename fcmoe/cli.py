@@ -77,6 +77,8 @@ def _run(config: ExperimentConfig, show_progress: bool) -> int:
     try:
         summaries = run_experiment(config, run_dir, show_progress)
     except (AssetError, ValueError, FileNotFoundError) as err:
+        if not any(run_dir.iterdir()):  # failed while preparing: leave nothing behind
+            run_dir.rmdir()
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1
     print_summary(summaries, title=f"fcmoe run ({time.perf_counter() - started:.0f} s)")

@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, AlgorithmConfig
+from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 
 
@@ -28,41 +29,71 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which corpus, how much of it, and how it is tokenised."""
+    """Which corpus, how much of it, and how it is tokenised (sources: :mod:`fcmoe.data.sources`)."""
 
-    name: str = "20ng"  # 20ng | bbc4 | mmlu-offline
-    train_per_class: int = 100  # documents per class drawn from the training split (the federated pool)
-    test_per_class: int = 40  # documents per class drawn from the official test split (global test set)
+    name: str = "20ng"  # 20ng | 20ng4 | reuters8 | bbc4 | mmlu-offline | agnews | mmlu | csv | jsonl | parquet
+    path: str = ""  # csv/jsonl/parquet: the training file; agnews/mmlu: another hub id or a local copy (folder)
+    test_path: str = ""  # csv/jsonl/parquet: the global test file; empty = hold out holdout_fraction per class
+    text_column: str = "text"  # local files: column mapping
+    label_column: str = "label"
+    group_column: str = ""  # local files: the column natural partitions split by (partition.by = "group")
+    labels: tuple[str, ...] = ()  # local files: the class set and order (empty = the sorted training labels)
+    holdout_fraction: float = 0.2  # share of each class held out as the test set where a source has none
+    train_per_class: int = 100  # documents per class drawn from the training split (0 = all)
+    test_per_class: int = 40  # documents per class drawn from the test split (0 = all)
     max_length: int = 64  # tokens per document
     local_test_fraction: float = 0.2  # each client's data is split train / test 80 / 20
 
     def __post_init__(self) -> None:
-        _positive("data.train_per_class", self.train_per_class)
-        _positive("data.test_per_class", self.test_per_class)
+        if self.name not in SOURCE_NAMES:
+            raise ConfigError(f"data.name = {self.name!r}: choose one of {', '.join(SOURCE_NAMES)}")
+        if self.name in FILE_SOURCES and not self.path:
+            raise ConfigError(f"data.path is empty: data.name = {self.name!r} reads your own file, e.g. "
+                              f"--set data.path=train.{self.name}")
+        if self.name in OFFLINE_SOURCES and self.path:
+            raise ConfigError(f"data.path = {self.path!r} does not apply to the offline source {self.name!r}; for your "
+                              "own file use data.name = 'csv', 'jsonl' or 'parquet'")
+        if self.name not in FILE_SOURCES and (self.test_path or self.group_column or self.labels):
+            raise ConfigError(f"data.test_path / group_column / labels apply to local files only (data.name = "
+                              f"{', '.join(FILE_SOURCES)}), not to {self.name!r}")
+        if not self.text_column or not self.label_column:
+            raise ConfigError("data.text_column and data.label_column must name columns, e.g. 'text' and 'label'")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"data.labels = {list(self.labels)} lists a class twice")
+        if self.train_per_class < 0 or self.test_per_class < 0:
+            raise ConfigError(f"data.train_per_class = {self.train_per_class}, test_per_class = "
+                              f"{self.test_per_class}: must be >= 0 (0 = every document)")
         if not 8 <= self.max_length <= 512:
             raise ConfigError(f"data.max_length = {self.max_length}: must be in [8, 512] tokens (default 64)")
-        if not 0.0 < self.local_test_fraction < 1.0:
-            raise ConfigError(f"data.local_test_fraction = {self.local_test_fraction}: must be in (0, 1), e.g. 0.2")
+        for key in ("local_test_fraction", "holdout_fraction"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"data.{key} = {getattr(self, key)}: must be in (0, 1), e.g. 0.2")
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    """How the training pool is split over clients (flwr-datasets partitioners)."""
+    """How the training pool is split over clients (flwr-datasets partitioners, :mod:`fcmoe.data.partition`)."""
 
-    kind: str = "dirichlet"  # dirichlet | iid
+    kind: str = "dirichlet"  # dirichlet | iid | pathological | natural
     num_clients: int = 10
-    alpha: float = 0.1  # Dirichlet concentration over labels: small = more skewed
-    min_partition_size: int = 10
+    alpha: float = 0.1  # dirichlet: concentration over labels, small = more skewed
+    min_partition_size: int = 10  # dirichlet: redraw until every client has this many documents
+    classes_per_client: int = 2  # pathological: exactly this many classes per client
+    by: str = ""  # natural: the group column, e.g. "subject" or "category" (MMLU), "group" (local files)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("dirichlet", "iid"):
-            raise ConfigError(f"partition.kind = {self.kind!r}: choose 'dirichlet' or 'iid'")
+        if self.kind not in PARTITION_KINDS:
+            raise ConfigError(f"partition.kind = {self.kind!r}: choose one of {', '.join(PARTITION_KINDS)}")
         _positive("partition.num_clients", self.num_clients)
         if not self.alpha > 0:
             raise ConfigError(f"partition.alpha = {self.alpha}: the Dirichlet concentration must be > 0, e.g. 0.1")
         if self.min_partition_size < 2:
             raise ConfigError(f"partition.min_partition_size = {self.min_partition_size}: must be >= 2 "
                               "(each client needs a train and a test example)")
+        _positive("partition.classes_per_client", self.classes_per_client)
+        if self.kind == "natural" and not self.by:
+            raise ConfigError("partition.by is empty: a natural partition needs a group column, e.g. "
+                              "--set partition.by=subject (MMLU) or partition.by=group (local files)")
 
 
 @dataclass(frozen=True)

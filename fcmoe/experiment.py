@@ -16,7 +16,8 @@ import torch
 from fcmoe.config import ExperimentConfig
 from fcmoe.core import Tree, tree_clone
 from fcmoe.data.partition import Partition, partition_pool
-from fcmoe.data.sources import TextCorpus, load_source, subsample_per_class
+from fcmoe.data.corpus import TextCorpus, subsample_per_class
+from fcmoe.data.sources import load_source
 from fcmoe.models.build import BuiltModel, build_model
 from fcmoe.training.local import FeatureSet, LocalTrainer, featurize
 
@@ -47,12 +48,11 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     """Load and subsample the corpus, partition it, build the model, cache frozen features."""
     started = time.perf_counter()
     data, model_cfg = config.data, config.model
-    train_corpus, test_corpus = load_source(data.name)
+    train_corpus, test_corpus = load_source(data, config.seed)
     pool = subsample_per_class(train_corpus, data.train_per_class, config.seed)
-    test = subsample_per_class(test_corpus, data.test_per_class, config.seed + 1)
+    test = subsample_per_class(test_corpus, data.test_per_class, config.seed + 1, require_every_class=False)
     part = config.partition
-    partition = partition_pool(pool.labels, part.kind, part.num_clients, part.alpha, part.min_partition_size,
-                               data.local_test_fraction, config.seed)
+    partition = partition_pool(pool.labels, part, data.local_test_fraction, config.seed, pool.groups)
     built = build_model(model_cfg.name, len(pool.label_names), num_experts=model_cfg.num_experts,
                         moe_layers=model_cfg.moe_layers, trainable_layers=model_cfg.trainable_layers,
                         router_init_std=model_cfg.router_init_std, max_length=data.max_length, seed=config.seed,

@@ -9,12 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
+                                       PathologicalPartitioner, Partitioner)
+
+from fcmoe.data.corpus import DataError
+
+if TYPE_CHECKING:
+    from fcmoe.config import PartitionConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,36 +55,41 @@ class Partition:
         path.write_text(json.dumps(payload))
 
 
-def partition_pool(labels: np.ndarray, kind: str, num_clients: int, alpha: float, min_partition_size: int,
-                   test_fraction: float, seed: int) -> Partition:
+def partition_pool(labels: np.ndarray, config: PartitionConfig, test_fraction: float, seed: int,
+                   groups: Mapping[str, np.ndarray] | None = None) -> Partition:
     """Split the pool's rows over clients, then each client's rows into train / test.
 
     Parameters
     ----------
     labels
         ``[n]`` integer labels of the training pool.
-    kind
-        "dirichlet": per-class Dirichlet(α·1_N) proportions (flwr-datasets ``DirichletPartitioner``, redrawn until
-        every client has ``min_partition_size`` rows); "iid": uniform (``IidPartitioner``).
+    config
+        ``kind`` "dirichlet": per-class Dirichlet(α·1_N) proportions (``DirichletPartitioner``, redrawn until every
+        client has ``min_partition_size`` rows); "iid": uniform (``IidPartitioner``); "pathological": exactly
+        ``classes_per_client`` classes each (``PathologicalPartitioner``, first class deterministic as in Li et
+        al. 2021, rows of classes no client drew are left out); "natural": one client per distinct value of the
+        group column ``by`` (``NaturalIdPartitioner``), so ``num_clients`` must equal that count.
     test_fraction
         Share of each client's rows held out as its local test split (at least one row each side).
+    seed
+        Seeds the partitioner and the train / test split.
+    groups
+        The corpus's group columns (``TextCorpus.groups``), for "natural".
 
     Raises
     ------
-    ValueError
-        More clients than rows, or a client left without train or test data.
+    DataError
+        More clients than rows, a natural partition whose group count differs from ``num_clients`` or whose group
+        column does not exist, or a client left with fewer than 2 rows (no train or no test data).
     """
-    if num_clients * min_partition_size > labels.size:
-        raise ValueError(f"partition.num_clients = {num_clients} × min_partition_size {min_partition_size} exceeds "
-                         f"the {labels.size} documents of the pool; lower num_clients or raise data.train_per_class")
-    dataset = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(labels.size))})
-    if kind == "dirichlet":
-        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
-                                           min_partition_size=min_partition_size, self_balancing=False,
-                                           shuffle=True, seed=seed)
-    else:
-        partitioner = IidPartitioner(num_partitions=num_clients)
-    partitioner.dataset = dataset
+    num_clients = config.num_clients
+    if num_clients * config.min_partition_size > labels.size:
+        raise DataError(f"partition.num_clients = {num_clients} × min_partition_size {config.min_partition_size} "
+                        f"exceeds the {labels.size} documents of the pool; lower num_clients or raise "
+                        "data.train_per_class")
+    columns: dict[str, list] = {"label": labels.tolist(), "row": list(range(labels.size))}
+    partitioner = _partitioner(config, labels, groups or {}, seed, columns)
+    partitioner.dataset = datasets.Dataset.from_dict(columns)
     with warnings.catch_warnings():  # flwr-datasets warns each time it redraws to honour min_partition_size
         warnings.simplefilter("ignore", UserWarning)
         rows_per_client = [np.array(partitioner.load_partition(cid)["row"], dtype=np.int64)
@@ -85,9 +98,41 @@ def partition_pool(labels: np.ndarray, kind: str, num_clients: int, alpha: float
     clients = []
     for cid in range(num_clients):
         rows = rng.permutation(rows_per_client[cid])
-        n_test = int(round(test_fraction * rows.size))
         if rows.size < 2:
-            raise ValueError(f"client {cid} got {rows.size} documents; raise partition.min_partition_size")
-        n_test = min(max(n_test, 1), rows.size - 1)
+            raise DataError(f"partition.kind = {config.kind!r} left client {cid} with {rows.size} document(s), too "
+                            "few to train and test; use fewer clients, more data (data.train_per_class) or a "
+                            "larger partition.alpha")
+        n_test = min(max(int(round(test_fraction * rows.size)), 1), rows.size - 1)
         clients.append(ClientSplit(train=np.sort(rows[n_test:]), test=np.sort(rows[:n_test])))
     return Partition(clients, int(labels.max()) + 1)
+
+
+def _partitioner(config: PartitionConfig, labels: np.ndarray, groups: Mapping[str, np.ndarray], seed: int,
+                 columns: dict[str, list]) -> Partitioner:
+    """The flwr-datasets partitioner of ``config.kind``; "natural" adds its group column to ``columns``."""
+    if config.kind == "dirichlet":
+        return DirichletPartitioner(num_partitions=config.num_clients, partition_by="label", alpha=config.alpha,
+                                    min_partition_size=config.min_partition_size, self_balancing=False,
+                                    shuffle=True, seed=seed)
+    if config.kind == "iid":
+        return IidPartitioner(num_partitions=config.num_clients)
+    if config.kind == "pathological":
+        num_classes = int(np.unique(labels).size)
+        if config.classes_per_client > num_classes:
+            raise DataError(f"partition.classes_per_client = {config.classes_per_client} exceeds the {num_classes} "
+                            "classes of the data; lower it")
+        return PathologicalPartitioner(num_partitions=config.num_clients, partition_by="label",
+                                       num_classes_per_partition=config.classes_per_client,
+                                       class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+    if config.by not in groups:
+        have = ", ".join(groups) or "none"
+        raise DataError(f"partition.by = {config.by!r}: natural partitions need a group column of the data "
+                        f"(this source has: {have}; local files: set data.group_column)")
+    values = groups[config.by]
+    distinct = sorted(set(values.tolist()))
+    if len(distinct) != config.num_clients:
+        raise DataError(f"partition.kind = 'natural' by {config.by!r} makes one client per value: the data has "
+                        f"{len(distinct)}, so set partition.num_clients = {len(distinct)}")
+    index = {value: i for i, value in enumerate(distinct)}  # client id = rank of the group value
+    columns["client"] = [index[v] for v in values.tolist()]
+    return NaturalIdPartitioner(partition_by="client")

@@ -1,7 +1,8 @@
 """One experiment in the in-process engine: every method in turn, results in a run folder.
 
 Run folder contents: ``config.toml`` (resolved), ``partition.json`` (client rows + label histograms),
-``metrics.jsonl`` (one line per method and round), ``summary.json`` (final figures per method).
+``partition.png`` (clients × labels heatmap), ``metrics.jsonl`` (one line per method and round), ``summary.json``
+(final figures per method).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fcmoe.config import ExperimentConfig
-from fcmoe.experiment import prepare_experiment
+from fcmoe.experiment import Experiment, prepare_experiment
+from fcmoe.report.plots import partition_heatmap
 from fcmoe.sim.engine import MethodSummary, run_method
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,14 @@ def new_run_dir(out_dir: str | Path) -> Path:
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool = True) -> list[MethodSummary]:
-    """Prepare the shared inputs once, run every configured method, write the run folder."""
-    config.save(run_dir / "config.toml")
+    """Prepare the shared inputs once, run every configured method, write the run folder.
+
+    The data, partition and model are prepared before anything is written, so a data error leaves ``run_dir``
+    untouched.
+    """
     exp = prepare_experiment(config)
-    exp.partition.save(run_dir / "partition.json", exp.pool.labels, exp.pool.label_names)
+    config.save(run_dir / "config.toml")
+    save_partition(exp, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     summaries: list[MethodSummary] = []
     total = len(config.methods) * config.rounds * exp.num_clients
@@ -57,3 +64,14 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
             (run_dir / "summary.json").write_text(json.dumps(
                 {"setup_s": exp.setup_s, "methods": {s.method: dataclasses.asdict(s) for s in summaries}}, indent=2))
     return summaries
+
+
+def save_partition(exp: Experiment, run_dir: Path) -> None:
+    """``partition.json`` (rows and label histograms) and ``partition.png`` (clients × labels heatmap)."""
+    exp.partition.save(run_dir / "partition.json", exp.pool.labels, exp.pool.label_names)
+    hist = exp.partition.histograms(exp.pool.labels)
+    counts = np.array(hist["train"]) + np.array(hist["test"])  # [clients, labels]
+    part = exp.config.partition
+    detail = f"α = {part.alpha}" if part.kind == "dirichlet" else part.kind
+    partition_heatmap(counts, exp.pool.label_names, run_dir / "partition.png",
+                      f"{exp.config.data.name}: {exp.num_clients} clients, {detail}, seed {exp.config.seed}")

@@ -9,7 +9,9 @@ import pytest
 
 from fcmoe.data.assets import ASSETS, AssetError, fetch_wheel, pinned_hashes
 from fcmoe.data.partition import partition_pool
-from fcmoe.data.sources import load_20ng, parse_tab, subsample_per_class
+from fcmoe.config import PartitionConfig
+from fcmoe.data.corpus import DataError, subsample_per_class
+from fcmoe.data.offline import load_20ng, parse_tab
 
 HEADER = b"Category\tText\nd\tstring\nclass\t\n"
 
@@ -29,7 +31,7 @@ def test_parse_tab_reads_rows_and_rejects_malformed() -> None:
         parse_tab(HEADER + b"no tab here\n", "x.tab")
     with pytest.raises(AssetError, match="not an Orange .tab"):
         parse_tab(b"garbage", "x.tab")
-    with pytest.raises(AssetError, match=r"labels \['c'\] are absent"):
+    with pytest.raises(DataError, match=r"label 'c' \(row 0\) is not one of the classes"):
         parse_tab(HEADER + b"c\ttext\n", "x.tab", label_names=["a", "b"])
 
 
@@ -44,7 +46,7 @@ def test_subsample_per_class_is_balanced_and_seeded() -> None:
 
 def test_dirichlet_partition_covers_the_pool_once_and_is_skewed() -> None:
     labels = np.repeat(np.arange(10), 30)  # 300 docs, 10 classes
-    part = partition_pool(labels, "dirichlet", 6, 0.1, 10, 0.2, seed=0)
+    part = partition_pool(labels, PartitionConfig(num_clients=6, alpha=0.1), 0.2, seed=0)
     rows = np.concatenate([np.concatenate([c.train, c.test]) for c in part.clients])
     assert np.array_equal(np.sort(rows), np.arange(300))
     for client in part.clients:
@@ -53,19 +55,19 @@ def test_dirichlet_partition_covers_the_pool_once_and_is_skewed() -> None:
     # α = 0.1: most clients hold most of their data in few classes
     top_share = np.sort(hist, axis=1)[:, -2:].sum(axis=1) / hist.sum(axis=1)
     assert np.median(top_share) > 0.5
-    again = partition_pool(labels, "dirichlet", 6, 0.1, 10, 0.2, seed=0)
+    again = partition_pool(labels, PartitionConfig(num_clients=6, alpha=0.1), 0.2, seed=0)
     assert all(np.array_equal(a.train, b.train) for a, b in zip(part.clients, again.clients))
 
 
 def test_iid_partition_is_balanced() -> None:
     labels = np.repeat(np.arange(4), 25)
-    part = partition_pool(labels, "iid", 4, 1.0, 2, 0.2, seed=0)
+    part = partition_pool(labels, PartitionConfig("iid", num_clients=4, min_partition_size=2), 0.2, seed=0)
     assert [c.train.size + c.test.size for c in part.clients] == [25] * 4
 
 
 def test_more_clients_than_documents_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="num_clients = 50"):
-        partition_pool(np.zeros(100, dtype=np.int64), "dirichlet", 50, 0.1, 10, 0.2, seed=0)
+    with pytest.raises(DataError, match="num_clients = 50"):
+        partition_pool(np.zeros(100, dtype=np.int64), PartitionConfig(num_clients=50), 0.2, seed=0)
 
 
 def test_hash_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from fcmoe.data.sources import MMLU_CHOICES
+from fcmoe.data.mmlu import MMLU_CHOICES
 from fcmoe.models.build import build_model
 from fcmoe.models.decoder import SMOLLM2_GGUF, SMOLLM2_WHEEL_FOLDER
 from tests.conftest import offline_asset

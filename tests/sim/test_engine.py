@@ -40,6 +40,7 @@ def test_every_method_runs_end_to_end(tmp_path: Path) -> None:
     partition = json.loads((tmp_path / "partition.json").read_text())
     assert sum(map(sum, partition["histograms"]["train"] + partition["histograms"]["test"])) == 8 * 20
     assert load_config(tmp_path / "config.toml") == config
+    assert (tmp_path / "partition.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fcmoe"])
@@ -66,6 +67,17 @@ def test_cli_config_error_exits_2_and_writes_nothing(tmp_path: Path, capsys: pyt
     assert main(["run", "--out", str(tmp_path / "runs"), "--set", "partition.alpha=-1"]) == 2
     assert "partition.alpha = -1" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_data_error_exits_1_with_one_line_and_leaves_no_run_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "train.csv").write_text("text,label\nfirst,a\nsecond,b\n")
+    args = ["run", "--quiet", "--out", str(tmp_path / "runs"), "--set", "data.name=csv",
+            "--set", f"data.path={tmp_path / 'train.csv'}", "--set", "data.label_column=topic"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fcmoe: error:") and "no column 'topic' for the label" in err and "\n" not in err
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 def test_all_methods_registered() -> None:
