@@ -92,8 +92,16 @@ def partition_pool(labels: np.ndarray, config: PartitionConfig, test_fraction: f
     partitioner.dataset = datasets.Dataset.from_dict(columns)
     with warnings.catch_warnings():  # flwr-datasets warns each time it redraws to honour min_partition_size
         warnings.simplefilter("ignore", UserWarning)
-        rows_per_client = [np.array(partitioner.load_partition(cid)["row"], dtype=np.int64)
-                           for cid in range(num_clients)]
+        try:
+            rows_per_client = [np.array(partitioner.load_partition(cid)["row"], dtype=np.int64)
+                               for cid in range(num_clients)]
+        except ValueError as err:  # DirichletPartitioner gives up after 10 draws below min_partition_size
+            if "max number of attempts" not in str(err):
+                raise
+            raise DataError(f"partition: 10 Dirichlet draws with alpha = {config.alpha} all left a client below "
+                            f"min_partition_size = {config.min_partition_size} ({labels.size} documents, "
+                            f"{np.unique(labels).size} classes, {num_clients} clients); raise partition.alpha, "
+                            "lower partition.min_partition_size or add data (data.train_per_class)") from None
     rng = np.random.default_rng(seed)
     clients = []
     for cid in range(num_clients):

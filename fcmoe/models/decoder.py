@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.families import hashing_tokenize
+from fcmoe.models.families import hashing_tokenize, tokenize_with
 from fcmoe.models.layout import PerExpertModuleLayout
 from fcmoe.models.moe import SwitchMoE
 
@@ -86,13 +86,7 @@ def _single_token_ids(tokenizer: Any, label_names: Sequence[str]) -> list[int] |
 
 def _left_truncating(tokenizer: Any, max_length: int) -> Any:
     """Decoder prompts keep their end (the ``Answer:`` cue the last-token pooling reads): truncate on the left."""
-    tok = tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side, tok.truncation_side = "right", "left"
-
-    def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
-
-    return tokenize
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    return tokenize_with(tokenizer, max_length)

@@ -7,6 +7,7 @@ folder, or a hub id when the hub is reachable).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,12 +110,17 @@ def _from_pretrained(name: str, source: str) -> Any:
     return AutoModel.from_pretrained(source)
 
 
-def hf_tokenize(source: str, max_length: int) -> Any:
-    """Right-padded, truncated tokenisation with the model's own tokenizer (pad = eos if it has none)."""
+def load_tokenizer(source: str) -> Any:
+    """The model's own tokenizer, right-padded (pad = eos if it has none)."""
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenize_with(tokenizer: Any, max_length: int) -> Any:
+    """texts → (ids ``[n, max_length]``, mask ``[n, max_length]``), padded and truncated by ``tokenizer``."""
 
     def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
@@ -123,14 +129,23 @@ def hf_tokenize(source: str, max_length: int) -> Any:
     return tokenize
 
 
+def hf_tokenize(source: str, max_length: int) -> Any:
+    """Right-padded, truncated tokenisation with the model's own tokenizer."""
+    return tokenize_with(load_tokenizer(source), max_length)
+
+
+def hashing_token_id(word: str, vocab_size: int) -> int:
+    """Id of ``word`` under :func:`hashing_tokenize`: 2 + crc32(word) mod (V − 2)."""
+    return 2 + zlib.crc32(word.encode()) % (vocab_size - 2)
+
+
 def hashing_tokenize(vocab_size: int, max_length: int) -> Any:
-    """[CLS]=1, words → 2 + crc32(word) mod (V − 2), padding 0: no vocabulary file needed (random tiny models)."""
-    import zlib
+    """[CLS]=1, words → :func:`hashing_token_id`, padding 0: no vocabulary file needed (random tiny models)."""
 
     def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.zeros(len(texts), max_length, dtype=torch.long)
         for row, text in enumerate(texts):
-            tokens = [1] + [2 + zlib.crc32(w.encode()) % (vocab_size - 2) for w in text.split()][: max_length - 1]
+            tokens = [1] + [hashing_token_id(w, vocab_size) for w in text.split()][: max_length - 1]
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids, (ids != 0).long()
 

@@ -7,7 +7,8 @@ used at all. A hook on each layer's router module reads its output, by the layer
 - "switch": transformers' Switch router ``(dispatch one-hot [B, T, E], probs, logits)``; tokens whose dispatch row
   is empty were dropped by ``expert_capacity`` and are counted in ``dropped`` instead;
 - "topk": ``(logits [B·T, E], scores, indices [B·T, k])`` of the fused-expert families.
-Padding tokens (attention mask 0) are never counted. The hooked logits also give the Switch load-balancing loss
+Padding tokens (attention mask 0) are never counted; a router that sees another number of tokens than the mask
+covers (the text-to-text decoder's start position, one per sequence) counts them all. The hooked logits also give the Switch load-balancing loss
 E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a softmax of the logits, over all tokens
 as in transformers' Switch), so one mechanism serves every family. Cost: an argmax/bincount per layer per batch.
 """
@@ -58,6 +59,7 @@ class RoutingRecorder:
         self.counts: dict[str, torch.Tensor] = {s.name: torch.zeros(s.num_experts, dtype=torch.long)
                                                 for s in layout.layers}
         self.dropped: dict[str, int] = {s.name: 0 for s in layout.layers}
+        self.tokens: dict[str, int] = {s.name: 0 for s in layout.layers}  # real tokens each router saw
         self._losses: list[torch.Tensor] = []
         self._token_mask: torch.Tensor | None = None
         self._enabled = False
@@ -74,8 +76,11 @@ class RoutingRecorder:
                 frac = torch.bincount(choices.reshape(-1), minlength=spec.num_experts).to(torch.float32)
                 probs = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # [E]
                 self._losses.append(spec.num_experts * (frac / frac.sum() * probs).sum())
-            if self._token_mask is not None:
-                choices, kept = choices[self._token_mask], kept[self._token_mask]
+            mask = self._token_mask
+            if mask is not None and mask.numel() == choices.shape[0]:
+                choices, kept = choices[mask], kept[mask]
+            # else a text-to-text decoder position: one real token per sequence, nothing to mask
+            self.tokens[spec.name] += int(choices.shape[0])
             self.counts[spec.name] += torch.bincount(choices[kept], minlength=spec.num_experts).cpu()
             self.dropped[spec.name] += int((~kept).sum())
 
@@ -101,6 +106,7 @@ class RoutingRecorder:
         for counts in self.counts.values():
             counts.zero_()
         self.dropped = dict.fromkeys(self.dropped, 0)
+        self.tokens = dict.fromkeys(self.tokens, 0)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the counts so far: layer name → ``[E]`` routed assignments."""

@@ -50,6 +50,12 @@ def test_natural_errors_name_the_fix() -> None:
         PartitionConfig("natural", num_clients=4)
 
 
+def test_an_impossible_dirichlet_draw_names_the_fix() -> None:
+    labels = np.repeat(np.arange(4), 100)  # 4 classes at α = 0.1: most draws starve some of 10 clients
+    with pytest.raises(DataError, match="raise partition.alpha, lower partition.min_partition_size"):
+        partition_pool(labels, PartitionConfig(num_clients=10, alpha=0.1, min_partition_size=10), 0.2, seed=0)
+
+
 def test_a_client_left_without_training_data_is_named() -> None:
     groups = {"site": np.array(["big"] * (LABELS.size - 1) + ["lonely"], dtype=object)}
     with pytest.raises(DataError, match="left client 1 with 1 document"):

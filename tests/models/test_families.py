@@ -20,7 +20,8 @@ LAYOUT_CASES: list[tuple[str, str, type]] = [  # (model.name, model.finetune, ex
     ("tiny-bert-moe", "full", PerExpertModuleLayout),
     ("smollm2-moe-tiny", "full", PerExpertModuleLayout),
     ("switch-tiny", "full", SwitchLayout),
-    *[(f"{f}-tiny", "full", FusedExpertLayout) for f in HUB if f != "switch"],
+    ("switch-t2t-tiny", "full", SwitchLayout),
+    *[(f"{f}-tiny", "full", FusedExpertLayout) for f in HUB if not f.startswith("switch")],
     *[(f"{f}-tiny", "lora", LoRAExpertLayout) for f in HUB if supports_lora(f)],
 ]
 CASE_IDS = [f"{name}-{finetune}" for name, finetune, _ in LAYOUT_CASES]
@@ -97,8 +98,10 @@ def test_routing_counts_sum_to_real_tokens(case: tuple[BuiltModel, type]) -> Non
     real = int(mask.sum())
     assert real < mask.numel()
     for spec in built.layout.layers:
-        top_k = int(recorder.counts[spec.name].sum() + recorder.dropped[spec.name]) // real
-        assert int(recorder.counts[spec.name].sum()) + recorder.dropped[spec.name] == top_k * real
+        seen = recorder.tokens[spec.name]  # non-padding tokens; a text-to-text decoder: one per sequence
+        assert seen == (len(TEXTS) if ".decoder." in spec.name else real)
+        top_k = int(recorder.counts[spec.name].sum() + recorder.dropped[spec.name]) // seen
+        assert int(recorder.counts[spec.name].sum()) + recorder.dropped[spec.name] == top_k * seen
         assert top_k in (1, 2)
 
 
