@@ -61,14 +61,15 @@ def corpus_from_table(frame: pd.DataFrame, columns: ColumnMapping, label_names: 
     """Map columns to a :class:`TextCorpus`; rows with an empty text or label are errors, not silently dropped."""
     for role, column in (("text", columns.text), ("label", columns.label), ("group", columns.group)):
         if column and column not in frame.columns:
-            raise DataError(f"{source}: no column {column!r} for the {role} (columns: {', '.join(map(str, frame.columns))}"
-                            f"); set data.{role}_column")
+            have = ", ".join(map(str, frame.columns))
+            raise DataError(f"{source}: no column {column!r} for the {role} (columns: {have}); set data.{role}_column")
     texts = [_cell(v) for v in frame[columns.text]]
     values = [_cell(v) for v in frame[columns.label]]
     for role, cells in (("text", texts), ("label", values)):
         empty = [i for i, c in enumerate(cells) if not c]
         if empty:
-            raise DataError(f"{source}: row {empty[0]} has an empty {role} ({len(empty)} such rows); fill or remove them")
+            raise DataError(f"{source}: row {empty[0]} has an empty {role} ({len(empty)} such rows); fill or remove "
+                            "them")
     labels, names = encode_labels(values, label_names, source, require_every_class)
     groups = {"group": np.array([_cell(v) for v in frame[columns.group]], dtype=object)} if columns.group else {}
     return TextCorpus(texts, labels, names, groups)
@@ -78,7 +79,8 @@ def load_local(fmt: str, path: str, test_path: str, columns: ColumnMapping, labe
                holdout_fraction: float, seed: int) -> tuple[TextCorpus, TextCorpus]:
     """(train, test) corpora from local files; see the module docstring."""
     if not path:
-        raise DataError(f"data.path is empty: data.name = {fmt!r} reads your own file, e.g. --set data.path=train.{fmt}")
+        raise DataError(f"data.path is empty: data.name = {fmt!r} reads your own file, e.g. "
+                        f"--set data.path=train.{fmt}")
     train = corpus_from_table(read_table(path, fmt), columns, label_names, str(path))
     if not test_path:
         return hold_out(train, holdout_fraction, seed)

