@@ -10,7 +10,8 @@ used at all. A hook on each layer's router module reads its output, by the layer
 Padding tokens (attention mask 0) are never counted; a router that sees another number of tokens than the mask
 covers (the text-to-text decoder's start position, one per sequence) counts them all. The hooked logits also
 give the Switch load-balancing loss E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a
-softmax of the logits, over all tokens as in transformers' Switch), so one mechanism serves every family. Cost: an argmax/bincount per layer per batch.
+softmax of the logits, over all tokens as in transformers' Switch), so one mechanism serves every family.
+Cost: an argmax/bincount per layer per batch.
 """
 
 from __future__ import annotations
