@@ -1,0 +1,136 @@
+"""Records codec: fcmoe's trees, client updates, server messages and client state as Flower records.
+
+The only place that knows how fcmoe objects travel in a Flower ``Message``:
+
+| fcmoe | Flower record (key in the ``RecordDict``) |
+|---|---|
+| a tree ``{name: tensor}`` (model, Δ_i, residual) | ``ArrayRecord``; bfloat16 travels as int16 bits + a dtype note |
+| :class:`~fcmoe.algorithms.base.ClientUpdate` | ``"delta"`` arrays, ``"routing"`` arrays (layer → ``[E]`` counts), ``"update"`` metrics (client id, n_i, loss) |
+| the server's per-client message (FC-MoE: one scalar per layer and expert) | ``"message"`` arrays |
+| the private client state (residual, PFL-MoE head and gate, seed) | ``context.state``: one ``ArrayRecord`` per tree, ``ConfigRecord`` ``"scalars"`` |
+
+Decoding never trusts the sender: :func:`decode_update` raises :class:`MalformedReply` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fcmoe.algorithms.base import ClientUpdate
+from fcmoe.core import Tree
+
+DELTA, ROUTING, UPDATE, MESSAGE, DTYPES = "delta", "routing", "update", "message", "dtypes"
+STATE_SCALARS = "scalars"
+_TREE_PREFIX = "tree:"
+
+
+class MalformedReply(ValueError):
+    """A client reply that cannot be decoded into an update; the message says what is missing or wrong."""
+
+
+def tree_to_record(tree: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord]:
+    """``ArrayRecord`` of the tensors (contiguous CPU copies) and a ``ConfigRecord`` of the bfloat16 keys.
+
+    NumPy has no bfloat16, so those tensors travel as their int16 bit patterns and are restored exactly.
+    """
+    arrays, bf16 = {}, []
+    for key, value in tree.items():
+        value = value.detach().cpu().contiguous()
+        if value.dtype == torch.bfloat16:
+            bf16.append(key)
+            value = value.view(torch.int16)
+        arrays[key] = value
+    return ArrayRecord(arrays), ConfigRecord({"bfloat16": bf16})
+
+
+def record_to_tree(record: ArrayRecord, dtypes: ConfigRecord | None = None) -> Tree:
+    """Inverse of :func:`tree_to_record` (owned, writable tensors)."""
+    bf16 = set(dtypes.get("bfloat16", [])) if dtypes is not None else set()
+    tree = {}
+    for key, value in record.to_torch_state_dict().items():
+        value = value.clone()
+        tree[key] = value.view(torch.bfloat16) if key in bf16 else value
+    return tree
+
+
+def encode_update(update: ClientUpdate) -> RecordDict:
+    """A train reply: Δ_i, routing counts, and (client id, n_i, metrics)."""
+    delta, dtypes = tree_to_record(update.delta)
+    routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
+    metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples,
+                            **{k: float(v) for k, v in update.metrics.items()}})
+    return RecordDict({DELTA: delta, DTYPES: dtypes, ROUTING: routing, UPDATE: metrics})
+
+
+def decode_update(content: RecordDict) -> ClientUpdate:
+    """A :class:`ClientUpdate` from a train reply.
+
+    Raises
+    ------
+    MalformedReply
+        A missing record or field, or a sample count that is not a positive integer.
+    """
+    for key, kind in ((DELTA, ArrayRecord), (ROUTING, ArrayRecord), (UPDATE, MetricRecord)):
+        if not isinstance(content.get(key), kind):
+            raise MalformedReply(f"reply has no {kind.__name__} {key!r} (has: {', '.join(content) or 'nothing'})")
+    info = content[UPDATE]
+    for field in ("client_id", "num-examples"):
+        if field not in info:
+            raise MalformedReply(f"reply metrics lack {field!r}")
+    client_id, num_samples = info["client_id"], info["num-examples"]
+    if not float(num_samples).is_integer() or num_samples < 1:
+        raise MalformedReply(f"reply num-examples = {num_samples!r}: must be a positive integer")
+    dtypes = content.get(DTYPES) if isinstance(content.get(DTYPES), ConfigRecord) else None
+    try:
+        delta = record_to_tree(content[DELTA], dtypes)
+        routing = {k: v.to(torch.int64) for k, v in content[ROUTING].to_torch_state_dict().items()}
+    except (TypeError, ValueError) as err:
+        raise MalformedReply(f"reply arrays cannot be read: {err}") from None
+    metrics = {k: float(v) for k, v in info.items() if k not in ("client_id", "num-examples")}
+    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics)
+
+
+def encode_message(message: Mapping[str, torch.Tensor] | None) -> ArrayRecord:
+    """The server's per-client message (empty when the algorithm sends none)."""
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in (message or {}).items()})
+
+
+def decode_message(record: ArrayRecord | None) -> dict[str, torch.Tensor] | None:
+    if record is None or not len(record):
+        return None
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+def save_client_state(state: Mapping[str, Any], records: RecordDict) -> None:
+    """Write an algorithm's private client state into ``context.state``: trees as arrays, the rest as config.
+
+    Keys the state no longer has are removed, so a dropped residual does not come back.
+    """
+    scalars: dict[str, Any] = {}
+    for key in [k for k in records if k.startswith(_TREE_PREFIX)]:
+        if key[len(_TREE_PREFIX):] not in state:
+            del records[key]
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            arrays, dtypes = tree_to_record(value)
+            records[_TREE_PREFIX + key] = arrays
+            records[_TREE_PREFIX + key + ":dtypes"] = dtypes
+        elif isinstance(value, (bool, int, float, str)):
+            scalars[key] = value
+        else:
+            raise TypeError(f"client state {key!r} is a {type(value).__name__}; store trees or scalars")
+    records[STATE_SCALARS] = ConfigRecord(scalars)
+
+
+def load_client_state(records: RecordDict) -> dict[str, Any]:
+    """Inverse of :func:`save_client_state`."""
+    state: dict[str, Any] = dict(records[STATE_SCALARS]) if STATE_SCALARS in records else {}
+    for key, record in records.items():
+        if key.startswith(_TREE_PREFIX) and isinstance(record, ArrayRecord):
+            dtypes = records.get(key + ":dtypes")
+            state[key[len(_TREE_PREFIX):]] = record_to_tree(record, dtypes if isinstance(dtypes, ConfigRecord) else None)
+    return state

@@ -1,0 +1,89 @@
+"""What one federated round does on each side, written once for both engines (in-process and Flower).
+
+Client i, round t:
+    start_i = algo.client_start(θ_t, state_i)                    # FC-MoE: θ_t + λ r_i
+    Δ_i     = local_train(start_i) − start_i                     # :func:`train_client`
+server: θ_{t+1}, messages = algo.aggregate(θ_t, [Δ_i …])         # the algorithm's server half
+client: algo.client_finish(state_i, θ_t, θ_{t+1}, message_i)     # :func:`finish_client` (FC-MoE: r_i ← ρ_i)
+then each client's deployed model is scored on its own test split (:func:`local_accuracy`) and θ_{t+1} on the
+global test set, and :func:`round_metrics` assembles the ``metrics.jsonl`` row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fcmoe.algorithms import Algorithm, ClientUpdate
+from fcmoe.core import Tree, tree_num_bytes, tree_sub
+from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
+
+
+def client_seed(seed: int, round_index: int, client_id: int) -> int:
+    """A distinct, reproducible seed per (experiment seed, round, client): batch order and dropout."""
+    return seed * 1_000_003 + round_index * 1_009 + client_id
+
+
+def initial_client_state(seed: int, client_id: int) -> dict[str, Any]:
+    """A client's private state before round 1 (PFL-MoE draws its head / gate split from ``seed``)."""
+    return {"seed": seed * 1000 + client_id}
+
+
+def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, client_state: dict[str, Any],
+                 data: FeatureSet, seed: int, round_index: int, client_id: int) -> ClientUpdate:
+    """The client half of a round up to the upload: re-anchor, train one local budget, measure Δ_i."""
+    start = algo.client_start(global_state, client_state)
+    result = trainer.train(start, data, client_seed(seed, round_index, client_id))
+    return ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts,
+                        {"loss": result.loss})
+
+
+def finish_client(algo: Algorithm, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
+                  message: Mapping[str, torch.Tensor] | None) -> None:
+    """The client half after aggregation: update private state from the server's per-client message."""
+    algo.client_finish(client_state, old_global, new_global, message)
+
+
+def local_accuracy(algo: Algorithm, trainer: LocalTrainer, client_state: dict[str, Any], global_state: Tree,
+                   train: FeatureSet, test: FeatureSet) -> float:
+    """Accuracy of the client's deployed (personalised) model on its own test split."""
+    logits = algo.personalised_logits(trainer, client_state, global_state, train, test)
+    return accuracy(logits, test.labels)
+
+
+def global_accuracy(trainer: LocalTrainer, global_state: Tree, test: FeatureSet) -> float:
+    """Accuracy of the global model on the global held-out test set."""
+    return accuracy(trainer.predict(global_state, test).logits, test.labels)
+
+
+def expert_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[float]]:
+    """Per MoE layer, the share of all clients' (non-padding) tokens routed to each expert."""
+    out = {}
+    for layer in updates[0].routing_counts:
+        total = torch.stack([u.routing_counts[layer] for u in updates]).sum(dim=0).to(torch.float64)  # [E]
+        out[layer] = (total / total.sum().clamp_min(1.0)).tolist()
+    return out
+
+
+def upload_bytes(update: ClientUpdate) -> int:
+    """Bytes a client uploads: Δ_i, its routing counts and n_i."""
+    return tree_num_bytes(update.delta) + tree_num_bytes(update.routing_counts) + 8
+
+
+def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate], global_acc: float,
+                  local_acc: Sequence[float], model_bytes: int, messages: Mapping[int, Mapping[str, torch.Tensor]],
+                  server_metrics: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
+    """One ``metrics.jsonl`` row: accuracies, loss, utilisation, bytes up / down, wall time, the server's metrics.
+
+    ``local_acc`` is ordered by client id.
+    """
+    local = torch.tensor(list(local_acc), dtype=torch.float64)
+    return {"global_acc": global_acc, "local_acc": list(local_acc), "local_acc_mean": local.mean().item(),
+            "local_acc_std": local.std(unbiased=False).item(), "method": method, "round": round_index,
+            "train_loss": sum(u.metrics["loss"] for u in updates) / len(updates),
+            "utilisation": expert_utilisation(updates),
+            "bytes_up": sum(upload_bytes(u) for u in updates),
+            "bytes_down": len(updates) * model_bytes + sum(tree_num_bytes(dict(m)) for m in messages.values()),
+            "wall_s": wall_s, **server_metrics}
