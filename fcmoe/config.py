@@ -158,6 +158,7 @@ class ExperimentConfig:
     rounds: int = 5
     seed: int = 0
     out_dir: str = "runs"
+    engine: str = "inprocess"  # inprocess | flower (Flower's simulation runtime, the same algorithms)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +174,8 @@ class ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods = {list(self.methods)} lists a method twice")
         _positive("rounds", self.rounds)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine = {self.engine!r}: choose one of {', '.join(ENGINES)}")
         full = {name: self.algorithms.get(name) or ALGORITHMS.get(name).config_class()
                 for name in ALGORITHMS.names()}
         object.__setattr__(self, "algorithms", types.MappingProxyType(full))
@@ -197,6 +200,8 @@ class ExperimentConfig:
         path.write_text(tomli_w.dumps(self.to_dict()))
 
 
+ENGINES = ("inprocess", "flower")
+_TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig}
 
@@ -210,10 +215,10 @@ def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
             top[key] = _build_dataclass(_SECTIONS[key], value, key)
         elif key in ALGORITHMS.names():
             algorithms[key] = _build_dataclass(ALGORITHMS.get(key).config_class, value, key)
-        elif key in ("methods", "rounds", "seed", "out_dir"):
+        elif key in _TOP_LEVEL:
             top[key] = value
         else:
-            allowed = ["methods", "rounds", "seed", "out_dir", *_SECTIONS, *ALGORITHMS.names()]
+            allowed = [*_TOP_LEVEL, *_SECTIONS, *ALGORITHMS.names()]
             raise ConfigError(f"unknown config key {key!r}; allowed top-level keys: {', '.join(allowed)}")
     top = _coerce_fields(ExperimentConfig, top, "")
     try:

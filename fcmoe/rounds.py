@@ -73,17 +73,22 @@ def upload_bytes(update: ClientUpdate) -> int:
 
 
 def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate], global_acc: float,
-                  local_acc: Sequence[float], model_bytes: int, messages: Mapping[int, Mapping[str, torch.Tensor]],
-                  server_metrics: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
+                  local_acc: Sequence[float | None], model_bytes: int,
+                  messages: Mapping[int, Mapping[str, torch.Tensor]], server_metrics: Mapping[str, Any],
+                  wall_s: float) -> dict[str, Any]:
     """One ``metrics.jsonl`` row: accuracies, loss, utilisation, bytes up / down, wall time, the server's metrics.
 
-    ``local_acc`` is ordered by client id.
+    ``local_acc`` is ordered by client id; ``None`` marks a client that did not report (mean and std are over the
+    others). ``updates`` may be empty (a round whose updates were all rejected).
     """
-    local = torch.tensor(list(local_acc), dtype=torch.float64)
-    return {"global_acc": global_acc, "local_acc": list(local_acc), "local_acc_mean": local.mean().item(),
-            "local_acc_std": local.std(unbiased=False).item(), "method": method, "round": round_index,
-            "train_loss": sum(u.metrics["loss"] for u in updates) / len(updates),
-            "utilisation": expert_utilisation(updates),
+    reported = torch.tensor([a for a in local_acc if a is not None], dtype=torch.float64)
+    nan = float("nan")
+    return {"global_acc": global_acc, "local_acc": list(local_acc),
+            "local_acc_mean": reported.mean().item() if reported.numel() else nan,
+            "local_acc_std": reported.std(unbiased=False).item() if reported.numel() else nan,
+            "method": method, "round": round_index,
+            "train_loss": sum(u.metrics["loss"] for u in updates) / len(updates) if updates else nan,
+            "utilisation": expert_utilisation(updates) if updates else {},
             "bytes_up": sum(upload_bytes(u) for u in updates),
             "bytes_down": len(updates) * model_bytes + sum(tree_num_bytes(dict(m)) for m in messages.values()),
             "wall_s": wall_s, **server_metrics}

@@ -69,10 +69,15 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
         row = round_metrics(method, round_index, updates, global_accuracy(trainer, global_state, exp.global_test),
                             local, model_bytes, server.messages, server.metrics,
                             time.perf_counter() - round_started)
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(metrics_path, row)
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s", method, round_index,
                  row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"], row["wall_s"])
     summary = MethodSummary(method, row["global_acc"], row["local_acc_mean"], row["local_acc_std"], cfg.rounds,
                             time.perf_counter() - started)
     return summary, global_state
+
+
+def append_row(metrics_path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl``."""
+    with metrics_path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")

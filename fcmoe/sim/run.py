@@ -59,7 +59,12 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
                                                          f"client {clients_done}/{exp.num_clients}")
 
         for method in config.methods:
-            summary, _ = run_method(exp, method, metrics_path, on_progress)
+            if config.engine == "flower":
+                from fcmoe.fl.server_app import run_flower_method  # the only path into flwr
+
+                summary = run_flower_method(exp, method, run_dir)
+            else:
+                summary, _ = run_method(exp, method, metrics_path, on_progress)
             summaries.append(summary)
             (run_dir / "summary.json").write_text(json.dumps(
                 {"setup_s": exp.setup_s, "methods": {s.method: dataclasses.asdict(s) for s in summaries}}, indent=2))

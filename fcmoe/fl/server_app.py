@@ -1,0 +1,119 @@
+"""The fcmoe ServerApp: one method of one experiment, through :class:`~fcmoe.fl.strategy.AlgorithmStrategy`.
+
+Two ways in:
+- ``fcmoe run --engine flower`` calls :func:`run_flower_method` for each method: Flower's simulation runtime with
+  one virtual SuperNode per client, the ServerApp in this process (it reuses the prepared experiment for the
+  global test set), the ClientApp in Ray actors.
+- ``flwr run .`` (simulation or deployment) loads ``app`` below; its run config (``pyproject.toml``
+  ``[tool.flwr.app.config]``) names a config file, ``key=value`` overrides, the method and the output folder.
+Both write the same run-folder files as the in-process engine: one ``metrics.jsonl`` row per round (with
+``engine = "flower"``, the rejected replies and whether the round was skipped) and the final global model as
+``model-<method>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from flwr.app import Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+
+from fcmoe.algorithms import ALGORITHMS
+from fcmoe.config import load_config
+from fcmoe.experiment import Experiment, prepare_experiment
+from fcmoe.fl.codec import record_to_tree, tree_to_record
+from fcmoe.fl.strategy import AlgorithmStrategy
+from fcmoe.rounds import global_accuracy, round_metrics
+from fcmoe.sim.engine import MethodSummary, append_row
+from fcmoe.core import tree_num_bytes
+
+log = logging.getLogger(__name__)
+
+ROUND_TIMEOUT_S = 3600.0  # a reply later than this is dropped; Flower drops replies silently under ~60 s
+
+
+def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path) -> MethodSummary:
+    """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows and final model."""
+    cfg = exp.config
+    algo = ALGORITHMS.get(method)(cfg.algorithm_config(method), exp.built.layout)
+    strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients)
+    model_bytes = tree_num_bytes(exp.initial_state)
+    metrics_path = run_dir / "metrics.jsonl"
+    clock = {"round": time.perf_counter(), "start": time.perf_counter()}
+    last: dict[str, Any] = {}
+
+    def evaluate(server_round: int, arrays: Any) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        state = strategy.round_state
+        global_state = record_to_tree(arrays)
+        local = [state.local_acc.get(cid) for cid in range(exp.num_clients)]
+        result = state.result
+        row = round_metrics(method, server_round, state.updates, global_accuracy(exp.trainer, global_state,
+                                                                                  exp.global_test),
+                            local, model_bytes, result.messages if result else {}, result.metrics if result else {},
+                            time.perf_counter() - clock["round"])
+        row.update(engine="flower", rejected=state.rejected, skipped=state.skipped)
+        append_row(metrics_path, row)
+        last.update(row)
+        clock["round"] = time.perf_counter()
+        return MetricRecord({"global_acc": row["global_acc"]})
+
+    result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state)[0], num_rounds=cfg.rounds,
+                            timeout=ROUND_TIMEOUT_S, evaluate_fn=evaluate)
+    final = record_to_tree(result.arrays) if len(result.arrays) else exp.initial_state
+    save_file({k: v.contiguous() for k, v in final.items()}, str(run_dir / f"model-{method}.safetensors"))
+    return MethodSummary(method, last.get("global_acc", math.nan), last.get("local_acc_mean", math.nan),
+                         last.get("local_acc_std", math.nan), cfg.rounds, time.perf_counter() - clock["start"])
+
+
+def run_flower_method(exp: Experiment, method: str, run_dir: Path) -> MethodSummary:
+    """``method`` in Flower's simulation runtime: one virtual SuperNode per client, the ClientApp in Ray."""
+    from flwr.simulation import run_simulation
+
+    from fcmoe.fl.client_app import app as client_app
+
+    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; don't print every line twice
+    summaries: list[MethodSummary] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summaries.append(serve(grid, exp, method, run_dir))
+
+    # one actor with every core: clients train one after another, as in-process (deterministic, no oversubscription)
+    resources = {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_clients,
+                   backend_config={"client_resources": resources, "init_args": {"include_dashboard": False}})
+    if not summaries:
+        raise RuntimeError(f"the Flower simulation of {method!r} ended without a result; see the log above")
+    return summaries[0]
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``flwr run .``: config file, overrides (``;``-separated ``key=value``), method and output folder from the
+    run config."""
+    run_config = context.run_config
+    overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
+    config = load_config(str(run_config["config-file"]) or None, overrides)
+    method = str(run_config.get("method", "")) or config.methods[0]
+    from fcmoe.sim.run import new_run_dir, save_partition
+
+    exp = prepare_experiment(config)
+    run_dir = new_run_dir(str(run_config.get("out-dir", "")) or config.out_dir)
+    config.save(run_dir / "config.toml")
+    save_partition(exp, run_dir)
+    summary = serve(grid, exp, method, run_dir)
+    log.info("%s: global %.4f, local %.4f ± %.4f; run folder %s", method, summary.global_acc,
+             summary.local_acc_mean, summary.local_acc_std, run_dir)

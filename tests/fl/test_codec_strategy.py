@@ -1,0 +1,150 @@
+"""The Flower records codec, and the generic strategy on hand-built replies (no Ray, no network)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fcmoe.algorithms import ALGORITHMS, ClientUpdate
+from fcmoe.fl.codec import (MalformedReply, decode_message, decode_update, encode_message, encode_update,
+                            load_client_state, record_to_tree, save_client_state, tree_to_record)
+from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS, AlgorithmStrategy
+from fcmoe.models.build import BuiltModel
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages need a run and task id; Flower's runtimes set them, a unit test sets them by hand."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FakeGrid:
+    """What the strategy asks of a Grid: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_tree_round_trip_keeps_values_and_dtypes_bfloat16_included() -> None:
+    tree = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(4)}
+    back = record_to_tree(*tree_to_record(tree))
+    assert all(back[k].dtype == tree[k].dtype and torch.equal(back[k], tree[k]) for k in tree)
+
+
+def test_update_round_trip() -> None:
+    update = ClientUpdate(3, {"w": torch.randn(2, 2)}, 17, {"layer": torch.tensor([4, 0, 9])}, {"loss": 0.25})
+    back = decode_update(encode_update(update))
+    assert (back.client_id, back.num_samples, back.metrics) == (3, 17, {"loss": 0.25})
+    assert torch.equal(back.delta["w"], update.delta["w"]) and torch.equal(back.routing_counts["layer"],
+                                                                            update.routing_counts["layer"])
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda c: c.pop("delta"), "no ArrayRecord 'delta'"),
+    (lambda c: c.__setitem__("update", MetricRecord({"client_id": 1})), "lack 'num-examples'"),
+    (lambda c: c.__setitem__("update", MetricRecord({"client_id": 1, "num-examples": 0})), "positive integer"),
+])
+def test_malformed_replies_are_named(mutate, match: str) -> None:  # noqa: ANN001
+    content = encode_update(ClientUpdate(1, {"w": torch.zeros(2)}, 4, {"l": torch.tensor([1, 1])}))
+    mutate(content)
+    with pytest.raises(MalformedReply, match=match):
+        decode_update(content)
+
+
+def test_client_state_round_trip_and_dropped_keys_disappear() -> None:
+    records = RecordDict()
+    save_client_state({"seed": 5, "residual": {"x": torch.ones(2)}}, records)
+    state = load_client_state(records)
+    assert state["seed"] == 5 and torch.equal(state["residual"]["x"], torch.ones(2))
+    save_client_state({"seed": 5}, records)
+    assert load_client_state(records) == {"seed": 5}
+    assert decode_message(encode_message(None)) is None
+
+
+def _updates(tiny: BuiltModel, n: int) -> list[ClientUpdate]:
+    state = tiny.model.trainable_state()
+    gen = torch.Generator().manual_seed(0)
+    return [ClientUpdate(i, {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in state.items()}, 10 + i,
+                         {s.name: torch.randint(0, 20, (s.num_experts,), generator=gen) for s in tiny.layout.layers})
+            for i in range(n)]
+
+
+def _strategy(tiny: BuiltModel, method: str = "fcmoe", num_nodes: int = 2) -> AlgorithmStrategy:
+    algo = ALGORITHMS.get(method)(ALGORITHMS.get(method).config_class(), tiny.layout)
+    return AlgorithmStrategy(algo, "rounds = 1\n", num_nodes=num_nodes, node_wait_s=2.0)
+
+
+def test_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny: BuiltModel) -> None:
+    strategy = _strategy(tiny)
+    global_state = tiny.model.trainable_state()
+    arrays, _ = tree_to_record(global_state)
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(),
+                                                 FakeGrid([11, 12, 13, 14, 15])))
+    assert [m.metadata.dst_node_id for m in instructions] == [11, 12, 13, 14, 15]
+    assert instructions[0].content[CONFIG]["method"] == "fcmoe"
+    good = _updates(tiny, 2)
+    poisoned = ClientUpdate(2, {k: v.clone() for k, v in good[0].delta.items()}, 10, good[0].routing_counts)
+    first_key = next(iter(poisoned.delta))
+    poisoned.delta[first_key][0] = math.nan
+    missing = encode_update(good[0])
+    missing.pop("routing")
+    replies = [Message(content=encode_update(good[1]), reply_to=instructions[0]),
+               Message(Error(code=0, reason="client crashed"), reply_to=instructions[1]),
+               Message(content=encode_update(poisoned), reply_to=instructions[2]),
+               Message(content=missing, reply_to=instructions[3]),
+               Message(content=encode_update(good[0]), reply_to=instructions[4])]
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = strategy.algorithm.aggregate(global_state, good).state
+    got = record_to_tree(new_arrays)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)  # the same math, in client-id order
+    assert metrics["valid_updates"] == 2 and metrics["rejected"] == 3
+    reasons = " | ".join(strategy.round_state.rejected)
+    assert "client crashed" in reasons and "non-finite" in reasons and "no ArrayRecord 'routing'" in reasons
+    # each client's message goes back to the node that trained it
+    evaluate = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, new_arrays,
+                                                                              ConfigRecord(),
+                                                                              FakeGrid([11, 12, 13, 14, 15]))}
+    sent = decode_message(evaluate[15].content[MESSAGE])
+    own = strategy.round_state.result.messages[0]
+    assert sent is not None and all(torch.equal(sent[k], own[k]) for k in own)
+    assert evaluate[12].content[CONFIG]["trained"] is False and decode_message(evaluate[12].content[MESSAGE]) is None
+
+
+def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:
+    strategy = _strategy(tiny, "fedavg", num_nodes=1)
+    arrays, _ = tree_to_record(tiny.model.trainable_state())
+    (instruction,) = strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([4]))
+    bad = ClientUpdate(0, {"not.a.parameter": torch.zeros(1)}, 3, {})
+    new_arrays, metrics = strategy.aggregate_train(1, [Message(content=encode_update(bad), reply_to=instruction)])
+    assert new_arrays is None and strategy.round_state.skipped and metrics["rejected"] == 1
+    assert "missing" in strategy.round_state.rejected[0]
+
+
+def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
+    strategy = _strategy(tiny, num_nodes=3)
+    arrays, _ = tree_to_record(tiny.model.trainable_state())
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([8, 9])))  # waits 2 s, goes on
+    assert [m.metadata.dst_node_id for m in sent] == [8, 9]
+    with pytest.raises(RuntimeError, match="no node connected"):
+        strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([]))
+
+
+def test_local_accuracies_are_collected_by_client(tiny: BuiltModel) -> None:
+    strategy = _strategy(tiny)
+    arrays, _ = tree_to_record(tiny.model.trainable_state())
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(),
+                                                 FakeGrid([1, 2])))
+    replies = [Message(content=RecordDict({METRICS: MetricRecord({"client_id": cid, "local_acc": acc,
+                                                                   "num-examples": 4})}), reply_to=msg)
+               for cid, acc, msg in ((0, 0.5, instructions[0]), (1, 0.75, instructions[1]))]
+    replies.append(Message(Error(code=0, reason="gone"), reply_to=instructions[1]))
+    assert strategy.aggregate_evaluate(1, replies)["local_acc_mean"] == pytest.approx(0.625)
+    assert strategy.round_state.local_acc == {0: 0.5, 1: 0.75}
+    assert isinstance(arrays, ArrayRecord) and ARRAYS in instructions[0].content
