@@ -2,12 +2,13 @@
 
 The only place that knows how fcmoe objects travel in a Flower ``Message``:
 
-| fcmoe | Flower record (key in the ``RecordDict``) |
-|---|---|
-| a tree ``{name: tensor}`` (model, Δ_i, residual) | ``ArrayRecord``; bfloat16 travels as int16 bits + a dtype note |
-| :class:`~fcmoe.algorithms.base.ClientUpdate` | ``"delta"`` arrays, ``"routing"`` arrays (layer → ``[E]`` counts), ``"update"`` metrics (client id, n_i, loss) |
-| the server's per-client message (FC-MoE: one scalar per layer and expert) | ``"message"`` arrays |
-| the private client state (residual, PFL-MoE head and gate, seed) | ``context.state``: one ``ArrayRecord`` per tree, ``ConfigRecord`` ``"scalars"`` |
+- a tree ``{name: tensor}`` (model, Δ_i, residual) → one ``ArrayRecord`` (bfloat16 travels as int16 bits, listed
+  in a ``ConfigRecord`` beside it);
+- a :class:`~fcmoe.algorithms.base.ClientUpdate` → ``"delta"`` arrays, ``"routing"`` arrays (layer → ``[E]``
+  counts), ``"update"`` metrics (client id, n_i, loss);
+- the server's per-client message (FC-MoE: one scalar per layer and expert) → ``"message"`` arrays;
+- the private client state (residual, PFL-MoE head and gate, seed) → ``context.state``: one ``ArrayRecord`` per
+  tree and a ``ConfigRecord`` ``"scalars"``.
 
 Decoding never trusts the sender: :func:`decode_update` raises :class:`MalformedReply` naming what is wrong.
 """
@@ -132,5 +133,6 @@ def load_client_state(records: RecordDict) -> dict[str, Any]:
     for key, record in records.items():
         if key.startswith(_TREE_PREFIX) and isinstance(record, ArrayRecord):
             dtypes = records.get(key + ":dtypes")
-            state[key[len(_TREE_PREFIX):]] = record_to_tree(record, dtypes if isinstance(dtypes, ConfigRecord) else None)
+            dtypes = dtypes if isinstance(dtypes, ConfigRecord) else None
+            state[key[len(_TREE_PREFIX):]] = record_to_tree(record, dtypes)
     return state

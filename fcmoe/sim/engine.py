@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, ClientUpdate
 from fcmoe.core import Tree, tree_num_bytes

@@ -33,7 +33,8 @@ def test_flower_simulation_equals_in_process(tmp_path: Path) -> None:
         worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
         assert worst <= 1e-6, f"{method}: max |Δθ| = {worst}"
         assert any(not torch.equal(expected[k], exp.initial_state[k]) for k in expected)  # it did train
-    rows = {(r["method"], r["round"]): r for r in map(json.loads, (flower_dir / "metrics.jsonl").read_text().splitlines())}
+    lines = (flower_dir / "metrics.jsonl").read_text().splitlines()
+    rows = {(r["method"], r["round"]): r for r in map(json.loads, lines)}
     reference = {(r["method"], r["round"]): r
                  for r in map(json.loads, (tmp_path / "in-process.jsonl").read_text().splitlines())}
     assert set(rows) == set(reference)
