@@ -1,4 +1,4 @@
-"""One experiment in the in-process engine: every method in turn, results in a run folder.
+"""One experiment: every method in turn (in-process engine, or Flower with ``engine = "flower"``), one run folder.
 
 Run folder contents: ``config.toml`` (resolved), ``partition.json`` (client rows + label histograms),
 ``partition.png`` (clients × labels heatmap), ``metrics.jsonl`` (one line per method and round), ``summary.json``
