@@ -1,0 +1,184 @@
+"""``fcmoe deploy-local``: a real Flower deployment on 127.0.0.1 — TLS, SuperNode authentication, N SuperNodes.
+
+What it does, in order (every process it starts is stopped by PID at the end, whatever happens):
+1. a throw-away CA and a server certificate for ``localhost`` / ``127.0.0.1`` (``cryptography``, no openssl);
+2. one EC P-384 key pair per SuperNode (OpenSSH format, as Flower's node authentication reads them);
+3. a SuperLink with ``--ssl-*`` and ``--enable-supernode-auth``; a private ``FLWR_HOME`` whose ``config.toml``
+   names it as the connection ``fcmoe-local`` (address of the Control API, CA as root certificate);
+4. ``flwr supernode register`` of every public key, then N SuperNodes, node i with
+   ``--node-config "partition-id=i num-partitions=N"`` and its own ClientAppIO port;
+5. ``flwr run <repo> fcmoe-local --stream`` with the experiment overrides, then the run's real status from
+   ``flwr ls --format json`` (``flwr run`` exits 0 even when the ServerApp failed).
+Across machines the same steps apply with real addresses: see the README's deployment section.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fcmoe-local"
+
+
+@dataclass
+class Deployment:
+    """Outcome of :func:`deploy_local`."""
+
+    status: str  # e.g. "finished:completed"
+    startup_s: float  # certificates, SuperLink, registrations, SuperNodes up
+    run_s: float  # flwr run until the status is final
+    workdir: Path
+    logs: dict[str, Path] = field(default_factory=dict)
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """(ca.crt, server.pem, server.key): a one-day CA and a server certificate for localhost / 127.0.0.1."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fcmoe local CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                          x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def make_node_keys(folder: Path, index: int) -> tuple[Path, Path]:
+    """(private, public) EC P-384 key files of SuperNode ``index``, OpenSSH format."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"node_{index}", folder / f"node_{index}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_file.read_text()[-600:]
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode}: {tail}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: int = 39200,
+                 timeout_s: float = 900.0, workdir: Path | None = None) -> Deployment:
+    """Run the Flower app in ``app_dir`` on a local TLS + authenticated deployment; see the module docstring.
+
+    ``run_config`` is passed to ``flwr run --run-config``; ports ``base_port`` (the SuperLink's HTTPS API) to
+    ``base_port + num_nodes`` (one ClientAppIO port per node) on 127.0.0.1 are used.
+    """
+    started = time.perf_counter()
+    work = workdir or Path(tempfile.mkdtemp(prefix="fcmoe-deploy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link = base_port  # flwr 1.41 serves the Fleet, Control and Runtime APIs over one HTTPS port
+    ca, cert, key = make_certificates(work)
+    processes: list[subprocess.Popen] = []
+    logs: dict[str, Path] = {}
+
+    def start(name: str, args: list[str]) -> None:
+        logs[name] = work / f"{name}.log"
+        with logs[name].open("w") as out:
+            processes.append(subprocess.Popen(args, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT))
+
+    def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bin_dir / "flwr"), *args], env=env, cwd=work, capture_output=True, text=True,
+                              timeout=timeout)
+
+    try:
+        start("superlink", [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile",
+                            str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
+                            "--host", "127.0.0.1", "--port", str(link), "--database", str(work / "state.db")])
+        _wait_for_port(link, 60, processes[0], logs["superlink"])
+        (work / "flwr-home").mkdir(exist_ok=True)
+        (work / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{link}"\nroot-certificates = "{ca}"\n')
+        for i in range(num_nodes):
+            private, public = make_node_keys(work, i)
+            registered = flwr("supernode", "register", str(public), CONNECTION)
+            if registered.returncode != 0:
+                raise RuntimeError(f"registering node {i} failed: {registered.stdout[-500:]}{registered.stderr[-500:]}")
+            start(f"supernode_{i}", [str(bin_dir / "flower-supernode"), "--root-certificates", str(ca),
+                                     "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port",
+                                     str(base_port + 1 + i), "--auth-supernode-private-key", str(private),
+                                     "--auth-supernode-public-key", str(public), "--node-config",
+                                     f"partition-id={i} num-partitions={num_nodes}"])
+        time.sleep(2.0)
+        for name, proc in zip(logs, processes, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}: {logs[name].read_text()[-600:]}")
+        startup_s = time.perf_counter() - started
+        run_started = time.perf_counter()
+        submitted = flwr("run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config, timeout=timeout_s)
+        (work / "flwr-run.log").write_text(submitted.stdout + submitted.stderr)
+        status = _final_status(flwr, timeout_s)
+        return Deployment(status, startup_s, time.perf_counter() - run_started, work, logs)
+    finally:
+        for proc in reversed(processes):
+            proc.terminate()
+        for proc in processes:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _final_status(flwr, timeout_s: float) -> str:  # noqa: ANN001 - the local runner above
+    """The newest run's status once it is final (``finished:…``), from ``flwr ls --format json``."""
+    deadline = time.monotonic() + timeout_s
+    status = "unknown"
+    while time.monotonic() < deadline:
+        listing = flwr("ls", "--format", "json")
+        try:
+            runs = json.loads(listing.stdout).get("runs", [])
+        except json.JSONDecodeError:
+            runs = []
+        if runs:
+            status = max(runs, key=lambda r: r.get("pending-at", ""))["status"]
+            if status.startswith("finished"):
+                return status
+        time.sleep(2.0)
+    return status

@@ -1,0 +1,50 @@
+"""A real local Flower deployment: TLS with a throw-away CA, SuperNode authentication, 2 SuperNodes, 2 rounds.
+
+Slow (~80 s on 2 cores: each message starts a ClientApp process), but within `make test`'s budget, so it runs
+there. It checks the run's real status (``flwr ls``) and that the deployed run equals the in-process engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fcmoe.cli import main
+from fcmoe.config import load_config
+from fcmoe.experiment import prepare_experiment
+from fcmoe.fl.deploy import make_certificates
+from fcmoe.sim.engine import run_method
+
+TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
+        "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=2"]
+
+
+def test_certificates_chain_to_the_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    ca_path, cert_path, _ = make_certificates(tmp_path)
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+
+
+@pytest.mark.slow
+def test_tls_authenticated_deployment_completes_and_matches_in_process(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["deploy-local", "--method", "fcmoe", "--out", str(tmp_path / "runs"), "--port", "39300"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0, capsys.readouterr()
+    assert "status finished:completed" in capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["engine"], r["rejected"]) for r in rows] == [(1, "flower", []), (2, "flower", [])]
+    exp = prepare_experiment(load_config(overrides=TINY))
+    _, expected = run_method(exp, "fcmoe", tmp_path / "in-process.jsonl")
+    deployed = load_file(str(run_dir / "model-fcmoe.safetensors"))
+    assert max((deployed[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
