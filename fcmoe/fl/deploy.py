@@ -1,6 +1,7 @@
 """``fcmoe deploy-local``: a real Flower deployment on 127.0.0.1 — TLS, SuperNode authentication, N SuperNodes.
 
-What it does, in order (every process it starts is stopped by PID at the end, whatever happens):
+What it does, in order (every process it starts, and what those spawn, is stopped by process group at the end,
+whatever happens):
 1. a throw-away CA and a server certificate for ``localhost`` / ``127.0.0.1`` (``cryptography``, no openssl);
 2. one EC P-384 key pair per SuperNode (OpenSSH format, as Flower's node authentication reads them);
 3. a SuperLink with ``--ssl-*`` and ``--enable-supernode-auth``; a private ``FLWR_HOME`` whose ``config.toml``
@@ -19,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -121,7 +123,9 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
     def start(name: str, args: list[str]) -> None:
         logs[name] = work / f"{name}.log"
         with logs[name].open("w") as out:
-            processes.append(subprocess.Popen(args, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT))
+            # a session of its own: stopping the group also stops what it spawned (SuperExec, app processes)
+            processes.append(subprocess.Popen(args, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
 
     def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([str(bin_dir / "flwr"), *args], env=env, cwd=work, capture_output=True, text=True,
@@ -157,13 +161,28 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
         status = _final_status(flwr, timeout_s)
         return Deployment(status, startup_s, time.perf_counter() - run_started, work, logs)
     finally:
-        for proc in reversed(processes):
-            proc.terminate()
-        for proc in processes:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(processes)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group (the process and its children), SIGKILL what is left after 15 s."""
+    for proc in reversed(processes):
+        _signal_group(proc, signal.SIGTERM)
+    for proc in processes:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+    time.sleep(1.0)
+    for proc in processes:  # children that outlived their parent
+        _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _final_status(flwr, timeout_s: float) -> str:  # noqa: ANN001 - the local runner above

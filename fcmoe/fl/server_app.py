@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 ROUND_TIMEOUT_S = 3600.0  # a reply later than this is dropped; Flower drops replies silently under ~60 s
 
 
-def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path) -> MethodSummary:
-    """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows and final model."""
+def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout_s: float = ROUND_TIMEOUT_S,
+          ) -> MethodSummary:
+    """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows and final model.
+
+    ``round_timeout_s`` bounds each train and evaluate phase: a node that died mid-round is not waited for longer
+    (its reply is simply missing, and the round aggregates the others). Keep it well above a round's duration.
+    """
     cfg = exp.config
     algo = ALGORITHMS.get(method)(cfg.algorithm_config(method), exp.built.layout)
     strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients)
@@ -67,7 +72,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path) -> MethodSumm
         return MetricRecord({"global_acc": row["global_acc"]})
 
     result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state)[0], num_rounds=cfg.rounds,
-                            timeout=ROUND_TIMEOUT_S, evaluate_fn=evaluate)
+                            timeout=round_timeout_s, evaluate_fn=evaluate)
     final = record_to_tree(result.arrays) if len(result.arrays) else exp.initial_state
     save_file({k: v.contiguous() for k, v in final.items()}, str(run_dir / f"model-{method}.safetensors"))
     return MethodSummary(method, last.get("global_acc", math.nan), last.get("local_acc_mean", math.nan),
@@ -102,8 +107,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run .``: config file, overrides (``;``-separated ``key=value``), method and output folder from the
-    run config."""
+    """``flwr run .``: config file, overrides (``;``-separated ``key=value``), method, output folder and round
+    timeout from the run config."""
     run_config = context.run_config
     overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
     config = load_config(str(run_config["config-file"]) or None, overrides)
@@ -114,6 +119,6 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = new_run_dir(str(run_config.get("out-dir", "")) or config.out_dir)
     config.save(run_dir / "config.toml")
     save_partition(exp, run_dir)
-    summary = serve(grid, exp, method, run_dir)
+    summary = serve(grid, exp, method, run_dir, float(run_config.get("round-timeout-s", ROUND_TIMEOUT_S)))
     log.info("%s: global %.4f, local %.4f ± %.4f; run folder %s", method, summary.global_acc,
              summary.local_acc_mean, summary.local_acc_std, run_dir)
