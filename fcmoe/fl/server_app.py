@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 
 from fcmoe.algorithms import ALGORITHMS
 from fcmoe.config import load_config
+from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import record_to_tree, tree_to_record
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.rounds import global_accuracy, round_metrics
 from fcmoe.sim.engine import MethodSummary, append_row
-from fcmoe.core import tree_num_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
           ) -> MethodSummary:
     """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows and final model.
 
-    ``round_timeout_s`` bounds each train and evaluate phase: a node that died mid-round is not waited for longer
-    (its reply is simply missing, and the round aggregates the others). Keep it well above a round's duration.
+    ``round_timeout_s`` is Flower's ``send_and_receive`` timeout for each train and evaluate phase: replies later
+    than that are dropped and the round aggregates the others. Keep it well above a round's duration.
     """
     cfg = exp.config
     algo = ALGORITHMS.get(method)(cfg.algorithm_config(method), exp.built.layout)
