@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -97,6 +98,9 @@ def _deploy_local(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     run_config = (f'config-file="{config_file}" overrides="{";".join(args.set)}" method="{args.method}" '
                   f'out-dir="{out}" round-timeout-s={args.round_timeout}')
+    # `timeout` and service managers stop with SIGTERM: exit through Python so the SuperLink and SuperNodes are
+    # stopped too (the default SIGTERM action skips every `finally`)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     app_dir = Path(__file__).resolve().parents[1]
     if not (app_dir / "pyproject.toml").is_file():
         print(f"fcmoe: error: deploy-local runs the Flower app of a source checkout; {app_dir} has no "

@@ -16,6 +16,7 @@ Across machines the same steps apply with real addresses: see the README's deplo
 from __future__ import annotations
 
 import datetime
+import glob
 import ipaddress
 import json
 import logging
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +104,14 @@ def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen, log_f
 
 
 def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: int = 39200,
-                 timeout_s: float = 900.0, workdir: Path | None = None) -> Deployment:
+                 timeout_s: float = 900.0, workdir: Path | None = None,
+                 kill_last_node_when: str | None = None) -> Deployment:
     """Run the Flower app in ``app_dir`` on a local TLS + authenticated deployment; see the module docstring.
 
     ``run_config`` is passed to ``flwr run --run-config``; ports ``base_port`` (the SuperLink's HTTPS API) to
-    ``base_port + num_nodes`` (one ClientAppIO port per node) on 127.0.0.1 are used.
+    ``base_port + num_nodes`` (one ClientAppIO port per node) on 127.0.0.1 are used. ``kill_last_node_when``
+    is fault injection: once a non-empty file matches that glob pattern (e.g. the run's ``metrics.jsonl`` after
+    round 1), the last SuperNode is killed with SIGKILL, and the run has to finish without it.
     """
     started = time.perf_counter()
     work = workdir or Path(tempfile.mkdtemp(prefix="fcmoe-deploy-"))
@@ -156,12 +161,26 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
                 raise RuntimeError(f"{name} exited with code {proc.returncode}: {logs[name].read_text()[-600:]}")
         startup_s = time.perf_counter() - started
         run_started = time.perf_counter()
+        if kill_last_node_when:
+            threading.Thread(target=_kill_when, args=(kill_last_node_when, processes[-1], timeout_s),
+                             daemon=True).start()
         submitted = flwr("run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config, timeout=timeout_s)
         (work / "flwr-run.log").write_text(submitted.stdout + submitted.stderr)
         status = _final_status(flwr, timeout_s)
         return Deployment(status, startup_s, time.perf_counter() - run_started, work, logs)
     finally:
         _stop(processes)
+
+
+def _kill_when(pattern: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGKILL ``process`` and its children once a non-empty file matches the glob ``pattern``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(Path(match).stat().st_size > 0 for match in glob.glob(pattern)):
+            _signal_group(process, signal.SIGKILL)
+            log.warning("fault injection: killed %s", " ".join(map(str, process.args[:1])))
+            return
+        time.sleep(0.2)
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:

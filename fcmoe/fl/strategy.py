@@ -61,13 +61,14 @@ class AlgorithmStrategy(Strategy):
     min_updates
         Valid updates needed to aggregate; fewer keep the global model.
     node_wait_s
-        How long a round waits for ``num_nodes`` nodes before going on with those connected.
+        How long the first round waits for ``num_nodes`` nodes before going on with those connected.
     """
 
     def __init__(self, algorithm: Algorithm, config_text: str, num_nodes: int, min_updates: int = 1,
                  node_wait_s: float = 600.0) -> None:
         self.algorithm = algorithm
         self.node_wait_s = node_wait_s
+        self._waited = False  # the initial wait for num_nodes happens once
         self.config_text = config_text
         self.num_nodes = num_nodes
         self.min_updates = min_updates
@@ -153,17 +154,21 @@ class AlgorithmStrategy(Strategy):
         return ConfigRecord(values)
 
     def _nodes(self, grid: Grid) -> list[int]:
-        """The connected nodes, sorted, once ``num_nodes`` are there or ``node_wait_s`` has passed.
+        """The connected nodes, sorted. Before the first round, wait up to ``node_wait_s`` for ``num_nodes``.
 
-        Flower's own strategies wait forever for ``min_available_nodes``; after a node died that stalls the run.
-        Here the round goes on with the nodes that are connected (at least one).
+        Flower's own strategies wait for ``min_available_nodes`` before every round, so one dead node stalls the
+        run forever. Here only the start waits; later rounds go on with the nodes that are still connected (a node
+        that died mid-round answers with an error reply, which ``aggregate_train`` rejects).
         """
-        deadline = time.monotonic() + self.node_wait_s
-        while len(nodes := list(grid.get_node_ids())) < self.num_nodes and time.monotonic() < deadline:
-            log.info("waiting for nodes: %d of %d connected", len(nodes), self.num_nodes)
-            time.sleep(1.0)
+        if not self._waited:
+            deadline = time.monotonic() + self.node_wait_s
+            while len(list(grid.get_node_ids())) < self.num_nodes and time.monotonic() < deadline:
+                log.info("waiting for nodes: %d of %d connected", len(list(grid.get_node_ids())), self.num_nodes)
+                time.sleep(1.0)
+            self._waited = True
+        nodes = sorted(grid.get_node_ids())
         if not nodes:
             raise RuntimeError(f"no node connected within {self.node_wait_s:.0f} s; start the SuperNodes")
         if len(nodes) < self.num_nodes:
-            log.warning("going on with %d of %d nodes after %.0f s", len(nodes), self.num_nodes, self.node_wait_s)
-        return sorted(nodes)
+            log.warning("going on with %d of %d nodes", len(nodes), self.num_nodes)
+        return nodes

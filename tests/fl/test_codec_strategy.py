@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -130,10 +131,14 @@ def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:
 def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny, num_nodes=3)
     arrays, _ = tree_to_record(tiny.model.trainable_state())
+    started = time.monotonic()
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([8, 9])))  # waits 2 s, goes on
-    assert [m.metadata.dst_node_id for m in sent] == [8, 9]
+    assert [m.metadata.dst_node_id for m in sent] == [8, 9] and time.monotonic() - started >= 2.0
+    started = time.monotonic()
+    later = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([9])))  # node 8 died: no wait
+    assert [m.metadata.dst_node_id for m in later] == [9] and time.monotonic() - started < 1.0
     with pytest.raises(RuntimeError, match="no node connected"):
-        strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([]))
+        strategy.configure_train(3, arrays, ConfigRecord(), FakeGrid([]))
 
 
 def test_local_accuracies_are_collected_by_client(tiny: BuiltModel) -> None:

@@ -48,3 +48,20 @@ def test_tls_authenticated_deployment_completes_and_matches_in_process(
     _, expected = run_method(exp, "fcmoe", tmp_path / "in-process.jsonl")
     deployed = load_file(str(run_dir / "model-fcmoe.safetensors"))
     assert max((deployed[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_after_round_1_does_not_stop_the_run(tmp_path: Path) -> None:
+    """SIGKILL of SuperNode 1 once round 1's row is written: round 2 rejects its error reply and completes."""
+    from fcmoe.fl.deploy import deploy_local
+
+    out = tmp_path / "runs"
+    run_config = f'overrides="{";".join(TINY)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
+    result = deploy_local(Path(__file__).resolve().parents[2], 2, run_config, base_port=39400, timeout_s=600,
+                          kill_last_node_when=str(out / "*" / "metrics.jsonl"))
+    assert result.status == "finished:completed"
+    (run_dir,) = out.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rejected"] == [] and rows[0]["local_acc"][1] is not None
+    assert len(rows[1]["rejected"]) == 1 and "error reply" in rows[1]["rejected"][0]
+    assert rows[1]["local_acc"][1] is None and rows[1]["local_acc"][0] is not None  # client 1 is gone
