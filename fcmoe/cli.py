@@ -1,4 +1,10 @@
-"""Command line: ``fcmoe run [--config FILE] [--set key=value …] [--methods a,b] [--out DIR] [--engine E]``."""
+"""Command line.
+
+``fcmoe run [--config FILE] [--set key=value …] [--methods a,b] [--out DIR] [--engine E]``: one experiment.
+``fcmoe sweep … --alphas 0.1,0.5,1.0 --seeds 0,1,2``: a resumable grid, then its report.
+``fcmoe report RUN_DIR …``: tables, figures, report.md and a self-contained report.html.
+``fcmoe fetch``, ``fcmoe deploy-local``: offline assets; a local TLS Flower deployment.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("inprocess", "flower"),
                      help="inprocess (default) or flower: Flower's simulation runtime, the same algorithms")
     run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    sweep = sub.add_parser("sweep", help="run a grid of experiments (methods × α × seeds), resumable; then report")
+    sweep.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sweep.add_argument("--methods", help="comma-separated methods, variants too, e.g. fcmoe,fcmoe/no-projection")
+    sweep.add_argument("--alphas", default="", help="comma-separated Dirichlet α values, e.g. 0.1,0.5,1.0 "
+                                                    "(default: the config's)")
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    sweep.add_argument("--out", help="the sweep folder; rerun the same command to resume "
+                                     "(default: runs/sweep-<config name>)")
+    sweep.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    report = sub.add_parser("report", help="tables (Markdown, CSV), figures and a self-contained HTML report "
+                                           "from run or sweep folders")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding them (a sweep folder)")
+    report.add_argument("--out", help="where the report goes (default: <first folder>/report)")
+    report.add_argument("--target", type=float, help="accuracy target for rounds-to-target (default: FedAvg's "
+                                                      "final global accuracy at each α)")
     deploy = sub.add_parser("deploy-local", help="run one method on a local Flower deployment: TLS, SuperNode "
                                                  "authentication, one SuperNode per client (127.0.0.1)")
     deploy.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
@@ -52,19 +75,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fetch(args.names or list(DEFAULT_ASSETS))
     if args.command == "deploy-local":
         return _deploy_local(args)
+    if args.command == "report":
+        return _report(args.runs, args.out, args.target)
     overrides = list(args.set)
     if args.methods:
         overrides.append("methods=[" + ",".join(f'"{m.strip()}"' for m in args.methods.split(",")) + "]")
-    if args.engine:
+    if getattr(args, "engine", None):
         overrides.append(f'engine="{args.engine}"')
-    if args.out:
+    if args.out and args.command == "run":  # a sweep's --out is the sweep folder itself
         overrides.append(f"out_dir={args.out!r}".replace("'", '"'))
     try:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)
         return 2
+    if args.command == "sweep":
+        return _sweep(config, args)
     return _run(config, show_progress=not args.quiet)
+
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 0.1,0.5,1.0") from None
+
+
+def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fcmoe.data.assets import AssetError
+    from fcmoe.sim.sweep import run_sweep, sweep_cells
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        alphas, seeds = _numbers(args.alphas, float, "--alphas"), _numbers(args.seeds, int, "--seeds")
+        sweep_cells(config, alphas, seeds)  # validate the grid before any work
+    except ConfigError as err:
+        print(f"fcmoe: config error: {err}", file=sys.stderr)
+        return 2
+    stem = Path(args.config).stem if args.config else "default"
+    sweep_dir = Path(args.out) if args.out else Path(config.out_dir) / f"sweep-{stem}"
+    try:
+        run_sweep(config, alphas, seeds, sweep_dir, show_progress=not args.quiet)
+    except (AssetError, ValueError, FileNotFoundError) as err:
+        print(f"fcmoe: error: {err}", file=sys.stderr)
+        return 1
+    print(f"sweep folder: {sweep_dir} (rerun the same command to resume or extend it)")
+    return 0 if args.no_report else _report([str(sweep_dir)], None, None)
+
+
+def _report(runs: Sequence[str], out: str | None, target: float | None) -> int:
+    from pathlib import Path
+
+    from fcmoe.report.build import ReportError, build_report
+
+    try:
+        path = build_report([Path(r) for r in runs], Path(out) if out else None, target)
+    except ReportError as err:
+        print(f"fcmoe: error: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {path} (and report.md, tables/*.csv, figures/*.png next to it)")
+    return 0
 
 
 def _fetch(names: Sequence[str]) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import tomli_w
 
-from fcmoe.algorithms import ALGORITHMS, AlgorithmConfig
+from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
 from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 
@@ -169,8 +169,7 @@ class ExperimentConfig:
         if not self.methods:
             raise ConfigError("methods is empty: list at least one of " + ", ".join(ALGORITHMS.names()))
         for method in self.methods:
-            if method not in ALGORITHMS.names():
-                raise ConfigError(f"methods: unknown method {method!r}; choose from {', '.join(ALGORITHMS.names())}")
+            split_method(method)  # raises on an unknown name or variant
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods = {list(self.methods)} lists a method twice")
         _positive("rounds", self.rounds)
@@ -181,7 +180,16 @@ class ExperimentConfig:
         object.__setattr__(self, "algorithms", types.MappingProxyType(full))
 
     def algorithm_config(self, method: str) -> AlgorithmConfig:
-        return self.algorithms[method]
+        """The config of ``method`` ("name" or "name/variant": the named switches applied to ``[name]``)."""
+        name, variant = split_method(method)
+        config = self.algorithms[name]
+        if variant:
+            config = dataclasses.replace(config, **ALGORITHMS.get(name).variants[variant])
+        return config
+
+    def make_algorithm(self, method: str, layout: Any) -> Algorithm:
+        """An instance of ``method``'s algorithm with its (variant) config, on ``layout``."""
+        return ALGORITHMS.get(split_method(method)[0])(self.algorithm_config(method), layout)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML-serialisable) with every resolved value."""
@@ -201,6 +209,21 @@ class ExperimentConfig:
 
 
 ENGINES = ("inprocess", "flower")
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``"fcmoe/no-projection"`` → ``("fcmoe", "no-projection")``; ``"fedavg"`` → ``("fedavg", "")``.
+
+    Raises :class:`ConfigError` naming the unknown algorithm or variant and the valid choices.
+    """
+    name, _, variant = method.partition("/")
+    if name not in ALGORITHMS.names():
+        raise ConfigError(f"methods: unknown method {method!r}; choose from {', '.join(ALGORITHMS.names())}")
+    variants = ALGORITHMS.get(name).variants
+    if variant and variant not in variants:
+        known = ", ".join(f"{name}/{v}" for v in variants) or "none"
+        raise ConfigError(f"methods: unknown variant {method!r}; {name}'s variants: {known}")
+    return name, variant
 _TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig}

@@ -32,12 +32,20 @@ def initial_client_state(seed: int, client_id: int) -> dict[str, Any]:
 
 
 def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, client_state: dict[str, Any],
-                 data: FeatureSet, seed: int, round_index: int, client_id: int) -> ClientUpdate:
-    """The client half of a round up to the upload: re-anchor, train one local budget, measure Δ_i."""
+                 data: FeatureSet, seed: int, round_index: int, client_id: int,
+                 global_test: FeatureSet | None = None) -> ClientUpdate:
+    """The client half of a round up to the upload: re-anchor, train one local budget, measure Δ_i.
+
+    With ``global_test`` the locally trained model (before aggregation) is also scored on the global test set:
+    DESIGN §2's second reading of local accuracy, reported as ``metrics["global_test_acc"]``. The engines ask for
+    it in the final round only: 10 clients × the global test set costs about as much as the round's training.
+    """
     start = algo.client_start(global_state, client_state)
     result = trainer.train(start, data, client_seed(seed, round_index, client_id))
-    return ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts,
-                        {"loss": result.loss})
+    metrics = {"loss": result.loss}
+    if global_test is not None:
+        metrics["global_test_acc"] = global_accuracy(trainer, result.state, global_test)
+    return ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
 
 
 def finish_client(algo: Algorithm, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
@@ -67,6 +75,11 @@ def expert_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[float]
     return out
 
 
+def client_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[list[float]]]:
+    """Per MoE layer, ``[clients][E]``: each client's share of its own tokens routed to each expert."""
+    return {layer: [u.frequencies(layer).tolist() for u in updates] for layer in updates[0].routing_counts}
+
+
 def upload_bytes(update: ClientUpdate) -> int:
     """Bytes a client uploads: Δ_i, its routing counts and n_i."""
     return tree_num_bytes(update.delta) + tree_num_bytes(update.routing_counts) + 8
@@ -83,12 +96,20 @@ def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate]
     """
     reported = torch.tensor([a for a in local_acc if a is not None], dtype=torch.float64)
     nan = float("nan")
-    return {"global_acc": global_acc, "local_acc": list(local_acc),
-            "local_acc_mean": reported.mean().item() if reported.numel() else nan,
-            "local_acc_std": reported.std(unbiased=False).item() if reported.numel() else nan,
-            "method": method, "round": round_index,
-            "train_loss": sum(u.metrics["loss"] for u in updates) / len(updates) if updates else nan,
-            "utilisation": expert_utilisation(updates) if updates else {},
-            "bytes_up": sum(upload_bytes(u) for u in updates),
-            "bytes_down": len(updates) * model_bytes + sum(tree_num_bytes(dict(m)) for m in messages.values()),
-            "wall_s": wall_s, **server_metrics}
+    row = {"global_acc": global_acc, "local_acc": list(local_acc),
+           "local_acc_mean": reported.mean().item() if reported.numel() else nan,
+           "local_acc_std": reported.std(unbiased=False).item() if reported.numel() else nan,
+           "method": method, "round": round_index,
+           "train_loss": sum(u.metrics["loss"] for u in updates) / len(updates) if updates else nan,
+           "utilisation": expert_utilisation(updates) if updates else {},
+           "clients": [u.client_id for u in updates],
+           "client_utilisation": client_utilisation(updates) if updates else {},
+           "bytes_up": sum(upload_bytes(u) for u in updates),
+           "bytes_down": len(updates) * model_bytes + sum(tree_num_bytes(dict(m)) for m in messages.values()),
+           "wall_s": wall_s, **server_metrics}
+    local_models = [u.metrics["global_test_acc"] for u in updates if "global_test_acc" in u.metrics]
+    if local_models:  # DESIGN §2's second reading: each local model (after its local epoch) on the global test set
+        scores = torch.tensor(local_models, dtype=torch.float64)
+        row.update(local_model_global_acc=local_models, local_model_global_acc_mean=scores.mean().item(),
+                   local_model_global_acc_std=scores.std(unbiased=False).item())
+    return row

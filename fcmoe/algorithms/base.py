@@ -71,10 +71,16 @@ class ClientRuntime(Protocol):
 
 
 class Algorithm:
-    """Base class; subclasses set ``name`` and ``config_class`` and override the hooks they need."""
+    """Base class; subclasses set ``name`` and ``config_class`` and override the hooks they need.
+
+    ``variants`` names config changes that a method list may ask for as ``"name/variant"`` (the paper's ablations,
+    e.g. ``"fcmoe/no-projection"``), so the ablation runs in the same experiment as the full method: same data,
+    partition and initial model.
+    """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(self, config: AlgorithmConfig, layout: ExpertLayout) -> None:
         if not isinstance(config, self.config_class):

@@ -82,6 +82,9 @@ class FCMoE(Algorithm):
     name = "fcmoe"
     config_class = FCMoEConfig
     config: FCMoEConfig
+    # the paper's Table II ablations, each one switch off
+    variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
+                "no-importance": {"importance": "size"}}
 
     # ------------------------------------------------------------------ client half
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:

@@ -7,7 +7,6 @@ are tested offline. With the hub unreachable and no local copy, loading stops wi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import datasets
 from fcmoe.data.corpus import DataError, TextCorpus, encode_labels
 from fcmoe.data.mmlu import MMLU_CHOICES, MMLUQuestion, mmlu_corpus, subject_key
 
-log = logging.getLogger(__name__)
 
 AGNEWS_ID = "fancyzhx/ag_news"
 AGNEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")

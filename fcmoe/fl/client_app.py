@@ -11,13 +11,12 @@ never leaves the node.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fcmoe.algorithms import ALGORITHMS, Algorithm
+from fcmoe.algorithms import Algorithm
 from fcmoe.config import ExperimentConfig, build_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import (STATE_SCALARS, decode_message, encode_update, load_client_state, record_to_tree,
@@ -25,7 +24,6 @@ from fcmoe.fl.codec import (STATE_SCALARS, decode_message, encode_update, load_c
 from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS
 from fcmoe.rounds import finish_client, initial_client_state, local_accuracy, train_client
 
-log = logging.getLogger(__name__)
 
 TRAINED_FROM = "trained-from"  # context.state key: the global arrays of this round's training (θ_t)
 
@@ -44,7 +42,7 @@ def _setup(msg: Message, context: Context) -> tuple[Experiment, ExperimentConfig
     exp = _experiment(str(settings["fcmoe-config"]))
     cfg = exp.config
     method = str(settings["method"])
-    algo = ALGORITHMS.get(method)(cfg.algorithm_config(method), exp.built.layout)
+    algo = cfg.make_algorithm(method, exp.built.layout)
     cid = int(context.node_config["partition-id"])
     if not 0 <= cid < exp.num_clients:
         raise ValueError(f"partition-id = {cid}: this experiment has clients 0..{exp.num_clients - 1}")
@@ -59,7 +57,8 @@ def train(msg: Message, context: Context) -> Message:
     exp, cfg, algo, cid, state = _setup(msg, context)
     global_state = record_to_tree(msg.content[ARRAYS])
     round_index = int(msg.content[CONFIG]["server-round"])
-    update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid)
+    update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid,
+                          exp.global_test if round_index == cfg.rounds else None)
     context.state[TRAINED_FROM] = msg.content[ARRAYS]
     save_client_state(state, context.state)
     return Message(content=encode_update(update), reply_to=msg)

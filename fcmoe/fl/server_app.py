@@ -14,7 +14,6 @@ Both write the same run-folder files as the in-process engine: one ``metrics.jso
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
-from fcmoe.algorithms import ALGORITHMS
 from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
@@ -47,8 +45,8 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     than that are dropped and the round aggregates the others. Keep it well above a round's duration.
     """
     cfg = exp.config
-    algo = ALGORITHMS.get(method)(cfg.algorithm_config(method), exp.built.layout)
-    strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients)
+    algo = cfg.make_algorithm(method, exp.built.layout)
+    strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients, method=method)
     model_bytes = tree_num_bytes(exp.initial_state)
     metrics_path = run_dir / "metrics.jsonl"
     clock = {"round": time.perf_counter(), "start": time.perf_counter()}
@@ -75,8 +73,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
                             timeout=round_timeout_s, evaluate_fn=evaluate)
     final = record_to_tree(result.arrays) if len(result.arrays) else exp.initial_state
     save_file({k: v.contiguous() for k, v in final.items()}, str(run_dir / f"model-{method}.safetensors"))
-    return MethodSummary(method, last.get("global_acc", math.nan), last.get("local_acc_mean", math.nan),
-                         last.get("local_acc_std", math.nan), cfg.rounds, time.perf_counter() - clock["start"])
+    return MethodSummary.from_row({"method": method, **last}, cfg.rounds, time.perf_counter() - clock["start"])
 
 
 def run_flower_method(exp: Experiment, method: str, run_dir: Path) -> MethodSummary:

@@ -62,11 +62,15 @@ class AlgorithmStrategy(Strategy):
         Valid updates needed to aggregate; fewer keep the global model.
     node_wait_s
         How long the first round waits for ``num_nodes`` nodes before going on with those connected.
+    method
+        The method label clients build their half from (default ``algorithm.name``; ``"fcmoe/no-projection"``
+        for a variant).
     """
 
     def __init__(self, algorithm: Algorithm, config_text: str, num_nodes: int, min_updates: int = 1,
-                 node_wait_s: float = 600.0) -> None:
+                 node_wait_s: float = 600.0, method: str = "") -> None:
         self.algorithm = algorithm
+        self.method = method or algorithm.name
         self.node_wait_s = node_wait_s
         self._waited = False  # the initial wait for num_nodes happens once
         self.config_text = config_text
@@ -144,12 +148,12 @@ class AlgorithmStrategy(Strategy):
         return MetricRecord({"local_acc_mean": sum(accs) / len(accs)}) if accs else None
 
     def summary(self) -> None:
-        log.info("fcmoe strategy: %s over %d nodes", self.algorithm.name, self.num_nodes)
+        log.info("fcmoe strategy: %s over %d nodes", self.method, self.num_nodes)
 
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, config: ConfigRecord, trained: bool = True) -> ConfigRecord:
         values: dict[str, Any] = dict(config)
-        values.update({"server-round": server_round, "method": self.algorithm.name,
+        values.update({"server-round": server_round, "method": self.method,
                        "fcmoe-config": self.config_text, "trained": trained})
         return ConfigRecord(values)
 
@@ -162,8 +166,8 @@ class AlgorithmStrategy(Strategy):
         """
         if not self._waited:
             deadline = time.monotonic() + self.node_wait_s
-            while len(list(grid.get_node_ids())) < self.num_nodes and time.monotonic() < deadline:
-                log.info("waiting for nodes: %d of %d connected", len(list(grid.get_node_ids())), self.num_nodes)
+            while (connected := len(list(grid.get_node_ids()))) < self.num_nodes and time.monotonic() < deadline:
+                log.info("waiting for nodes: %d of %d connected", connected, self.num_nodes)
                 time.sleep(1.0)
             self._waited = True
         nodes = sorted(grid.get_node_ids())

@@ -1,1 +1,1 @@
-"""Reporting: tables now; plots and HTML reports come with the sweep command."""
+"""Reporting: the end-of-run table, figures, and the sweep report (tables, figures, report.md / .html)."""

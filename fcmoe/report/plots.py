@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -41,6 +42,73 @@ def partition_heatmap(counts: np.ndarray, label_names: Sequence[str], path: Path
                         color="black" if counts[i, j] > threshold else "white")
     fig.colorbar(image, ax=ax, label="documents")
     ax.set_title(title or "documents per client and label", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+Curve = tuple[Sequence[int], Sequence[float], Sequence[float]]  # rounds, mean, std (over seeds)
+
+
+def curve_grid(panels: Sequence[Sequence[tuple[str, dict[str, Curve]]]], row_labels: Sequence[str], path: Path,
+               title: str = "") -> Path:
+    """A grid of line plots, each line its mean over seeds with a ±std band.
+
+    Parameters
+    ----------
+    panels
+        ``panels[r][c] = (panel title, {line label: (rounds, mean, std)})``; every row has the same length.
+    row_labels
+        The y-axis label of each row (e.g. "global accuracy").
+    """
+    rows, cols = len(panels), max(len(row) for row in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for r, row in enumerate(panels):
+        for c, (panel_title, lines) in enumerate(row):
+            ax = axes[r][c]
+            for label, (rounds, mean, std) in lines.items():
+                mean_a, std_a = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+                (line,) = ax.plot(rounds, mean_a, marker="o", markersize=3, label=label)
+                ax.fill_between(rounds, mean_a - std_a, mean_a + std_a, color=line.get_color(), alpha=0.18)
+            ax.set_title(panel_title, fontsize=10)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("round")
+            ax.set_ylabel(row_labels[r])
+            ax.grid(alpha=0.3)
+            if lines:
+                ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def utilisation_heatmaps(shares: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
+    """Clients × experts heatmaps of routing shares, one panel per MoE layer.
+
+    Parameters
+    ----------
+    shares
+        MoE layer → ``[clients, E]``: each client's share of its tokens routed to each expert (rows sum to 1).
+    """
+    if not shares:
+        raise ValueError("no MoE layer to plot: the runs recorded no per-client routing")
+    fig, axes = plt.subplots(1, len(shares), figsize=(3.2 + 2.6 * len(shares), 3.6), squeeze=False)
+    for ax, (layer, grid) in zip(axes[0], shares.items()):
+        grid = np.asarray(grid, dtype=float)
+        image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=max(float(grid.max()), 1e-9))
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("client")
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(grid.shape[0]))
+        ax.tick_params(labelsize=7)
+        fig.colorbar(image, ax=ax, label="share of tokens")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from fcmoe.algorithms import ALGORITHMS, Algorithm, ClientUpdate
+from fcmoe.algorithms import Algorithm, ClientUpdate
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
 from fcmoe.rounds import (finish_client, global_accuracy, initial_client_state, local_accuracy, round_metrics,
@@ -37,13 +37,23 @@ class MethodSummary:
     local_acc_std: float
     rounds: int
     wall_s: float
+    local_model_global_acc_mean: float = float("nan")  # each client's local model on the global test set
+    local_model_global_acc_std: float = float("nan")
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float) -> MethodSummary:
+        """The summary of a run whose last ``metrics.jsonl`` row is ``row``."""
+        nan = float("nan")
+        return cls(row["method"], row.get("global_acc", nan), row.get("local_acc_mean", nan),
+                   row.get("local_acc_std", nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
+                   row.get("local_model_global_acc_std", nan))
 
 
 def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: RoundCallback | None = None,
                ) -> tuple[MethodSummary, Tree]:
     """Run ``method`` for ``config.rounds`` rounds from the shared initial state; return its summary and model."""
     cfg = exp.config
-    algo: Algorithm = ALGORITHMS.get(method)(cfg.algorithm_config(method), exp.built.layout)
+    algo: Algorithm = cfg.make_algorithm(method, exp.built.layout)
     trainer = exp.trainer
     global_state: Tree = exp.initial_state
     client_states: list[dict[str, Any]] = [initial_client_state(cfg.seed, i) for i in range(exp.num_clients)]
@@ -55,7 +65,8 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
         updates: list[ClientUpdate] = []
         for cid in range(exp.num_clients):
             updates.append(train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
-                                        cfg.seed, round_index, cid))
+                                        cfg.seed, round_index, cid,
+                                        exp.global_test if round_index == cfg.rounds else None))
             if on_progress:
                 on_progress(method, round_index, cid + 1)
         server = algo.aggregate(global_state, updates)
@@ -71,8 +82,7 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
         append_row(metrics_path, row)
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s", method, round_index,
                  row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"], row["wall_s"])
-    summary = MethodSummary(method, row["global_acc"], row["local_acc_mean"], row["local_acc_std"], cfg.rounds,
-                            time.perf_counter() - started)
+    summary = MethodSummary.from_row(row, cfg.rounds, time.perf_counter() - started)
     return summary, global_state
 
 

@@ -2,7 +2,8 @@
 
 Run folder contents: ``config.toml`` (resolved), ``partition.json`` (client rows + label histograms),
 ``partition.png`` (clients × labels heatmap), ``metrics.jsonl`` (one line per method and round), ``summary.json``
-(final figures per method).
+(final figures per method, written after each method: a rerun into the same folder resumes after the last
+finished method).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fcmoe.config import ExperimentConfig
+from fcmoe.config import ExperimentConfig, load_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.report.plots import partition_heatmap
-from fcmoe.sim.engine import MethodSummary, run_method
+from fcmoe.sim.engine import MethodSummary, RoundCallback, run_method
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +39,95 @@ def new_run_dir(out_dir: str | Path) -> Path:
     raise RuntimeError(f"could not create a run folder under {base}")
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool = True) -> list[MethodSummary]:
+def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool = True,
+                   on_progress: RoundCallback | None = None) -> list[MethodSummary]:
     """Prepare the shared inputs once, run every configured method, write the run folder.
 
     The data, partition and model are prepared before anything is written, so a data error leaves ``run_dir``
-    untouched.
+    untouched. A folder that already holds this experiment is resumed: methods listed in its ``summary.json`` are
+    kept, the ``metrics.jsonl`` rows of a method that was interrupted are dropped, and only the missing methods run.
+    ``on_progress`` (method, round, clients done) replaces the progress bar (a sweep draws its own).
     """
+    done = load_summaries(run_dir)
+    if done:
+        check_same_experiment(config, run_dir)
+    todo = [m for m in config.methods if m not in done]
+    if not todo:
+        return [done[m] for m in config.methods]
     exp = prepare_experiment(config)
-    config.save(run_dir / "config.toml")
+    methods = [*done, *(m for m in config.methods if m not in done)]
+    dataclasses.replace(config, methods=tuple(methods)).save(run_dir / "config.toml")
     save_partition(exp, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    summaries: list[MethodSummary] = []
-    total = len(config.methods) * config.rounds * exp.num_clients
+    keep_rows(metrics_path, set(done))
+    summaries = dict(done)
+    total = len(todo) * config.rounds * exp.num_clients
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not show_progress, transient=True) as progress:
+                  disable=not show_progress or on_progress is not None, transient=True) as progress:
         task = progress.add_task("starting", total=total)
 
-        def on_progress(method: str, round_index: int, clients_done: int) -> None:
+        def bar(method: str, round_index: int, clients_done: int) -> None:
             progress.update(task, advance=1, description=f"{method} round {round_index}/{config.rounds} "
                                                          f"client {clients_done}/{exp.num_clients}")
 
-        for method in config.methods:
+        for method in todo:
             if config.engine == "flower":
                 from fcmoe.fl.server_app import run_flower_method  # the only path into flwr
 
                 summary = run_flower_method(exp, method, run_dir)
             else:
-                summary, _ = run_method(exp, method, metrics_path, on_progress)
-            summaries.append(summary)
+                summary, _ = run_method(exp, method, metrics_path, on_progress or bar)
+            summaries[method] = summary
             (run_dir / "summary.json").write_text(json.dumps(
-                {"setup_s": exp.setup_s, "methods": {s.method: dataclasses.asdict(s) for s in summaries}}, indent=2))
-    return summaries
+                {"setup_s": exp.setup_s, "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}},
+                indent=2))
+    return [summaries[m] for m in config.methods]
+
+
+def load_summaries(run_dir: Path) -> dict[str, MethodSummary]:
+    """The finished methods of a run folder (its ``summary.json``), in the order they ran; ``{}`` if none."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        methods = json.loads(path.read_text())["methods"]
+        return {name: MethodSummary(**fields) for name, fields in methods.items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a fcmoe summary ({err}); delete it to rerun that folder") from None
+
+
+def check_same_experiment(config: ExperimentConfig, run_dir: Path) -> None:
+    """Raise unless ``run_dir/config.toml`` describes ``config`` (the method list and out_dir may differ)."""
+    saved = load_config(run_dir / "config.toml").to_dict()
+    wanted = config.to_dict()
+    for key in ("methods", "out_dir"):
+        saved.pop(key), wanted.pop(key)
+    if saved != wanted:
+        differing = sorted(_differences(saved, wanted))
+        raise ValueError(f"{run_dir} holds a different experiment ({', '.join(differing[:3])} differ); "
+                         "choose another output folder")
+
+
+def keep_rows(metrics_path: Path, methods: set[str]) -> None:
+    """Drop the ``metrics.jsonl`` rows of methods not in ``methods`` (left by an interrupted run)."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("method") in methods]
+    if len(kept) != len(lines):
+        log.info("%s: dropping %d rows of interrupted methods", metrics_path, len(lines) - len(kept))
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def save_partition(exp: Experiment, run_dir: Path) -> None:

@@ -1,0 +1,268 @@
+"""``fcmoe report``: the paper's tables and figures from run folders, as Markdown, CSV and one self-contained HTML.
+
+Output folder::
+
+    report.md, report.html     the same content; the HTML embeds every figure (base64), so it opens with no server
+    tables/*.csv               long form: method, alpha, metric, mean, std, n (n = seeds averaged)
+    figures/*.png              convergence, ablation, conflicts, expert utilisation, partitions
+
+Tables (DESIGN §2): I global accuracy per method × α; II the FC-MoE ablation; III local accuracy, both readings
+(each client's deployed model on its own test split; each client's local model after its local epoch on the global
+test set), mean ± std over clients; IV rounds to reach a target global accuracy.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fcmoe.report import plots
+from fcmoe.report.results import (ReportError, RunResult, Stat, alphas_of, curve, default_target, find_runs,
+                                  layer_curve, methods_of, rounds_to_target, stat)
+from fcmoe.report.table import DISPLAY_NAMES
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReportError", "build_report", "display_name"]
+
+
+@dataclass
+class ReportTable:
+    """A table as displayed (strings) and as data (long-form CSV records)."""
+
+    name: str  # file stem, e.g. "table1_global_accuracy"
+    title: str
+    caption: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    records: list[dict[str, object]] = field(default_factory=list)
+
+    def add_record(self, method: str, alpha: float, metric: str, value: Stat) -> str:
+        self.records.append({"method": method, "alpha": alpha, "metric": metric, "mean": value.mean,
+                             "std": value.std, "n": value.n})
+        return value.text()
+
+
+def display_name(method: str) -> str:
+    """``"fcmoe/no-projection"`` → ``"FC-MoE w/o projection"``."""
+    name, _, variant = method.partition("/")
+    base = DISPLAY_NAMES.get(name, name)
+    return f"{base} w/o {variant.removeprefix('no-')}" if variant else base
+
+
+def build_report(paths: Sequence[Path], out: Path | None = None, target: float | None = None) -> Path:
+    """Read every run under ``paths``, write the report into ``out`` (default ``paths[0]/report``); return the HTML.
+
+    Raises :class:`ReportError` when there is no finished run or a run folder cannot be read.
+    """
+    runs = find_runs(paths)
+    out = out or paths[0] / "report"
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    alphas, methods = alphas_of(runs), methods_of(runs)
+    main = [m for m in methods if "/" not in m]
+    tables = [global_table(runs, alphas, main), local_table(runs, alphas, main),
+              target_table(runs, alphas, main, target)]
+    ablation = [m for m in methods if "/" in m]
+    if ablation:
+        bases = list(dict.fromkeys(m.partition("/")[0] for m in ablation))
+        tables.insert(1, ablation_table(runs, alphas, [m for b in bases for m in (b, *ablation)
+                                                       if m == b or m.startswith(b + "/")]))
+    for table in tables:
+        write_csv(table, out / "tables" / f"{table.name}.csv")
+    figures = write_figures(runs, alphas, main, ablation, out / "figures")
+    header = describe(runs, alphas, methods)
+    (out / "report.md").write_text(markdown(header, tables, figures, out))
+    html_path = out / "report.html"
+    html_path.write_text(to_html(header, tables, figures))
+    log.info("report of %d runs written to %s", len(runs), out)
+    return html_path
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def global_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> ReportTable:
+    """Table I: final global accuracy, mean ± std over seeds, per method × α."""
+    table = ReportTable("table1_global_accuracy", "Table I: global accuracy",
+                        "Global model on the global test set after the last round; mean ± std over seeds.",
+                        ["method", *(f"α = {a:g}" for a in alphas)])
+    for method in methods:
+        table.rows.append([display_name(method), *(table.add_record(method, a, "global_acc",
+                                                                    stat(runs, method, a, "global_acc"))
+                                                   for a in alphas)])
+    return table
+
+
+def ablation_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> ReportTable:
+    """Table II: the full method and each variant, global and (personalised) local accuracy per α."""
+    table = ReportTable("table2_ablation", "Table II: ablation",
+                        "Global accuracy and mean local accuracy (each client's deployed model on its own test "
+                        "split); mean ± std over seeds.",
+                        ["method", *(f"{kind} α = {a:g}" for a in alphas for kind in ("global", "local"))])
+    for method in methods:
+        cells = []
+        for a in alphas:
+            cells.append(table.add_record(method, a, "global_acc", stat(runs, method, a, "global_acc")))
+            cells.append(table.add_record(method, a, "local_acc_mean", stat(runs, method, a, "local_acc_mean")))
+        table.rows.append([display_name(method), *cells])
+    return table
+
+
+def local_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> ReportTable:
+    """Table III: local accuracy, mean ± std over clients (each averaged over seeds), both readings."""
+    table = ReportTable(
+        "table3_local_accuracy", "Table III: local accuracy (mean ± std over clients)",
+        "deployed: each client's deployed model (FedAvg / FedMoE: the global model; FC-MoE: θ + λr_i; PFL-MoE: "
+        "the mixture) on its own test split. local model: each client's model after its local epoch of the last "
+        "round, on the global test set. Mean over clients ± std over clients, both averaged over seeds.",
+        ["method", *(f"{kind} α = {a:g}" for a in alphas for kind in ("deployed", "local model"))])
+    for method in methods:
+        cells = []
+        for a in alphas:
+            for prefix in ("local_acc", "local_model_global_acc"):
+                mean, spread = stat(runs, method, a, f"{prefix}_mean"), stat(runs, method, a, f"{prefix}_std")
+                table.add_record(method, a, f"{prefix}_mean", mean)
+                table.add_record(method, a, f"{prefix}_std", spread)
+                cells.append("—" if mean.n == 0 else f"{mean.mean:.4f} ± {spread.mean:.4f}")
+        table.rows.append([display_name(method), *cells])
+    return table
+
+
+def target_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str],
+                 target: float | None) -> ReportTable:
+    """Table IV: the first round whose seed-mean global accuracy reaches the target ("—": never)."""
+    targets = {a: target if target is not None else default_target(runs, a, methods) for a in alphas}
+    source = "given with --target" if target is not None else "FedAvg's final global accuracy at each α"
+    table = ReportTable("table4_rounds_to_target", "Table IV: rounds to reach the target global accuracy",
+                        f"Target ({source}): " + ", ".join(f"α = {a:g}: {t:.4f}" for a, t in targets.items())
+                        + ". Seed-mean curves; — = not reached.",
+                        ["method", *(f"α = {a:g}" for a in alphas)])
+    for method in methods:
+        cells = []
+        for a in alphas:
+            reached = rounds_to_target(runs, method, a, targets[a]) if math.isfinite(targets[a]) else None
+            table.records.append({"method": method, "alpha": a, "metric": "rounds_to_target",
+                                  "mean": reached if reached is not None else math.nan, "std": 0.0,
+                                  "n": 1 if reached is not None else 0, "target": targets[a]})
+            cells.append("—" if reached is None else str(reached))
+        table.rows.append([display_name(method), *cells])
+    return table
+
+
+def write_csv(table: ReportTable, path: Path) -> None:
+    fields = list(dict.fromkeys(k for record in table.records for k in record))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(table.records)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequence[str],
+                  ablation: Sequence[str], folder: Path) -> list[tuple[str, Path]]:
+    """Every figure the runs have data for, as (caption, path)."""
+    figures = []
+
+    def lines(methods: Sequence[str], alpha: float, key: str) -> dict[str, plots.Curve]:
+        out = {}
+        for m in methods:
+            rounds, stats = curve(runs, m, alpha, key)
+            if rounds:
+                out[display_name(m)] = (rounds, [s.mean for s in stats], [s.std for s in stats])
+        return out
+
+    for name, methods, caption in (("convergence", main, "Convergence: global and mean local accuracy per round "
+                                                         "(line: mean over seeds, band: ± std)"),
+                                   ("ablation_convergence", [m.partition("/")[0] for m in ablation[:1]]
+                                    + list(ablation), "Ablation convergence")):
+        if not methods:
+            continue
+        panels = [[(f"α = {a:g}", lines(methods, a, key)) for a in alphas] for key in ("global_acc", "local_acc_mean")]
+        figures.append((caption, plots.curve_grid(panels, ["global accuracy", "local accuracy"],
+                                                  folder / f"{name}.png")))
+    conflict_method = "fcmoe" if "fcmoe" in main else None
+    if conflict_method and any(r.get("conflict_rate_per_layer") for run in runs for r in run.rows):
+        panels = []
+        for key in ("conflict_rate_per_layer", "mean_cosine_per_layer"):
+            row = []
+            for a in alphas:
+                per_layer = layer_curve(runs, conflict_method, a, key)
+                row.append((f"α = {a:g}", {layer: (r, [s.mean for s in st], [s.std for s in st])
+                                           for layer, (r, st) in per_layer.items()}))
+            panels.append(row)
+        figures.append(("FC-MoE per MoE layer: share of (client, expert) pairs projected (cos < τ) and mean cosine "
+                        "of client updates to the consensus direction",
+                        plots.curve_grid(panels, ["conflict rate", "mean cosine to consensus"],
+                                         folder / "conflicts.png")))
+    for a in alphas:
+        first = next((r for r in runs if r.alpha == a), None)
+        if first is None:
+            continue
+        method = conflict_method or next(iter(first.summaries))
+        last = first.method_rows(method)[-1:] or [{}]
+        shares = last[0].get("client_utilisation") or {}
+        if shares:
+            path = folder / f"utilisation_alpha{a:g}.png"
+            plots.utilisation_heatmaps({layer: np.asarray(grid) for layer, grid in shares.items()}, path,
+                                       f"{display_name(method)}, α = {a:g}, seed {first.seed}, round "
+                                       f"{last[0]['round']}: share of each client's tokens per expert")
+            figures.append((f"Expert utilisation (clients × experts), α = {a:g}", path))
+        if (first.path / "partition.png").is_file():
+            path = folder / f"partition_alpha{a:g}.png"
+            shutil.copyfile(first.path / "partition.png", path)
+            figures.append((f"Partition (documents per client and label), α = {a:g}, seed {first.seed}", path))
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------- documents
+def describe(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> list[str]:
+    seeds = sorted({r.seed for r in runs})
+    rounds = sorted({int(s.get("rounds", 0)) for r in runs for s in r.summaries.values()})
+    return [f"{len(runs)} run folders: α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}, seeds {seeds}, "
+            f"rounds {', '.join(map(str, rounds))}",
+            "methods: " + ", ".join(display_name(m) for m in methods),
+            "runs: " + ", ".join(sorted({str(r.path.parent) for r in runs}))]
+
+
+def markdown(header: Sequence[str], tables: Sequence[ReportTable], figures: Sequence[tuple[str, Path]],
+             out: Path) -> str:
+    lines = ["# fcmoe report", "", *(f"- {h}" for h in header), ""]
+    for table in tables:
+        lines += [f"## {table.title}", "", table.caption, "", "| " + " | ".join(table.columns) + " |",
+                  "|" + "|".join("---" for _ in table.columns) + "|",
+                  *("| " + " | ".join(row) + " |" for row in table.rows), "",
+                  f"CSV: `tables/{table.name}.csv`", ""]
+    lines += ["## Figures", ""]
+    for caption, path in figures:
+        lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(out).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def to_html(header: Sequence[str], tables: Sequence[ReportTable], figures: Sequence[tuple[str, Path]]) -> str:
+    """One HTML file with every figure embedded as a base64 PNG: it opens in a browser with no server."""
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>fcmoe report</title>',
+             "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #bbb;padding:4px 8px;"
+             "text-align:right}th:first-child,td:first-child{text-align:left}th{background:#eef}"
+             "img{max-width:100%;border:1px solid #ddd}.caption{color:#444}</style></head><body>",
+             "<h1>fcmoe report</h1><ul>", *(f"<li>{esc(h)}</li>" for h in header), "</ul>"]
+    for table in tables:
+        parts += [f"<h2>{esc(table.title)}</h2>", f'<p class="caption">{esc(table.caption)}</p>', "<table><tr>",
+                  *(f"<th>{esc(c)}</th>" for c in table.columns), "</tr>",
+                  *("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in table.rows),
+                  "</table>"]
+    parts.append("<h2>Figures</h2>")
+    for caption, path in figures:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts += [f"<h3>{esc(caption)}</h3>", f'<img alt="{esc(caption)}" src="data:image/png;base64,{data}">']
+    parts.append("</body></html>")
+    return "\n".join(parts)

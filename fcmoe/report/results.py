@@ -1,0 +1,137 @@
+"""Results of finished runs, loaded from their folders and reduced to the report's tables.
+
+A run folder (``fcmoe run`` or one cell of ``fcmoe sweep``) holds ``config.toml``, ``summary.json`` (final figures
+per method) and ``metrics.jsonl`` (one row per method and round). Tables reduce over seeds: a cell is the mean over
+the runs (seeds) at one α of a ``summary.json`` value, ± its standard deviation over seeds (n − 1 denominator; 0
+for a single seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ReportError(ValueError):
+    """Nothing to report, or a run folder that cannot be read."""
+
+
+@dataclass
+class RunResult:
+    """One run folder: its grid coordinates, final figures per method and per-round rows."""
+
+    path: Path
+    alpha: float
+    seed: int
+    summaries: dict[str, dict[str, Any]]  # method → summary.json fields
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
+
+    def method_rows(self, method: str) -> list[dict[str, Any]]:
+        return sorted((r for r in self.rows if r.get("method") == method), key=lambda r: r["round"])
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean ± std over ``n`` values (seeds)."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            return cls(math.nan, math.nan, 0)
+        std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        return cls(statistics.fmean(finite), std, len(finite))
+
+    def text(self) -> str:
+        return "—" if self.n == 0 else f"{self.mean:.4f} ± {self.std:.4f}"
+
+
+def find_runs(paths: Iterable[Path]) -> list[RunResult]:
+    """Every run folder at or under ``paths`` (a folder with ``summary.json``), sorted by (α, seed, path)."""
+    folders: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise ReportError(f"{path} is not a folder; pass run folders or a sweep folder")
+        folders += sorted(p.parent for p in path.rglob("summary.json"))
+    if not folders:
+        raise ReportError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}")
+    runs = [load_run(folder) for folder in dict.fromkeys(folders)]
+    return sorted(runs, key=lambda r: (r.alpha, r.seed, str(r.path)))
+
+
+def load_run(folder: Path) -> RunResult:
+    """Read one run folder."""
+    try:
+        config = tomllib.loads((folder / "config.toml").read_text())
+        summaries = json.loads((folder / "summary.json").read_text())["methods"]
+        metrics = folder / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.is_file() else []
+    except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ReportError(f"cannot read run folder {folder}: {err}") from None
+    finished = set(summaries)
+    rows = [r for r in rows if r.get("method") in finished]  # rows of an interrupted method are not results
+    return RunResult(folder, float(config["partition"]["alpha"]), int(config["seed"]), summaries, rows)
+
+
+def alphas_of(runs: Sequence[RunResult]) -> list[float]:
+    return sorted({r.alpha for r in runs})
+
+
+def methods_of(runs: Sequence[RunResult]) -> list[str]:
+    """Every method in first-seen order (the order the runs listed them)."""
+    return list(dict.fromkeys(m for r in runs for m in r.summaries))
+
+
+def stat(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> Stat:
+    """Mean ± std over the runs at ``alpha`` of ``summary.json``'s ``methods[method][key]``."""
+    return Stat.of([r.summaries[method].get(key, math.nan) for r in runs
+                    if r.alpha == alpha and method in r.summaries])
+
+
+def curve(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> tuple[list[int], list[Stat]]:
+    """Per round, mean ± std over seeds of a ``metrics.jsonl`` value."""
+    by_round: dict[int, list[float]] = {}
+    for run in runs:
+        if run.alpha == alpha:
+            for row in run.method_rows(method):
+                by_round.setdefault(int(row["round"]), []).append(float(row.get(key, math.nan)))
+    rounds = sorted(by_round)
+    return rounds, [Stat.of(by_round[t]) for t in rounds]
+
+
+def layer_curve(runs: Sequence[RunResult], method: str, alpha: float, key: str,
+                ) -> dict[str, tuple[list[int], list[Stat]]]:
+    """Per MoE layer of a per-layer metric (e.g. ``conflict_rate_per_layer``), the curve over rounds."""
+    per_layer: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        if run.alpha == alpha:
+            for row in run.method_rows(method):
+                for layer, value in (row.get(key) or {}).items():
+                    per_layer.setdefault(layer, {}).setdefault(int(row["round"]), []).append(float(value))
+    return {layer: (sorted(rounds), [Stat.of(rounds[t]) for t in sorted(rounds)])
+            for layer, rounds in per_layer.items()}
+
+
+def rounds_to_target(runs: Sequence[RunResult], method: str, alpha: float, target: float) -> int | None:
+    """First round whose seed-mean global accuracy reaches ``target``; None if it never does."""
+    rounds, stats = curve(runs, method, alpha, "global_acc")
+    return next((t for t, s in zip(rounds, stats) if s.n and s.mean >= target - 1e-12), None)
+
+
+def default_target(runs: Sequence[RunResult], alpha: float, methods: Sequence[str]) -> float:
+    """FedAvg's final seed-mean global accuracy at ``alpha`` (else the lowest final one among ``methods``)."""
+    if "fedavg" in methods:
+        return stat(runs, "fedavg", alpha, "global_acc").mean
+    finals = [stat(runs, m, alpha, "global_acc").mean for m in methods]
+    return min((f for f in finals if math.isfinite(f)), default=math.nan)

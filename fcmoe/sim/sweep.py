@@ -1,0 +1,104 @@
+"""A grid of experiments, ``fcmoe sweep``: every (α, seed) cell is one run folder holding every method.
+
+Layout of a sweep folder::
+
+    sweep.toml                 the grid (alphas, seeds, methods) and the base config it was started with
+    alpha0.1-seed0/            one run folder per cell (see :mod:`fcmoe.sim.run`): the methods of a cell share its
+    alpha0.5-seed0/ …          data, partition and initial model, so they differ only by the algorithm
+
+Cells run seed-major (every α of seed 0 first), so an interrupted sweep already has complete rows for the seeds it
+finished. Running the same command again resumes: finished cells are skipped, a half-done cell runs only its
+missing methods, and the ``metrics.jsonl`` rows of a method that was interrupted are dropped and rerun. Adding a
+method or a seed to the command extends the sweep; changing anything else into the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from fcmoe.config import ConfigError, ExperimentConfig
+from fcmoe.sim.run import check_same_experiment, load_summaries, run_experiment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: its folder name and its experiment."""
+
+    name: str
+    config: ExperimentConfig
+
+
+def sweep_cells(base: ExperimentConfig, alphas: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
+    """The grid, seed-major: ``alpha{α}-seed{s}`` with ``partition.alpha = α`` and ``seed = s``.
+
+    An empty ``alphas`` keeps the base partition (any kind); a non-empty one needs a Dirichlet partition.
+    """
+    if not seeds:
+        raise ConfigError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
+    if alphas and base.partition.kind != "dirichlet":
+        raise ConfigError(f"--alphas needs partition.kind = \"dirichlet\", the config has {base.partition.kind!r}; "
+                          "drop --alphas or set partition.kind")
+    for alpha in alphas:
+        if not alpha > 0:
+            raise ConfigError(f"--alphas: α = {alpha} must be > 0 (Dirichlet concentration, e.g. 0.1,0.5,1.0)")
+    for values, flag in ((alphas, "--alphas"), (seeds, "--seeds")):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{flag} lists a value twice: {list(values)}")
+    cells = []
+    for seed in seeds:
+        for alpha in alphas or [base.partition.alpha]:
+            config = dataclasses.replace(base, seed=seed,
+                                         partition=dataclasses.replace(base.partition, alpha=float(alpha)))
+            cells.append(Cell(f"alpha{float(alpha):g}-seed{seed}", config))
+    return cells
+
+
+def run_sweep(base: ExperimentConfig, alphas: Sequence[float], seeds: Sequence[int], sweep_dir: Path,
+              show_progress: bool = True) -> list[Path]:
+    """Run (or resume) every cell of the grid under ``sweep_dir``; return the cell folders in grid order."""
+    cells = sweep_cells(base, alphas, seeds)
+    for cell in cells:  # refuse before any work, even when the folder is complete
+        if (sweep_dir / cell.name / "config.toml").is_file():
+            check_same_experiment(cell.config, sweep_dir / cell.name)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.toml").write_text(tomli_w.dumps(
+        {"alphas": [float(a) for a in alphas], "seeds": list(seeds), "methods": list(base.methods),
+         "base": base.to_dict()}))
+    todo = {cell.name: [m for m in cell.config.methods if m not in load_summaries(sweep_dir / cell.name)]
+            for cell in cells}
+    total_runs = len(cells) * len(base.methods)
+    runs_done = total_runs - sum(len(m) for m in todo.values())
+    log.info("sweep %s: %d cells, %d of %d runs already done", sweep_dir, len(cells), runs_done, total_runs)
+    steps = sum(len(todo[c.name]) * c.config.rounds * c.config.partition.num_clients for c in cells)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), disable=not show_progress) as progress:
+        task = progress.add_task("sweep", total=steps)
+        for cell in cells:
+            if not todo[cell.name]:
+                continue
+            cell_dir = sweep_dir / cell.name
+            cell_dir.mkdir(exist_ok=True)
+            started = time.perf_counter()
+            runs_before = total_runs - sum(len(m) for m in todo.values())
+
+            def advance(method: str, round_index: int, clients_done: int, cell: Cell = cell) -> None:
+                done = runs_before + todo[cell.name].index(method)
+                progress.update(task, advance=1, description=f"runs {done}/{total_runs} · {cell.name} {method} "
+                                                             f"round {round_index}/{cell.config.rounds}")
+
+            summaries = run_experiment(cell.config, cell_dir, show_progress=False, on_progress=advance)
+            todo[cell.name] = []
+            log.info("%s done in %.0f s: %s", cell.name, time.perf_counter() - started,
+                     ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
+    return [sweep_dir / cell.name for cell in cells]

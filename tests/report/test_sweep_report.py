@@ -1,0 +1,188 @@
+"""``fcmoe sweep`` and ``fcmoe report`` on a tiny synthetic sweep: 2 methods × 2 α × 2 seeds, tiny model."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html.parser
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+import fcmoe.sim.run
+from fcmoe.cli import main
+from fcmoe.config import ConfigError, load_config
+from fcmoe.report.build import build_report
+from fcmoe.sim.sweep import run_sweep, sweep_cells
+from tests.sim.test_engine import TINY
+
+METHODS = ["fedavg", "fcmoe"]
+ALPHAS = [0.1, 1.0]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sweep")
+    config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
+    run_sweep(config, ALPHAS, SEEDS, folder, show_progress=False)
+    return folder
+
+
+def _summaries(sweep_dir: Path) -> dict[tuple[float, int], dict]:
+    return {(a, s): json.loads((sweep_dir / f"alpha{a:g}-seed{s}" / "summary.json").read_text())["methods"]
+            for a in ALPHAS for s in SEEDS}
+
+
+def _csv(path: Path) -> dict[tuple[str, float, str], dict[str, str]]:
+    with path.open() as fh:
+        return {(r["method"], float(r["alpha"]), r["metric"]): r for r in csv.DictReader(fh)}
+
+
+def test_sweep_grid_is_seed_major_and_each_cell_holds_its_alpha_and_seed(sweep_dir: Path) -> None:
+    cells = sweep_cells(load_config(overrides=TINY), ALPHAS, SEEDS)
+    assert [c.name for c in cells] == ["alpha0.1-seed0", "alpha1-seed0", "alpha0.1-seed1", "alpha1-seed1"]
+    for cell in cells:
+        saved = load_config(sweep_dir / cell.name / "config.toml")
+        assert (saved.partition.alpha, saved.seed) == (cell.config.partition.alpha, cell.config.seed)
+        assert list(saved.methods) == METHODS
+    partitions = [json.loads((sweep_dir / f"alpha0.1-seed{s}" / "partition.json").read_text())["clients"]
+                  for s in SEEDS]
+    assert partitions[0] != partitions[1]  # another seed draws another partition
+
+
+def test_every_table_cell_is_the_mean_over_seeds_of_summary_json(sweep_dir: Path, tmp_path: Path) -> None:
+    build_report([sweep_dir], tmp_path)
+    summaries = _summaries(sweep_dir)
+    table1 = _csv(tmp_path / "tables" / "table1_global_accuracy.csv")
+    table3 = _csv(tmp_path / "tables" / "table3_local_accuracy.csv")
+    assert len(table1) == len(METHODS) * len(ALPHAS)
+    assert len(table3) == len(METHODS) * len(ALPHAS) * 4
+    markdown = (tmp_path / "report.md").read_text()
+    for method in METHODS:
+        for alpha in ALPHAS:
+            for table, metric in ((table1, "global_acc"), (table3, "local_acc_mean"), (table3, "local_acc_std"),
+                                  (table3, "local_model_global_acc_mean")):
+                values = [summaries[(alpha, s)][method][metric] for s in SEEDS]
+                row = table[(method, alpha, metric)]
+                assert float(row["mean"]) == pytest.approx(statistics.fmean(values), abs=1e-12)
+                assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+                assert int(row["n"]) == len(SEEDS)
+            mean = statistics.fmean(summaries[(alpha, s)][method]["global_acc"] for s in SEEDS)
+            assert f"{mean:.4f} ± " in markdown
+    assert "Table II:" not in markdown  # no variant ran, so no ablation table
+
+
+def test_report_writes_nonempty_figures_and_an_html_that_embeds_them(sweep_dir: Path, tmp_path: Path) -> None:
+    html_path = build_report([sweep_dir], tmp_path)
+    figures = sorted((tmp_path / "figures").glob("*.png"))
+    names = {p.name for p in figures}
+    assert {"convergence.png", "conflicts.png", "utilisation_alpha0.1.png", "utilisation_alpha1.png",
+            "partition_alpha0.1.png", "partition_alpha1.png"} <= names
+    assert all(p.stat().st_size > 10_000 for p in figures)
+
+    class Parser(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.images: list[bytes] = []
+            self.cells = 0
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            src = dict(attrs).get("src") or ""
+            if tag == "img" and src.startswith("data:image/png;base64,"):
+                self.images.append(base64.b64decode(src.split(",", 1)[1]))
+            self.cells += tag == "td"
+
+    parser = Parser()
+    parser.feed(html_path.read_text())
+    assert len(parser.images) == len(figures)  # every figure embedded: the file opens with no server
+    assert all(image.startswith(b"\x89PNG") for image in parser.images)
+    assert parser.cells == len(METHODS) * (3 + 4 * len(ALPHAS))  # tables I, III (2 columns per α) and IV
+
+
+def test_resuming_a_half_done_sweep_runs_only_the_missing_runs(sweep_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, folder)
+    # cell A lost its last method mid-run (summary without it, a partial metrics row); cell B never started
+    cell_a, cell_b = folder / "alpha1-seed0", folder / "alpha1-seed1"
+    summary = json.loads((cell_a / "summary.json").read_text())
+    del summary["methods"]["fcmoe"]
+    (cell_a / "summary.json").write_text(json.dumps(summary))
+    with (cell_a / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"method": "fcmoe", "round": 1, "global_acc": 0.99}) + "\n")
+    shutil.rmtree(cell_b)
+    untouched = (folder / "alpha0.1-seed0" / "metrics.jsonl").read_bytes()
+    calls: list[tuple[str, str]] = []
+    real = fcmoe.sim.run.run_method
+
+    def spy(exp, method, metrics_path, on_progress=None):  # type: ignore[no-untyped-def]
+        calls.append((metrics_path.parent.name, method))
+        return real(exp, method, metrics_path, on_progress)
+
+    monkeypatch.setattr(fcmoe.sim.run, "run_method", spy)
+    config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
+    run_sweep(config, ALPHAS, SEEDS, folder, show_progress=False)
+    assert calls == [("alpha1-seed0", "fcmoe"), ("alpha1-seed1", "fedavg"), ("alpha1-seed1", "fcmoe")]
+    assert (folder / "alpha0.1-seed0" / "metrics.jsonl").read_bytes() == untouched
+    rows = [json.loads(line) for line in (cell_a / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in rows] == [(m, t) for m in METHODS for t in (1, 2)]
+    assert all(r["global_acc"] != 0.99 for r in rows)
+    # resumed and uninterrupted runs agree: the in-process engine is deterministic on CPU
+    assert _summaries(folder)[(1.0, 0)]["fcmoe"]["global_acc"] == _summaries(sweep_dir)[(1.0, 0)]["fcmoe"]["global_acc"]
+    calls.clear()
+    run_sweep(config, ALPHAS, SEEDS, folder, show_progress=False)
+    assert calls == []  # everything done: nothing reruns
+
+
+def test_sweep_refuses_a_folder_of_another_experiment(sweep_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, folder)
+    config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]', "train.lr=0.5"])
+    with pytest.raises(ValueError, match=r"different experiment \(train.lr differ\)"):
+        run_sweep(config, ALPHAS, SEEDS, folder, show_progress=False)
+
+
+def test_ablation_variants_run_in_the_same_experiment_and_fill_table_ii(tmp_path: Path) -> None:
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    code = main(["sweep", *sets, "--set", "rounds=1", "--methods", "fcmoe,fcmoe/no-projection,fcmoe/no-retention",
+                 "--seeds", "0", "--out", str(tmp_path / "abl"), "--quiet"])
+    assert code == 0
+    table = _csv(tmp_path / "abl" / "report" / "tables" / "table2_ablation.csv")
+    assert {m for m, _, _ in table} == {"fcmoe", "fcmoe/no-projection", "fcmoe/no-retention"}
+    assert "FC-MoE w/o projection" in (tmp_path / "abl" / "report" / "report.md").read_text()
+
+
+def test_method_variants_are_validated_and_applied() -> None:
+    config = load_config(overrides=['methods=["fcmoe", "fcmoe/no-projection", "fcmoe/no-importance"]'])
+    assert config.algorithm_config("fcmoe").projection is True
+    assert config.algorithm_config("fcmoe/no-projection").projection is False
+    assert config.algorithm_config("fcmoe/no-importance").importance == "size"
+    with pytest.raises(ConfigError, match="unknown variant 'fcmoe/no-such'.*fcmoe/no-projection"):
+        load_config(overrides=['methods=["fcmoe/no-such"]'])
+    with pytest.raises(ConfigError, match="unknown variant 'fedavg/x'"):
+        load_config(overrides=['methods=["fedavg/x"]'])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--alphas", "0.1,-1"], "α = -1.0 must be > 0"),
+    (["--alphas", "0.1,zero"], "expected comma-separated numbers"),
+    (["--seeds", "0,0"], "--seeds lists a value twice"),
+    (["--alphas", "0.5", "--set", 'partition.kind="iid"'], "--alphas needs partition.kind"),
+])
+def test_sweep_rejects_a_bad_grid_before_any_work(args: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", *args, "--out", str(tmp_path / "s")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no finished run" in capsys.readouterr().err
