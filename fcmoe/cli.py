@@ -39,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     sweep.add_argument("--methods", help="comma-separated methods, variants too, e.g. fcmoe,fcmoe/no-projection")
-    sweep.add_argument("--alphas", default="", help="comma-separated Dirichlet α values, e.g. 0.1,0.5,1.0 "
-                                                    "(default: the config's)")
-    sweep.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    sweep.add_argument("--alphas", help="comma-separated Dirichlet α values, e.g. 0.1,0.5,1.0 "
+                                        "(default: the config's sweep.alphas, else its partition.alpha)")
+    sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the config's sweep.seeds, "
+                                       "else 0)")
     sweep.add_argument("--out", help="the sweep folder; rerun the same command to resume "
                                      "(default: runs/sweep-<config name>)")
     sweep.add_argument("--no-report", action="store_true", help="do not build the report at the end")
@@ -109,7 +110,8 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        alphas, seeds = _numbers(args.alphas, float, "--alphas"), _numbers(args.seeds, int, "--seeds")
+        alphas = _numbers(args.alphas, float, "--alphas") if args.alphas else list(config.sweep.alphas)
+        seeds = _numbers(args.seeds, int, "--seeds") if args.seeds else list(config.sweep.seeds)
         sweep_cells(config, alphas, seeds)  # validate the grid before any work
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)

@@ -151,6 +151,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """The grid ``fcmoe sweep`` runs when no ``--alphas`` / ``--seeds`` is given (``fcmoe run`` ignores it)."""
+
+    alphas: tuple[float, ...] = ()  # Dirichlet α values; empty = the partition's own
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        for alpha in self.alphas:
+            if not alpha > 0:
+                raise ConfigError(f"sweep.alphas: α = {alpha} must be > 0 (e.g. alphas = [0.1, 0.5, 1.0])")
+        if not self.seeds:
+            raise ConfigError("sweep.seeds is empty: list at least one seed, e.g. seeds = [0, 1, 2]")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every listed method on the same data, partition, model initialisation and budget."""
 
@@ -163,6 +178,7 @@ class ExperimentConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     algorithms: Mapping[str, AlgorithmConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -226,7 +242,7 @@ def split_method(method: str) -> tuple[str, str]:
     return name, variant
 _TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
-                              "train": TrainConfig}
+                              "train": TrainConfig, "sweep": SweepConfig}
 
 
 def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:

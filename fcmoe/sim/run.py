@@ -97,11 +97,11 @@ def load_summaries(run_dir: Path) -> dict[str, MethodSummary]:
 
 
 def check_same_experiment(config: ExperimentConfig, run_dir: Path) -> None:
-    """Raise unless ``run_dir/config.toml`` describes ``config`` (the method list and out_dir may differ)."""
+    """Raise unless ``run_dir/config.toml`` describes ``config`` (methods, out_dir and the sweep grid may differ)."""
     saved = load_config(run_dir / "config.toml").to_dict()
     wanted = config.to_dict()
-    for key in ("methods", "out_dir"):
-        saved.pop(key), wanted.pop(key)
+    for key in ("methods", "out_dir", "sweep"):
+        saved.pop(key, None), wanted.pop(key, None)
     if saved != wanted:
         differing = sorted(_differences(saved, wanted))
         raise ValueError(f"{run_dir} holds a different experiment ({', '.join(differing[:3])} differ); "

@@ -186,3 +186,14 @@ def test_sweep_rejects_a_bad_grid_before_any_work(args: list[str], message: str,
 def test_report_of_nothing_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 1
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_the_config_sweep_section_is_the_default_grid(tmp_path: Path) -> None:
+    config_file = tmp_path / "grid.toml"
+    config_file.write_text('methods = ["fedavg"]\n\n[sweep]\nalphas = [0.1, 1.0]\nseeds = [3]\n')
+    sets = [arg for item in [*TINY, "rounds=1"] for arg in ("--set", item)]
+    assert main(["sweep", "--config", str(config_file), *sets, "--out", str(tmp_path / "s"), "--no-report",
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["alpha0.1-seed3", "alpha1-seed3"]
+    with pytest.raises(ConfigError, match="sweep.alphas: α = 0.0 must be > 0"):
+        load_config(overrides=["sweep.alphas=[0.0]"])
