@@ -111,7 +111,12 @@ class Algorithm:
         """FedAvg step on ``keys`` only."""
         return fedavg_step(global_state, [u.delta for u in updates], [u.num_samples for u in updates], keys)
 
-    @staticmethod
-    def stack_experts(layout: ExpertLayout, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor:
-        """Client expert updates of one MoE layer as ``[N, E, P]``."""
-        return torch.stack([layout.gather_experts(u.delta, layer) for u in updates])
+    def stack_experts(self, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor:
+        """Client expert updates of one MoE layer as ``[N, E, P]``: a transposed view of an expert-major buffer.
+
+        The buffer is reused by the next call (the next layer, the next round): read the result before calling
+        again. Holding one layer's N·E·P values between rounds saves the page faults of a fresh allocation.
+        """
+        self._workspace = self.layout.gather_experts_batched([u.delta for u in updates], layer,
+                                                             getattr(self, "_workspace", None))
+        return self._workspace.transpose(0, 1)

@@ -129,14 +129,14 @@ class FCMoE(Algorithm):
         messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
         conflict_rate, mean_cosine, projected_weight = {}, {}, {}
         for layer in layout.layers:
-            deltas = self.stack_experts(layout, updates, layer)  # [N, E, P]
+            deltas = self.stack_experts(updates, layer)  # [N, E, P], a view of an [E, N, P] buffer
             freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
-            norms = torch.linalg.vector_norm(deltas.float(), dim=-1)  # [N, E]
+            norms = torch.linalg.vector_norm(deltas.transpose(0, 1).float(), dim=-1).T  # [N, E]
             weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
-            coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0)
+            coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0, norms)
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
-            step = cfg.server_lr * scale[:, None] * coeffs.consensus  # [E, P]; zero for unused experts
-            state = layout.scatter_experts(state, layer, layout.gather_experts(global_state, layer) + step)
+            # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
+            state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)
             scalars = coeffs.coefficient / (cfg.server_lr * scale)[None, :]  # [N, E]  ρ_i = s_i · step
             for i, update in enumerate(updates):
                 messages[update.client_id][layer.name] = scalars[i].to(torch.float32)

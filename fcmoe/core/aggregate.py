@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fcmoe.core.tree import Tree, weighted_mean, weighted_sum
+from fcmoe.core.tree import Tree, weighted_mean
 
 
 def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_{i,k} Δ_{i,k} for every expert k at once.
+    """Σ_i w_{i,k} Δ_{i,k} for every expert k at once: one batched matrix product, one read of the deltas.
 
     Parameters
     ----------
@@ -26,8 +26,9 @@ def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.T
     """
     if weights.shape != deltas.shape[:2]:
         raise ValueError(f"weights must be [N, E] = {tuple(deltas.shape[:2])}, got {tuple(weights.shape)}")
-    w = weights.to(torch.float32)
-    return weighted_sum(list(deltas.unbind(0)), [w[i][:, None] for i in range(w.shape[0])])  # [E, P]
+    acc = torch.promote_types(deltas.dtype, torch.float32)
+    by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]; no copy for ExpertLayout.gather_experts_batched output
+    return torch.bmm(weights.to(acc).T.unsqueeze(1), by_expert).squeeze(1)  # [E, 1, N] @ [E, N, P] → [E, P]
 
 
 def holder_weights(num_samples: torch.Tensor, holders: torch.Tensor) -> torch.Tensor:

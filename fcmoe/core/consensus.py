@@ -56,8 +56,14 @@ def _check_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: float) -> No
         raise ValueError("weights must be non-negative")
 
 
-def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0) -> ConsensusCoefficients:
+def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0,
+                           norms: torch.Tensor | None = None) -> ConsensusCoefficients:
     """Consensus direction, projection coefficients and conflict mask, without materialising [N, E, P] outputs.
+
+    Two reads of the deltas (plus one for the norms unless given): g by one batched matrix product
+    ``[E, 1, N] @ [E, N, P]``, the inner products ⟨Δ_{i,k}, g_k⟩ by another, ``[E, 1, P] @ [E, P, N]``. Both run at
+    memory speed when ``deltas`` is the transposed view of an expert-major ``[E, N, P]`` buffer
+    (:meth:`~fcmoe.models.layout.ExpertLayout.gather_experts_batched`); any other strides are correct, only slower.
 
     Parameters
     ----------
@@ -67,6 +73,8 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
         ``[N, E]`` importance weights, each column summing to 1 (or all zero for an expert nobody used).
     tau
         Conflict threshold on the cosine to the consensus (paper τ, default 0): pairs with cos < τ are projected.
+    norms
+        ``[N, E]`` ‖Δ_{i,k}‖ if the caller already has them (FC-MoE's importance needs them first).
 
     Returns
     -------
@@ -76,10 +84,11 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     # Accumulate in float32 at least: bf16 sums over P ~ 10^6 lose every digit.
     acc = torch.promote_types(deltas.dtype, torch.float32)
     w = weights.to(acc)
-    g = expert_weighted_mean(deltas.to(acc), w)  # [E, P]
-    dots = torch.einsum("nep,ep->ne", deltas.to(acc), g)  # [N, E]  ⟨Δ_{i,k}, g_k⟩
+    by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]
+    g = expert_weighted_mean(deltas, w)  # [E, P]
+    dots = torch.bmm(g.unsqueeze(1), by_expert.transpose(1, 2)).squeeze(1).T  # [N, E]  ⟨Δ_{i,k}, g_k⟩
     g_sq = (g * g).sum(dim=-1)  # [E]  ‖g_k‖²
-    delta_norm = torch.linalg.vector_norm(deltas.to(acc), dim=-1)  # [N, E]
+    delta_norm = (torch.linalg.vector_norm(by_expert, dim=-1).T if norms is None else norms).to(acc)  # [N, E]
     denom = delta_norm * g_sq.sqrt()[None, :]  # [N, E]
     cosine = torch.where(denom > 0, dots / denom.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(dots))
     conflicted = (cosine < tau) & (denom > 0)

@@ -15,9 +15,12 @@ Decoding never trusts the sender: :func:`decode_update` raises :class:`Malformed
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -48,14 +51,35 @@ def tree_to_record(tree: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, Confi
     return ArrayRecord(arrays), ConfigRecord({"bfloat16": bf16})
 
 
-def record_to_tree(record: ArrayRecord, dtypes: ConfigRecord | None = None) -> Tree:
-    """Inverse of :func:`tree_to_record` (owned, writable tensors)."""
+def record_to_tree(record: ArrayRecord, dtypes: ConfigRecord | None = None, copy: bool = True) -> Tree:
+    """Inverse of :func:`tree_to_record`.
+
+    ``copy=False`` returns read-only views of the record's bytes (the server's path: a 1 GB update is then read
+    once, by the aggregation, instead of being copied twice by ``np.load`` first); never write into them.
+    """
     bf16 = set(dtypes.get("bfloat16", [])) if dtypes is not None else set()
     tree = {}
-    for key, value in record.to_torch_state_dict().items():
-        value = value.clone()
+    for key, array in record.items():
+        value = _view(array)
+        value = value.clone() if copy else value
         tree[key] = value.view(torch.bfloat16) if key in bf16 else value
     return tree
+
+
+def _view(array: Any) -> torch.Tensor:
+    """A tensor over an ``Array``'s ``.npy`` bytes without copying them (no pickled objects accepted)."""
+    buffer = io.BytesIO(array.data)
+    major, _ = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(buffer)
+    if dtype.hasobject:
+        raise ValueError("array of Python objects refused")
+    count = int(np.prod(shape)) if shape else 1
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=buffer.tell())
+    values = flat.reshape(shape, order="F" if fortran_order else "C")
+    with warnings.catch_warnings():  # read-only by design: the bytes belong to the message
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values)
 
 
 def encode_update(update: ClientUpdate) -> RecordDict:
@@ -87,7 +111,7 @@ def decode_update(content: RecordDict) -> ClientUpdate:
         raise MalformedReply(f"reply num-examples = {num_samples!r}: must be a positive integer")
     dtypes = content.get(DTYPES) if isinstance(content.get(DTYPES), ConfigRecord) else None
     try:
-        delta = record_to_tree(content[DELTA], dtypes)
+        delta = record_to_tree(content[DELTA], dtypes, copy=False)  # read-only: aggregation only reads Δ_i
         routing = {k: v.to(torch.int64) for k, v in content[ROUTING].to_torch_state_dict().items()}
     except (TypeError, ValueError) as err:
         raise MalformedReply(f"reply arrays cannot be read: {err}") from None

@@ -20,7 +20,7 @@ Algorithms never parse parameter names; they call :meth:`ExpertLayout.gather_exp
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +56,12 @@ class ExpertPart:
         if self.kind == "lora_b":  # [out, r·E], column c = j·E + k → [E, out·r]
             return tensor.reshape(tensor.shape[0], -1, e).permute(2, 0, 1).reshape(e, -1)
         return tensor.reshape(e, -1)  # "index" [E, …] and "lora_a" [E·r, in] are both row-major in k
+
+    def rows(self, tree: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Expert k's values as one flat tensor, k = 0 … E−1 (views where the storage allows)."""
+        if self.kind == "module":
+            return [tree[key].reshape(-1) for key in self.keys]
+        return list(self.gather(tree).unbind(0))
 
     def split(self, block: torch.Tensor) -> Tree:
         e = self.num_experts
@@ -122,6 +128,27 @@ class ExpertLayout:
         """Expert parameters of one layer as ``[E, P]`` (row k = every part of expert k, flattened)."""
         return torch.cat([part.gather(tree) for part in layer.parts], dim=1)
 
+    def gather_experts_batched(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every tree's expert parameters of one layer as ``[E, N, P]``, in a single copy.
+
+        Expert-major, so each expert's N client rows are one contiguous ``[N, P]`` matrix and the per-expert sums
+        and inner products of aggregation are plain batched matrix products over it (no strided reads). ``out`` is
+        reused when its shape and dtype fit: fresh multi-GB buffers cost page faults on every round (measured
+        ~2× the copy itself on this CPU, ``bench/aggregation.py``).
+        """
+        n, e, p = len(trees), layer.num_experts, layer.expert_numel
+        dtype = trees[0][layer.keys[0]].dtype
+        if out is None or out.shape != (e, n, p) or out.dtype != dtype:
+            out = torch.empty(e, n, p, dtype=dtype)
+        offset = 0
+        for part in layer.parts:
+            rows = [part.rows(tree) for tree in trees]  # [N][E] flat views of width w
+            block = out[:, :, offset:offset + part.width].view(e * n, part.width)  # rows (k, i), k-major
+            torch.stack([rows[i][k] for k in range(e) for i in range(n)], dim=0, out=block)
+            offset += part.width
+        return out
+
     def split_experts(self, layer: MoELayerSpec, values: torch.Tensor) -> Tree:
         """The inverse of :meth:`gather_experts`: ``values [E, P]`` → a tree of that layer's expert keys only."""
         if values.shape != (layer.num_experts, layer.expert_numel):
@@ -131,6 +158,27 @@ class ExpertLayout:
         offset = 0
         for part in layer.parts:
             out.update(part.split(values[:, offset:offset + part.width]))
+            offset += part.width
+        return out
+
+    def add_to_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec, step: torch.Tensor,
+                       scale: torch.Tensor) -> Tree:
+        """A new tree whose experts of ``layer`` are ``tree``'s plus ``scale[k] · step[k]`` (``step [E, P]``).
+
+        One fused multiply-add per stored tensor, written straight into its own shape: no ``[E, P]`` concatenation
+        of the old values and no copy of the result.
+        """
+        out = dict(tree)
+        offset = 0
+        for part in layer.parts:
+            block = step[:, offset:offset + part.width]  # [E, w]
+            if part.kind == "index":
+                old = tree[part.keys[0]]
+                new = torch.addcmul(old.reshape(layer.num_experts, -1).to(block.dtype), block, scale[:, None])
+                out[part.keys[0]] = new.reshape(old.shape).to(old.dtype)
+            else:  # per-expert modules and LoRA factors: small tensors, through the general path
+                merged = part.gather(tree).to(block.dtype).addcmul_(block, scale[:, None])
+                out.update({k: v.to(tree[k].dtype) for k, v in part.split(merged).items()})
             offset += part.width
         return out
 

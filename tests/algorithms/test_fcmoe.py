@@ -12,7 +12,7 @@ from fcmoe.models.build import BuiltModel
 from tests.algorithms.test_contract import make_updates, random_delta
 
 
-def test_size_weights_no_projection_no_retention_equals_fedavg_exactly(tiny: BuiltModel) -> None:
+def test_size_weights_no_projection_no_retention_equals_fedavg(tiny: BuiltModel) -> None:
     state = tiny.model.trainable_state()
     deltas = [random_delta(state, s) for s in range(4)]
     counts = [torch.tensor([3, 0, 1, 9]), torch.tensor([0, 0, 5, 1]), torch.tensor([1, 1, 1, 1]),
@@ -21,8 +21,8 @@ def test_size_weights_no_projection_no_retention_equals_fedavg_exactly(tiny: Bui
     fcmoe = FCMoE(FCMoEConfig(importance="size", tau=-1.0, retention=0.0), tiny.layout)
     fedavg = FedAvg(FedAvgConfig(), tiny.layout)
     ours, reference = fcmoe.aggregate(state, updates).state, fedavg.aggregate(state, updates).state
-    for key in state:
-        assert torch.equal(ours[key], reference[key]), key
+    for key in state:  # expert units by a batched product, FedAvg client by client: equal to float32 rounding
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_unused_expert_keeps_its_value(tiny: BuiltModel) -> None:

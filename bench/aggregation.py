@@ -1,0 +1,116 @@
+"""Server aggregation: FC-MoE vs Flower's own FedAvg (``aggregate_arrayrecords``) on the same client updates.
+
+Usage: ``python bench/aggregation.py [--sizes 1e6,1e7,1e8,5e8] [--clients 10,50] [--repeats 3]``.
+
+For each N clients × F expert floats (one fused MoE layer, E = 8 experts; combinations whose updates would not fit
+in half of this machine's memory are skipped, and say so) it prints, measured side by side in one process:
+
+- ``flower``: Flower FedAvg from the N reply ``RecordDict``s (what a Flower server holds) to the averaged arrays;
+- ``fcmoe wire``: decoding the same N replies and FC-MoE's full server step (importance, consensus projection,
+  scalar residual messages, FedAvg of shared and router keys); ``ratio`` = fcmoe wire / flower (target ≤ 1.5);
+- ``fcmoe mem``: FC-MoE's server step on updates already in memory (the in-process engine);
+- ``read GB/s``: the client update bytes read per second by ``fcmoe mem``, and that as a share of this machine's
+  memcpy bandwidth measured at the start of the run (bytes read per second by ``dst.copy_(src)``; target ≥ 50 %).
+
+Each time is the best of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from fcmoe.algorithms import ClientUpdate
+from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
+from fcmoe.fl.codec import decode_update, encode_update
+from fcmoe.models.layout import ExpertLayout
+from fcmoe.registry import LAYOUTS
+
+EXPERTS = 8
+HIDDEN = 1024
+
+
+def best_of(repeats: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def memcpy_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes read per second by one large ``copy_`` (it also writes as many)."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.zeros_like(src)  # touched: page faults are not the copy's
+    return num_bytes / best_of(repeats, lambda: dst.copy_(src))
+
+
+def fused_shapes(expert_floats: int) -> dict[str, torch.Size]:
+    """One fused MoE layer (E experts, gate_up [E, 2I, H], down [E, H, I]) of about ``expert_floats`` floats."""
+    inter = max(1, round(expert_floats / (3 * EXPERTS * HIDDEN)))
+    return {"layers.0.mlp.experts.gate_up_proj": torch.Size([EXPERTS, 2 * inter, HIDDEN]),
+            "layers.0.mlp.experts.down_proj": torch.Size([EXPERTS, HIDDEN, inter]),
+            "layers.0.mlp.gate.weight": torch.Size([EXPERTS, HIDDEN]),
+            "layers.0.norm.weight": torch.Size([HIDDEN])}
+
+
+def make_updates(shapes: dict[str, torch.Size], clients: int, seed: int = 0) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    updates = []
+    for i in range(clients):
+        delta = {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()}
+        counts = torch.randint(1, 1000, (EXPERTS,), generator=gen)
+        updates.append(ClientUpdate(i, delta, int(counts.sum()), {"layers.0.mlp": counts}))
+    return updates
+
+
+def run(clients: int, expert_floats: int, repeats: int, bandwidth: float) -> str:
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    shapes = fused_shapes(expert_floats)
+    layout: ExpertLayout = LAYOUTS.get("fused")(shapes, EXPERTS)
+    algo = FCMoE(FCMoEConfig(), layout)
+    updates = make_updates(shapes, clients)
+    global_state = {k: torch.zeros(s) for k, s in shapes.items()}
+    replies = [encode_update(u) for u in updates]
+    flower = best_of(repeats, lambda: aggregate_arrayrecords(replies, "num-examples"))
+    wire = best_of(repeats, lambda: algo.aggregate(global_state, [decode_update(r) for r in replies]))
+    memory = best_of(repeats, lambda: algo.aggregate(global_state, updates))
+    update_bytes = sum(v.numel() * v.element_size() for u in updates for v in u.delta.values())
+    rate = update_bytes / memory
+    return (f"{clients:>4} {layout.layers[0].expert_numel * EXPERTS / 1e6:>9.1f}M {update_bytes / 2**30:>8.2f} "
+            f"{flower:>9.3f} {wire:>10.3f} {wire / flower:>6.2f} {memory:>9.3f} {rate / 1e9:>9.2f} "
+            f"{100 * rate / bandwidth:>7.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1e6,1e7,1e8,5e8", help="expert floats per client, comma-separated")
+    parser.add_argument("--clients", default="10,50")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    bandwidth = memcpy_read_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {memory / 2**30:.0f} GiB RAM; "
+          f"memcpy read bandwidth {bandwidth / 1e9:.2f} GB/s")
+    print(f"{'N':>4} {'floats':>10} {'GiB':>8} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} {'fcmoe mem':>9} "
+          f"{'read GB/s':>9} {'of memcpy':>8}")
+    for clients in (int(c) for c in args.clients.split(",")):
+        for floats in (int(float(s)) for s in args.sizes.split(",")):
+            # the updates, their wire copies, the gather buffer and Flower's temporaries live at once
+            need = 3 * clients * floats * 4
+            if need > memory / 2:
+                print(f"{clients:>4} {floats / 1e6:>9.1f}M  skipped: {need / 2**30:.0f} GiB of updates and copies "
+                      f"would not fit in half of {memory / 2**30:.0f} GiB")
+                continue
+            print(run(clients, floats, args.repeats, bandwidth), flush=True)
+    print("targets: ratio <= 1.5 (fcmoe wire / flower); read rate >= 50 % of memcpy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
