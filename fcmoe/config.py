@@ -174,6 +174,9 @@ class ExperimentConfig:
     seed: int = 0
     out_dir: str = "runs"
     engine: str = "inprocess"  # inprocess | flower (Flower's simulation runtime, the same algorithms)
+    # clients leave out the experts they routed no token to; the server treats those as absent, not zero (FedAvg
+    # then averages each expert over the clients that sent it). Off by default: the paper's FedAvg counts zeros.
+    sparse_uploads: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -240,7 +243,7 @@ def split_method(method: str) -> tuple[str, str]:
         known = ", ".join(f"{name}/{v}" for v in variants) or "none"
         raise ConfigError(f"methods: unknown variant {method!r}; {name}'s variants: {known}")
     return name, variant
-_TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine")
+_TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "sweep": SweepConfig}
 

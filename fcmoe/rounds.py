@@ -11,6 +11,7 @@ global test set, and :func:`round_metrics` assembles the ``metrics.jsonl`` row.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from fcmoe.algorithms import Algorithm, ClientUpdate
 from fcmoe.core import Tree, tree_num_bytes, tree_sub
+from fcmoe.models.layout import ExpertLayout
 from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
 
 
@@ -33,19 +35,35 @@ def initial_client_state(seed: int, client_id: int) -> dict[str, Any]:
 
 def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, client_state: dict[str, Any],
                  data: FeatureSet, seed: int, round_index: int, client_id: int,
-                 global_test: FeatureSet | None = None) -> ClientUpdate:
+                 global_test: FeatureSet | None = None, sparse: bool = False) -> ClientUpdate:
     """The client half of a round up to the upload: re-anchor, train one local budget, measure Δ_i.
 
     With ``global_test`` the locally trained model (before aggregation) is also scored on the global test set:
     DESIGN §2's second reading of local accuracy, reported as ``metrics["global_test_acc"]``. The engines ask for
     it in the final round only: 10 clients × the global test set costs about as much as the round's training.
+    With ``sparse`` the experts that saw no token are left out of the upload (:func:`sparsify`).
     """
     start = algo.client_start(global_state, client_state)
     result = trainer.train(start, data, client_seed(seed, round_index, client_id))
     metrics = {"loss": result.loss}
     if global_test is not None:
         metrics["global_test_acc"] = global_accuracy(trainer, result.state, global_test)
-    return ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
+    update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
+    return sparsify(update, algo.layout) if sparse else update
+
+
+def sparsify(update: ClientUpdate, layout: ExpertLayout) -> ClientUpdate:
+    """Mark ``update`` expert-sparse: what the wire carries (:meth:`ExpertLayout.pack_experts`) and nothing else.
+
+    The in-process engine keeps the dense tree with the absent experts' rows set to zero (exactly what the Flower
+    server unpacks), and records the bytes the packed upload takes.
+    """
+    packed, delta = dict(update.delta), dict(update.delta)
+    for layer in layout.layers:
+        held = update.routing_counts[layer.name] > 0
+        packed = layout.pack_experts(packed, layer, held)
+        delta = layout.unpack_experts(layout.pack_experts(delta, layer, held), layer, held)
+    return dataclasses.replace(update, delta=delta, sparse=True, upload_bytes=tree_num_bytes(packed))
 
 
 def finish_client(algo: Algorithm, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
@@ -81,8 +99,9 @@ def client_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[list[f
 
 
 def upload_bytes(update: ClientUpdate) -> int:
-    """Bytes a client uploads: Δ_i, its routing counts and n_i."""
-    return tree_num_bytes(update.delta) + tree_num_bytes(update.routing_counts) + 8
+    """Bytes a client uploads: Δ_i (only the held experts when sparse), its routing counts and n_i."""
+    delta_bytes = tree_num_bytes(update.delta) if update.upload_bytes is None else update.upload_bytes
+    return delta_bytes + tree_num_bytes(update.routing_counts) + 8
 
 
 def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate], global_acc: float,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from fcmoe.core import Tree, fedavg_step
+from fcmoe.core import Tree, expert_weighted_mean, fedavg_step, holder_weights
 from fcmoe.models.layout import ExpertLayout
 
 
@@ -37,6 +37,13 @@ class ClientUpdate:
     num_samples: int  # n_i
     routing_counts: dict[str, torch.Tensor]  # MoE layer → [E] tokens routed to each expert (padding excluded)
     metrics: dict[str, float] = field(default_factory=dict)
+    sparse: bool = False  # experts that saw no token were not uploaded: absent (not zero) to the server
+    upload_bytes: int | None = None  # Δ_i bytes as sent when sparse (None: dense, every tensor)
+
+    def held(self, layer: str) -> torch.Tensor:
+        """``[E]`` bool: the experts of ``layer`` this client uploaded (all unless the upload was sparse)."""
+        counts = self.routing_counts[layer]
+        return counts > 0 if self.sparse else torch.ones(counts.shape, dtype=torch.bool)
 
     def frequencies(self, layer: str) -> torch.Tensor:
         """f_{i,l,k} = tokens routed to k / tokens through layer l (zeros if the layer saw no token)."""
@@ -108,8 +115,26 @@ class Algorithm:
 
     # ------------------------------------------------------------------ helpers shared by subclasses
     def fedavg(self, global_state: Tree, updates: Sequence[ClientUpdate], keys: Sequence[str]) -> Tree:
-        """FedAvg step on ``keys`` only."""
-        return fedavg_step(global_state, [u.delta for u in updates], [u.num_samples for u in updates], keys)
+        """FedAvg step on ``keys`` only.
+
+        With sparse uploads an expert is averaged over the clients that uploaded it (n_i over its holders), since
+        a client that did not route a token to it sent nothing, not a zero update.
+        """
+        deltas, sizes = [u.delta for u in updates], [u.num_samples for u in updates]
+        if not any(u.sparse for u in updates):
+            return fedavg_step(global_state, deltas, sizes, keys)
+        wanted = set(keys)
+        expert_keys = set(self.layout.expert_keys)
+        out = fedavg_step(global_state, deltas, sizes, [k for k in keys if k not in expert_keys])
+        n = torch.tensor(sizes)
+        for layer in self.layout.layers:
+            if not wanted & set(layer.keys):
+                continue
+            weights = holder_weights(n, torch.stack([u.held(layer.name) for u in updates]))  # [N, E]
+            step = expert_weighted_mean(self.stack_experts(updates, layer), weights)  # [E, P]
+            moved = self.layout.add_to_experts(global_state, layer, step, torch.ones(layer.num_experts))
+            out.update({k: moved[k] for k in layer.keys if k in wanted})
+        return out
 
     def stack_experts(self, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor:
         """Client expert updates of one MoE layer as ``[N, E, P]``: a transposed view of an expert-major buffer.

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
-from fcmoe.core import IMPORTANCE_SCHEMES, Tree, consensus_coefficients, importance_weights, tree_add
+from fcmoe.core import (IMPORTANCE_SCHEMES, Tree, consensus_coefficients, importance_weights, normalise_columns,
+                        tree_add)
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
@@ -133,6 +134,9 @@ class FCMoE(Algorithm):
             freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
             norms = torch.linalg.vector_norm(deltas.transpose(0, 1).float(), dim=-1).T  # [N, E]
             weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
+            if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
+                held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
+                weights = normalise_columns(weights * held).to(weights.dtype)
             coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0, norms)
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
             # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value

@@ -58,10 +58,10 @@ def train(msg: Message, context: Context) -> Message:
     global_state = record_to_tree(msg.content[ARRAYS])
     round_index = int(msg.content[CONFIG]["server-round"])
     update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid,
-                          exp.global_test if round_index == cfg.rounds else None)
+                          exp.global_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
     context.state[TRAINED_FROM] = msg.content[ARRAYS]
     save_client_state(state, context.state)
-    return Message(content=encode_update(update), reply_to=msg)
+    return Message(content=encode_update(update, algo.layout), reply_to=msg)
 
 
 @app.evaluate()

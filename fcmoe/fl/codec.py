@@ -25,9 +25,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fcmoe.algorithms.base import ClientUpdate
-from fcmoe.core import Tree
+from fcmoe.core import Tree, tree_num_bytes
+from fcmoe.models.layout import ExpertLayout
 
 DELTA, ROUTING, UPDATE, MESSAGE, DTYPES = "delta", "routing", "update", "message", "dtypes"
+SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
 STATE_SCALARS = "scalars"
 _TREE_PREFIX = "tree:"
 
@@ -82,17 +84,27 @@ def _view(array: Any) -> torch.Tensor:
         return torch.from_numpy(values)
 
 
-def encode_update(update: ClientUpdate) -> RecordDict:
-    """A train reply: Δ_i, routing counts, and (client id, n_i, metrics)."""
-    delta, dtypes = tree_to_record(update.delta)
+def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> RecordDict:
+    """A train reply: Δ_i, routing counts, and (client id, n_i, metrics).
+
+    A sparse update (``update.sparse``, which needs ``layout``) carries only the experts that saw a token, packed
+    per MoE layer by :meth:`~fcmoe.models.layout.ExpertLayout.pack_experts`; the routing counts say which.
+    """
+    tree = dict(update.delta)
+    if update.sparse:
+        if layout is None:
+            raise ValueError("a sparse update needs the expert layout to be packed")
+        for layer in layout.layers:
+            tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
+    delta, dtypes = tree_to_record(tree)
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
-    metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples,
+    metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples, SPARSE: int(update.sparse),
                             **{k: float(v) for k, v in update.metrics.items()}})
     return RecordDict({DELTA: delta, DTYPES: dtypes, ROUTING: routing, UPDATE: metrics})
 
 
-def decode_update(content: RecordDict) -> ClientUpdate:
-    """A :class:`ClientUpdate` from a train reply.
+def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> ClientUpdate:
+    """A :class:`ClientUpdate` from a train reply (``layout`` unpacks an expert-sparse one).
 
     Raises
     ------
@@ -110,13 +122,23 @@ def decode_update(content: RecordDict) -> ClientUpdate:
     if not float(num_samples).is_integer() or num_samples < 1:
         raise MalformedReply(f"reply num-examples = {num_samples!r}: must be a positive integer")
     dtypes = content.get(DTYPES) if isinstance(content.get(DTYPES), ConfigRecord) else None
+    sparse = bool(info.get(SPARSE, False))
     try:
         delta = record_to_tree(content[DELTA], dtypes, copy=False)  # read-only: aggregation only reads Δ_i
         routing = {k: v.to(torch.int64) for k, v in content[ROUTING].to_torch_state_dict().items()}
-    except (TypeError, ValueError) as err:
+        sent = tree_num_bytes(delta)
+        if sparse:
+            if layout is None:
+                raise ValueError("sparse reply but no expert layout to unpack it")
+            for layer in layout.layers:
+                if layer.name not in routing:
+                    raise ValueError(f"sparse reply lacks the routing counts of {layer.name}")
+                delta = layout.unpack_experts(delta, layer, routing[layer.name] > 0)
+    except (TypeError, ValueError, IndexError) as err:
         raise MalformedReply(f"reply arrays cannot be read: {err}") from None
-    metrics = {k: float(v) for k, v in info.items() if k not in ("client_id", "num-examples")}
-    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics)
+    metrics = {k: float(v) for k, v in info.items() if k not in ("client_id", "num-examples", SPARSE)}
+    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics, sparse,
+                        sent if sparse else None)
 
 
 def encode_message(message: Mapping[str, torch.Tensor] | None) -> ArrayRecord:

@@ -99,7 +99,7 @@ class AlgorithmStrategy(Strategy):
                 state.rejected.append(f"node {node}: error reply ({reply.error.reason})")
                 continue
             try:
-                update = decode_update(reply.content)
+                update = decode_update(reply.content, self.algorithm.layout)
             except MalformedReply as err:
                 state.rejected.append(f"node {node}: {err}")
                 continue

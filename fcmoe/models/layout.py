@@ -177,9 +177,36 @@ class ExpertLayout:
                 new = torch.addcmul(old.reshape(layer.num_experts, -1).to(block.dtype), block, scale[:, None])
                 out[part.keys[0]] = new.reshape(old.shape).to(old.dtype)
             else:  # per-expert modules and LoRA factors: small tensors, through the general path
-                merged = part.gather(tree).to(block.dtype).addcmul_(block, scale[:, None])
+                merged = torch.addcmul(part.gather(tree).to(block.dtype), block, scale[:, None])  # gather may be a view
                 out.update({k: v.to(tree[k].dtype) for k, v in part.split(merged).items()})
             offset += part.width
+        return out
+
+    def pack_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec, held: torch.Tensor) -> Tree:
+        """``tree`` with ``layer``'s experts reduced to the ``held [E]`` ones: an expert-sparse upload.
+
+        The layer's stored expert tensors are replaced by one ``[H, w]`` block per part (H = held experts) under
+        ``"<layer>#part<j>"``; :meth:`unpack_experts` restores the stored form with zeros for the others.
+        """
+        out = {k: v for k, v in tree.items() if k not in set(layer.keys)}
+        for j, part in enumerate(layer.parts):
+            out[f"{layer.name}#part{j}"] = part.gather(tree)[held].contiguous()  # [H, w]
+        return out
+
+    def unpack_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec, held: torch.Tensor) -> Tree:
+        """Inverse of :meth:`pack_experts`. Raises ``ValueError`` naming a missing or wrong-shaped block."""
+        out = {k: v for k, v in tree.items() if not k.startswith(f"{layer.name}#part")}
+        rows = int(held.sum())
+        for j, part in enumerate(layer.parts):
+            key = f"{layer.name}#part{j}"
+            block = tree.get(key)
+            if block is None or block.shape != (rows, part.width):
+                got = "nothing" if block is None else f"shape {tuple(block.shape)}"
+                raise ValueError(f"sparse upload {key}: expected [{rows}, {part.width}] (held experts × width), "
+                                 f"got {got}")
+            full = torch.zeros(layer.num_experts, part.width, dtype=block.dtype)
+            full[held] = block
+            out.update(part.split(full))
         return out
 
     def scatter_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec, values: torch.Tensor) -> Tree:

@@ -64,6 +64,7 @@ class RoutingRecorder:
         self._losses: list[torch.Tensor] = []
         self._token_mask: torch.Tensor | None = None
         self._enabled = False
+        self.counting = True  # False: only the balance loss (what any MoE training step computes), no statistics
         self._handles = [model.get_submodule(spec.router_module).register_forward_hook(self._make_hook(spec))
                          for spec in layout.layers]
 
@@ -77,6 +78,8 @@ class RoutingRecorder:
                 frac = torch.bincount(choices.reshape(-1), minlength=spec.num_experts).to(torch.float32)
                 probs = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # [E]
                 self._losses.append(spec.num_experts * (frac / frac.sum() * probs).sum())
+            if not self.counting:
+                return
             mask = self._token_mask
             if mask is not None and mask.numel() == choices.shape[0]:
                 choices, kept = choices[mask], kept[mask]

@@ -66,7 +66,8 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
         for cid in range(exp.num_clients):
             updates.append(train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
                                         cfg.seed, round_index, cid,
-                                        exp.global_test if round_index == cfg.rounds else None))
+                                        exp.global_test if round_index == cfg.rounds else None,
+                                        cfg.sparse_uploads))
             if on_progress:
                 on_progress(method, round_index, cid + 1)
         server = algo.aggregate(global_state, updates)

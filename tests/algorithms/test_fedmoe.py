@@ -44,3 +44,28 @@ def test_min_share_drops_a_marginal_holder(tiny: BuiltModel) -> None:
 def test_min_share_out_of_range_is_named() -> None:
     with pytest.raises(ValueError, match="fedmoe.min_share = 1.5"):
         FedMoEConfig(min_share=1.5)
+
+
+def test_sparse_uploads_make_an_unsent_expert_absent_not_zero(tiny: BuiltModel) -> None:
+    """Client 1 routed nothing to expert 3 and did not send it: FedAvg and FC-MoE use client 0's alone."""
+    from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
+    from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
+    from fcmoe.rounds import sparsify
+
+    state = tiny.model.trainable_state()
+    counts = [torch.tensor([3, 1, 1, 9]), torch.tensor([4, 2, 5, 0])]
+    layer = tiny.layout.layers[0]
+    key3 = next(k for k in layer.keys if "expert_3." in k)
+    deltas = [random_delta(state, s) for s in range(2)]
+    deltas[1][key3] = torch.zeros_like(state[key3])  # no token reached it, so training left it unchanged
+    dense = make_updates(tiny, deltas, [10, 30], counts)
+    sparse = [sparsify(u, tiny.layout) for u in dense]
+    assert torch.equal(sparse[1].delta[key3], torch.zeros_like(state[key3]))
+    assert sparse[1].upload_bytes < sum(v.numel() * 4 for v in dense[1].delta.values())
+    for algo in (FedAvg(FedAvgConfig(), tiny.layout), FCMoE(FCMoEConfig(importance="size", tau=-1.0), tiny.layout)):
+        was_zero = algo.aggregate(state, dense).state
+        absent = algo.aggregate(state, sparse).state
+        torch.testing.assert_close(absent[key3], state[key3] + dense[0].delta[key3])  # client 0's alone
+        torch.testing.assert_close(was_zero[key3], state[key3] + 0.25 * dense[0].delta[key3])  # 10/40 of it
+        key0 = next(k for k in layer.keys if "expert_0." in k)  # both sent expert 0: unchanged semantics
+        torch.testing.assert_close(absent[key0], was_zero[key0])

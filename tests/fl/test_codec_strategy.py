@@ -47,6 +47,27 @@ def test_update_round_trip() -> None:
                                                                             update.routing_counts["layer"])
 
 
+def test_sparse_update_travels_without_its_unrouted_experts(tiny: BuiltModel) -> None:
+    from fcmoe.rounds import sparsify
+    from tests.algorithms.test_contract import make_updates, random_delta
+
+    state = tiny.model.trainable_state()
+    counts = [torch.tensor([0, 4, 0, 1]), torch.tensor([2, 2, 2, 2])]
+    update = sparsify(make_updates(tiny, [random_delta(state, 0)], [9], counts[:1])[0], tiny.layout)
+    dense_bytes = sum(v.numel() * v.element_size() for v in update.delta.values())
+    content = encode_update(update, tiny.layout)
+    assert sum(a.numel() * 4 for a in content["delta"].to_torch_state_dict().values()) == update.upload_bytes
+    assert update.upload_bytes < dense_bytes
+    back = decode_update(content, tiny.layout)
+    assert back.sparse and back.upload_bytes == update.upload_bytes
+    assert all(torch.equal(back.delta[k], update.delta[k]) for k in update.delta)  # absent experts: zeros
+    with pytest.raises(MalformedReply, match="no expert layout"):
+        decode_update(content)
+    content["routing"] = ArrayRecord({k: torch.ones(4, dtype=torch.int64) for k in update.routing_counts})
+    with pytest.raises(MalformedReply, match=r"sparse upload .*#part0: expected \[4, "):
+        decode_update(content, tiny.layout)  # the counts claim more experts than were sent
+
+
 @pytest.mark.parametrize(("mutate", "match"), [
     (lambda c: c.pop("delta"), "no ArrayRecord 'delta'"),
     (lambda c: c.__setitem__("update", MetricRecord({"client_id": 1})), "lack 'num-examples'"),

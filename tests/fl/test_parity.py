@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,8 +20,9 @@ TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class
         "train.batch_size=8", "methods=['fedavg','fcmoe']"]
 
 
-def test_flower_simulation_equals_in_process(tmp_path: Path) -> None:
-    config = load_config(overrides=TINY)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-uploads"])
+def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> None:
+    config = load_config(overrides=[*TINY, f"sparse_uploads={str(sparse).lower()}"])
     exp = prepare_experiment(config)
     in_process = {m: run_method(exp, m, tmp_path / "in-process.jsonl")[1] for m in config.methods}
     flower_dir = tmp_path / "flower"

@@ -89,6 +89,35 @@ def test_editing_expert_k_touches_only_its_slices(case: tuple[BuiltModel, type])
     assert torch.equal(again, values)
 
 
+def test_batched_gather_add_and_sparse_packing_agree_with_gather(case: tuple[BuiltModel, type]) -> None:
+    """The aggregation fast paths against the plain per-tree gather, on every layout."""
+    built, _ = case
+    layout = built.layout
+    state = built.model.trainable_state()
+    trees = [{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in state.items()}
+             for i in range(3)]
+    held = torch.tensor([True, False, True, True])
+    for layer in layout.layers:
+        batched = layout.gather_experts_batched(trees, layer)  # [E, N, P]
+        reference = torch.stack([layout.gather_experts(t, layer) for t in trees])  # [N, E, P]
+        assert torch.equal(batched.transpose(0, 1), reference)
+        assert layout.gather_experts_batched(trees, layer, out=batched).data_ptr() == batched.data_ptr()
+        step, scale = torch.randn(layer.num_experts, layer.expert_numel), torch.tensor([1.0, 0.0, 2.0, -1.0])
+        moved = layout.add_to_experts(state, layer, step, scale)
+        torch.testing.assert_close(layout.gather_experts(moved, layer),
+                                   layout.gather_experts(state, layer) + scale[:, None] * step)
+        assert all(torch.equal(moved[k], state[k]) for k in state if k not in layer.keys)
+        packed = layout.pack_experts(trees[0], layer, held)
+        assert not set(layer.keys) & set(packed)
+        back = layout.unpack_experts(packed, layer, held)
+        expected = layout.gather_experts(trees[0], layer) * held[:, None]  # absent experts arrive as zeros
+        assert torch.equal(layout.gather_experts(back, layer), expected)
+        assert set(back) == set(trees[0])
+        with pytest.raises(ValueError, match=r"expected \[3, "):
+            layout.unpack_experts(layout.pack_experts(trees[0], layer, torch.ones(4, dtype=torch.bool)), layer,
+                                  held)
+
+
 def test_routing_counts_sum_to_real_tokens(case: tuple[BuiltModel, type]) -> None:
     built, _ = case
     ids, mask = built.tokenize(TEXTS)
