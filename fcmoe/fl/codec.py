@@ -98,8 +98,8 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
             tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
     delta, dtypes = tree_to_record(tree)
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
-    metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples, SPARSE: int(update.sparse),
-                            **{k: float(v) for k, v in update.metrics.items()}})
+    metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples,
+                            SPARSE: int(update.sparse), **{k: float(v) for k, v in update.metrics.items()}})
     return RecordDict({DELTA: delta, DTYPES: dtypes, ROUTING: routing, UPDATE: metrics})
 
 
