@@ -13,7 +13,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install assets run test clean
+.PHONY: install assets run test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,20 @@ assets: $(STAMP)
 run: assets
 	$(BIN)/fcmoe run
 
+# `make test`: everything but the two real multi-process Flower deployments (TLS, SuperNode kill: ~4 minutes),
+# which `make test-slow` runs; CI runs both.
 test: assets
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: assets
+	$(BIN)/python -m pytest -q -m slow
+
+# Benchmarks (not in CI): each prints its figures with their targets, measured side by side in one run.
+bench: assets
+	$(BIN)/python bench/aggregation.py
+	$(BIN)/python bench/routing_overhead.py
+	$(BIN)/python bench/communication.py
+	$(BIN)/python bench/end_to_end.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
