@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from fcmoe.config import ConfigError, ExperimentConfig, load_config
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("inprocess", "flower"),
                      help="inprocess (default) or flower: Flower's simulation runtime, the same algorithms")
     run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in its own folder, from its "
+                                                         "last finished method and round checkpoint")
     sweep = sub.add_parser("sweep", help="run a grid of experiments (methods × α × seeds), resumable; then report")
     sweep.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _deploy_local(args)
     if args.command == "report":
         return _report(args.runs, args.out, args.target)
+    if args.command == "run" and args.resume:
+        return _resume(args)
     overrides = list(args.set)
     if args.methods:
         overrides.append("methods=[" + ",".join(f'"{m.strip()}"' for m in args.methods.split(",")) + "]")
@@ -103,8 +108,6 @@ def _numbers(text: str, kind: type, flag: str) -> list:
 
 
 def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fcmoe.data.assets import AssetError
     from fcmoe.sim.sweep import run_sweep, sweep_cells
 
@@ -128,8 +131,6 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _report(runs: Sequence[str], out: str | None, target: float | None) -> int:
-    from pathlib import Path
-
     from fcmoe.report.build import ReportError, build_report
 
     try:
@@ -159,8 +160,6 @@ def _fetch(names: Sequence[str]) -> int:
 
 def _deploy_local(args: argparse.Namespace) -> int:
     """Validate the experiment here, then run it on a local TLS + authenticated Flower deployment."""
-    from pathlib import Path
-
     from fcmoe.fl.deploy import deploy_local
 
     try:
@@ -186,18 +185,35 @@ def _deploy_local(args: argparse.Namespace) -> int:
     return 0 if result.status == "finished:completed" else 1
 
 
-def _run(config: ExperimentConfig, show_progress: bool) -> int:
+def _resume(args: argparse.Namespace) -> int:
+    clashing = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--methods", args.methods),
+                                         ("--engine", args.engine), ("--out", args.out)) if value]
+    if clashing:
+        print(f"fcmoe: config error: --resume continues the run as it was configured; drop {', '.join(clashing)}",
+              file=sys.stderr)
+        return 2
+    run_dir = Path(args.resume)
+    try:
+        config = load_config(run_dir / "config.toml")
+    except ConfigError as err:
+        print(f"fcmoe: config error: --resume {run_dir}: {err} (is it a run folder?)", file=sys.stderr)
+        return 2
+    return _run(config, show_progress=not args.quiet, run_dir=run_dir)
+
+
+def _run(config: ExperimentConfig, show_progress: bool, run_dir: Path | None = None) -> int:
     from fcmoe.data.assets import AssetError
     from fcmoe.report.table import print_summary
     from fcmoe.sim.run import new_run_dir, run_experiment
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    run_dir = new_run_dir(config.out_dir)
+    fresh = run_dir is None
+    run_dir = new_run_dir(config.out_dir) if run_dir is None else run_dir
     try:
         summaries = run_experiment(config, run_dir, show_progress)
     except (AssetError, ValueError, FileNotFoundError) as err:
-        if not any(run_dir.iterdir()):  # failed while preparing: leave nothing behind
+        if fresh and not any(run_dir.iterdir()):  # failed while preparing: leave nothing behind
             run_dir.rmdir()
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1

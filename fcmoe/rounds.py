@@ -19,6 +19,7 @@ import torch
 
 from fcmoe.algorithms import Algorithm, ClientUpdate
 from fcmoe.core import Tree, tree_num_bytes, tree_sub
+from fcmoe.core.validate import update_problem
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
 
@@ -132,3 +133,52 @@ def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate]
         row.update(local_model_global_acc=local_models, local_model_global_acc_mean=scores.mean().item(),
                    local_model_global_acc_std=scores.std(unbiased=False).item())
     return row
+
+
+def participants(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients drawn for a round: ``max(1, round(fraction · N))`` of them, seeded by (seed, round), sorted."""
+    if fraction >= 1.0:
+        return list(range(num_clients))
+    count = max(1, round(fraction * num_clients))
+    generator = torch.Generator().manual_seed(seed * 7_919 + round_index)
+    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
+
+
+def drops_out(seed: int, round_index: int, client_id: int, dropout: float) -> bool:
+    """Whether a drawn client fails mid-round (its update never arrives); seeded per (seed, round, client)."""
+    if dropout <= 0:
+        return False
+    generator = torch.Generator().manual_seed(client_seed(seed, round_index, client_id) + 104_729)
+    return bool(torch.rand((), generator=generator) < dropout)
+
+
+def screen_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: ExpertLayout,
+                   max_norm_ratio: float) -> tuple[list[ClientUpdate], list[str]]:
+    """Split the round's updates into accepted and rejected (with one-line reasons), before any aggregation.
+
+    Rejected: a malformed update (:func:`fcmoe.core.validate.update_problem`: keys, shapes, dtypes, NaN / Inf,
+    routing counts, n_i), and, with at least 3 well-formed updates and ``max_norm_ratio > 0``, one whose norm
+    ‖Δ_i‖ exceeds ``max_norm_ratio`` × the median norm of the round (a scaled or exploding update).
+    """
+    layers = {spec.name: spec.num_experts for spec in layout.layers}
+    accepted, rejected = [], []
+    for update in updates:
+        problem = update_problem(update.delta, global_state, update.routing_counts, layers, update.num_samples)
+        if problem:
+            rejected.append(f"client {update.client_id}: {problem}")
+        else:
+            accepted.append(update)
+    if max_norm_ratio > 0 and len(accepted) >= 3:
+        norms = torch.stack([tree_norm(u.delta) for u in accepted])  # [N]
+        median = norms.median()
+        keep = norms <= max_norm_ratio * median
+        rejected += [f"client {u.client_id}: update norm {norm:.4g} is {norm / median:.1f}× the round's median "
+                     f"{median:.4g} (robust.max_norm_ratio = {max_norm_ratio:g})"
+                     for u, norm, ok in zip(accepted, norms.tolist(), keep.tolist()) if not ok]
+        accepted = [u for u, ok in zip(accepted, keep.tolist()) if ok]
+    return accepted, rejected
+
+
+def tree_norm(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """‖tree‖₂ over every tensor, in float64."""
+    return torch.sqrt(sum(((v.double() ** 2).sum() for v in tree.values()), torch.zeros((), dtype=torch.float64)))

@@ -19,10 +19,11 @@ from flwr.clientapp import ClientApp
 from fcmoe.algorithms import Algorithm
 from fcmoe.config import ExperimentConfig, build_config
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl.codec import (STATE_SCALARS, decode_message, encode_update, load_client_state, record_to_tree,
-                            save_client_state)
+from fcmoe.fl.codec import (ABSENT, STATE_SCALARS, UPDATE, decode_message, encode_update, load_client_state,
+                            record_to_tree, save_client_state)
 from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS
-from fcmoe.rounds import finish_client, initial_client_state, local_accuracy, train_client
+from fcmoe.rounds import (drops_out, finish_client, initial_client_state, local_accuracy, participants,
+                          train_client)
 
 
 TRAINED_FROM = "trained-from"  # context.state key: the global arrays of this round's training (θ_t)
@@ -55,8 +56,13 @@ def _setup(msg: Message, context: Context) -> tuple[Experiment, ExperimentConfig
 def train(msg: Message, context: Context) -> Message:
     """Local training from the re-anchored global model; reply Δ_i, routing counts and n_i."""
     exp, cfg, algo, cid, state = _setup(msg, context)
-    global_state = record_to_tree(msg.content[ARRAYS])
     round_index = int(msg.content[CONFIG]["server-round"])
+    if cid not in participants(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction):
+        return Message(content=RecordDict({UPDATE: MetricRecord({"client_id": cid, ABSENT: 1})}), reply_to=msg)
+    if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout):  # fault injection: fail mid-round
+        raise RuntimeError(f"client {cid} failed mid-round {round_index} (participation.dropout = "
+                           f"{cfg.participation.dropout})")
+    global_state = record_to_tree(msg.content[ARRAYS])
     update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid,
                           exp.global_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
     context.state[TRAINED_FROM] = msg.content[ARRAYS]

@@ -30,6 +30,7 @@ from fcmoe.models.layout import ExpertLayout
 
 DELTA, ROUTING, UPDATE, MESSAGE, DTYPES = "delta", "routing", "update", "message", "dtypes"
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
+ABSENT = "absent"  # update metric: the client was not drawn this round (participation.fraction) and sent nothing
 STATE_SCALARS = "scalars"
 _TREE_PREFIX = "tree:"
 

@@ -29,7 +29,7 @@ from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import record_to_tree, tree_to_record
 from fcmoe.fl.strategy import AlgorithmStrategy
-from fcmoe.rounds import global_accuracy, round_metrics
+from fcmoe.rounds import drops_out, global_accuracy, participants, round_metrics
 from fcmoe.sim.engine import MethodSummary, append_row
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     """
     cfg = exp.config
     algo = cfg.make_algorithm(method, exp.built.layout)
-    strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients, method=method)
+    strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients, method=method,
+                                 min_updates=cfg.robust.min_clients, max_norm_ratio=cfg.robust.max_norm_ratio)
     model_bytes = tree_num_bytes(exp.initial_state)
     metrics_path = run_dir / "metrics.jsonl"
     clock = {"round": time.perf_counter(), "start": time.perf_counter()}
@@ -63,7 +64,9 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
                                                                                   exp.global_test),
                             local, model_bytes, result.messages if result else {}, result.metrics if result else {},
                             time.perf_counter() - clock["round"])
-        row.update(engine="flower", rejected=state.rejected, skipped=state.skipped)
+        drawn = participants(cfg.seed, server_round, exp.num_clients, cfg.participation.fraction)
+        row.update(engine="flower", participants=drawn, rejected=state.rejected, skipped=state.skipped,
+                   failed=[c for c in drawn if drops_out(cfg.seed, server_round, c, cfg.participation.dropout)])
         append_row(metrics_path, row)
         last.update(row)
         clock["round"] = time.perf_counter()

@@ -4,10 +4,11 @@ Per round (Flower's ``Strategy.start`` loop):
 - ``configure_train``: keep the global arrays (Flower does not pass them to ``aggregate_train``) and send them to
   every node with the round, the method and the resolved experiment config (TOML text: clients build the same
   experiment from it);
-- ``aggregate_train``: decode and validate every reply (error replies, undecodable content, wrong keys / shapes /
-  dtypes, NaN or Inf, bad routing counts are rejected with a logged reason and counted), order the updates by
-  client id, and call the algorithm's server half; fewer than ``min_updates`` valid updates keep the global model
-  and mark the round skipped;
+- ``aggregate_train``: skip the replies of clients not drawn this round, decode and screen the others with the
+  in-process engine's :func:`~fcmoe.rounds.screen_updates` (error replies, undecodable content, wrong keys /
+  shapes / dtypes, NaN or Inf, bad routing counts, a norm above ``max_norm_ratio`` × the round's median are
+  rejected with a logged reason and counted), order the updates by client id, and call the algorithm's server
+  half; fewer than ``min_updates`` accepted updates keep the global model and mark the round skipped;
 - ``configure_evaluate``: send the new global arrays and each client's own message (FC-MoE: one scalar per
   MoE layer and expert) to the node that trained it;
 - ``aggregate_evaluate``: collect each client's local accuracy (its deployed model on its own test split).
@@ -28,8 +29,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree
-from fcmoe.core.validate import update_problem
-from fcmoe.fl.codec import MalformedReply, decode_update, encode_message, record_to_tree, tree_to_record
+from fcmoe.rounds import screen_updates
+from fcmoe.fl.codec import (ABSENT, UPDATE, MalformedReply, decode_update, encode_message, record_to_tree,
+                            tree_to_record)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,14 @@ class AlgorithmStrategy(Strategy):
     method
         The method label clients build their half from (default ``algorithm.name``; ``"fcmoe/no-projection"``
         for a variant).
+    max_norm_ratio
+        ``robust.max_norm_ratio``: updates whose norm exceeds this multiple of the round's median are rejected.
     """
 
     def __init__(self, algorithm: Algorithm, config_text: str, num_nodes: int, min_updates: int = 1,
-                 node_wait_s: float = 600.0, method: str = "") -> None:
+                 node_wait_s: float = 600.0, method: str = "", max_norm_ratio: float = 10.0) -> None:
         self.algorithm = algorithm
+        self.max_norm_ratio = max_norm_ratio
         self.method = method or algorithm.name
         self.node_wait_s = node_wait_s
         self._waited = False  # the initial wait for num_nodes happens once
@@ -92,24 +97,26 @@ class AlgorithmStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         state = self.round_state
-        layers = {spec.name: spec.num_experts for spec in self.algorithm.layout.layers}
+        arrived, nodes = [], {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 state.rejected.append(f"node {node}: error reply ({reply.error.reason})")
                 continue
+            info = reply.content.get(UPDATE)
+            if isinstance(info, MetricRecord) and info.get(ABSENT):
+                continue  # not drawn this round
             try:
                 update = decode_update(reply.content, self.algorithm.layout)
             except MalformedReply as err:
                 state.rejected.append(f"node {node}: {err}")
                 continue
-            problem = update_problem(update.delta, self.global_tree, update.routing_counts, layers,
-                                     update.num_samples)
-            if problem:
-                state.rejected.append(f"client {update.client_id} (node {node}): {problem}")
-                continue
-            self.node_of_client[update.client_id] = node
-            state.updates.append(update)
+            arrived.append(update)
+            nodes[update.client_id] = node
+        state.updates, problems = screen_updates(arrived, self.global_tree, self.algorithm.layout,
+                                                 self.max_norm_ratio)
+        state.rejected += problems
+        self.node_of_client.update({u.client_id: nodes[u.client_id] for u in state.updates})
         for reason in state.rejected:
             log.warning("round %d: rejected %s", server_round, reason)
         state.updates.sort(key=lambda u: u.client_id)  # the in-process engine's order: same sums, same result

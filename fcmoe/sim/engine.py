@@ -15,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from fcmoe.algorithms import Algorithm, ClientUpdate
+from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
-from fcmoe.rounds import (finish_client, global_accuracy, initial_client_state, local_accuracy, round_metrics,
-                          train_client)
+from fcmoe.rounds import (
+    drops_out,
+    finish_client,
+    global_accuracy,
+    initial_client_state,
+    local_accuracy,
+    participants,
+    round_metrics,
+    screen_updates,
+    train_client,
+)
+from fcmoe.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +59,64 @@ class MethodSummary:
 
 
 def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: RoundCallback | None = None,
-               ) -> tuple[MethodSummary, Tree]:
-    """Run ``method`` for ``config.rounds`` rounds from the shared initial state; return its summary and model."""
+               checkpoint_dir: Path | None = None) -> tuple[MethodSummary, Tree]:
+    """Run ``method`` for ``config.rounds`` rounds from the shared initial state; return its summary and model.
+
+    Per round: the drawn clients train (``participation``), the ones that fail mid-round are lost, the server
+    screens the arrivals (:func:`~fcmoe.rounds.screen_updates`) and aggregates the accepted ones if there are at
+    least ``robust.min_clients`` (else it keeps the global model and marks the round skipped). Only clients whose
+    update was aggregated apply the server's message; the others keep their private state (FC-MoE: the residual).
+    With ``checkpoint_dir`` every round is checkpointed there, and an existing checkpoint of ``method`` is resumed.
+    """
     cfg = exp.config
     algo: Algorithm = cfg.make_algorithm(method, exp.built.layout)
     trainer = exp.trainer
     global_state: Tree = exp.initial_state
     client_states: list[dict[str, Any]] = [initial_client_state(cfg.seed, i) for i in range(exp.num_clients)]
+    first_round, row = 1, {}
+    resumed = load_checkpoint(checkpoint_dir, method) if checkpoint_dir else None
+    if resumed:
+        global_state, client_states, first_round, row = (resumed.global_state, resumed.client_states,
+                                                         resumed.round + 1, resumed.row)
+        log.info("%s: resuming after round %d from %s", method, resumed.round, checkpoint_dir)
     model_bytes = tree_num_bytes(global_state)
     started = time.perf_counter()
-    row: dict[str, Any] = {}
-    for round_index in range(1, cfg.rounds + 1):
+    for round_index in range(first_round, cfg.rounds + 1):
         round_started = time.perf_counter()
-        updates: list[ClientUpdate] = []
-        for cid in range(exp.num_clients):
-            updates.append(train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
-                                        cfg.seed, round_index, cid,
-                                        exp.global_test if round_index == cfg.rounds else None,
-                                        cfg.sparse_uploads))
+        drawn = participants(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction)
+        arrived: list[ClientUpdate] = []
+        failed = [cid for cid in drawn if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout)]
+        for done, cid in enumerate(drawn, start=1):
+            if cid not in failed:  # a client that fails mid-round sends nothing: its training is not simulated
+                arrived.append(train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
+                                            cfg.seed, round_index, cid,
+                                            exp.global_test if round_index == cfg.rounds else None,
+                                            cfg.sparse_uploads))
             if on_progress:
-                on_progress(method, round_index, cid + 1)
-        server = algo.aggregate(global_state, updates)
-        for update in updates:
+                on_progress(method, round_index, done)
+        updates, rejected = screen_updates(arrived, global_state, algo.layout, cfg.robust.max_norm_ratio)
+        for reason in rejected:
+            log.warning("%s round %d: rejected %s", method, round_index, reason)
+        skipped = len(updates) < cfg.robust.min_clients
+        if skipped:
+            log.warning("%s round %d: %d accepted update(s) < robust.min_clients = %d: global model kept", method,
+                        round_index, len(updates), cfg.robust.min_clients)
+            server = ServerResult(state=global_state)
+        else:
+            server = algo.aggregate(global_state, updates)
+        for update in [] if skipped else updates:
             finish_client(algo, client_states[update.client_id], global_state, server.state,
                           server.messages.get(update.client_id))
         global_state = server.state
         local = [local_accuracy(algo, trainer, client_states[cid], global_state, exp.client_train[cid],
                                 exp.client_test[cid]) for cid in range(exp.num_clients)]
-        row = round_metrics(method, round_index, updates, global_accuracy(trainer, global_state, exp.global_test),
-                            local, model_bytes, server.messages, server.metrics,
-                            time.perf_counter() - round_started)
+        row = round_metrics(method, round_index, [] if skipped else updates,
+                            global_accuracy(trainer, global_state, exp.global_test), local, model_bytes,
+                            server.messages, server.metrics, time.perf_counter() - round_started)
+        row.update(participants=drawn, failed=failed, rejected=rejected, skipped=skipped)
         append_row(metrics_path, row)
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, Checkpoint(method, round_index, global_state, client_states, row))
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s", method, round_index,
                  row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"], row["wall_s"])
     summary = MethodSummary.from_row(row, cfg.rounds, time.perf_counter() - started)

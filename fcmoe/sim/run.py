@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
 
 from fcmoe.config import ExperimentConfig, load_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.report.plots import partition_heatmap
+from fcmoe.sim.checkpoint import PROGRESS
 from fcmoe.sim.engine import MethodSummary, RoundCallback, run_method
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,8 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
     dataclasses.replace(config, methods=tuple(methods)).save(run_dir / "config.toml")
     save_partition(exp, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    keep_rows(metrics_path, set(done))
+    checkpoint_dir = run_dir / "checkpoint"
+    keep_rows(metrics_path, set(done), resumable_rows(checkpoint_dir))
     summaries = dict(done)
     total = len(todo) * config.rounds * exp.num_clients
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -76,11 +80,14 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
 
                 summary = run_flower_method(exp, method, run_dir)
             else:
-                summary, _ = run_method(exp, method, metrics_path, on_progress or bar)
+                summary, final = run_method(exp, method, metrics_path, on_progress or bar, checkpoint_dir)
+                save_file({k: v.contiguous() for k, v in final.items()},
+                          str(run_dir / f"model-{method.replace('/', '_')}.safetensors"))
             summaries[method] = summary
             (run_dir / "summary.json").write_text(json.dumps(
                 {"setup_s": exp.setup_s, "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}},
                 indent=2))
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the method is done: its final model is saved
     return [summaries[m] for m in config.methods]
 
 
@@ -108,12 +115,28 @@ def check_same_experiment(config: ExperimentConfig, run_dir: Path) -> None:
                          "choose another output folder")
 
 
-def keep_rows(metrics_path: Path, methods: set[str]) -> None:
-    """Drop the ``metrics.jsonl`` rows of methods not in ``methods`` (left by an interrupted run)."""
+def resumable_rows(checkpoint_dir: Path) -> tuple[str, int] | None:
+    """(method, round) of the checkpoint in ``checkpoint_dir``: that method's rows up to that round are kept."""
+    path = checkpoint_dir / PROGRESS
+    if not path.is_file():
+        return None
+    progress = json.loads(path.read_text())
+    return progress["method"], int(progress["round"])
+
+
+def keep_rows(metrics_path: Path, methods: set[str], checkpointed: tuple[str, int] | None = None) -> None:
+    """Drop the ``metrics.jsonl`` rows of methods not in ``methods`` (left by an interrupted run), except those of
+    the ``checkpointed`` (method, round) up to that round, from which the method resumes."""
     if not metrics_path.is_file():
         return
+
+    def keep(row: dict) -> bool:
+        if row.get("method") in methods:
+            return True
+        return checkpointed is not None and row.get("method") == checkpointed[0] and row["round"] <= checkpointed[1]
+
     lines = metrics_path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("method") in methods]
+    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
     if len(kept) != len(lines):
         log.info("%s: dropping %d rows of interrupted methods", metrics_path, len(lines) - len(kept))
         metrics_path.write_text("".join(line + "\n" for line in kept))

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fcmoe.config import ConfigError, ExperimentConfig
 from fcmoe.sim.run import check_same_experiment, load_summaries, run_experiment

@@ -139,6 +139,25 @@ def test_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny: BuiltModel) 
     assert evaluate[12].content[CONFIG]["trained"] is False and decode_message(evaluate[12].content[MESSAGE]) is None
 
 
+def test_strategy_rejects_a_scaled_update_by_its_norm_and_skips_absent_clients(tiny: BuiltModel) -> None:
+    strategy = _strategy(tiny, "fedavg", num_nodes=5)
+    global_state = tiny.model.trainable_state()
+    arrays, _ = tree_to_record(global_state)
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4, 5])))
+    updates = _updates(tiny, 4)
+    attacker = ClientUpdate(4, {k: 100 * v for k, v in updates[0].delta.items()}, 10, updates[0].routing_counts)
+    absent = RecordDict({"update": MetricRecord({"client_id": 5, "absent": 1})})
+    replies = [Message(content=encode_update(u), reply_to=m) for u, m in zip([*updates[1:], attacker], instructions)]
+    replies.append(Message(content=absent, reply_to=instructions[4]))
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    (reason,) = strategy.round_state.rejected
+    assert reason.startswith("client 4: update norm") and "× the round's median" in reason
+    expected = strategy.algorithm.aggregate(global_state, updates[1:]).state
+    got = record_to_tree(new_arrays)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert metrics["valid_updates"] == 3 and metrics["rejected"] == 1  # the absent client is neither
+
+
 def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny, "fedavg", num_nodes=1)
     arrays, _ = tree_to_record(tiny.model.trainable_state())

@@ -45,3 +45,25 @@ def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> No
         for field in ("global_acc", "local_acc", "train_loss", "bytes_up", "bytes_down"):
             assert row[field] == reference[key][field], (key, field)
     assert rows[("fcmoe", 2)]["conflict_rate_per_layer"] == reference[("fcmoe", 2)]["conflict_rate_per_layer"]
+
+
+def test_flower_participation_and_dropouts_match_in_process(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the clients drawn per round, 30 % dropping out mid-round: Flower aggregates the same clients."""
+    overrides = [*TINY, "partition.num_clients=4", "rounds=3", "methods=['fcmoe']", "participation.fraction=0.5",
+                 "participation.dropout=0.3"]
+    config = load_config(overrides=overrides)
+    exp = prepare_experiment(config)
+    _, expected = run_method(exp, "fcmoe", tmp_path / "in-process.jsonl")
+    flower_dir = tmp_path / "flower"
+    flower_dir.mkdir()
+    run_experiment(dataclasses.replace(config, engine="flower"), flower_dir, show_progress=False)
+    got = load_file(str(flower_dir / "model-fcmoe.safetensors"))
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+    reference = [json.loads(line) for line in (tmp_path / "in-process.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (flower_dir / "metrics.jsonl").read_text().splitlines()]
+    for row, ref in zip(rows, reference, strict=True):
+        assert (row["participants"], row["failed"], row["clients"]) == (ref["participants"], ref["failed"],
+                                                                       ref["clients"])
+        assert len(row["rejected"]) == len(row["failed"])  # a failed client is an error reply to Flower
+    assert any(r["failed"] for r in rows)
