@@ -216,6 +216,34 @@ class ParticipationConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """Fault injection for robustness experiments: these clients send a corrupted update every round.
+
+    Attributes
+    ----------
+    kind
+        "none", "scale" (Δ_i × ``factor``) or "signflip" (−Δ_i).
+    clients
+        Client ids that misbehave.
+    factor
+        The scale of "scale" (default 100).
+    """
+
+    kind: str = "none"
+    clients: tuple[int, ...] = ()
+    factor: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTACKS:
+            raise ConfigError(f"attack.kind = {self.kind!r}: choose one of {', '.join(ATTACKS)}")
+        if self.kind != "none" and not self.clients:
+            raise ConfigError(f"attack.kind = {self.kind!r} needs attack.clients, e.g. clients = [0]")
+
+
+ATTACKS = ("none", "scale", "signflip")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """The grid ``fcmoe sweep`` runs when no ``--alphas`` / ``--seeds`` is given (``fcmoe run`` ignores it)."""
 
@@ -248,6 +276,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     algorithms: Mapping[str, AlgorithmConfig] = field(default_factory=dict)
 
@@ -259,6 +288,10 @@ class ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods = {list(self.methods)} lists a method twice")
         _positive("rounds", self.rounds)
+        bad = [c for c in self.attack.clients if not 0 <= c < self.partition.num_clients]
+        if bad:
+            raise ConfigError(f"attack.clients = {list(self.attack.clients)}: client {bad[0]} does not exist "
+                              f"(partition.num_clients = {self.partition.num_clients})")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine = {self.engine!r}: choose one of {', '.join(ENGINES)}")
         full = {name: self.algorithms.get(name) or ALGORITHMS.get(name).config_class()
@@ -274,8 +307,10 @@ class ExperimentConfig:
         return config
 
     def make_algorithm(self, method: str, layout: Any) -> Algorithm:
-        """An instance of ``method``'s algorithm with its (variant) config, on ``layout``."""
-        return ALGORITHMS.get(split_method(method)[0])(self.algorithm_config(method), layout)
+        """An instance of ``method``'s algorithm with its (variant) config and ``robust.aggregator``, on ``layout``."""
+        algorithm = ALGORITHMS.get(split_method(method)[0])(self.algorithm_config(method), layout)
+        algorithm.set_inner_aggregator(self.robust.aggregator, self.robust.trim_fraction)
+        return algorithm
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML-serialisable) with every resolved value."""
@@ -313,7 +348,7 @@ def split_method(method: str) -> tuple[str, str]:
 _TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "robust": RobustConfig,
-                              "participation": ParticipationConfig, "sweep": SweepConfig}
+                              "participation": ParticipationConfig, "attack": AttackConfig, "sweep": SweepConfig}
 
 
 def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:

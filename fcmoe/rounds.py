@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fcmoe.algorithms import Algorithm, ClientUpdate
-from fcmoe.core import Tree, tree_num_bytes, tree_sub
+from fcmoe.core import Tree, clip_factors, tree_num_bytes, tree_sub
 from fcmoe.core.validate import update_problem
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
@@ -182,3 +182,34 @@ def screen_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: 
 def tree_norm(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """‖tree‖₂ over every tensor, in float64."""
     return torch.sqrt(sum(((v.double() ** 2).sum() for v in tree.values()), torch.zeros((), dtype=torch.float64)))
+
+
+def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple: float) -> list[ClientUpdate]:
+    """``robust.clip``: each client's update clipped per unit to ``multiple`` × the round's median norm of that unit.
+
+    Units are every expert of every MoE layer and, together, all other parameters
+    (:func:`fcmoe.core.clip_factors`). Returns new updates; the inputs are not modified.
+    """
+    if multiple <= 0 or not updates:
+        return list(updates)
+    expert_keys = set(layout.expert_keys)
+    rest = [k for k in updates[0].delta if k not in expert_keys]
+    rest_norms = torch.stack([tree_norm({k: u.delta[k] for k in rest}) for u in updates])  # [N]
+    rest_factor = clip_factors(rest_norms[:, None], multiple)[:, 0]  # [N]
+    clipped = [{k: u.delta[k] * float(rest_factor[i]) for k in rest} for i, u in enumerate(updates)]
+    for layer in layout.layers:
+        blocks = [layout.gather_experts(u.delta, layer) for u in updates]  # N × [E, P]
+        factors = clip_factors(torch.stack([torch.linalg.vector_norm(b.double(), dim=1) for b in blocks]),
+                               multiple)  # [N, E]
+        for i, block in enumerate(blocks):
+            scaled = block * factors[i].to(block.dtype)[:, None]
+            clipped[i].update({k: v.to(updates[i].delta[k].dtype)
+                               for k, v in layout.split_experts(layer, scaled).items()})
+    return [dataclasses.replace(u, delta=delta) for u, delta in zip(updates, clipped, strict=True)]
+
+
+def attack(update: ClientUpdate, kind: str, factor: float) -> ClientUpdate:
+    """Fault injection for robustness experiments: the upload scaled by ``factor`` ("scale") or negated
+    ("signflip"), as a faulty or malicious client would send it."""
+    scale = factor if kind == "scale" else -1.0
+    return dataclasses.replace(update, delta={k: v * scale for k, v in update.delta.items()})

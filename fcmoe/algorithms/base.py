@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from fcmoe.core import Tree, expert_weighted_mean, fedavg_step, holder_weights
+from fcmoe.core import ROBUST_AGGREGATORS, Tree, coordinate_aggregate, expert_weighted_mean, fedavg_step, holder_weights
 from fcmoe.models.layout import ExpertLayout
 
 
@@ -94,6 +94,18 @@ class Algorithm:
             raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.layout = layout
+        self.inner = "mean"  # robust.aggregator: "mean" (the algorithm's weights) | "trimmed_mean" | "median"
+        self.trim_fraction = 0.1
+
+    def set_inner_aggregator(self, kind: str, trim_fraction: float = 0.1) -> None:
+        """Replace the weighted means over clients by a coordinate-wise robust statistic (``robust.aggregator``)."""
+        if kind not in ("mean", *ROBUST_AGGREGATORS):
+            raise ValueError(f"unknown aggregator {kind!r}; choose mean, {', '.join(ROBUST_AGGREGATORS)}")
+        self.inner, self.trim_fraction = kind, trim_fraction
+
+    def robust_mean(self, by_group: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """``[G, N, P]`` → ``[G, P]`` with the robust inner aggregator (only when ``inner`` is not "mean")."""
+        return coordinate_aggregate(by_group, self.inner, self.trim_fraction, present)
 
     # ------------------------------------------------------------------ client half
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
@@ -121,17 +133,25 @@ class Algorithm:
         a client that did not route a token to it sent nothing, not a zero update.
         """
         deltas, sizes = [u.delta for u in updates], [u.num_samples for u in updates]
-        if not any(u.sparse for u in updates):
+        sparse = any(u.sparse for u in updates)
+        if not sparse and self.inner == "mean":
             return fedavg_step(global_state, deltas, sizes, keys)
         wanted = set(keys)
-        expert_keys = set(self.layout.expert_keys)
-        out = fedavg_step(global_state, deltas, sizes, [k for k in keys if k not in expert_keys])
+        expert_keys = set(self.layout.expert_keys) if sparse else set()
+        plain = [k for k in keys if k not in expert_keys]
+        if self.inner == "mean":
+            out = fedavg_step(global_state, deltas, sizes, plain)
+        else:  # coordinate-wise over clients, one key at a time: [1, N, numel]
+            out = {k: global_state[k] + self.robust_mean(torch.stack([d[k].reshape(-1) for d in deltas])[None])
+                   .reshape(global_state[k].shape).to(global_state[k].dtype) for k in plain}
         n = torch.tensor(sizes)
-        for layer in self.layout.layers:
+        for layer in self.layout.layers if sparse else ():
             if not wanted & set(layer.keys):
                 continue
-            weights = holder_weights(n, torch.stack([u.held(layer.name) for u in updates]))  # [N, E]
-            step = expert_weighted_mean(self.stack_experts(updates, layer), weights)  # [E, P]
+            held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
+            deltas_by_expert = self.stack_experts(updates, layer)  # [N, E, P]
+            step = (expert_weighted_mean(deltas_by_expert, holder_weights(n, held)) if self.inner == "mean"
+                    else self.robust_mean(deltas_by_expert.transpose(0, 1), held.T))  # [E, P]
             moved = self.layout.add_to_experts(global_state, layer, step, torch.ones(layer.num_experts))
             out.update({k: moved[k] for k in layer.keys if k in wanted})
         return out

@@ -137,7 +137,8 @@ class FCMoE(Algorithm):
             if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
                 held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
                 weights = normalise_columns(weights * held).to(weights.dtype)
-            coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0, norms)
+            robust = None if self.inner == "mean" else self.robust_mean(deltas.transpose(0, 1), weights.T > 0)
+            coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0, norms, robust)
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
             # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
             state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)

@@ -54,7 +54,9 @@ class FedMoE(Algorithm):
             holders = torch.stack([(u.routing_counts[layer.name] > 0)
                                    & (u.frequencies(layer.name) >= self.config.min_share) for u in updates])  # [N, E]
             weights = holder_weights(n, holders)  # [N, E]
-            step = expert_weighted_mean(self.stack_experts(updates, layer), weights)  # [E, P]
+            deltas = self.stack_experts(updates, layer)  # [N, E, P]
+            step = (expert_weighted_mean(deltas, weights) if self.inner == "mean"
+                    else self.robust_mean(deltas.transpose(0, 1), holders.T))  # [E, P]
             state = layout.scatter_experts(state, layer, layout.gather_experts(global_state, layer) + step)
             router_deltas = torch.stack([layout.gather_router(u.delta, layer) for u in updates])  # [N, E, R]
             router = layout.gather_router(global_state, layer) + expert_weighted_mean(router_deltas, weights)

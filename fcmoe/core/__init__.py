@@ -3,14 +3,18 @@
 from fcmoe.core.aggregate import expert_weighted_mean, fedavg_step, holder_weights
 from fcmoe.core.consensus import ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
+from fcmoe.core.robust import ROBUST_AGGREGATORS, clip_factors, coordinate_aggregate
 from fcmoe.core.tree import Tree, tree_add, tree_clone, tree_num_bytes, tree_sub, weighted_mean
 
 __all__ = [
     "IMPORTANCE_SCHEMES",
+    "ROBUST_AGGREGATORS",
     "ConsensusCoefficients",
     "ConsensusResult",
     "Tree",
+    "clip_factors",
     "consensus_coefficients",
+    "coordinate_aggregate",
     "expert_weighted_mean",
     "fedavg_step",
     "holder_weights",

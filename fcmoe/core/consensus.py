@@ -57,7 +57,8 @@ def _check_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: float) -> No
 
 
 def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0,
-                           norms: torch.Tensor | None = None) -> ConsensusCoefficients:
+                           norms: torch.Tensor | None = None,
+                           consensus: torch.Tensor | None = None) -> ConsensusCoefficients:
     """Consensus direction, projection coefficients and conflict mask, without materialising [N, E, P] outputs.
 
     Two reads of the deltas (plus one for the norms unless given): g by one batched matrix product
@@ -75,6 +76,9 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
         Conflict threshold on the cosine to the consensus (paper τ, default 0): pairs with cos < τ are projected.
     norms
         ``[N, E]`` ‖Δ_{i,k}‖ if the caller already has them (FC-MoE's importance needs them first).
+    consensus
+        ``[E, P]`` a consensus direction to use instead of Σ_i w_{i,k} Δ_{i,k} (a robust aggregator's, e.g. the
+        coordinate-wise median); conflicts and coefficients are then measured against it.
 
     Returns
     -------
@@ -85,7 +89,7 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     acc = torch.promote_types(deltas.dtype, torch.float32)
     w = weights.to(acc)
     by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]
-    g = expert_weighted_mean(deltas, w)  # [E, P]
+    g = expert_weighted_mean(deltas, w) if consensus is None else consensus.to(acc)  # [E, P]
     dots = torch.bmm(g.unsqueeze(1), by_expert.transpose(1, 2)).squeeze(1).T  # [N, E]  ⟨Δ_{i,k}, g_k⟩
     g_sq = (g * g).sum(dim=-1)  # [E]  ‖g_k‖²
     delta_norm = (torch.linalg.vector_norm(by_expert, dim=-1).T if norms is None else norms).to(acc)  # [N, E]

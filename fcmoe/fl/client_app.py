@@ -22,7 +22,7 @@ from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import (ABSENT, STATE_SCALARS, UPDATE, decode_message, encode_update, load_client_state,
                             record_to_tree, save_client_state)
 from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS
-from fcmoe.rounds import (drops_out, finish_client, initial_client_state, local_accuracy, participants,
+from fcmoe.rounds import (attack, drops_out, finish_client, initial_client_state, local_accuracy, participants,
                           train_client)
 
 
@@ -65,6 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     global_state = record_to_tree(msg.content[ARRAYS])
     update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid,
                           exp.global_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
+    if cid in cfg.attack.clients:  # fault injection for robustness experiments
+        update = attack(update, cfg.attack.kind, cfg.attack.factor)
     context.state[TRAINED_FROM] = msg.content[ARRAYS]
     save_client_state(state, context.state)
     return Message(content=encode_update(update, algo.layout), reply_to=msg)

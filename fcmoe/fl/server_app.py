@@ -47,7 +47,8 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     cfg = exp.config
     algo = cfg.make_algorithm(method, exp.built.layout)
     strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients, method=method,
-                                 min_updates=cfg.robust.min_clients, max_norm_ratio=cfg.robust.max_norm_ratio)
+                                 min_updates=cfg.robust.min_clients, max_norm_ratio=cfg.robust.max_norm_ratio,
+                                 clip=cfg.robust.clip)
     model_bytes = tree_num_bytes(exp.initial_state)
     metrics_path = run_dir / "metrics.jsonl"
     clock = {"round": time.perf_counter(), "start": time.perf_counter()}

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree
-from fcmoe.rounds import screen_updates
+from fcmoe.rounds import clip_updates, screen_updates
 from fcmoe.fl.codec import (ABSENT, UPDATE, MalformedReply, decode_update, encode_message, record_to_tree,
                             tree_to_record)
 
@@ -69,12 +69,16 @@ class AlgorithmStrategy(Strategy):
         for a variant).
     max_norm_ratio
         ``robust.max_norm_ratio``: updates whose norm exceeds this multiple of the round's median are rejected.
+    clip
+        ``robust.clip``: accepted updates are clipped per unit to this multiple of the round's median (0 = off).
     """
 
     def __init__(self, algorithm: Algorithm, config_text: str, num_nodes: int, min_updates: int = 1,
-                 node_wait_s: float = 600.0, method: str = "", max_norm_ratio: float = 10.0) -> None:
+                 node_wait_s: float = 600.0, method: str = "", max_norm_ratio: float = 10.0,
+                 clip: float = 0.0) -> None:
         self.algorithm = algorithm
         self.max_norm_ratio = max_norm_ratio
+        self.clip = clip
         self.method = method or algorithm.name
         self.node_wait_s = node_wait_s
         self._waited = False  # the initial wait for num_nodes happens once
@@ -116,6 +120,7 @@ class AlgorithmStrategy(Strategy):
         state.updates, problems = screen_updates(arrived, self.global_tree, self.algorithm.layout,
                                                  self.max_norm_ratio)
         state.rejected += problems
+        state.updates = clip_updates(state.updates, self.algorithm.layout, self.clip)
         self.node_of_client.update({u.client_id: nodes[u.client_id] for u in state.updates})
         for reason in state.rejected:
             log.warning("round %d: rejected %s", server_round, reason)

@@ -18,17 +18,8 @@ from typing import Any
 from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
-from fcmoe.rounds import (
-    drops_out,
-    finish_client,
-    global_accuracy,
-    initial_client_state,
-    local_accuracy,
-    participants,
-    round_metrics,
-    screen_updates,
-    train_client,
-)
+from fcmoe.rounds import (attack, clip_updates, drops_out, finish_client, global_accuracy, initial_client_state,
+                          local_accuracy, participants, round_metrics, screen_updates, train_client)
 from fcmoe.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,13 +79,15 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
         failed = [cid for cid in drawn if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout)]
         for done, cid in enumerate(drawn, start=1):
             if cid not in failed:  # a client that fails mid-round sends nothing: its training is not simulated
-                arrived.append(train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
-                                            cfg.seed, round_index, cid,
-                                            exp.global_test if round_index == cfg.rounds else None,
-                                            cfg.sparse_uploads))
+                update = train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
+                                      cfg.seed, round_index, cid,
+                                      exp.global_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
+                arrived.append(attack(update, cfg.attack.kind, cfg.attack.factor)
+                               if cid in cfg.attack.clients else update)
             if on_progress:
                 on_progress(method, round_index, done)
         updates, rejected = screen_updates(arrived, global_state, algo.layout, cfg.robust.max_norm_ratio)
+        updates = clip_updates(updates, algo.layout, cfg.robust.clip)
         for reason in rejected:
             log.warning("%s round %d: rejected %s", method, round_index, reason)
         skipped = len(updates) < cfg.robust.min_clients

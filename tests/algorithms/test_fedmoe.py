@@ -69,3 +69,39 @@ def test_sparse_uploads_make_an_unsent_expert_absent_not_zero(tiny: BuiltModel) 
         torch.testing.assert_close(was_zero[key3], state[key3] + 0.25 * dense[0].delta[key3])  # 10/40 of it
         key0 = next(k for k in layer.keys if "expert_0." in k)  # both sent expert 0: unchanged semantics
         torch.testing.assert_close(absent[key0], was_zero[key0])
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: BuiltModel, aggregator: str) -> None:
+    """9 honest clients near +d, one sends −1000·d: the mean flips sign, the robust aggregators do not."""
+    from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
+    from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
+
+    state = tiny.model.trainable_state()
+    base = random_delta(state, 0)
+    deltas = [{k: v * (1 + 0.01 * i) for k, v in base.items()} for i in range(9)]
+    deltas.append({k: -1000 * v for k, v in base.items()})
+    counts = [torch.tensor([5, 5, 5, 5])] * 10
+    updates = make_updates(tiny, deltas, [10] * 10, counts)
+    for algo in (FedAvg(FedAvgConfig(), tiny.layout), FCMoE(FCMoEConfig(), tiny.layout)):
+        mean_step = tree_add(algo.aggregate(state, updates).state, state, scale=-1.0)
+        algo.set_inner_aggregator(aggregator, 0.1)
+        robust_step = tree_add(algo.aggregate(state, updates).state, state, scale=-1.0)
+        key = tiny.layout.layers[0].keys[0]
+        assert (mean_step[key] * base[key]).sum() < 0  # the attacker wins the mean
+        cosine = torch.nn.functional.cosine_similarity(robust_step[key].flatten(), base[key].flatten(), dim=0)
+        assert cosine > 0.99, (algo.name, aggregator)  # the robust step points where the honest clients do
+
+
+def test_clipping_bounds_a_scaled_client_per_unit(tiny: BuiltModel) -> None:
+    from fcmoe.rounds import clip_updates, tree_norm
+
+    state = tiny.model.trainable_state()
+    deltas = [random_delta(state, s) for s in range(4)]
+    deltas[3] = {k: 100 * v for k, v in deltas[3].items()}
+    updates = make_updates(tiny, deltas, [10] * 4, [torch.tensor([5, 5, 5, 5])] * 4)
+    clipped = clip_updates(updates, tiny.layout, 2.0)
+    assert tree_norm(clipped[3].delta) < 3 * max(tree_norm(u.delta) for u in updates[:3])
+    for before, after in zip(updates[:3], clipped[:3]):
+        assert all(torch.equal(before.delta[k], after.delta[k]) for k in before.delta)  # within 2× the median
+    assert all(torch.equal(updates[3].delta[k], deltas[3][k]) for k in deltas[3])  # inputs not modified

@@ -157,3 +157,15 @@ def test_resume_refuses_other_settings_and_a_folder_that_is_not_a_run(tmp_path: 
     assert "drop --set" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "is it a run folder?" in capsys.readouterr().err
+
+
+def test_attack_injection_is_screened_unless_screening_is_off(tmp_path: Path) -> None:
+    attacked = [*FOUR, 'methods=["fedavg"]', "rounds=1", 'attack.kind="scale"', "attack.clients=[2]"]
+    (tmp_path / "on").mkdir(), (tmp_path / "off").mkdir()
+    run_experiment(load_config(overrides=attacked), tmp_path / "on", show_progress=False)
+    (row,) = _rows(tmp_path / "on")
+    assert row["clients"] == [0, 1, 3] and "client 2: update norm" in row["rejected"][0]
+    run_experiment(load_config(overrides=[*attacked, "robust.max_norm_ratio=0"]), tmp_path / "off",
+                   show_progress=False)
+    (row,) = _rows(tmp_path / "off")
+    assert row["clients"] == [0, 1, 2, 3] and row["rejected"] == []
