@@ -50,6 +50,14 @@ def test_config_is_frozen() -> None:
     ("methods=['fedavg','magic']", r"unknown method 'magic'"),
     ("model.name=gpt5", r"model.name = 'gpt5'"),
     ("fcmoe.importance=bogus", r"fcmoe.importance = 'bogus'"),
+    ("robust.max_norm_ratio=0.5", r"robust.max_norm_ratio = 0.5: must be > 1"),
+    ("robust.aggregator=mode", r"robust.aggregator = 'mode': choose one of mean, trimmed_mean, median"),
+    ("robust.min_clients=0", r"robust.min_clients = 0: must be >= 1"),
+    ("participation.fraction=0", r"participation.fraction = 0.0: must be in \(0, 1\]"),
+    ("participation.dropout=1", r"participation.dropout = 1.0: must be in \[0, 1\)"),
+    ("attack.clients=[12]", r"attack.clients = \[12\]: client 12 does not exist"),
+    ("attack.kind=steal", r"attack.kind = 'steal'"),
+    ("sparse_uploads=1", r"sparse_uploads = 1: expected bool"),
 ])
 def test_bad_values_are_named(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -75,3 +83,18 @@ def test_default_toml_is_the_builtin_default() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
     load_config(path)
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "partition.alpha=0"], ["--set", "train.lr=-1"], ["--set", "robust.clip=-2"],
+    ["--set", "model.name=tiny-bert-moe", "--set", "model.finetune=lora"], ["--set", "nonsense.key=1"],
+    ["--set", "rounds=0"], ["--methods", "fedavg,fcmoe/no-such"],
+])
+def test_cli_config_errors_exit_2_with_one_line_and_write_nothing(args: list[str], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from fcmoe.cli import main
+
+    assert main(["run", *args, "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fcmoe: config error: ") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
