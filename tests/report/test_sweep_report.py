@@ -120,9 +120,9 @@ def test_resuming_a_half_done_sweep_runs_only_the_missing_runs(sweep_dir: Path, 
     calls: list[tuple[str, str]] = []
     real = fcmoe.sim.run.run_method
 
-    def spy(exp, method, metrics_path, on_progress=None):  # type: ignore[no-untyped-def]
+    def spy(exp, method, metrics_path, *rest):  # type: ignore[no-untyped-def]
         calls.append((metrics_path.parent.name, method))
-        return real(exp, method, metrics_path, on_progress)
+        return real(exp, method, metrics_path, *rest)
 
     monkeypatch.setattr(fcmoe.sim.run, "run_method", spy)
     config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
