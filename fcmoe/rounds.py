@@ -39,9 +39,10 @@ def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, cli
                  global_test: FeatureSet | None = None, sparse: bool = False) -> ClientUpdate:
     """The client half of a round up to the upload: re-anchor, train one local budget, measure Δ_i.
 
-    With ``global_test`` the locally trained model (before aggregation) is also scored on the global test set:
-    DESIGN §2's second reading of local accuracy, reported as ``metrics["global_test_acc"]``. The engines ask for
-    it in the final round only: 10 clients × the global test set costs about as much as the round's training.
+    With ``global_test`` the locally trained model (before aggregation) is also scored on it: DESIGN §2's second
+    reading of local accuracy, reported as ``metrics["global_test_acc"]``. The engines ask for it in the final
+    round only, on a stratified part of the global test set (``Experiment.probe_test``, 10 documents per class):
+    10 clients × the whole set would cost about as much as the round's training.
     With ``sparse`` the experts that saw no token are left out of the upload (:func:`sparsify`).
     """
     start = algo.client_start(global_state, client_state)
@@ -49,6 +50,7 @@ def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, cli
     metrics = {"loss": result.loss}
     if global_test is not None:
         metrics["global_test_acc"] = global_accuracy(trainer, result.state, global_test)
+        metrics["global_test_docs"] = len(global_test)
     update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
     return sparsify(update, algo.layout) if sparse else update
 
@@ -131,7 +133,8 @@ def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate]
     if local_models:  # DESIGN §2's second reading: each local model (after its local epoch) on the global test set
         scores = torch.tensor(local_models, dtype=torch.float64)
         row.update(local_model_global_acc=local_models, local_model_global_acc_mean=scores.mean().item(),
-                   local_model_global_acc_std=scores.std(unbiased=False).item())
+                   local_model_global_acc_std=scores.std(unbiased=False).item(),
+                   local_model_global_docs=int(updates[0].metrics.get("global_test_docs", 0)))
     return row
 
 

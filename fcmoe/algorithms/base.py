@@ -96,6 +96,7 @@ class Algorithm:
         self.layout = layout
         self.inner = "mean"  # robust.aggregator: "mean" (the algorithm's weights) | "trimmed_mean" | "median"
         self.trim_fraction = 0.1
+        self._workspace: torch.Tensor | None = None  # stack_experts' reused [E, N, P] buffer
 
     def set_inner_aggregator(self, kind: str, trim_fraction: float = 0.1) -> None:
         """Replace the weighted means over clients by a coordinate-wise robust statistic (``robust.aggregator``)."""
@@ -162,6 +163,5 @@ class Algorithm:
         The buffer is reused by the next call (the next layer, the next round): read the result before calling
         again. Holding one layer's N·E·P values between rounds saves the page faults of a fresh allocation.
         """
-        self._workspace = self.layout.gather_experts_batched([u.delta for u in updates], layer,
-                                                             getattr(self, "_workspace", None))
+        self._workspace = self.layout.gather_experts_batched([u.delta for u in updates], layer, self._workspace)
         return self._workspace.transpose(0, 1)

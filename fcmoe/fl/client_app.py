@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
                            f"{cfg.participation.dropout})")
     global_state = record_to_tree(msg.content[ARRAYS])
     update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid,
-                          exp.global_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
+                          exp.probe_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
     if cid in cfg.attack.clients:  # fault injection for robustness experiments
         update = attack(update, cfg.attack.kind, cfg.attack.factor)
     context.state[TRAINED_FROM] = msg.content[ARRAYS]

@@ -118,11 +118,14 @@ def ablation_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: 
 
 def local_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> ReportTable:
     """Table III: local accuracy, mean ± std over clients (each averaged over seeds), both readings."""
+    probes = sorted({r.get("local_model_global_docs", 0) for run in runs for r in run.rows
+                     if "local_model_global_acc_mean" in r})  # 0: runs that scored the whole set
+    scope = " / ".join("all of it" if n == 0 else f"{n} documents, 10 per class" for n in probes) or "not measured"
     table = ReportTable(
         "table3_local_accuracy", "Table III: local accuracy (mean ± std over clients)",
         "deployed: each client's deployed model (FedAvg / FedMoE: the global model; FC-MoE: θ + λr_i; PFL-MoE: "
         "the mixture) on its own test split. local model: each client's model after its local epoch of the last "
-        "round, on the global test set. Mean over clients ± std over clients, both averaged over seeds.",
+        f"round, on the global test set ({scope}). Mean over clients ± std over clients, both averaged over seeds.",
         ["method", *(f"{kind} α = {a:g}" for a in alphas for kind in ("deployed", "local model"))])
     for method in methods:
         cells = []

@@ -78,12 +78,7 @@ def curve_grid(panels: Sequence[Sequence[tuple[str, dict[str, Curve]]]], row_lab
             ax.grid(alpha=0.3)
             if lines:
                 ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def utilisation_heatmaps(shares: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
@@ -107,6 +102,11 @@ def utilisation_heatmaps(shares: dict[str, np.ndarray], path: Path, title: str =
         ax.set_yticks(range(grid.shape[0]))
         ax.tick_params(labelsize=7)
         fig.colorbar(image, ax=ax, label="share of tokens")
+    return _save(fig, path, title)
+
+
+def _save(fig: plt.Figure, path: Path, title: str) -> Path:
+    """Title, tight layout, PNG at 110 dpi, figure closed (pyplot keeps every open figure alive)."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -81,7 +81,7 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
             if cid not in failed:  # a client that fails mid-round sends nothing: its training is not simulated
                 update = train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
                                       cfg.seed, round_index, cid,
-                                      exp.global_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
+                                      exp.probe_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
                 arrived.append(attack(update, cfg.attack.kind, cfg.attack.factor)
                                if cid in cfg.attack.clients else update)
             if on_progress:
