@@ -58,6 +58,12 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
                 raise TypeError(f"client {cid} state {key!r} is a {type(value).__name__}; store trees or scalars")
         scalars.append(plain)
     tensors["rng/torch"] = torch.get_rng_state()
+    seen: set[int] = set()
+    for key, tensor in tensors.items():  # safetensors refuses tensors that share storage: give those their own
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensors[key] = tensor.clone()
+        seen.add(storage)
     name = f"state-r{checkpoint.round}.safetensors"
     _atomic(folder / name, lambda tmp: save_file(tensors, str(tmp)))
     progress = {"method": checkpoint.method, "round": checkpoint.round, "state": name, "clients": scalars,

@@ -169,3 +169,24 @@ def test_attack_injection_is_screened_unless_screening_is_off(tmp_path: Path) ->
                    show_progress=False)
     (row,) = _rows(tmp_path / "off")
     assert row["clients"] == [0, 1, 2, 3] and row["rejected"] == []
+
+
+def test_checkpoint_round_trip_keeps_shared_tensors_trees_scalars_and_the_rng(tmp_path: Path) -> None:
+    from fcmoe.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    shared = torch.randn(3, 2)
+    clients = [{"seed": 7, "residual": {"a": shared, "b": shared[1]}}, {"seed": 8, "flag": True}]
+    torch.manual_seed(123)
+    save_checkpoint(tmp_path, Checkpoint("fcmoe/no-retention", 4, {"w": torch.ones(2)}, clients, {"round": 4}))
+    expected_draw = torch.rand(3)
+    torch.manual_seed(0)
+    loaded = load_checkpoint(tmp_path, "fcmoe/no-retention")
+    assert loaded is not None and loaded.round == 4 and loaded.row == {"round": 4}
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the checkpoint left it
+    assert torch.equal(loaded.global_state["w"], torch.ones(2))
+    assert loaded.client_states[1] == {"seed": 8, "flag": True}
+    assert torch.equal(loaded.client_states[0]["residual"]["a"], shared)
+    assert torch.equal(loaded.client_states[0]["residual"]["b"], shared[1])
+    assert load_checkpoint(tmp_path, "fedavg") is None  # another method's checkpoint is not resumed
+    save_checkpoint(tmp_path, Checkpoint("fcmoe/no-retention", 5, {"w": torch.zeros(2)}, clients, {}))
+    assert [p.name for p in tmp_path.glob("state-r*.safetensors")] == ["state-r5.safetensors"]
