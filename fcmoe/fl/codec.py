@@ -2,8 +2,8 @@
 
 The only place that knows how fcmoe objects travel in a Flower ``Message``:
 
-- a tree ``{name: tensor}`` (model, Δ_i, residual) → one ``ArrayRecord`` (bfloat16 travels as int16 bits, listed
-  in a ``ConfigRecord`` beside it);
+- a tree ``{name: tensor}`` (model, Δ_i, residual) → one ``ArrayRecord`` (bfloat16 travels as int16 bits under
+  ``<key>@bfloat16``, so every record is self-describing);
 - a :class:`~fcmoe.algorithms.base.ClientUpdate` → ``"delta"`` arrays, ``"routing"`` arrays (layer → ``[E]``
   counts), ``"update"`` metrics (client id, n_i, loss);
 - the server's per-client message (FC-MoE: one scalar per layer and expert) → ``"message"`` arrays;
@@ -28,7 +28,8 @@ from fcmoe.algorithms.base import ClientUpdate
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.models.layout import ExpertLayout
 
-DELTA, ROUTING, UPDATE, MESSAGE, DTYPES = "delta", "routing", "update", "message", "dtypes"
+DELTA, ROUTING, UPDATE, MESSAGE = "delta", "routing", "update", "message"
+BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
 ABSENT = "absent"  # update metric: the client was not drawn this round (participation.fraction) and sent nothing
 STATE_SCALARS = "scalars"
@@ -39,33 +40,36 @@ class MalformedReply(ValueError):
     """A client reply that cannot be decoded into an update; the message says what is missing or wrong."""
 
 
-def tree_to_record(tree: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord]:
-    """``ArrayRecord`` of the tensors (contiguous CPU copies) and a ``ConfigRecord`` of the bfloat16 keys.
+def tree_to_record(tree: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """``ArrayRecord`` of the tensors (contiguous CPU copies), self-describing for bfloat16.
 
-    NumPy has no bfloat16, so those tensors travel as their int16 bit patterns and are restored exactly.
+    NumPy has no bfloat16, so those tensors travel as their int16 bit patterns under ``<key>@bfloat16`` and are
+    restored exactly by :func:`record_to_tree`: the global model of a bf16 run needs no side record.
     """
-    arrays, bf16 = {}, []
+    arrays = {}
     for key, value in tree.items():
         value = value.detach().cpu().contiguous()
         if value.dtype == torch.bfloat16:
-            bf16.append(key)
-            value = value.view(torch.int16)
-        arrays[key] = value
-    return ArrayRecord(arrays), ConfigRecord({"bfloat16": bf16})
+            arrays[key + BF16_SUFFIX] = value.view(torch.int16)
+        else:
+            arrays[key] = value
+    return ArrayRecord(arrays)
 
 
-def record_to_tree(record: ArrayRecord, dtypes: ConfigRecord | None = None, copy: bool = True) -> Tree:
+def record_to_tree(record: ArrayRecord, copy: bool = True) -> Tree:
     """Inverse of :func:`tree_to_record`.
 
     ``copy=False`` returns read-only views of the record's bytes (the server's path: a 1 GB update is then read
     once, by the aggregation, instead of being copied twice by ``np.load`` first); never write into them.
     """
-    bf16 = set(dtypes.get("bfloat16", [])) if dtypes is not None else set()
     tree = {}
     for key, array in record.items():
         value = _view(array)
         value = value.clone() if copy else value
-        tree[key] = value.view(torch.bfloat16) if key in bf16 else value
+        if key.endswith(BF16_SUFFIX):
+            tree[key.removesuffix(BF16_SUFFIX)] = value.view(torch.bfloat16)
+        else:
+            tree[key] = value
     return tree
 
 
@@ -97,11 +101,11 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
             raise ValueError("a sparse update needs the expert layout to be packed")
         for layer in layout.layers:
             tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
-    delta, dtypes = tree_to_record(tree)
+    delta = tree_to_record(tree)
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
     metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples,
                             SPARSE: int(update.sparse), **{k: float(v) for k, v in update.metrics.items()}})
-    return RecordDict({DELTA: delta, DTYPES: dtypes, ROUTING: routing, UPDATE: metrics})
+    return RecordDict({DELTA: delta, ROUTING: routing, UPDATE: metrics})
 
 
 def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> ClientUpdate:
@@ -122,10 +126,9 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
     client_id, num_samples = info["client_id"], info["num-examples"]
     if not float(num_samples).is_integer() or num_samples < 1:
         raise MalformedReply(f"reply num-examples = {num_samples!r}: must be a positive integer")
-    dtypes = content.get(DTYPES) if isinstance(content.get(DTYPES), ConfigRecord) else None
     sparse = bool(info.get(SPARSE, False))
     try:
-        delta = record_to_tree(content[DELTA], dtypes, copy=False)  # read-only: aggregation only reads Δ_i
+        delta = record_to_tree(content[DELTA], copy=False)  # read-only: aggregation only reads Δ_i
         routing = {k: v.to(torch.int64) for k, v in content[ROUTING].to_torch_state_dict().items()}
         sent = tree_num_bytes(delta)
         if sparse:
@@ -164,9 +167,7 @@ def save_client_state(state: Mapping[str, Any], records: RecordDict) -> None:
             del records[key]
     for key, value in state.items():
         if isinstance(value, Mapping):
-            arrays, dtypes = tree_to_record(value)
-            records[_TREE_PREFIX + key] = arrays
-            records[_TREE_PREFIX + key + ":dtypes"] = dtypes
+            records[_TREE_PREFIX + key] = tree_to_record(value)
         elif isinstance(value, (bool, int, float, str)):
             scalars[key] = value
         else:
@@ -179,7 +180,5 @@ def load_client_state(records: RecordDict) -> dict[str, Any]:
     state: dict[str, Any] = dict(records[STATE_SCALARS]) if STATE_SCALARS in records else {}
     for key, record in records.items():
         if key.startswith(_TREE_PREFIX) and isinstance(record, ArrayRecord):
-            dtypes = records.get(key + ":dtypes")
-            dtypes = dtypes if isinstance(dtypes, ConfigRecord) else None
-            state[key[len(_TREE_PREFIX):]] = record_to_tree(record, dtypes)
+            state[key[len(_TREE_PREFIX):]] = record_to_tree(record)
     return state

@@ -73,7 +73,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         clock["round"] = time.perf_counter()
         return MetricRecord({"global_acc": row["global_acc"]})
 
-    result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state)[0], num_rounds=cfg.rounds,
+    result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state), num_rounds=cfg.rounds,
                             timeout=round_timeout_s, evaluate_fn=evaluate)
     final = record_to_tree(result.arrays) if len(result.arrays) else exp.initial_state
     save_file({k: v.contiguous() for k, v in final.items()}, str(run_dir / f"model-{method}.safetensors"))

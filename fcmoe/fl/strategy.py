@@ -131,7 +131,7 @@ class AlgorithmStrategy(Strategy):
             state.skipped = True
             return None, MetricRecord({"valid_updates": len(state.updates), "rejected": len(state.rejected)})
         state.result = self.algorithm.aggregate(self.global_tree, state.updates)
-        arrays, _ = tree_to_record(state.result.state)
+        arrays = tree_to_record(state.result.state)
         return arrays, MetricRecord({"valid_updates": len(state.updates), "rejected": len(state.rejected)})
 
     # ------------------------------------------------------------------ evaluate

@@ -35,8 +35,18 @@ class FakeGrid:
 
 def test_tree_round_trip_keeps_values_and_dtypes_bfloat16_included() -> None:
     tree = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(4)}
-    back = record_to_tree(*tree_to_record(tree))
+    back = record_to_tree(tree_to_record(tree))
     assert all(back[k].dtype == tree[k].dtype and torch.equal(back[k], tree[k]) for k in tree)
+
+
+def test_a_bfloat16_global_model_reaches_the_client_as_bfloat16(tiny: BuiltModel) -> None:
+    """The global arrays a strategy sends carry their dtype (no side record that Flower's loop would drop)."""
+    global_state = {k: v.to(torch.bfloat16) for k, v in tiny.model.trainable_state().items()}
+    strategy = _strategy(tiny, "fedavg", num_nodes=1)
+    (instruction,) = strategy.configure_train(1, tree_to_record(global_state), ConfigRecord(), FakeGrid([3]))
+    received = record_to_tree(instruction.content[ARRAYS])
+    assert all(received[k].dtype == torch.bfloat16 and torch.equal(received[k], v) for k, v in global_state.items())
+    assert all(v.dtype == torch.bfloat16 for v in strategy.global_tree.values())
 
 
 def test_update_round_trip() -> None:
@@ -106,7 +116,7 @@ def _strategy(tiny: BuiltModel, method: str = "fcmoe", num_nodes: int = 2) -> Al
 def test_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny)
     global_state = tiny.model.trainable_state()
-    arrays, _ = tree_to_record(global_state)
+    arrays = tree_to_record(global_state)
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(),
                                                  FakeGrid([11, 12, 13, 14, 15])))
     assert [m.metadata.dst_node_id for m in instructions] == [11, 12, 13, 14, 15]
@@ -142,7 +152,7 @@ def test_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny: BuiltModel) 
 def test_strategy_rejects_a_scaled_update_by_its_norm_and_skips_absent_clients(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny, "fedavg", num_nodes=5)
     global_state = tiny.model.trainable_state()
-    arrays, _ = tree_to_record(global_state)
+    arrays = tree_to_record(global_state)
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4, 5])))
     updates = _updates(tiny, 4)
     attacker = ClientUpdate(4, {k: 100 * v for k, v in updates[0].delta.items()}, 10, updates[0].routing_counts)
@@ -160,7 +170,7 @@ def test_strategy_rejects_a_scaled_update_by_its_norm_and_skips_absent_clients(t
 
 def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny, "fedavg", num_nodes=1)
-    arrays, _ = tree_to_record(tiny.model.trainable_state())
+    arrays = tree_to_record(tiny.model.trainable_state())
     (instruction,) = strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([4]))
     bad = ClientUpdate(0, {"not.a.parameter": torch.zeros(1)}, 3, {})
     new_arrays, metrics = strategy.aggregate_train(1, [Message(content=encode_update(bad), reply_to=instruction)])
@@ -170,7 +180,7 @@ def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:
 
 def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny, num_nodes=3)
-    arrays, _ = tree_to_record(tiny.model.trainable_state())
+    arrays = tree_to_record(tiny.model.trainable_state())
     started = time.monotonic()
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([8, 9])))  # waits 2 s, goes on
     assert [m.metadata.dst_node_id for m in sent] == [8, 9] and time.monotonic() - started >= 2.0
@@ -183,7 +193,7 @@ def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
 
 def test_local_accuracies_are_collected_by_client(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny)
-    arrays, _ = tree_to_record(tiny.model.trainable_state())
+    arrays = tree_to_record(tiny.model.trainable_state())
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(),
                                                  FakeGrid([1, 2])))
     replies = [Message(content=RecordDict({METRICS: MetricRecord({"client_id": cid, "local_acc": acc,
