@@ -61,11 +61,13 @@ def sparsify(update: ClientUpdate, layout: ExpertLayout) -> ClientUpdate:
     The in-process engine keeps the dense tree with the absent experts' rows set to zero (exactly what the Flower
     server unpacks), and records the bytes the packed upload takes.
     """
-    packed, delta = dict(update.delta), dict(update.delta)
+    held = {layer.name: update.routing_counts[layer.name] > 0 for layer in layout.layers}
+    packed = dict(update.delta)
     for layer in layout.layers:
-        held = update.routing_counts[layer.name] > 0
-        packed = layout.pack_experts(packed, layer, held)
-        delta = layout.unpack_experts(layout.pack_experts(delta, layer, held), layer, held)
+        packed = layout.pack_experts(packed, layer, held[layer.name])
+    delta = packed
+    for layer in layout.layers:
+        delta = layout.unpack_experts(delta, layer, held[layer.name])
     return dataclasses.replace(update, delta=delta, sparse=True, upload_bytes=tree_num_bytes(packed))
 
 
@@ -153,6 +155,20 @@ def drops_out(seed: int, round_index: int, client_id: int, dropout: float) -> bo
         return False
     generator = torch.Generator().manual_seed(client_seed(seed, round_index, client_id) + 104_729)
     return bool(torch.rand((), generator=generator) < dropout)
+
+
+def round_draw(seed: int, round_index: int, num_clients: int, fraction: float, dropout: float,
+               ) -> tuple[list[int], list[int]]:
+    """(drawn, failed): the clients drawn for the round and those of them that fail mid-round."""
+    drawn = participants(seed, round_index, num_clients, fraction)
+    return drawn, [cid for cid in drawn if drops_out(seed, round_index, cid, dropout)]
+
+
+def admit_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: ExpertLayout,
+                  max_norm_ratio: float, clip: float) -> tuple[list[ClientUpdate], list[str]]:
+    """The server's gate, both engines: :func:`screen_updates`, then :func:`clip_updates` on the accepted ones."""
+    accepted, rejected = screen_updates(updates, global_state, layout, max_norm_ratio)
+    return clip_updates(accepted, layout, clip), rejected
 
 
 def screen_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: ExpertLayout,

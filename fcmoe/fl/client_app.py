@@ -22,8 +22,7 @@ from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import (ABSENT, STATE_SCALARS, UPDATE, decode_message, encode_update, load_client_state,
                             record_to_tree, save_client_state)
 from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS
-from fcmoe.rounds import (attack, drops_out, finish_client, initial_client_state, local_accuracy, participants,
-                          train_client)
+from fcmoe.rounds import attack, finish_client, initial_client_state, local_accuracy, round_draw, train_client
 
 
 TRAINED_FROM = "trained-from"  # context.state key: the global arrays of this round's training (θ_t)
@@ -57,9 +56,11 @@ def train(msg: Message, context: Context) -> Message:
     """Local training from the re-anchored global model; reply Δ_i, routing counts and n_i."""
     exp, cfg, algo, cid, state = _setup(msg, context)
     round_index = int(msg.content[CONFIG]["server-round"])
-    if cid not in participants(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction):
+    drawn, failed = round_draw(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction,
+                               cfg.participation.dropout)
+    if cid not in drawn:
         return Message(content=RecordDict({UPDATE: MetricRecord({"client_id": cid, ABSENT: 1})}), reply_to=msg)
-    if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout):  # fault injection: fail mid-round
+    if cid in failed:  # fault injection: fail mid-round
         raise RuntimeError(f"client {cid} failed mid-round {round_index} (participation.dropout = "
                            f"{cfg.participation.dropout})")
     global_state = record_to_tree(msg.content[ARRAYS])

@@ -22,14 +22,14 @@ from typing import Any
 import tomli_w
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
 from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import record_to_tree, tree_to_record
 from fcmoe.fl.strategy import AlgorithmStrategy
-from fcmoe.rounds import drops_out, global_accuracy, participants, round_metrics
+from fcmoe.rounds import global_accuracy, round_draw, round_metrics
+from fcmoe.sim.checkpoint import save_final_model
 from fcmoe.sim.engine import MethodSummary, append_row
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,10 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
                                                                                   exp.global_test),
                             local, model_bytes, result.messages if result else {}, result.metrics if result else {},
                             time.perf_counter() - clock["round"])
-        drawn = participants(cfg.seed, server_round, exp.num_clients, cfg.participation.fraction)
-        row.update(engine="flower", participants=drawn, rejected=state.rejected, skipped=state.skipped,
-                   failed=[c for c in drawn if drops_out(cfg.seed, server_round, c, cfg.participation.dropout)])
+        drawn, failed = round_draw(cfg.seed, server_round, exp.num_clients, cfg.participation.fraction,
+                                   cfg.participation.dropout)
+        row.update(engine="flower", participants=drawn, failed=failed, rejected=state.rejected,
+                   skipped=state.skipped)
         append_row(metrics_path, row)
         last.update(row)
         clock["round"] = time.perf_counter()
@@ -76,7 +77,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state), num_rounds=cfg.rounds,
                             timeout=round_timeout_s, evaluate_fn=evaluate)
     final = record_to_tree(result.arrays) if len(result.arrays) else exp.initial_state
-    save_file({k: v.contiguous() for k, v in final.items()}, str(run_dir / f"model-{method}.safetensors"))
+    save_final_model(run_dir, method, final)
     return MethodSummary.from_row({"method": method, **last}, cfg.rounds, time.perf_counter() - clock["start"])
 
 

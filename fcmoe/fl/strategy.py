@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree
-from fcmoe.rounds import clip_updates, screen_updates
+from fcmoe.rounds import admit_updates
 from fcmoe.fl.codec import (ABSENT, UPDATE, MalformedReply, decode_update, encode_message, record_to_tree,
                             tree_to_record)
 
@@ -117,10 +117,9 @@ class AlgorithmStrategy(Strategy):
                 continue
             arrived.append(update)
             nodes[update.client_id] = node
-        state.updates, problems = screen_updates(arrived, self.global_tree, self.algorithm.layout,
-                                                 self.max_norm_ratio)
+        state.updates, problems = admit_updates(arrived, self.global_tree, self.algorithm.layout,
+                                                self.max_norm_ratio, self.clip)
         state.rejected += problems
-        state.updates = clip_updates(state.updates, self.algorithm.layout, self.clip)
         self.node_of_client.update({u.client_id: nodes[u.client_id] for u in state.updates})
         for reason in state.rejected:
             log.warning("round %d: rejected %s", server_round, reason)

@@ -95,6 +95,22 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
     return Checkpoint(method, int(progress["round"]), global_state, clients, progress["row"])
 
 
+def checkpointed_round(folder: Path) -> tuple[str, int] | None:
+    """(method, round) of the checkpoint in ``folder``, or ``None`` if it holds none."""
+    path = folder / PROGRESS
+    if not path.is_file():
+        return None
+    progress = json.loads(path.read_text())
+    return progress["method"], int(progress["round"])
+
+
+def save_final_model(run_dir: Path, method: str, state: Tree) -> Path:
+    """``model-<method>.safetensors`` in ``run_dir`` (a variant's "/" becomes "_"), for either engine."""
+    path = run_dir / f"model-{method.replace('/', '_')}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def _atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)

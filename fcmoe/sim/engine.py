@@ -18,8 +18,8 @@ from typing import Any
 from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
-from fcmoe.rounds import (attack, clip_updates, drops_out, finish_client, global_accuracy, initial_client_state,
-                          local_accuracy, participants, round_metrics, screen_updates, train_client)
+from fcmoe.rounds import (admit_updates, attack, finish_client, global_accuracy, initial_client_state,
+                          local_accuracy, round_draw, round_metrics, train_client)
 from fcmoe.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
     started = time.perf_counter()
     for round_index in range(first_round, cfg.rounds + 1):
         round_started = time.perf_counter()
-        drawn = participants(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction)
+        drawn, failed = round_draw(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction,
+                                   cfg.participation.dropout)
         arrived: list[ClientUpdate] = []
-        failed = [cid for cid in drawn if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout)]
         for done, cid in enumerate(drawn, start=1):
             if cid not in failed:  # a client that fails mid-round sends nothing: its training is not simulated
                 update = train_client(algo, trainer, global_state, client_states[cid], exp.client_train[cid],
@@ -86,8 +86,8 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
                                if cid in cfg.attack.clients else update)
             if on_progress:
                 on_progress(method, round_index, done)
-        updates, rejected = screen_updates(arrived, global_state, algo.layout, cfg.robust.max_norm_ratio)
-        updates = clip_updates(updates, algo.layout, cfg.robust.clip)
+        updates, rejected = admit_updates(arrived, global_state, algo.layout, cfg.robust.max_norm_ratio,
+                                          cfg.robust.clip)
         for reason in rejected:
             log.warning("%s round %d: rejected %s", method, round_index, reason)
         skipped = len(updates) < cfg.robust.min_clients

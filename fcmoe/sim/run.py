@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import save_file
 
 from fcmoe.config import ExperimentConfig, load_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.report.plots import partition_heatmap
-from fcmoe.sim.checkpoint import PROGRESS
+from fcmoe.sim.checkpoint import checkpointed_round, save_final_model
 from fcmoe.sim.engine import MethodSummary, RoundCallback, run_method
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
     save_partition(exp, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_dir = run_dir / "checkpoint"
-    keep_rows(metrics_path, set(done), resumable_rows(checkpoint_dir))
+    keep_rows(metrics_path, set(done), checkpointed_round(checkpoint_dir))
     summaries = dict(done)
     total = len(todo) * config.rounds * exp.num_clients
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -81,8 +80,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
                 summary = run_flower_method(exp, method, run_dir)
             else:
                 summary, final = run_method(exp, method, metrics_path, on_progress or bar, checkpoint_dir)
-                save_file({k: v.contiguous() for k, v in final.items()},
-                          str(run_dir / f"model-{method.replace('/', '_')}.safetensors"))
+                save_final_model(run_dir, method, final)
             summaries[method] = summary
             (run_dir / "summary.json").write_text(json.dumps(
                 {"setup_s": exp.setup_s, "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}},
@@ -113,15 +111,6 @@ def check_same_experiment(config: ExperimentConfig, run_dir: Path) -> None:
         differing = sorted(_differences(saved, wanted))
         raise ValueError(f"{run_dir} holds a different experiment ({', '.join(differing[:3])} differ); "
                          "choose another output folder")
-
-
-def resumable_rows(checkpoint_dir: Path) -> tuple[str, int] | None:
-    """(method, round) of the checkpoint in ``checkpoint_dir``: that method's rows up to that round are kept."""
-    path = checkpoint_dir / PROGRESS
-    if not path.is_file():
-        return None
-    progress = json.loads(path.read_text())
-    return progress["method"], int(progress["round"])
 
 
 def keep_rows(metrics_path: Path, methods: set[str], checkpointed: tuple[str, int] | None = None) -> None:
