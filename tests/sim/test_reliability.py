@@ -190,3 +190,11 @@ def test_checkpoint_round_trip_keeps_shared_tensors_trees_scalars_and_the_rng(tm
     assert load_checkpoint(tmp_path, "fedavg") is None  # another method's checkpoint is not resumed
     save_checkpoint(tmp_path, Checkpoint("fcmoe/no-retention", 5, {"w": torch.zeros(2)}, clients, {}))
     assert [p.name for p in tmp_path.glob("state-r*.safetensors")] == ["state-r5.safetensors"]
+
+
+def test_a_method_variants_final_model_is_one_file_in_the_run_folder(tmp_path: Path) -> None:
+    from fcmoe.sim.checkpoint import save_final_model
+
+    path = save_final_model(tmp_path, "fcmoe/no-projection", {"w": torch.ones(2)})
+    assert path == tmp_path / "model-fcmoe_no-projection.safetensors"
+    assert torch.equal(load_file(str(path))["w"], torch.ones(2))
