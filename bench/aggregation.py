@@ -8,7 +8,8 @@ in half of this machine's memory are skipped, and say so) it prints, measured si
 - ``flower``: Flower FedAvg from the N reply ``RecordDict``s (what a Flower server holds) to the averaged arrays;
 - ``fcmoe wire``: decoding the same N replies and FC-MoE's full server step (importance, consensus projection,
   scalar residual messages, FedAvg of shared and router keys); ``ratio`` = fcmoe wire / flower (target ≤ 1.5);
-- ``fcmoe mem``: FC-MoE's server step on updates already in memory (the in-process engine);
+- ``fcmoe mem``: FC-MoE's server step on updates already in memory (the in-process engine): one read of the
+  updates for the per-expert norms, one streamed read for g and ⟨Δ_i, g⟩ (cache-sized ``[E, N, c]`` blocks);
 - ``read GB/s``: the client update bytes read per second by ``fcmoe mem``, and that as a share of this machine's
   memcpy bandwidth measured at the start of the run (bytes read per second by ``dst.copy_(src)``; target ≥ 50 %).
 
@@ -96,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     bandwidth = memcpy_read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {memory / 2**30:.0f} GiB RAM; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {memory / 2**30:.0f} GiB RAM, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; "
           f"memcpy read bandwidth {bandwidth / 1e9:.2f} GB/s")
     print(f"{'N':>4} {'floats':>10} {'GiB':>8} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} {'fcmoe mem':>9} "
           f"{'read GB/s':>9} {'of memcpy':>8}")

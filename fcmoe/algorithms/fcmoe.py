@@ -27,7 +27,7 @@ import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.core import (IMPORTANCE_SCHEMES, Tree, consensus_coefficients, importance_weights, normalise_columns,
-                        tree_add)
+                        streamed_consensus_coefficients, tree_add)
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
@@ -87,6 +87,10 @@ class FCMoE(Algorithm):
     variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
                 "no-importance": {"importance": "size"}}
 
+    def __init__(self, config: FCMoEConfig, layout: Any) -> None:
+        super().__init__(config, layout)
+        self._consensus_buffer: torch.Tensor | None = None  # [E, P] g, reused across layers and rounds
+
     # ------------------------------------------------------------------ client half
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
         residual = client_state.get(RESIDUAL)
@@ -129,16 +133,23 @@ class FCMoE(Algorithm):
         n = torch.tensor([u.num_samples for u in updates])
         messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
         conflict_rate, mean_cosine, projected_weight = {}, {}, {}
+        trees = [u.delta for u in updates]
         for layer in layout.layers:
-            deltas = self.stack_experts(updates, layer)  # [N, E, P], a view of an [E, N, P] buffer
             freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
-            norms = torch.linalg.vector_norm(deltas.transpose(0, 1).float(), dim=-1).T  # [N, E]
+            norms = layout.expert_norms(trees, layer)  # [N, E], read 1 of the updates
             weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
             if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
                 held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
                 weights = normalise_columns(weights * held).to(weights.dtype)
-            robust = None if self.inner == "mean" else self.robust_mean(deltas.transpose(0, 1), weights.T > 0)
-            coeffs = consensus_coefficients(deltas, weights, cfg.tau if cfg.projection else -1.0, norms, robust)
+            tau = cfg.tau if cfg.projection else -1.0
+            if self.inner == "mean":  # read 2, the last: g and ⟨Δ, g⟩ block by block, no [E, N, P] copy
+                coeffs = streamed_consensus_coefficients(layout.expert_blocks(trees, layer), weights, norms,
+                                                         layer.expert_numel, tau, self._consensus_buffer)
+                self._consensus_buffer = coeffs.consensus  # [E, P], reused by the next layer or round
+            else:  # a coordinate-wise median / trimmed mean needs every client's value of a coordinate at once
+                deltas = self.stack_experts(updates, layer)  # [N, E, P], a view of an [E, N, P] buffer
+                robust = self.robust_mean(deltas.transpose(0, 1), weights.T > 0)
+                coeffs = consensus_coefficients(deltas, weights, tau, norms, robust)
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
             # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
             state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)

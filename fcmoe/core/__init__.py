@@ -1,7 +1,8 @@
 """Pure tensor math of federated aggregation: no transformers, no flwr, inputs never mutated."""
 
 from fcmoe.core.aggregate import expert_weighted_mean, fedavg_step, holder_weights
-from fcmoe.core.consensus import ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project
+from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project,
+                                  streamed_consensus_coefficients)
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
 from fcmoe.core.robust import ROBUST_AGGREGATORS, clip_factors, coordinate_aggregate
 from fcmoe.core.tree import Tree, tree_add, tree_clone, tree_num_bytes, tree_sub, weighted_mean
@@ -22,6 +23,7 @@ __all__ = [
     "importance_scores",
     "importance_weights",
     "normalise_columns",
+    "streamed_consensus_coefficients",
     "tree_add",
     "tree_clone",
     "tree_num_bytes",

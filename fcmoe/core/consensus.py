@@ -11,11 +11,13 @@ flattened parameters of expert k) and the importance weights into ``weights [N, 
 
 The last identity is why the residual can travel as one scalar per (client, expert): ρ_{i,k} is a multiple of
 g_k, and so is the aggregate step. :func:`consensus_coefficients` computes only g, c and the mask (O(N·E·P) reads,
-O(E·P) writes); :func:`consensus_project` also materialises the projected updates and residuals.
+O(E·P) writes); :func:`consensus_project` also materialises the projected updates and residuals;
+:func:`streamed_consensus_coefficients` computes what the first does from column blocks of the deltas, in one read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -91,8 +93,77 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]
     g = expert_weighted_mean(deltas, w) if consensus is None else consensus.to(acc)  # [E, P]
     dots = torch.bmm(g.unsqueeze(1), by_expert.transpose(1, 2)).squeeze(1).T  # [N, E]  ⟨Δ_{i,k}, g_k⟩
-    g_sq = (g * g).sum(dim=-1)  # [E]  ‖g_k‖²
-    delta_norm = (torch.linalg.vector_norm(by_expert, dim=-1).T if norms is None else norms).to(acc)  # [N, E]
+    delta_norm = torch.linalg.vector_norm(by_expert, dim=-1).T if norms is None else norms  # [N, E]
+    return _coefficients(g, (g * g).sum(dim=-1), dots, delta_norm.to(acc), w, tau)
+
+
+def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], weights: torch.Tensor,
+                                    norms: torch.Tensor, numel: int, tau: float = 0.0,
+                                    out: torch.Tensor | None = None) -> ConsensusCoefficients:
+    """:func:`consensus_coefficients` from column blocks of the deltas, reading each block once.
+
+    The two passes of the batched form (g, then ⟨Δ, g⟩) each read all N·E·P values from memory. Here every block
+    ``[E, N, c]`` (columns ``offset:offset + c`` of every Δ_{i,k}) is small enough to stay in cache: its slice of g
+    is computed from it and its share of ⟨Δ_{i,k}, g_k⟩ right after, while it is still there. With the norms given
+    (FC-MoE's importance needs them before g), the deltas are read from memory once in total, and no
+    ``[E, N, P]`` copy of them is ever made (:meth:`~fcmoe.models.layout.ExpertLayout.expert_blocks`).
+
+    Parameters
+    ----------
+    blocks
+        ``(offset, block)`` pairs covering columns ``0 … numel`` exactly once; ``block [E, N, c]`` holds columns
+        ``offset:offset + c`` of Δ_{i,k} at ``[k, i]``. A block may be overwritten once the next one is asked for.
+    weights
+        ``[N, E]`` importance weights, each column summing to 1 (or all zero for an expert nobody used).
+    norms
+        ``[N, E]`` ‖Δ_{i,k}‖ over all ``numel`` columns.
+    numel
+        P, the parameters per expert.
+    tau
+        Conflict threshold τ on the cosine to the consensus (default 0).
+    out
+        ``[E, P]`` buffer for g, used when its shape and accumulation dtype fit: a fresh one costs a page fault per
+        4 KiB on first write, ~1 s per GB on this machine's VM, more than the whole read.
+
+    Returns
+    -------
+    ConsensusCoefficients
+        Equal to :func:`consensus_coefficients` on the stacked deltas, up to float rounding; ``consensus`` is
+        ``out`` when it was used.
+    """
+    if weights.shape != norms.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and norms {tuple(norms.shape)} must both be [N, E]")
+    n, e = weights.shape
+    _check_inputs(torch.empty(n, e, 0), weights, tau)
+    g = torch.zeros(e, 0)  # [E, P] once the first block says the accumulation dtype
+    dots, g_sq = torch.zeros(e, n), torch.zeros(e)  # [E, N] ⟨Δ_{i,k}, g_k⟩ and [E] ‖g_k‖², summed over blocks
+    covered = 0
+    for offset, block in blocks:
+        if block.dim() != 3 or block.shape[:2] != (e, n) or offset != covered:
+            raise ValueError(f"block at column {offset} has shape {tuple(block.shape)}; expected [{e}, {n}, c] "
+                             f"starting at column {covered}")
+        if covered == 0:  # accumulate in float32 at least: bf16 sums over P ~ 10^6 lose every digit
+            acc = torch.promote_types(block.dtype, torch.float32)
+            fits = out is not None and out.shape == (e, numel) and out.dtype == acc
+            g = out if fits else torch.empty(e, numel, dtype=acc)
+            dots, g_sq = dots.to(acc), g_sq.to(acc)
+            w_by_expert = weights.to(acc).T.unsqueeze(1)  # [E, 1, N]
+        rows = block.to(acc)  # [E, N, c]; a copy only for bf16 blocks, and a cache-sized one
+        g_block = torch.bmm(w_by_expert, rows)  # [E, 1, c]
+        g[:, offset:offset + block.shape[2]] = g_block.squeeze(1)
+        dots += torch.bmm(rows, g_block.transpose(1, 2)).squeeze(2)  # [E, N, c] @ [E, c, 1] → [E, N]
+        g_sq += g_block.square().sum(dim=(1, 2))
+        covered += block.shape[2]
+    if covered != numel:
+        raise ValueError(f"blocks covered {covered} columns of {numel}")
+    return _coefficients(g, g_sq, dots.T, norms.to(g.dtype), weights.to(g.dtype), tau)
+
+
+def _coefficients(g: torch.Tensor, g_sq: torch.Tensor, dots: torch.Tensor, delta_norm: torch.Tensor,
+                  w: torch.Tensor, tau: float) -> ConsensusCoefficients:
+    """Cosines, conflict mask, c_{i,k} and scale_k from g ``[E, P]``, ‖g_k‖² ``[E]``, ⟨Δ_{i,k}, g_k⟩ and ‖Δ_{i,k}‖
+    (both ``[N, E]``)."""
+    acc = g.dtype
     denom = delta_norm * g_sq.sqrt()[None, :]  # [N, E]
     cosine = torch.where(denom > 0, dots / denom.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(dots))
     conflicted = (cosine < tau) & (denom > 0)

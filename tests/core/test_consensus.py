@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcmoe.core import consensus_coefficients, consensus_project, normalise_columns
+from fcmoe.core import (consensus_coefficients, consensus_project, normalise_columns,
+                        streamed_consensus_coefficients)
 
 
 def random_case(seed: int, n: int = 5, e: int = 3, p: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,3 +94,33 @@ def test_shape_errors_name_the_expected_shape(bad: torch.Tensor) -> None:
 def test_weight_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="weights must be"):
         consensus_project(torch.randn(2, 3, 4), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("width", [1, 7, 300, 1000])
+def test_streamed_coefficients_equal_the_batched_ones(dtype: torch.dtype, width: int) -> None:
+    """Block by block (any block width, bf16 accumulated in fp32) = the two-pass batched form."""
+    gen = torch.Generator().manual_seed(width)
+    deltas = torch.randn(5, 4, 1000, generator=gen).to(dtype)  # [N, E, P]
+    deltas[1] = -0.5 * deltas[0]  # a conflicted pair for certain
+    weights = normalise_columns(torch.rand(5, 4, generator=gen) * torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    acc = torch.promote_types(dtype, torch.float32)
+    norms = torch.linalg.vector_norm(deltas.to(acc), dim=-1)  # [N, E]
+    expected = consensus_coefficients(deltas, weights, 0.0, norms)
+    by_expert = deltas.transpose(0, 1).contiguous()  # [E, N, P]
+    blocks = ((start, by_expert[:, :, start:start + width]) for start in range(0, 1000, width))
+    got = streamed_consensus_coefficients(blocks, weights, norms, 1000, 0.0)
+    assert got.consensus.dtype == expected.consensus.dtype == acc
+    assert torch.equal(got.conflicted, expected.conflicted) and got.conflicted[1].any()
+    for field in ("consensus", "coefficient", "cosine", "scale"):
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_coefficients_refuse_blocks_that_do_not_tile_the_columns() -> None:
+    deltas = torch.randn(2, 3, 10)
+    weights, norms = normalise_columns(torch.ones(2, 3)), torch.linalg.vector_norm(deltas, dim=-1)
+    by_expert = deltas.transpose(0, 1)
+    with pytest.raises(ValueError, match="covered 6 columns of 10"):
+        streamed_consensus_coefficients([(0, by_expert[:, :, :6])], weights, norms, 10)
+    with pytest.raises(ValueError, match="starting at column 6"):
+        streamed_consensus_coefficients([(0, by_expert[:, :, :6]), (4, by_expert[:, :, 4:])], weights, norms, 10)
