@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fcmoe.algorithms import Algorithm, ClientUpdate
-from fcmoe.core import Tree, clip_factors, tree_num_bytes, tree_sub
+from fcmoe.core import Tree, clip_factors, tree_norm, tree_num_bytes, tree_sub
 from fcmoe.core.validate import update_problem
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
@@ -196,11 +196,6 @@ def screen_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: 
                      for u, norm, ok in zip(accepted, norms.tolist(), keep.tolist()) if not ok]
         accepted = [u for u, ok in zip(accepted, keep.tolist()) if ok]
     return accepted, rejected
-
-
-def tree_norm(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """‖tree‖₂ over every tensor, in float64."""
-    return torch.sqrt(sum(((v.double() ** 2).sum() for v in tree.values()), torch.zeros((), dtype=torch.float64)))
 
 
 def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple: float) -> list[ClientUpdate]:

@@ -5,7 +5,8 @@ from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, consen
                                   streamed_consensus_coefficients)
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
 from fcmoe.core.robust import ROBUST_AGGREGATORS, clip_factors, coordinate_aggregate
-from fcmoe.core.tree import Tree, tree_add, tree_clone, tree_num_bytes, tree_sub, weighted_mean
+from fcmoe.core.tree import (Tree, row_squared_norms, tree_add, tree_clone, tree_norm, tree_num_bytes, tree_sub,
+                             weighted_mean)
 
 __all__ = [
     "IMPORTANCE_SCHEMES",
@@ -23,9 +24,11 @@ __all__ = [
     "importance_scores",
     "importance_weights",
     "normalise_columns",
+    "row_squared_norms",
     "streamed_consensus_coefficients",
     "tree_add",
     "tree_clone",
+    "tree_norm",
     "tree_num_bytes",
     "tree_sub",
     "weighted_mean",

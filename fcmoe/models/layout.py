@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fcmoe.core.tree import row_squared_norms
 from fcmoe.registry import register_layout
 
 Tree = dict[str, torch.Tensor]
@@ -154,10 +155,11 @@ class ExpertLayout:
         squares = torch.zeros(len(trees), layer.num_experts, dtype=torch.float64)
         for i, tree in enumerate(trees):
             for part in layer.parts:
-                rows = part.rows(tree) if part.kind == "module" else [part.gather(tree)]  # [E][w] or [[E, w]]
-                norms = torch.stack([torch.linalg.vector_norm(r, dim=-1, dtype=_accumulation(r)) for r in rows])
-                squares[i] += norms.reshape(-1).double().square()
-        return squares.sqrt().to(_accumulation(trees[0][layer.keys[0]]))
+                if part.kind == "module":  # E separate tensors
+                    squares[i] += torch.cat([row_squared_norms(row[None]) for row in part.rows(tree)])
+                else:
+                    squares[i] += row_squared_norms(part.gather(tree))  # [E, w], a view for fused experts
+        return squares.sqrt().to(torch.promote_types(trees[0][layer.keys[0]].dtype, torch.float32))
 
     def expert_blocks(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec,
                       block_bytes: int = 8 << 20) -> Iterator[tuple[int, torch.Tensor]]:
@@ -271,11 +273,6 @@ class ExpertLayout:
             out[key] = values[:, offset:offset + width].reshape(self.shapes[key]).to(tree[key].dtype).clone()
             offset += width
         return out
-
-
-def _accumulation(tensor: torch.Tensor) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 values, float64 for float64: sums over ~10^6 bf16 values lose every digit."""
-    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 _EXPERT_MODULE = re.compile(r"^(?P<layer>.+)\.experts\.expert_(?P<k>\d+)\.(?P<param>.+)$")

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fcmoe.core import tree_add, tree_sub, weighted_mean
+from fcmoe.core import tree_add, tree_norm, tree_sub, weighted_mean
 
 
 def random_tree(seed: int) -> dict[str, torch.Tensor]:
@@ -41,3 +41,13 @@ def test_tree_ops_do_not_mutate() -> None:
 def test_weighted_mean_rejects_zero_weights() -> None:
     with pytest.raises(ValueError, match="sum to 0"):
         weighted_mean([random_tree(0)], [0])
+
+
+def test_tree_norm_is_the_float64_norm_of_every_value() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tree = {"a": torch.randn(3, 40_000, generator=gen), "b": torch.randn(5, generator=gen).to(torch.bfloat16),
+            "c": torch.tensor(2.0), "d": torch.zeros(0, 4)}
+    expected = torch.sqrt(sum((v.double() ** 2).sum() for v in tree.values()))
+    got = tree_norm(tree)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0.0)  # float32 pieces, float64 sums
