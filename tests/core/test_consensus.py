@@ -109,8 +109,10 @@ def test_streamed_coefficients_equal_the_batched_ones(dtype: torch.dtype, width:
     expected = consensus_coefficients(deltas, weights, 0.0, norms)
     by_expert = deltas.transpose(0, 1).contiguous()  # [E, N, P]
     blocks = ((start, by_expert[:, :, start:start + width]) for start in range(0, 1000, width))
-    got = streamed_consensus_coefficients(blocks, weights, norms, 1000, 0.0)
+    buffer = torch.empty(4, 1000, dtype=acc)
+    got = streamed_consensus_coefficients(blocks, weights, norms, 1000, 0.0, out=buffer)
     assert got.consensus.dtype == expected.consensus.dtype == acc
+    assert got.consensus.data_ptr() == buffer.data_ptr()  # g written into the caller's buffer
     assert torch.equal(got.conflicted, expected.conflicted) and got.conflicted[1].any()
     for field in ("consensus", "coefficient", "cosine", "scale"):
         torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=1e-6)
