@@ -11,7 +11,9 @@ in half of this machine's memory are skipped, and say so) it prints, measured si
 - ``fcmoe mem``: FC-MoE's server step on updates already in memory (the in-process engine): one read of the
   updates for the per-expert norms, one streamed read for g and ⟨Δ_i, g⟩ (cache-sized ``[E, N, c]`` blocks);
 - ``read GB/s``: the client update bytes read per second by ``fcmoe mem``, and that as a share of this machine's
-  memcpy bandwidth measured at the start of the run (bytes read per second by ``dst.copy_(src)``; target ≥ 50 %).
+  memcpy bandwidth measured at the start of the run (bytes read per second by ``dst.copy_(src)``; target ≥ 50 %);
+- ``batched s``: the expert part of the same step in the previous design, for comparison: one copy of the updates
+  into an expert-major ``[E, N, P]`` buffer (reused), then norms, g and ⟨Δ_i, g⟩ as three reads of it.
 
 Each time is the best of ``--repeats`` runs.
 """
@@ -27,6 +29,7 @@ import torch
 
 from fcmoe.algorithms import ClientUpdate
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
+from fcmoe.core import consensus_coefficients, importance_weights
 from fcmoe.fl.codec import decode_update, encode_update
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.registry import LAYOUTS
@@ -70,6 +73,19 @@ def make_updates(shapes: dict[str, torch.Size], clients: int, seed: int = 0) -> 
     return updates
 
 
+def batched_expert_step(layout: ExpertLayout, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate],
+                        workspace: list[torch.Tensor]) -> None:
+    """FC-MoE's expert aggregation as it was before streaming: gather [E, N, P], then three reads of it."""
+    n = torch.tensor([u.num_samples for u in updates])
+    for layer in layout.layers:
+        workspace[0] = layout.gather_experts_batched([u.delta for u in updates], layer, workspace[0])
+        deltas = workspace[0].transpose(0, 1)  # [N, E, P]
+        norms = torch.linalg.vector_norm(workspace[0], dim=-1).T  # [N, E]
+        freqs = torch.stack([u.frequencies(layer.name) for u in updates])
+        coeffs = consensus_coefficients(deltas, importance_weights("freq_norm", n, freqs, norms), 0.0, norms)
+        layout.add_to_experts(global_state, layer, coeffs.consensus, coeffs.scale)
+
+
 def run(clients: int, expert_floats: int, repeats: int, bandwidth: float) -> str:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -81,12 +97,16 @@ def run(clients: int, expert_floats: int, repeats: int, bandwidth: float) -> str
     replies = [encode_update(u) for u in updates]
     flower = best_of(repeats, lambda: aggregate_arrayrecords(replies, "num-examples"))
     wire = best_of(repeats, lambda: algo.aggregate(global_state, [decode_update(r) for r in replies]))
+    replies.clear()  # their memory is the batched workspace's below
     memory = best_of(repeats, lambda: algo.aggregate(global_state, updates))
+    workspace: list[torch.Tensor] = [torch.empty(0)]
+    batched = best_of(repeats, lambda: batched_expert_step(layout, global_state, updates, workspace))
+    workspace.clear()
     update_bytes = sum(v.numel() * v.element_size() for u in updates for v in u.delta.values())
     rate = update_bytes / memory
     return (f"{clients:>4} {layout.layers[0].expert_numel * EXPERTS / 1e6:>9.1f}M {update_bytes / 2**30:>8.2f} "
             f"{flower:>9.3f} {wire:>10.3f} {wire / flower:>6.2f} {memory:>9.3f} {rate / 1e9:>9.2f} "
-            f"{100 * rate / bandwidth:>7.1f}%")
+            f"{100 * rate / bandwidth:>7.1f}% {batched:>9.3f}")
 
 
 def main() -> None:
@@ -101,7 +121,7 @@ def main() -> None:
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; "
           f"memcpy read bandwidth {bandwidth / 1e9:.2f} GB/s")
     print(f"{'N':>4} {'floats':>10} {'GiB':>8} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} {'fcmoe mem':>9} "
-          f"{'read GB/s':>9} {'of memcpy':>8}")
+          f"{'read GB/s':>9} {'of memcpy':>8} {'batched s':>9}")
     for clients in (int(c) for c in args.clients.split(",")):
         for floats in (int(float(s)) for s in args.sizes.split(",")):
             # the updates, their wire copies, the gather buffer and Flower's temporaries live at once
