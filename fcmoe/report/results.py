@@ -49,11 +49,13 @@ class Stat:
         finite = [v for v in values if v is not None and math.isfinite(v)]
         if not finite:
             return cls(math.nan, math.nan, 0)
-        std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        std = statistics.stdev(finite) if len(finite) > 1 else math.nan  # one seed has no spread, not a zero one
         return cls(statistics.fmean(finite), std, len(finite))
 
     def text(self) -> str:
-        return "—" if self.n == 0 else f"{self.mean:.4f} ± {self.std:.4f}"
+        if self.n < 2:
+            return "—" if self.n == 0 else f"{self.mean:.4f} (n = 1)"
+        return f"{self.mean:.4f} ± {self.std:.4f}"
 
 
 def find_runs(paths: Iterable[Path]) -> list[RunResult]:

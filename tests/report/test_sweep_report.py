@@ -6,6 +6,7 @@ import base64
 import csv
 import html.parser
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -197,3 +198,11 @@ def test_the_config_sweep_section_is_the_default_grid(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["alpha0.1-seed3", "alpha1-seed3"]
     with pytest.raises(ConfigError, match="sweep.alphas: α = 0.0 must be > 0"):
         load_config(overrides=["sweep.alphas=[0.0]"])
+
+
+def test_one_seed_has_no_spread_rather_than_a_zero_one() -> None:
+    from fcmoe.report.results import Stat
+
+    assert Stat.of([0.5]).text() == "0.5000 (n = 1)" and math.isnan(Stat.of([0.5]).std)
+    assert Stat.of([0.5, 0.7]).text() == "0.6000 ± 0.1414"
+    assert Stat.of([]).text() == "—"
