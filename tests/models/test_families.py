@@ -40,6 +40,21 @@ def case(request: pytest.FixtureRequest) -> tuple[BuiltModel, type]:
     return build(name, finetune), layout_class
 
 
+def test_an_fcmoe_result_survives_the_next_aggregation(case: tuple[BuiltModel, type]) -> None:
+    """FC-MoE reuses its [E, P] consensus buffer across rounds: on every layout, a returned state never aliases it."""
+    from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
+    from tests.algorithms.test_contract import make_updates, random_delta
+
+    built, _ = case
+    state = built.model.trainable_state()
+    algo = FCMoE(FCMoEConfig(), built.layout)
+    first = algo.aggregate(state, make_updates(built, [random_delta(state, s) for s in range(3)], [3, 4, 5])).state
+    kept = {k: v.clone() for k, v in first.items()}
+    algo.aggregate(first, make_updates(built, [random_delta(state, s, scale=1.0) for s in range(10, 13)], [5, 4, 3]))
+    for key in kept:
+        assert torch.equal(first[key], kept[key]), key
+
+
 def test_layout_kind_and_key_partition(case: tuple[BuiltModel, type]) -> None:
     built, layout_class = case
     layout = built.layout
