@@ -213,8 +213,7 @@ def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple
     clipped = [{k: u.delta[k] * float(rest_factor[i]) for k in rest} for i, u in enumerate(updates)]
     for layer in layout.layers:
         blocks = [layout.gather_experts(u.delta, layer) for u in updates]  # N × [E, P]
-        factors = clip_factors(torch.stack([torch.linalg.vector_norm(b.double(), dim=1) for b in blocks]),
-                               multiple)  # [N, E]
+        factors = clip_factors(layout.expert_norms([u.delta for u in updates], layer).double(), multiple)  # [N, E]
         for i, block in enumerate(blocks):
             scaled = block * factors[i].to(block.dtype)[:, None]
             clipped[i].update({k: v.to(updates[i].delta[k].dtype)

@@ -76,11 +76,8 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
 
 def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
     """The checkpoint of ``method`` in ``folder``; ``None`` if there is none, or it belongs to another method."""
-    path = folder / PROGRESS
-    if not path.is_file():
-        return None
-    progress = json.loads(path.read_text())
-    if progress["method"] != method:
+    progress = _progress(folder)
+    if progress is None or progress["method"] != method:
         return None
     tensors = load_file(str(folder / progress["state"]))
     torch.set_rng_state(tensors.pop("rng/torch"))
@@ -97,11 +94,8 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
 
 def checkpointed_round(folder: Path) -> tuple[str, int] | None:
     """(method, round) of the checkpoint in ``folder``, or ``None`` if it holds none."""
-    path = folder / PROGRESS
-    if not path.is_file():
-        return None
-    progress = json.loads(path.read_text())
-    return progress["method"], int(progress["round"])
+    progress = _progress(folder)
+    return None if progress is None else (progress["method"], int(progress["round"]))
 
 
 def save_final_model(run_dir: Path, method: str, state: Tree) -> Path:
@@ -109,6 +103,12 @@ def save_final_model(run_dir: Path, method: str, state: Tree) -> Path:
     path = run_dir / f"model-{method.replace('/', '_')}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def _progress(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s progress.json, written last by :func:`save_checkpoint`; ``None`` if it holds no checkpoint."""
+    path = folder / PROGRESS
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _atomic(path: Path, write: Any) -> None:
