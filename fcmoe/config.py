@@ -8,6 +8,7 @@ value and the fix, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -136,8 +137,16 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_loss_coef: float = 0.1  # Switch load-balancing loss weight
     max_grad_norm: float = 1.0
+    # Where local training runs: auto = the first CUDA GPU when one is visible, else the CPU. Trees, aggregation and
+    # evaluation outputs stay on the CPU either way (a client's tree of the default is ~75 MB: ~10 ms each way).
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast; the weights and the exchanged trees stay fp32)
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device = {self.device!r}: choose auto, cpu, cuda or cuda:N (default auto)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision = {self.precision!r}: choose fp32 or bf16 (default fp32)")
         _positive("train.local_epochs", self.local_epochs)
         _positive("train.batch_size", self.batch_size)
         for key in ("lr", "router_lr"):

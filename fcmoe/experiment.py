@@ -19,7 +19,7 @@ from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.data.corpus import TextCorpus, subsample_per_class
 from fcmoe.data.sources import load_source
 from fcmoe.models.build import BuiltModel, build_model
-from fcmoe.training.local import FeatureSet, LocalTrainer, featurize
+from fcmoe.training.local import FeatureSet, LocalTrainer, featurize, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Experiment:
 def prepare_experiment(config: ExperimentConfig) -> Experiment:
     """Load and subsample the corpus, partition it, build the model, cache frozen features."""
     started = time.perf_counter()
+    resolve_device(config.train.device)  # a GPU asked for but absent stops here, before any data is read
     data, model_cfg = config.data, config.model
     train_corpus, test_corpus = load_source(data, config.seed)
     pool = subsample_per_class(train_corpus, data.train_per_class, config.seed)
@@ -60,11 +61,11 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
                         router_init_std=model_cfg.router_init_std, max_length=data.max_length, seed=config.seed,
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
                         label_names=pool.label_names)
+    trainer = LocalTrainer(built.model, built.layout, config.train)  # moves the model to train.device
     pool_features = _featurize(built, pool)
     global_test = _featurize(built, test)
     client_train = [pool_features.subset(torch.from_numpy(c.train)) for c in partition.clients]
     client_test = [pool_features.subset(torch.from_numpy(c.test)) for c in partition.clients]
-    trainer = LocalTrainer(built.model, built.layout, config.train)
     setup_s = time.perf_counter() - started
     log.info("setup: %d pool docs, %d global test docs, %d clients, %.1f s", len(pool.texts), len(test.texts),
              part.num_clients, setup_s)

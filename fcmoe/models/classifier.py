@@ -32,8 +32,8 @@ class TrainableTree(nn.Module):
     """Base of the classifiers: the trainable parameters as the tree that clients exchange."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the trainable parameters."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+        """Detached CPU copies of the trainable parameters (wherever the model runs)."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copy a trainable tree into the model (every trainable key must be present)."""

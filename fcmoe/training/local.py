@@ -16,6 +16,7 @@ from torch import nn
 
 from fcmoe.algorithms.base import Prediction
 from fcmoe.config import TrainConfig
+from fcmoe.config_sections import ConfigError
 from fcmoe.core import Tree
 from fcmoe.models.classifier import EncoderClassifier
 from fcmoe.models.layout import ExpertLayout
@@ -51,9 +52,22 @@ class LocalResult:
 
 def featurize(model: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
               batch_size: int = 64) -> FeatureSet:
-    """Run the frozen bottom of ``model`` once over documents (``[n, T]`` ids) and keep the features."""
-    chunks = [model.featurize(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+    """Run the frozen bottom of ``model`` once over documents (``[n, T]`` ids) and keep the features (on the CPU)."""
+    device = next(model.parameters()).device
+    chunks = [model.featurize(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)).cpu()
+              for i in range(0, len(ids), batch_size)]
     return FeatureSet(torch.cat(chunks), mask.clone(), labels.clone())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device: ``auto`` is the first CUDA GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but torch sees no CUDA GPU (torch.cuda.is_available() is "
+                          "False): set train.device = 'cpu' or 'auto'")
+    return device
 
 
 class LocalTrainer:
@@ -66,15 +80,24 @@ class LocalTrainer:
     layout
         Its expert layout (router parameters get ``router_lr``; routing is recorded through it).
     config
-        Optimiser and loss settings.
+        Optimiser and loss settings; ``config.device`` is where ``model`` is moved and every batch runs.
+
+    Features and trees live on the CPU; each batch and each start tree is copied to the device, and every result
+    (end tree, routing counts, logits) comes back to the CPU, so the engines and the server never see a GPU tensor.
     """
 
     def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig) -> None:
-        self.model = model
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
         self.layout = layout
         self.config = config
         self.recorder = RoutingRecorder(model, layout)
         self.head_keys = model.head_keys
+
+    @property
+    def device_name(self) -> str:
+        """``cpu`` or the GPU's name (recorded in ``summary.json``: GPU and CPU runs differ in the last bits)."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def train(self, start: Mapping[str, torch.Tensor], data: FeatureSet, seed: int) -> LocalResult:
         """``local_epochs`` epochs of AdamW from ``start``; the seed fixes batch order and dropout."""
@@ -90,24 +113,25 @@ class LocalTrainer:
              {"params": [p for n, p in params if n in router_keys], "lr": cfg.router_lr}],
             weight_decay=cfg.weight_decay, fused=True)  # fused: 5x faster than the per-tensor loop on CPU
         self.recorder.reset()
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         for _ in range(cfg.local_epochs):
             for rows in torch.randperm(len(data), generator=generator).split(cfg.batch_size):
-                batch = data.subset(rows)
-                with self.recorder.recording(batch.mask):
-                    logits = model(batch.features, batch.mask)  # [B, C]
-                balance = self.recorder.balance_loss()  # Switch load-balancing loss from the hooked router logits
-                loss = nn.functional.cross_entropy(logits, batch.labels) + cfg.aux_loss_coef * balance
+                features, mask, labels = self._to_device(data.subset(rows))
+                with self._autocast(), self.recorder.recording(mask):
+                    logits = model(features, mask)  # [B, C]
+                    balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
+                loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm > 0:
                     nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
                 optimiser.step()
-                total += loss.item()
+                total += loss.detach()
                 steps += 1
-        if not math.isfinite(total):
-            log.warning("local training produced a non-finite loss (%s)", total)
-        return LocalResult(model.trainable_state(), self.recorder.snapshot(), total / max(steps, 1), steps)
+        mean_loss = total.item() / max(steps, 1)
+        if not math.isfinite(mean_loss):
+            log.warning("local training produced a non-finite loss (%s)", mean_loss)
+        return LocalResult(model.trainable_state(), self.recorder.snapshot(), mean_loss, steps)
 
     @torch.no_grad()
     def predict(self, state: Mapping[str, torch.Tensor], data: FeatureSet, batch_size: int = 128) -> Prediction:
@@ -115,9 +139,20 @@ class LocalTrainer:
         model = self.model
         model.load_trainable_state(dict(state))
         model.eval()
-        pooled = torch.cat([model.encode(data.features[i:i + batch_size], data.mask[i:i + batch_size])
-                            for i in range(0, len(data), batch_size)])  # [n, H]
-        return Prediction(logits=model.head(pooled), pooled=pooled, labels=data.labels)
+        with self._autocast():
+            pooled = torch.cat([model.encode(data.features[i:i + batch_size].to(self.device),
+                                             data.mask[i:i + batch_size].to(self.device))
+                                for i in range(0, len(data), batch_size)])  # [n, H]
+            logits = model.head(pooled)  # [n, C]
+        return Prediction(logits=logits.float().cpu(), pooled=pooled.float().cpu(), labels=data.labels)
+
+    def _to_device(self, batch: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, mask, labels) of ``batch`` on the training device."""
+        return tuple(t.to(self.device, non_blocking=True) for t in (batch.features, batch.mask, batch.labels))
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast when ``train.precision = "bf16"``, else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
