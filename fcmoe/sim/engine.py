@@ -39,14 +39,15 @@ class MethodSummary:
     wall_s: float
     local_model_global_acc_mean: float = float("nan")  # each client's local model on the global test set
     local_model_global_acc_std: float = float("nan")
+    device: str = ""  # where local training ran: "cpu" or the GPU's name ("" = not recorded: Flower clients)
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float) -> MethodSummary:
+    def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float, device: str = "") -> MethodSummary:
         """The summary of a run whose last ``metrics.jsonl`` row is ``row``."""
         nan = float("nan")
         return cls(row["method"], row.get("global_acc", nan), row.get("local_acc_mean", nan),
                    row.get("local_acc_std", nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
-                   row.get("local_model_global_acc_std", nan))
+                   row.get("local_model_global_acc_std", nan), device)
 
 
 def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: RoundCallback | None = None,
@@ -112,7 +113,7 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
             save_checkpoint(checkpoint_dir, Checkpoint(method, round_index, global_state, client_states, row))
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s", method, round_index,
                  row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"], row["wall_s"])
-    summary = MethodSummary.from_row(row, cfg.rounds, time.perf_counter() - started)
+    summary = MethodSummary.from_row(row, cfg.rounds, time.perf_counter() - started, trainer.device_name)
     return summary, global_state
 
 

@@ -83,8 +83,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
                 save_final_model(run_dir, method, final)
             summaries[method] = summary
             (run_dir / "summary.json").write_text(json.dumps(
-                {"setup_s": exp.setup_s, "device": exp.trainer.device_name,
-                 "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}},
+                {"setup_s": exp.setup_s, "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}},
                 indent=2))
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the method is done: its final model is saved
     return [summaries[m] for m in config.methods]

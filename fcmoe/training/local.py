@@ -96,7 +96,7 @@ class LocalTrainer:
 
     @property
     def device_name(self) -> str:
-        """``cpu`` or the GPU's name (recorded in ``summary.json``: GPU and CPU runs differ in the last bits)."""
+        """``cpu`` or the GPU's name (each method's ``summary.json`` entry: GPU and CPU results differ slightly)."""
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def train(self, start: Mapping[str, torch.Tensor], data: FeatureSet, seed: int) -> LocalResult:
