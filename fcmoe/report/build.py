@@ -19,6 +19,7 @@ import html
 import logging
 import math
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,14 @@ def describe(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequen
     return [f"{len(runs)} run folders: α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}, seeds {seeds}, "
             f"rounds {', '.join(map(str, rounds))}",
             "methods: " + ", ".join(display_name(m) for m in methods),
+            "local training ran on: " + device_counts(runs),
             "runs: " + ", ".join(sorted({str(r.path.parent) for r in runs}))]
+
+
+def device_counts(runs: Sequence[RunResult]) -> str:
+    """``"NVIDIA H200 (54 runs), cpu (9 runs)"``: GPU and CPU results of one seed differ slightly, so say which."""
+    counts = Counter(s.get("device") or "not recorded" for r in runs for s in r.summaries.values())
+    return ", ".join(f"{device} ({n} run{'s' * (n != 1)})" for device, n in counts.most_common())
 
 
 def markdown(header: Sequence[str], tables: Sequence[ReportTable], figures: Sequence[tuple[str, Path]],

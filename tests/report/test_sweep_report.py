@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 import fcmoe.sim.run
 from fcmoe.cli import main
@@ -101,6 +102,9 @@ def test_report_writes_nonempty_figures_and_an_html_that_embeds_them(sweep_dir: 
     assert len(parser.images) == len(figures)  # every figure embedded: the file opens with no server
     assert all(image.startswith(b"\x89PNG") for image in parser.images)
     assert parser.cells == len(METHODS) * (3 + 4 * len(ALPHAS))  # tables I, III (2 columns per α) and IV
+    runs = len(METHODS) * len(ALPHAS) * 2  # 2 seeds
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    assert f"local training ran on: {device} ({runs} runs)" in (tmp_path / "report.md").read_text()
 
 
 def test_resuming_a_half_done_sweep_runs_only_the_missing_runs(sweep_dir: Path, tmp_path: Path,

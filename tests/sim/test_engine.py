@@ -37,6 +37,7 @@ def test_every_method_runs_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())["methods"]
     assert set(summary) == set(config.methods)
     assert set(summary["fcmoe"]) >= {"global_acc", "local_acc_mean", "local_acc_std", "rounds", "wall_s"}
+    assert summary["fcmoe"]["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     partition = json.loads((tmp_path / "partition.json").read_text())
     assert sum(map(sum, partition["histograms"]["train"] + partition["histograms"]["test"])) == 8 * 20
     assert load_config(tmp_path / "config.toml") == config
