@@ -11,7 +11,7 @@ Padding tokens (attention mask 0) are never counted; a router that sees another 
 covers (the text-to-text decoder's start position, one per sequence) counts them all. The hooked logits also
 give the Switch load-balancing loss E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a
 softmax of the logits, over all tokens as in transformers' Switch), so one mechanism serves every family.
-Cost: an argmax/bincount per layer per batch.
+Cost: an argmax, a bincount and a scatter-add per layer per batch, summed on the router's device.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: nn.Module, layout: ExpertLayout) -> None:
-        self.counts: dict[str, torch.Tensor] = {s.name: torch.zeros(s.num_experts, dtype=torch.long)
-                                                for s in layout.layers}
-        self.dropped: dict[str, int] = {s.name: 0 for s in layout.layers}
-        self.tokens: dict[str, int] = {s.name: 0 for s in layout.layers}  # real tokens each router saw
+        self._layers = list(layout.layers)
+        # per layer, on the router's device: [E] assignments counted, then real tokens seen, then assignments
+        # dropped (capacity); summed there and read only on request, so recording never stalls a GPU
+        self._stats: dict[str, torch.Tensor] = {}
         self._losses: list[torch.Tensor] = []
         self._token_mask: torch.Tensor | None = None
         self._enabled = False
@@ -69,24 +69,30 @@ class RoutingRecorder:
                          for spec in layout.layers]
 
     def _make_hook(self, spec: MoELayerSpec):  # noqa: ANN202 - torch hook signature
+        e = spec.num_experts
+
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not self._enabled:
                 return
-            logits, choices, kept = read_router_output(spec.router_output, output, spec.num_experts)
+            logits, choices, kept = read_router_output(spec.router_output, output, e)
             if torch.is_grad_enabled() and logits.requires_grad:
                 # over every token, padding included, as transformers' Switch computes it
-                frac = torch.bincount(choices.reshape(-1), minlength=spec.num_experts).to(torch.float32)
+                frac = torch.bincount(choices.reshape(-1), minlength=e).to(torch.float32)
                 probs = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # [E]
-                self._losses.append(spec.num_experts * (frac / frac.sum() * probs).sum())
+                self._losses.append(e * (frac / frac.sum() * probs).sum())
             if not self.counting:
                 return
             mask = self._token_mask
-            if mask is not None and mask.numel() == choices.shape[0]:
-                choices, kept = choices[mask], kept[mask]
-            # else a text-to-text decoder position: one real token per sequence, nothing to mask
-            self.tokens[spec.name] += int(choices.shape[0])
-            self.counts[spec.name] += torch.bincount(choices[kept], minlength=spec.num_experts).cpu()
-            self.dropped[spec.name] += int((~kept).sum())
+            # [n, 1] real tokens; a router that sees another count than the mask covers is a text-to-text decoder
+            # position, one real token per sequence: nothing to mask
+            real = (mask[:, None] if mask is not None and mask.numel() == choices.shape[0]
+                    else torch.ones_like(kept[:, :1]))
+            stats = self._stats.get(spec.name)
+            if stats is None:
+                stats = self._stats[spec.name] = torch.zeros(e + 2, dtype=torch.long, device=choices.device)
+            stats[:e].scatter_add_(0, choices.reshape(-1), (kept & real).reshape(-1).long())
+            stats[e] += real.sum()
+            stats[e + 1] += (real & ~kept).sum()
 
         return hook
 
@@ -107,14 +113,30 @@ class RoutingRecorder:
         return torch.stack(self._losses).sum() if self._losses else torch.zeros(())
 
     def reset(self) -> None:
-        for counts in self.counts.values():
-            counts.zero_()
-        self.dropped = dict.fromkeys(self.dropped, 0)
-        self.tokens = dict.fromkeys(self.tokens, 0)
+        self._stats = {}
+
+    def _read(self, spec: MoELayerSpec) -> torch.Tensor:
+        stats = self._stats.get(spec.name)
+        return torch.zeros(spec.num_experts + 2, dtype=torch.long) if stats is None else stats.to("cpu", copy=True)
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """Layer name → ``[E]`` routed assignments (real tokens only) since the last reset, on the CPU."""
+        return {spec.name: self._read(spec)[:spec.num_experts] for spec in self._layers}
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Layer name → real tokens its router saw since the last reset."""
+        return {spec.name: int(self._read(spec)[spec.num_experts]) for spec in self._layers}
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Layer name → assignments dropped by ``expert_capacity`` since the last reset."""
+        return {spec.name: int(self._read(spec)[spec.num_experts + 1]) for spec in self._layers}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the counts so far: layer name → ``[E]`` routed assignments."""
-        return {name: c.clone() for name, c in self.counts.items()}
+        return self.counts
 
     def close(self) -> None:
         for handle in self._handles:
