@@ -98,7 +98,7 @@ def global_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Se
     for method in methods:
         table.rows.append([display_name(method), *(table.add_record(method, a, "global_acc",
                                                                     stat(runs, method, a, "global_acc"))
-                                                   for a in alphas)])
+                                                   + device_mark(runs, method, a) for a in alphas)])
     return table
 
 
@@ -111,8 +111,10 @@ def ablation_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: 
     for method in methods:
         cells = []
         for a in alphas:
-            cells.append(table.add_record(method, a, "global_acc", stat(runs, method, a, "global_acc")))
-            cells.append(table.add_record(method, a, "local_acc_mean", stat(runs, method, a, "local_acc_mean")))
+            mark = device_mark(runs, method, a)
+            cells.append(table.add_record(method, a, "global_acc", stat(runs, method, a, "global_acc")) + mark)
+            cells.append(table.add_record(method, a, "local_acc_mean", stat(runs, method, a, "local_acc_mean"))
+                         + mark)
         table.rows.append([display_name(method), *cells])
     return table
 
@@ -135,7 +137,8 @@ def local_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Seq
                 mean, spread = stat(runs, method, a, f"{prefix}_mean"), stat(runs, method, a, f"{prefix}_std")
                 table.add_record(method, a, f"{prefix}_mean", mean)
                 table.add_record(method, a, f"{prefix}_std", spread)
-                cells.append("—" if mean.n == 0 else f"{mean.mean:.4f} ± {spread.mean:.4f}")
+                cells.append("—" if mean.n == 0 else f"{mean.mean:.4f} ± {spread.mean:.4f}"
+                             + device_mark(runs, method, a))
         table.rows.append([display_name(method), *cells])
     return table
 
@@ -233,14 +236,33 @@ def describe(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequen
     return [f"{len(runs)} run folders: α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}, seeds {seeds}, "
             f"rounds {', '.join(map(str, rounds))}",
             "methods: " + ", ".join(display_name(m) for m in methods),
-            "local training ran on: " + device_counts(runs),
+            "local training ran on: " + device_counts(runs) + device_legend(runs),
             "runs: " + ", ".join(sorted({str(r.path.parent) for r in runs}))]
 
 
+def _devices(runs: Sequence[RunResult], method: str | None = None, alpha: float | None = None) -> Counter[str]:
+    return Counter(s.get("device") or "not recorded" for r in runs if alpha is None or r.alpha == alpha
+                   for m, s in r.summaries.items() if method is None or m == method)
+
+
 def device_counts(runs: Sequence[RunResult]) -> str:
-    """``"NVIDIA H200 (54 runs), cpu (9 runs)"``: GPU and CPU results of one seed differ slightly, so say which."""
-    counts = Counter(s.get("device") or "not recorded" for r in runs for s in r.summaries.values())
-    return ", ".join(f"{device} ({n} run{'s' * (n != 1)})" for device, n in counts.most_common())
+    """``"NVIDIA H200 (54 runs), cpu (9 runs)"``: GPU and CPU results of one seed differ, so say which."""
+    return ", ".join(f"{device} ({n} run{'s' * (n != 1)})" for device, n in _devices(runs).most_common())
+
+
+def device_mark(runs: Sequence[RunResult], method: str, alpha: float) -> str:
+    """``" †"`` when a run of this cell trained on another device than most runs of the report, else ``""``."""
+    everywhere = _devices(runs)
+    usual = everywhere.most_common(1)[0][0]
+    return " †" if len(everywhere) > 1 and set(_devices(runs, method, alpha)) - {usual} else ""
+
+
+def device_legend(runs: Sequence[RunResult]) -> str:
+    everywhere = _devices(runs)
+    if len(everywhere) < 2:
+        return ""
+    return (f"; † marks a cell with runs on another device than {everywhere.most_common(1)[0][0]}: float rounding "
+            "differs between devices and compounds over the rounds, so compare such a cell with its own device's")
 
 
 def markdown(header: Sequence[str], tables: Sequence[ReportTable], figures: Sequence[tuple[str, Path]],

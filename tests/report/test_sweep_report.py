@@ -7,6 +7,7 @@ import csv
 import html.parser
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -210,3 +211,23 @@ def test_one_seed_has_no_spread_rather_than_a_zero_one() -> None:
     assert Stat.of([0.5]).text() == "0.5000 (n = 1)" and math.isnan(Stat.of([0.5]).std)
     assert Stat.of([0.5, 0.7]).text() == "0.6000 ± 0.1414"
     assert Stat.of([]).text() == "—"
+
+
+def test_cells_with_runs_on_another_device_are_marked(sweep_dir: Path, tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed"
+    shutil.copytree(sweep_dir, mixed, ignore=shutil.ignore_patterns("report", "*.safetensors"))
+    path = mixed / "alpha1-seed1" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["methods"]["fcmoe"]["device"] = "Some GPU"  # one run of the (FC-MoE, α = 1) cell
+    path.write_text(json.dumps(summary))
+    build_report([mixed], tmp_path / "report")
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    usual = "cpu"  # every other run trained where this test runs
+    if torch.cuda.is_available():
+        usual = torch.cuda.get_device_name()
+    assert any(f"local training ran on: {usual} (7 runs), Some GPU (1 run); † marks" in line for line in lines)
+    table1 = [line for line in lines if line.startswith(("| FedAvg |", "| FC-MoE |"))][:2]
+    assert table1[0].count("†") == 0
+    assert table1[1].count("†") == 1 and table1[1].rstrip(" |").endswith("†")  # α = 1, the last column
+    build_report([sweep_dir], tmp_path / "plain")
+    assert "†" not in (tmp_path / "plain" / "report.md").read_text()
