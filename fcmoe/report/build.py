@@ -251,10 +251,10 @@ def device_counts(runs: Sequence[RunResult]) -> str:
 
 
 def device_mark(runs: Sequence[RunResult], method: str, alpha: float) -> str:
-    """``" †"`` when a run of this cell trained on another device than most runs of the report, else ``""``."""
+    """``"\u00a0†"`` when a run of this cell trained on another device than most runs of the report, else ``""``."""
     everywhere = _devices(runs)
     usual = everywhere.most_common(1)[0][0]
-    return " †" if len(everywhere) > 1 and set(_devices(runs, method, alpha)) - {usual} else ""
+    return "\u00a0†" if len(everywhere) > 1 and set(_devices(runs, method, alpha)) - {usual} else ""
 
 
 def device_legend(runs: Sequence[RunResult]) -> str:
@@ -285,7 +285,7 @@ def to_html(header: Sequence[str], tables: Sequence[ReportTable], figures: Seque
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>fcmoe report</title>',
              "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #bbb;padding:4px 8px;"
-             "text-align:right}th:first-child,td:first-child{text-align:left}th{background:#eef}"
+             "text-align:right;white-space:nowrap}th:first-child,td:first-child{text-align:left}th{background:#eef}"
              "img{max-width:100%;border:1px solid #ddd}.caption{color:#444}</style></head><body>",
              "<h1>fcmoe report</h1><ul>", *(f"<li>{esc(h)}</li>" for h in header), "</ul>"]
     for table in tables:
