@@ -13,7 +13,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install assets run test test-slow bench clean
+.PHONY: install assets run test test-slow bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: assets
 	$(BIN)/python bench/routing_overhead.py
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/end_to_end.py
+
+# On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch.
+bench-gpu: assets
+	for args in "--precision fp32" "--precision bf16" "--precision fp32 --batch 128" "--precision bf16 --batch 128"; do \
+		$(BIN)/python bench/routing_overhead.py --device cuda $$args || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

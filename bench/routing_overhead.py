@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from fcmoe.config import TrainConfig
+from fcmoe.config import ConfigError, TrainConfig
 from fcmoe.data.offline import load_20ng
 from fcmoe.models.build import build_model
-from fcmoe.training.local import LocalTrainer, featurize
+from fcmoe.training.local import LocalTrainer, featurize, resolve_device
 
 
 def main() -> None:
@@ -33,6 +33,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="train.device: auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="fp32", help="train.precision: fp32 | bf16 (autocast)")
     args = parser.parse_args()
+    try:
+        resolve_device(args.device)
+    except ConfigError as err:  # e.g. --device cuda on a machine without one: one line, no traceback
+        raise SystemExit(str(err)) from None
     built = build_model(args.model, 20, num_experts=args.experts, moe_layers=(-2, -1), trainable_layers=2,
                         router_init_std=0.02, max_length=args.length, seed=0)
     texts = load_20ng()[0].texts[: args.batch * args.steps]
