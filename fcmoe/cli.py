@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "else 0)")
     sweep.add_argument("--out", help="the sweep folder; rerun the same command to resume "
                                      "(default: runs/sweep-<config name>)")
+    sweep.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process "
+                                                           "(default 1; e.g. one per cell on a GPU)")
     sweep.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     report = sub.add_parser("report", help="tables (Markdown, CSV), figures and a self-contained HTML report "
@@ -116,13 +118,15 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
         alphas = _numbers(args.alphas, float, "--alphas") if args.alphas else list(config.sweep.alphas)
         seeds = _numbers(args.seeds, int, "--seeds") if args.seeds else list(config.sweep.seeds)
         sweep_cells(config, alphas, seeds)  # validate the grid before any work
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs = {args.jobs}: must be >= 1 (cells run at once)")
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)
         return 2
     stem = Path(args.config).stem if args.config else "default"
     sweep_dir = Path(args.out) if args.out else Path(config.out_dir) / f"sweep-{stem}"
     try:
-        run_sweep(config, alphas, seeds, sweep_dir, show_progress=not args.quiet)
+        run_sweep(config, alphas, seeds, sweep_dir, show_progress=not args.quiet, jobs=args.jobs)
     except (AssetError, ValueError, FileNotFoundError) as err:
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1

@@ -181,6 +181,7 @@ def test_method_variants_are_validated_and_applied() -> None:
     (["--alphas", "0.1,zero"], "expected comma-separated numbers"),
     (["--seeds", "0,0"], "--seeds lists a value twice"),
     (["--alphas", "0.5", "--set", 'partition.kind="iid"'], "--alphas needs partition.kind"),
+    (["--jobs", "0"], "--jobs = 0: must be >= 1"),
 ])
 def test_sweep_rejects_a_bad_grid_before_any_work(args: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -231,3 +232,22 @@ def test_cells_with_runs_on_another_device_are_marked(sweep_dir: Path, tmp_path:
     assert table1[1].count("†") == 1 and table1[1].rstrip(" |").endswith("†")  # α = 1, the last column
     build_report([sweep_dir], tmp_path / "plain")
     assert "†" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_cells_run_in_parallel_processes_equal_the_sequential_run(tmp_path: Path) -> None:
+    config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
+    run_sweep(config, ALPHAS, [0], tmp_path / "parallel", show_progress=False, jobs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))  # what each of the 2 workers used
+    try:
+        run_sweep(config, ALPHAS, [0], tmp_path / "sequential", show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for alpha in ALPHAS:
+        cell = f"alpha{alpha:g}-seed0"
+        rows = [[{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                 for line in (tmp_path / folder / cell / "metrics.jsonl").read_text().splitlines()]
+                for folder in ("parallel", "sequential")]
+        assert len(rows[0]) == len(METHODS) * config.rounds and rows[0] == rows[1]
+    with pytest.raises(ConfigError, match="--jobs = 0"):
+        run_sweep(config, ALPHAS, [0], tmp_path / "none", jobs=0)
