@@ -52,7 +52,10 @@ def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, cli
         metrics["global_test_acc"] = global_accuracy(trainer, result.state, global_test)
         metrics["global_test_docs"] = len(global_test)
     update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
-    return sparsify(update, algo.layout) if sparse else update
+    update = sparsify(update, algo.layout) if sparse else update
+    update.expert_norms = {layer.name: algo.layout.expert_norms([update.delta], layer)[0]  # [E], read on the client
+                           for layer in algo.layout.layers}
+    return update
 
 
 def sparsify(update: ClientUpdate, layout: ExpertLayout) -> ClientUpdate:
@@ -218,11 +221,11 @@ def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple
             scaled = block * factors[i].to(block.dtype)[:, None]
             clipped[i].update({k: v.to(updates[i].delta[k].dtype)
                                for k, v in layout.split_experts(layer, scaled).items()})
-    return [dataclasses.replace(u, delta=delta) for u, delta in zip(updates, clipped, strict=True)]
+    return [dataclasses.replace(u, delta=delta, expert_norms={}) for u, delta in zip(updates, clipped, strict=True)]
 
 
 def attack(update: ClientUpdate, kind: str, factor: float) -> ClientUpdate:
     """Fault injection for robustness experiments: the upload scaled by ``factor`` ("scale") or negated
     ("signflip"), as a faulty or malicious client would send it."""
     scale = factor if kind == "scale" else -1.0
-    return dataclasses.replace(update, delta={k: v * scale for k, v in update.delta.items()})
+    return dataclasses.replace(update, delta={k: v * scale for k, v in update.delta.items()}, expert_norms={})

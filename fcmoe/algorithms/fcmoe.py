@@ -19,6 +19,7 @@ the model change it observes. scale = 1 − Σ_{conflicting} w_j c_j ≥ 1 becau
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,11 @@ from typing import Any
 import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
-from fcmoe.core import (IMPORTANCE_SCHEMES, Tree, consensus_coefficients, importance_weights, normalise_columns,
-                        streamed_consensus_coefficients, tree_add)
+from fcmoe.core import (IMPORTANCE_SCHEMES, ConsensusCoefficients, Tree, consensus_coefficients, importance_weights,
+                        normalise_columns, streamed_consensus_coefficients, tree_add)
 from fcmoe.registry import register_algorithm
+
+log = logging.getLogger(__name__)
 
 RESIDUAL = "residual"
 
@@ -126,6 +129,37 @@ class FCMoE(Algorithm):
         return runtime.predict(self.client_start(global_state, client_state), test).logits
 
     # ------------------------------------------------------------------ server half
+    def _reported_norms(self, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor | None:
+        """``[N, E]`` ‖Δ_{i,k}‖ as every client reported them, or ``None`` if one did not (or sent a bad tensor) or
+        the inner mean is robust (its batched path reads the updates whole anyway)."""
+        reported = [u.expert_norms.get(layer.name) for u in updates]
+        usable = [r is not None and r.shape == (layer.num_experts,) and r.is_floating_point()
+                  and bool(torch.isfinite(r).all()) and bool((r >= 0).all()) for r in reported]
+        if self.inner != "mean" or not all(usable):
+            return None
+        dtype = torch.promote_types(updates[0].delta[layer.keys[0]].dtype, torch.float32)
+        return torch.stack(reported).to(dtype)  # as ExpertLayout.expert_norms computes them
+
+    def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
+                   norms: torch.Tensor) -> tuple[torch.Tensor, ConsensusCoefficients]:
+        """Importance weights (Eq. importance) and the consensus projection of one MoE layer's experts."""
+        cfg, layout, trees = self.config, self.layout, [u.delta for u in updates]
+        freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
+        weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
+        if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
+            held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
+            weights = normalise_columns(weights * held).to(weights.dtype)
+        tau = cfg.tau if cfg.projection else -1.0
+        if self.inner == "mean":  # the one read: g and ⟨Δ, g⟩ (and ‖Δ‖) block by block, no [E, N, P] copy
+            coeffs = streamed_consensus_coefficients(layout.expert_blocks(trees, layer), weights, norms,
+                                                     layer.expert_numel, tau, self._consensus_buffer)
+            self._consensus_buffer = coeffs.consensus  # [E, P], reused by the next layer or round
+        else:  # a coordinate-wise median / trimmed mean needs every client's value of a coordinate at once
+            deltas = self.stack_experts(updates, layer)  # [N, E, P], a view of an [E, N, P] buffer
+            robust = self.robust_mean(deltas.transpose(0, 1), weights.T > 0)
+            coeffs = consensus_coefficients(deltas, weights, tau, norms, robust)
+        return weights, coeffs
+
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
         cfg, layout = self.config, self.layout
         state = dict(global_state)
@@ -135,21 +169,15 @@ class FCMoE(Algorithm):
         conflict_rate, mean_cosine, projected_weight = {}, {}, {}
         trees = [u.delta for u in updates]
         for layer in layout.layers:
-            freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
-            norms = layout.expert_norms(trees, layer)  # [N, E], read 1 of the updates
-            weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
-            if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
-                held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
-                weights = normalise_columns(weights * held).to(weights.dtype)
-            tau = cfg.tau if cfg.projection else -1.0
-            if self.inner == "mean":  # read 2, the last: g and ⟨Δ, g⟩ block by block, no [E, N, P] copy
-                coeffs = streamed_consensus_coefficients(layout.expert_blocks(trees, layer), weights, norms,
-                                                         layer.expert_numel, tau, self._consensus_buffer)
-                self._consensus_buffer = coeffs.consensus  # [E, P], reused by the next layer or round
-            else:  # a coordinate-wise median / trimmed mean needs every client's value of a coordinate at once
-                deltas = self.stack_experts(updates, layer)  # [N, E, P], a view of an [E, N, P] buffer
-                robust = self.robust_mean(deltas.transpose(0, 1), weights.T > 0)
-                coeffs = consensus_coefficients(deltas, weights, tau, norms, robust)
+            norms = self._reported_norms(updates, layer)  # [N, E] the clients' ‖Δ_{i,k}‖, checked by the read
+            weights, coeffs = self._consensus(updates, layer, n, norms if norms is not None
+                                              else layout.expert_norms(trees, layer))  # else: one more read
+            if norms is not None:
+                wrong = ~torch.isclose(coeffs.read_norm, norms, rtol=1e-3).all(dim=1)  # [N]
+                if wrong.any():  # a faulty or lying client: redo the layer with the norms measured here
+                    log.warning("%s: client(s) %s reported expert norms that differ from their updates; using the "
+                                "measured ones", layer.name, [u.client_id for u, w in zip(updates, wrong) if w])
+                    weights, coeffs = self._consensus(updates, layer, n, layout.expert_norms(trees, layer))
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
             # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
             state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)

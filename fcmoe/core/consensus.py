@@ -33,6 +33,7 @@ class ConsensusCoefficients(NamedTuple):
     conflicted: torch.Tensor  # [N, E]  bool, cos(Δ_{i,k}, g_k) < τ
     cosine: torch.Tensor  # [N, E]  cos(Δ_{i,k}, g_k), 0 where either vector is zero
     scale: torch.Tensor  # [E]  1 − Σ_i w_{i,k} c_{i,k}; aggregate_k = scale_k · g_k
+    read_norm: torch.Tensor | None = None  # [N, E]  ‖Δ_{i,k}‖ as the streamed read measured it (to check given ones)
 
 
 class ConsensusResult(NamedTuple):
@@ -137,6 +138,7 @@ def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], 
     _check_inputs(torch.empty(n, e, 0), weights, tau)
     g = torch.zeros(e, 0)  # [E, P] once the first block says the accumulation dtype
     dots, g_sq = torch.zeros(e, n), torch.zeros(e)  # [E, N] ⟨Δ_{i,k}, g_k⟩ and [E] ‖g_k‖², summed over blocks
+    squares = torch.zeros(e, n, dtype=torch.float64)  # [E, N] ‖Δ_{i,k}‖², from the cached block: no extra read
     covered = 0
     for offset, block in blocks:
         if block.dim() != 3 or block.shape[:2] != (e, n) or offset != covered:
@@ -153,10 +155,12 @@ def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], 
         g[:, offset:offset + block.shape[2]] = g_block.squeeze(1)
         dots += torch.bmm(rows, g_block.transpose(1, 2)).squeeze(2)  # [E, N, c] @ [E, c, 1] → [E, N]
         g_sq += g_block.square().sum(dim=(1, 2))
+        squares += torch.linalg.vector_norm(rows, dim=2).double().square()  # no [E, N, c] temporary
         covered += block.shape[2]
     if covered != numel:
         raise ValueError(f"blocks covered {covered} columns of {numel}")
-    return _coefficients(g, g_sq, dots.T, norms.to(g.dtype), weights.to(g.dtype), tau)
+    coeffs = _coefficients(g, g_sq, dots.T, norms.to(g.dtype), weights.to(g.dtype), tau)
+    return coeffs._replace(read_norm=squares.T.sqrt().to(norms.dtype))
 
 
 def _coefficients(g: torch.Tensor, g_sq: torch.Tensor, dots: torch.Tensor, delta_norm: torch.Tensor,

@@ -29,6 +29,7 @@ from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.models.layout import ExpertLayout
 
 DELTA, ROUTING, UPDATE, MESSAGE = "delta", "routing", "update", "message"
+NORMS = "expert-norms"  # optional: MoE layer → [E] ‖Δ_{i,k}‖ as the client computed them
 BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
 ABSENT = "absent"  # update metric: the client was not drawn this round (participation.fraction) and sent nothing
@@ -105,7 +106,10 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
     metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples,
                             SPARSE: int(update.sparse), **{k: float(v) for k, v in update.metrics.items()}})
-    return RecordDict({DELTA: delta, ROUTING: routing, UPDATE: metrics})
+    reply = RecordDict({DELTA: delta, ROUTING: routing, UPDATE: metrics})
+    if update.expert_norms:
+        reply[NORMS] = ArrayRecord({layer: norms.contiguous() for layer, norms in update.expert_norms.items()})
+    return reply
 
 
 def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> ClientUpdate:
@@ -130,6 +134,7 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
     try:
         delta = record_to_tree(content[DELTA], copy=False)  # read-only: aggregation only reads Δ_i
         routing = {k: v.to(torch.int64) for k, v in content[ROUTING].to_torch_state_dict().items()}
+        norms = content[NORMS].to_torch_state_dict() if isinstance(content.get(NORMS), ArrayRecord) else {}
         sent = tree_num_bytes(delta)
         if sparse:
             if layout is None:
@@ -142,7 +147,7 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
         raise MalformedReply(f"reply arrays cannot be read: {err}") from None
     metrics = {k: float(v) for k, v in info.items() if k not in ("client_id", "num-examples", SPARSE)}
     return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics, sparse,
-                        sent if sparse else None)
+                        sent if sparse else None, norms)
 
 
 def encode_message(message: Mapping[str, torch.Tensor] | None) -> ArrayRecord:

@@ -97,3 +97,44 @@ def test_projected_weight_share_is_reported(tiny: BuiltModel) -> None:
     metrics = FCMoE(FCMoEConfig(importance="size"), tiny.layout).aggregate(state, updates).metrics
     # client 1 (weight 1/3 on every expert) is projected everywhere
     assert all(abs(v - 1 / 3) < 1e-6 for v in metrics["projected_weight_share_per_layer"].values())
+
+
+def test_client_reported_norms_give_the_same_aggregate_and_a_lie_is_caught(
+        tiny: BuiltModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Norms the clients computed spare the server a read; they are checked against the one streamed read."""
+    state = tiny.model.trainable_state()
+    counts = [torch.tensor([3, 1, 1, 9]), torch.tensor([4, 2, 5, 1]), torch.tensor([1, 8, 1, 1])]
+    first = random_delta(state, 0)
+    deltas = [first, random_delta(state, 1), {k: -v + 0.1 * random_delta(state, 2)[k] for k, v in first.items()}]
+    plain = make_updates(tiny, deltas, [7, 19, 3], counts)  # client 2 pulls against client 0: projected
+
+    def reporting(factor: dict[int, float]) -> list:
+        updates = make_updates(tiny, deltas, [7, 19, 3], counts)
+        for u in updates:
+            u.expert_norms = {layer.name: tiny.layout.expert_norms([u.delta], layer)[0] * factor.get(u.client_id, 1.0)
+                              for layer in tiny.layout.layers}
+        return updates
+
+    config = FCMoEConfig(importance="freq_norm")
+    reference = FCMoE(config, tiny.layout).aggregate(state, plain)
+    assert reference.metrics["conflict_rate"] > 0
+    honest_updates, server_reads, measure = reporting({}), [], tiny.layout.expert_norms
+
+    def counted(trees: list, layer: object) -> torch.Tensor:
+        server_reads.append(layer)
+        return measure(trees, layer)
+
+    monkeypatch.setattr(tiny.layout, "expert_norms", counted)
+    honest = FCMoE(config, tiny.layout).aggregate(state, honest_updates)
+    assert server_reads == []  # the server did not read the updates for their norms
+    assert all(torch.equal(honest.state[k], reference.state[k]) for k in state)  # the norms are the server's own
+    assert all(torch.equal(honest.messages[c][n], reference.messages[c][n]) for c in honest.messages
+               for n in honest.messages[c])
+    with caplog.at_level("WARNING"):
+        lying = FCMoE(config, tiny.layout).aggregate(state, reporting({1: 3.0}))  # client 1 triples its weight
+    assert "client(s) [1] reported expert norms" in caplog.text
+    assert all(torch.equal(lying.state[k], reference.state[k]) for k in state)
+    broken = reporting({})
+    broken[0].expert_norms[tiny.layout.layers[0].name] = torch.tensor([float("nan")] * 4)
+    assert all(torch.equal(FCMoE(config, tiny.layout).aggregate(state, broken).state[k], reference.state[k])
+               for k in state)  # unusable norms: the server measures them itself

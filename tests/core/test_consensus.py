@@ -116,6 +116,7 @@ def test_streamed_coefficients_equal_the_batched_ones(dtype: torch.dtype, width:
     assert torch.equal(got.conflicted, expected.conflicted) and got.conflicted[1].any()
     for field in ("consensus", "coefficient", "cosine", "scale"):
         torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.read_norm, norms, rtol=1e-5, atol=0)  # ‖Δ_{i,k}‖ measured on the way
 
 
 def test_streamed_coefficients_refuse_blocks_that_do_not_tile_the_columns() -> None:

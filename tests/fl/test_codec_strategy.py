@@ -55,6 +55,9 @@ def test_update_round_trip() -> None:
     assert (back.client_id, back.num_samples, back.metrics) == (3, 17, {"loss": 0.25})
     assert torch.equal(back.delta["w"], update.delta["w"]) and torch.equal(back.routing_counts["layer"],
                                                                             update.routing_counts["layer"])
+    assert back.expert_norms == {}  # none sent, none invented
+    update.expert_norms = {"layer": torch.tensor([0.5, 0.0, 2.25])}
+    assert torch.equal(decode_update(encode_update(update)).expert_norms["layer"], update.expert_norms["layer"])
 
 
 def test_sparse_update_travels_without_its_unrouted_experts(tiny: BuiltModel) -> None:
