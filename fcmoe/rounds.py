@@ -53,8 +53,9 @@ def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, cli
         metrics["global_test_docs"] = len(global_test)
     update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
     update = sparsify(update, algo.layout) if sparse else update
-    update.expert_norms = {layer.name: algo.layout.expert_norms([update.delta], layer)[0]  # [E], read on the client
-                           for layer in algo.layout.layers}
+    if algo.uses_expert_norms:  # [E] per layer, read on the client: the server then reads the updates once
+        update.expert_norms = {layer.name: algo.layout.expert_norms([update.delta], layer)[0]
+                               for layer in algo.layout.layers}
     return update
 
 

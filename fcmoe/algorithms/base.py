@@ -91,6 +91,8 @@ class Algorithm:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # clients send ‖Δ_{i,k}‖ per expert with their update (ClientUpdate.expert_norms; E floats per MoE layer)
+    uses_expert_norms: ClassVar[bool] = False
 
     def __init__(self, config: AlgorithmConfig, layout: ExpertLayout) -> None:
         if not isinstance(config, self.config_class):

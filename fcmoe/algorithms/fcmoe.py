@@ -89,6 +89,7 @@ class FCMoE(Algorithm):
     # the paper's Table II ablations, each one switch off
     variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
                 "no-importance": {"importance": "size"}}
+    uses_expert_norms = True  # the importance weights need them before the server's one read of the updates
 
     def __init__(self, config: FCMoEConfig, layout: Any) -> None:
         super().__init__(config, layout)

