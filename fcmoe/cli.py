@@ -118,8 +118,6 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
         alphas = _numbers(args.alphas, float, "--alphas") if args.alphas else list(config.sweep.alphas)
         seeds = _numbers(args.seeds, int, "--seeds") if args.seeds else list(config.sweep.seeds)
         sweep_cells(config, alphas, seeds)  # validate the grid before any work
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs = {args.jobs}: must be >= 1 (cells run at once)")
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)
         return 2
@@ -127,6 +125,9 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
     sweep_dir = Path(args.out) if args.out else Path(config.out_dir) / f"sweep-{stem}"
     try:
         run_sweep(config, alphas, seeds, sweep_dir, show_progress=not args.quiet, jobs=args.jobs)
+    except ConfigError as err:  # raised before any work, e.g. --jobs 0
+        print(f"fcmoe: config error: {err}", file=sys.stderr)
+        return 2
     except (AssetError, ValueError, FileNotFoundError) as err:
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1

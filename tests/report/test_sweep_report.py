@@ -234,9 +234,12 @@ def test_cells_with_runs_on_another_device_are_marked(sweep_dir: Path, tmp_path:
     assert "†" not in (tmp_path / "plain" / "report.md").read_text()
 
 
-def test_cells_run_in_parallel_processes_equal_the_sequential_run(tmp_path: Path) -> None:
+def test_cells_run_in_parallel_processes_equal_the_sequential_run(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
-    run_sweep(config, ALPHAS, [0], tmp_path / "parallel", show_progress=False, jobs=2)
+    with monkeypatch.context() as patch:  # spawned workers import fcmoe afresh: only an in-process cell would fail
+        patch.setattr("fcmoe.sim.sweep.run_experiment", lambda *a, **k: pytest.fail("a cell ran in this process"))
+        run_sweep(config, ALPHAS, [0], tmp_path / "parallel", show_progress=False, jobs=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // 2))  # what each of the 2 workers used
     try:
