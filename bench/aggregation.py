@@ -9,13 +9,13 @@ in half of this machine's memory are skipped, and say so) it prints, measured si
 - ``fcmoe wire``: decoding the same N replies and FC-MoE's full server step (importance, consensus projection,
   scalar residual messages, FedAvg of shared and router keys); ``ratio`` = fcmoe wire / flower (target ≤ 1.5);
 - ``fcmoe mem``: FC-MoE's server step on updates already in memory (the in-process engine) that carry the
-  per-expert norms their clients computed: one streamed read for g, ⟨Δ_i, g⟩ and the check of those norms
-  (cache-sized ``[E, N, c]`` blocks);
-- ``2 reads s``: the same step on the same updates without reported norms: one more read, for the norms;
-- ``read GB/s``: the client update bytes read per second by ``fcmoe mem``, and that as a share of this machine's
-  memcpy bandwidth measured at the start of the run (bytes read per second by ``dst.copy_(src)``; target ≥ 50 %);
-- ``batched s``: the expert part of the same step in the previous design, for comparison: one copy of the updates
-  into an expert-major ``[E, N, P]`` buffer (reused), then norms, g and ⟨Δ_i, g⟩ as three reads of it.
+  per-expert norms their clients computed: one read of the updates in place for g, ⟨Δ_i, g⟩ and the check of those
+  norms, with the native kernel when it is built (the header says which path ran);
+- ``read GB/s``: the client update bytes read per second by ``fcmoe mem``; ``memcpy GB/s``: bytes read per second
+  by one 1 GiB ``dst.copy_(src)``, measured right before the row (it swings up to 1.7× between processes on a
+  shared VM, so every row has its own); ``of memcpy``: their ratio (target ≥ 50 %);
+- ``torch s``: the same step through the PyTorch path (``FCMOE_NATIVE=0``: staged ``[E, N, c]`` blocks);
+- ``2 reads s``: the same step without reported norms: one more read, for the norms.
 
 Each time is the best of ``--repeats`` runs.
 """
@@ -32,7 +32,7 @@ import torch
 
 from fcmoe.algorithms import ClientUpdate
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
-from fcmoe.core import consensus_coefficients, importance_weights
+from fcmoe.core.native import consensus_read_kernel
 from fcmoe.fl.codec import decode_update, encode_update
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.registry import LAYOUTS
@@ -79,20 +79,7 @@ def make_updates(shapes: dict[str, torch.Size], clients: int, layout: ExpertLayo
     return updates
 
 
-def batched_expert_step(layout: ExpertLayout, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate],
-                        workspace: list[torch.Tensor]) -> None:
-    """FC-MoE's expert aggregation as it was before streaming: gather [E, N, P], then three reads of it."""
-    n = torch.tensor([u.num_samples for u in updates])
-    for layer in layout.layers:
-        workspace[0] = layout.gather_experts_batched([u.delta for u in updates], layer, workspace[0])
-        deltas = workspace[0].transpose(0, 1)  # [N, E, P]
-        norms = torch.linalg.vector_norm(workspace[0], dim=-1).T  # [N, E]
-        freqs = torch.stack([u.frequencies(layer.name) for u in updates])
-        coeffs = consensus_coefficients(deltas, importance_weights("freq_norm", n, freqs, norms), 0.0, norms)
-        layout.add_to_experts(global_state, layer, coeffs.consensus, coeffs.scale)
-
-
-def run(clients: int, expert_floats: int, repeats: int, bandwidth: float) -> str:
+def run(clients: int, expert_floats: int, repeats: int) -> str:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     shapes = fused_shapes(expert_floats)
@@ -103,18 +90,19 @@ def run(clients: int, expert_floats: int, repeats: int, bandwidth: float) -> str
     replies = [encode_update(u) for u in updates]
     flower = best_of(repeats, lambda: aggregate_arrayrecords(replies, "num-examples"))
     wire = best_of(repeats, lambda: algo.aggregate(global_state, [decode_update(r) for r in replies]))
-    replies.clear()  # their memory is the batched workspace's below
+    replies.clear()
+    bandwidth = memcpy_read_bandwidth()  # right before the row it is compared with
     memory = best_of(repeats, lambda: algo.aggregate(global_state, updates))
+    os.environ["FCMOE_NATIVE"] = "0"
+    torch_path = best_of(repeats, lambda: algo.aggregate(global_state, updates))
+    del os.environ["FCMOE_NATIVE"]
     unreported = [dataclasses.replace(u, expert_norms={}) for u in updates]  # the same tensors
     two_reads = best_of(repeats, lambda: algo.aggregate(global_state, unreported))
-    workspace: list[torch.Tensor] = [torch.empty(0)]
-    batched = best_of(repeats, lambda: batched_expert_step(layout, global_state, updates, workspace))
-    workspace.clear()
     update_bytes = sum(v.numel() * v.element_size() for u in updates for v in u.delta.values())
     rate = update_bytes / memory
-    return (f"{clients:>4} {layout.layers[0].expert_numel * EXPERTS / 1e6:>9.1f}M {update_bytes / 2**30:>8.2f} "
-            f"{flower:>9.3f} {wire:>10.3f} {wire / flower:>6.2f} {memory:>9.3f} {rate / 1e9:>9.2f} "
-            f"{100 * rate / bandwidth:>7.1f}% {two_reads:>9.3f} {batched:>9.3f}")
+    return (f"{clients:>4} {layout.layers[0].expert_numel * EXPERTS / 1e6:>9.1f}M {update_bytes / 2**30:>6.2f} "
+            f"{flower:>9.3f} {wire:>10.3f} {wire / flower:>6.2f} {memory:>9.3f} {rate / 1e9:>9.1f} "
+            f"{bandwidth / 1e9:>11.1f} {100 * rate / bandwidth:>8.0f}% {torch_path:>8.3f} {two_reads:>9.3f}")
 
 
 def main() -> None:
@@ -124,21 +112,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    bandwidth = memcpy_read_bandwidth()
+    os.environ.pop("FCMOE_NATIVE", None)
+    kernel = consensus_read_kernel()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {memory / 2**30:.0f} GiB RAM, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; "
-          f"memcpy read bandwidth {bandwidth / 1e9:.2f} GB/s")
-    print(f"{'N':>4} {'floats':>10} {'GiB':>8} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} {'fcmoe mem':>9} "
-          f"{'read GB/s':>9} {'of memcpy':>8} {'2 reads s':>9} {'batched s':>9}")
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; one-read step: "
+          f"{'native kernel' if kernel is not None else 'PyTorch path (no native kernel: no C compiler?)'}")
+    print(f"{'N':>4} {'floats':>10} {'GiB':>6} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} {'fcmoe mem':>9} "
+          f"{'read GB/s':>9} {'memcpy GB/s':>11} {'of memcpy':>9} {'torch s':>8} {'2 reads s':>9}")
     for clients in (int(c) for c in args.clients.split(",")):
         for floats in (int(float(s)) for s in args.sizes.split(",")):
-            # the updates, their wire copies, the gather buffer and Flower's temporaries live at once
+            # the updates, their wire copies and Flower's temporaries live at once
             need = 3 * clients * floats * 4
             if need > memory / 2:
                 print(f"{clients:>4} {floats / 1e6:>9.1f}M  skipped: {need / 2**30:.0f} GiB of updates and copies "
                       f"would not fit in half of {memory / 2**30:.0f} GiB")
                 continue
-            print(run(clients, floats, args.repeats, bandwidth), flush=True)
+            print(run(clients, floats, args.repeats), flush=True)
     print("targets: ratio <= 1.5 (fcmoe wire / flower); read rate >= 50 % of memcpy bandwidth")
 
 

@@ -28,7 +28,7 @@ import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.core import (IMPORTANCE_SCHEMES, ConsensusCoefficients, Tree, consensus_coefficients, importance_weights,
-                        normalise_columns, streamed_consensus_coefficients, tree_add)
+                        normalise_columns, one_read_consensus_coefficients, tree_add)
 from fcmoe.registry import register_algorithm
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class FCMoE(Algorithm):
             held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
             weights = normalise_columns(weights * held).to(weights.dtype)
         tau = cfg.tau if cfg.projection else -1.0
-        if self.inner == "mean":  # the one read: g and ⟨Δ, g⟩ (and ‖Δ‖) block by block, no [E, N, P] copy
-            coeffs = streamed_consensus_coefficients(layout.expert_blocks(trees, layer), weights, norms,
+        if self.inner == "mean":  # the one read: g, ⟨Δ, g⟩ and ‖Δ‖ from the updates in place, no [E, N, P] copy
+            coeffs = one_read_consensus_coefficients(layout.expert_segments(trees, layer), weights, norms,
                                                      layer.expert_numel, tau, self._consensus_buffer)
             self._consensus_buffer = coeffs.consensus  # [E, P], reused by the next layer or round
         else:  # a coordinate-wise median / trimmed mean needs every client's value of a coordinate at once

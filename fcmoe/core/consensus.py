@@ -12,7 +12,8 @@ flattened parameters of expert k) and the importance weights into ``weights [N, 
 The last identity is why the residual can travel as one scalar per (client, expert): ρ_{i,k} is a multiple of
 g_k, and so is the aggregate step. :func:`consensus_coefficients` computes only g, c and the mask (O(N·E·P) reads,
 O(E·P) writes); :func:`consensus_project` also materialises the projected updates and residuals;
-:func:`streamed_consensus_coefficients` computes what the first does from column blocks of the deltas, in one read.
+:func:`streamed_consensus_coefficients` computes what the first does from column blocks of the deltas, in one read
+(:mod:`fcmoe.core.one_read` feeds it, or does the same read with a native kernel).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class ConsensusResult(NamedTuple):
     cosine: torch.Tensor  # [N, E]
 
 
-def _check_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: float) -> None:
+def check_consensus_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: float) -> None:
+    """Raise ``ValueError`` naming the bad shape or value of ``deltas [N, E, P]``, ``weights [N, E]`` or τ."""
     if deltas.dim() != 3:
         raise ValueError(f"deltas must be [N clients, E experts, P params], got shape {tuple(deltas.shape)}")
     if weights.shape != deltas.shape[:2]:
@@ -87,7 +89,7 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     -------
     ConsensusCoefficients
     """
-    _check_inputs(deltas, weights, tau)
+    check_consensus_inputs(deltas, weights, tau)
     # Accumulate in float32 at least: bf16 sums over P ~ 10^6 lose every digit.
     acc = torch.promote_types(deltas.dtype, torch.float32)
     w = weights.to(acc)
@@ -95,7 +97,7 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     g = expert_weighted_mean(deltas, w) if consensus is None else consensus.to(acc)  # [E, P]
     dots = torch.bmm(g.unsqueeze(1), by_expert.transpose(1, 2)).squeeze(1).T  # [N, E]  ⟨Δ_{i,k}, g_k⟩
     delta_norm = torch.linalg.vector_norm(by_expert, dim=-1).T if norms is None else norms  # [N, E]
-    return _coefficients(g, (g * g).sum(dim=-1), dots, delta_norm.to(acc), w, tau)
+    return coefficients_from_sums(g, (g * g).sum(dim=-1), dots, delta_norm.to(acc), w, tau)
 
 
 def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], weights: torch.Tensor,
@@ -107,7 +109,7 @@ def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], 
     ``[E, N, c]`` (columns ``offset:offset + c`` of every Δ_{i,k}) is small enough to stay in cache: its slice of g
     is computed from it and its share of ⟨Δ_{i,k}, g_k⟩ right after, while it is still there. With the norms given
     (FC-MoE's importance needs them before g), the deltas are read from memory once in total, and no
-    ``[E, N, P]`` copy of them is ever made (:meth:`~fcmoe.models.layout.ExpertLayout.expert_blocks`).
+    ``[E, N, P]`` copy of them is ever made (:func:`~fcmoe.core.one_read.segment_blocks`).
 
     Parameters
     ----------
@@ -135,7 +137,7 @@ def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], 
     if weights.shape != norms.shape:
         raise ValueError(f"weights {tuple(weights.shape)} and norms {tuple(norms.shape)} must both be [N, E]")
     n, e = weights.shape
-    _check_inputs(torch.empty(n, e, 0), weights, tau)
+    check_consensus_inputs(torch.empty(n, e, 0), weights, tau)
     g = torch.zeros(e, 0)  # [E, P] once the first block says the accumulation dtype
     dots, g_sq = torch.zeros(e, n), torch.zeros(e)  # [E, N] ⟨Δ_{i,k}, g_k⟩ and [E] ‖g_k‖², summed over blocks
     squares = torch.zeros(e, n, dtype=torch.float64)  # [E, N] ‖Δ_{i,k}‖², from the cached block: no extra read
@@ -159,12 +161,12 @@ def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], 
         covered += block.shape[2]
     if covered != numel:
         raise ValueError(f"blocks covered {covered} columns of {numel}")
-    coeffs = _coefficients(g, g_sq, dots.T, norms.to(g.dtype), weights.to(g.dtype), tau)
+    coeffs = coefficients_from_sums(g, g_sq, dots.T, norms.to(g.dtype), weights.to(g.dtype), tau)
     return coeffs._replace(read_norm=squares.T.sqrt().to(norms.dtype))
 
 
-def _coefficients(g: torch.Tensor, g_sq: torch.Tensor, dots: torch.Tensor, delta_norm: torch.Tensor,
-                  w: torch.Tensor, tau: float) -> ConsensusCoefficients:
+def coefficients_from_sums(g: torch.Tensor, g_sq: torch.Tensor, dots: torch.Tensor, delta_norm: torch.Tensor,
+                           w: torch.Tensor, tau: float) -> ConsensusCoefficients:
     """Cosines, conflict mask, c_{i,k} and scale_k from g ``[E, P]``, ‖g_k‖² ``[E]``, ⟨Δ_{i,k}, g_k⟩ and ‖Δ_{i,k}‖
     (both ``[N, E]``)."""
     acc = g.dtype

