@@ -32,7 +32,7 @@ import torch
 
 from fcmoe.algorithms import ClientUpdate
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
-from fcmoe.core.native import consensus_read_kernel
+from fcmoe.native import consensus_read_kernel
 from fcmoe.fl.codec import decode_update, encode_update
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.registry import LAYOUTS

@@ -1,4 +1,5 @@
-"""Layering: core is pure torch; only models/ imports transformers/peft; only fl/ imports flwr."""
+"""Layering: core is pure torch (its native kernels live in native/, a leaf); only models/ imports transformers/peft;
+only fl/ imports flwr."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fcmoe"
+
+
+def fcmoe_modules(path: Path) -> set[str]:
+    """The ``fcmoe.*`` modules a file imports from."""
+    tree = ast.parse(path.read_text())
+    found = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return {name for name in found if name.startswith("fcmoe.")}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -29,6 +38,10 @@ def test_import_boundaries(path: Path) -> None:
     roots = imported_roots(path)
     if rel.parts[0] == "core":
         assert roots <= {"__future__", "collections", "typing", "torch", "fcmoe", "math", "dataclasses"}, roots
+        outside = {m for m in fcmoe_modules(path) if not m.startswith("fcmoe.core")}
+        assert outside <= {"fcmoe.native"}, f"{rel} imports {outside}; core may only call its native kernels"
+    if rel.parts[0] == "native":  # compiled kernels: a leaf the core may call, which calls nothing of fcmoe back
+        assert fcmoe_modules(path) <= {"fcmoe.cache", "fcmoe.native.consensus_kernel", "fcmoe.native.consensus_read_source"}, fcmoe_modules(path)
     if rel.parts[0] != "models":
         assert not roots & {"transformers", "peft"}, f"{rel} imports transformers/peft; only fcmoe/models may"
     if rel.parts[0] != "fl":

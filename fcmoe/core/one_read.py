@@ -4,7 +4,7 @@ An MoE layer's expert parameters arrive as *segments*: runs of columns (one per 
 ``gate_up_proj``, a ``down_proj``, an expert module's weight) in which client i's expert k is a contiguous row. The
 layout (:meth:`~fcmoe.models.layout.ExpertLayout.expert_segments`) says where those rows are; this module reads
 them once to get g, ⟨Δ_{i,k}, g_k⟩, ‖g_k‖² and ‖Δ_{i,k}‖ (:func:`one_read_consensus_coefficients`), with the native
-kernel where it is built (:mod:`fcmoe.core.native`), else through cache-sized staged blocks
+kernel where it is built (:mod:`fcmoe.native`), else through cache-sized staged blocks
 (:func:`segment_blocks`, :func:`~fcmoe.core.consensus.streamed_consensus_coefficients`).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from fcmoe.core.consensus import (ConsensusCoefficients, check_consensus_inputs, coefficients_from_sums,
                                   streamed_consensus_coefficients)
-from fcmoe.core.native import consensus_read, consensus_read_kernel
+from fcmoe.native import consensus_read, consensus_read_kernel
 
 ClientRows = torch.Tensor | Sequence[torch.Tensor]
 

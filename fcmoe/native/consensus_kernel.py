@@ -1,4 +1,5 @@
-"""The native kernel of FC-MoE's one-read server step (``consensus_read.c``): compiled on first use, optional.
+"""The native kernel of FC-MoE's one-read server step (:mod:`~fcmoe.native.consensus_read_source`): compiled on
+first use, optional.
 
 PyTorch cannot fuse "sum the N client rows of a tile into g, then take each row's inner product with g while the
 tile is still in cache": its one-read path stages every ``[E, N, c]`` block into a cache-sized buffer first, and
@@ -26,13 +27,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from fcmoe.cache import cache_dir
+from fcmoe.native.consensus_read_source import SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def _build(compiler: str, source: str) -> Path | None:
     """Compile ``source`` to a shared library in the cache (once per source, compiler and CPU)."""
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as err:
+        log.info("fcmoe: cannot run the C compiler %r (%s); using the PyTorch path", compiler, err)
         return None
     key = hashlib.sha256("\0".join([source, *FLAGS, version, _cpu_identity()]).encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
@@ -112,7 +114,7 @@ def _load_kernel() -> ctypes._CFuncPtr | None:
     if compiler is None:
         log.info("fcmoe: no C compiler found (set CC); FC-MoE's server step uses the PyTorch path")
         return None
-    library = _build(compiler, resources.files("fcmoe.core").joinpath("consensus_read.c").read_text())
+    library = _build(compiler, SOURCE)
     if library is None:
         return None
     try:

@@ -1,26 +1,31 @@
-/* FC-MoE's server step in one read of the client updates (fcmoe/core/native.py compiles and calls this).
- *
- * For one MoE layer and one column segment of its experts (client i's expert k = `width` contiguous floats at
- * rows[i * e + k]), with importance weights w[k * n + i]:
- *
- *     g_k            = sum_i w_{i,k} x_{i,k}          written to g + k * g_stride   (consensus direction)
- *     dots[q, i]     = <x_{i,k}, g_k>   over the columns of work item q               (for c_{i,k} and cos)
- *     squares[q, i]  = ||x_{i,k}||^2    over the same columns                         (checks reported norms)
- *     g_squares[q]   = ||g_k||^2        over the same columns
- *
- * (row q of each output starts at q * stride doubles.)
- *
- * Work item q is (expert k = q / chunks_per_expert, columns of chunk q % chunks_per_expert); the caller splits the
- * items among threads and sums the partials per expert in a fixed order, so results do not depend on the thread
- * count. Within an item, tiles of `tile` columns are read from memory once: the first loop sums g over the N rows
- * of the tile, the second reads the same rows again from L2 (N * tile * 4 bytes <= 512 KiB) for the inner
- * products and squares. That second read is what the PyTorch path cannot fuse: there it costs a staging copy of
- * every [E, N, c] block, and this kernel runs ~3x faster (bench/aggregation.py).
- *
- * Reproducible: sums run in fp32 within a tile in a fixed order (8 lanes x 2 accumulators, then lane 0..7) and in
- * fp64 across tiles; built with -ffp-contract=off, so no FMA contraction changes the rounding between CPUs.
- */
-#include <stdint.h>
+"""C source of FC-MoE's server step in one read of the client updates (:mod:`fcmoe.native.consensus_kernel`
+compiles and calls it).
+
+Kept in a Python module, not a ``.c`` file, so that it travels wherever the package's Python files do: Flower's
+app bundles (``flwr run .``) carry ``*.py`` and ``*.toml`` only.
+
+For one MoE layer and one column segment of its experts (client i's expert k = `width` contiguous floats at
+rows[i * e + k]), with importance weights w[k * n + i]:
+
+    g_k            = sum_i w_{i,k} x_{i,k}          written to g + k * g_stride   (consensus direction)
+    dots[q, i]     = <x_{i,k}, g_k>   over the columns of work item q               (for c_{i,k} and cos)
+    squares[q, i]  = ||x_{i,k}||^2    over the same columns                         (checks reported norms)
+    g_squares[q]   = ||g_k||^2        over the same columns
+
+(row q of each output starts at q * stride doubles.)
+
+Work item q is (expert k = q / chunks_per_expert, columns of chunk q % chunks_per_expert); the caller splits the
+items among threads and sums the partials per expert in a fixed order, so results do not depend on the thread
+count. Within an item, tiles of `tile` columns are read from memory once: the first loop sums g over the N rows
+of the tile, the second reads the same rows again from L2 (N * tile * 4 bytes <= 512 KiB) for the inner
+products and squares. That second read is what the PyTorch path cannot fuse: there it costs a staging copy of
+every [E, N, c] block, and this kernel runs ~3x faster (bench/aggregation.py).
+
+Reproducible: sums run in fp32 within a tile in a fixed order (8 lanes x 2 accumulators, then lane 0..7) and in
+fp64 across tiles; built with -ffp-contract=off, so no FMA contraction changes the rounding between CPUs.
+"""
+
+SOURCE = r"""#include <stdint.h>
 #include <string.h>
 
 #define TILE_MAX 8192
@@ -100,3 +105,4 @@ void fcmoe_consensus_read_f32(const float *const *rows, const float *weights, in
     g_squares[q * stride] = gsq;
   }
 }
+"""
