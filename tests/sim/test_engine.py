@@ -12,7 +12,9 @@ import torch
 from fcmoe.algorithms import ALGORITHMS
 from fcmoe.cli import main
 from fcmoe.config import load_config
+from fcmoe.core import one_read
 from fcmoe.experiment import prepare_experiment
+from fcmoe.native import consensus_read_kernel
 from fcmoe.sim.engine import run_method
 from fcmoe.sim.run import run_experiment
 
@@ -52,6 +54,24 @@ def test_same_seed_same_result(tmp_path: Path, method: str) -> None:
     second = run_method(exp, method, tmp_path / "b.jsonl")[1]
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], exp.initial_state[k]) for k in first)
+
+
+def test_fcmoe_server_step_reads_through_the_native_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's FC-MoE step takes the kernel where it is built (one call per MoE layer and round), and gives the
+    PyTorch path's model up to float rounding."""
+    config = load_config(overrides=[*TINY, "methods=['fcmoe']", "rounds=1"])
+    exp = prepare_experiment(config)
+    calls: list[int] = []
+    real = one_read.consensus_read
+    monkeypatch.setattr(one_read, "consensus_read", lambda *args: calls.append(1) or real(*args))
+    in_place = run_method(exp, "fcmoe", tmp_path / "a.jsonl")[1]
+    assert len(calls) == (2 if consensus_read_kernel() is not None else 0)
+    before = len(calls)
+    monkeypatch.setenv("FCMOE_NATIVE", "0")
+    staged = run_method(exp, "fcmoe", tmp_path / "b.jsonl")[1]
+    assert len(calls) == before  # turned off: the staged blocks
+    for key in in_place:
+        torch.testing.assert_close(in_place[key], staged[key], rtol=1e-4, atol=1e-6)
 
 
 def test_cli_prints_the_table_and_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
