@@ -137,7 +137,8 @@ def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int],
                    weights: torch.Tensor) -> SegmentRead:
     """Run the kernel on every column segment of one MoE layer, on ``torch.get_num_threads()`` threads.
 
-    Each thread takes its share of every segment's work items, so a layer costs one hand-off to the pool.
+    Each thread takes its share of every segment's work items, so a layer costs one hand-off to the pool; the
+    calling thread is one of them.
 
     Parameters
     ----------
@@ -171,10 +172,9 @@ def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int],
                        partial[:, :n].data_ptr(), partial[:, n:2 * n].data_ptr(), partial[:, 2 * n:].data_ptr(),
                        partial.stride(0))
 
-    if threads == 1:
-        run(0)
-    else:
-        for future in [_pool(threads).submit(run, t) for t in range(threads)]:
-            future.result()
+    helpers = [_pool(threads - 1).submit(run, t) for t in range(1, threads)] if threads > 1 else []
+    run(0)  # the calling thread takes the first share: one hand-off fewer (~0.1 ms of a 2 ms read at 40 MB)
+    for helper in helpers:
+        helper.result()
     sums = sum(partial.view(e, items // e, -1).sum(dim=1) for _, _, _, items, partial in plans)  # [E, 2N + 1]
     return SegmentRead(sums[:, :n], sums[:, n:2 * n], sums[:, 2 * n])
