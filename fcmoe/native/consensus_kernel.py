@@ -4,13 +4,15 @@ first use, optional.
 PyTorch cannot fuse "sum the N client rows of a tile into g, then take each row's inner product with g while the
 tile is still in cache": its one-read path stages every ``[E, N, c]`` block into a cache-sized buffer first, and
 that copy plus two in-cache matrix products ran at 11–13 GB/s on our 2-core VM against a 38–40 GB/s memcpy. The
-~90-line C kernel reads the updates in place at 35–42 GB/s there (``bench/aggregation.py``).
+C kernel reads the updates where they lie, once (``bench/aggregation.py`` prints both paths side by side).
 
-It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native
--ffp-contract=off``) into ``<cache>/kernels/`` and loaded with :mod:`ctypes`; the file name hashes the source, the
-compiler and the CPU, so a cache shared between machines never loads a build for another CPU. No compiler, a
-failed build or ``FCMOE_NATIVE=0``: :func:`consensus_read_kernel` returns ``None`` and callers use the PyTorch
-path, which gives the same numbers up to float rounding.
+It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) with ``-O3 -march=native
+-ffp-contract=off -fopenmp`` (without ``-fopenmp`` where the compiler lacks it) into ``<cache>/kernels/`` and
+loaded with :mod:`ctypes`. Its ``libgomp`` dependency resolves to the one PyTorch has already loaded, so its
+parallel loop runs on PyTorch's own OpenMP threads. The file name hashes the source, the compiler, the flags and
+the CPU, so a cache shared between machines never loads a build for another CPU. No compiler, a failed build or
+``FCMOE_NATIVE=0``: :func:`consensus_read_kernel` returns ``None`` and callers use the PyTorch path, which gives the
+same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,11 +39,11 @@ from fcmoe.native.consensus_read_source import SOURCE
 log = logging.getLogger(__name__)
 
 SYMBOL = "fcmoe_consensus_read_f32"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")  # and -fopenmp where it works
 # Columns per work item (expert k, chunk): an expert of 1.25 M floats is 20 items, enough to keep every thread busy;
 # the split into items is fixed, so per-item partial sums make the result independent of the thread count.
 CHUNK = 1 << 16
-# Below this many floats per call the thread pool's hand-off (~50 µs) costs more than a second thread saves.
+# Below this many floats per layer a second thread saves less than it costs to start.
 PARALLEL_MIN_FLOATS = 1 << 20
 
 
@@ -70,36 +71,38 @@ def _cpu_identity() -> str:
 
 
 def _build(compiler: str, source: str) -> Path | None:
-    """Compile ``source`` to a shared library in the cache (once per source, compiler and CPU)."""
+    """Compile ``source`` to a shared library in the cache (once per source, compiler, flags and CPU): with OpenMP,
+    else (a compiler without it) single-threaded."""
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         log.info("fcmoe: cannot run the C compiler %r (%s); using the PyTorch path", compiler, err)
         return None
-    key = hashlib.sha256("\0".join([source, *FLAGS, version, _cpu_identity()]).encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
-    target = folder / f"consensus_read-{key}.so"
-    if target.exists():
-        return target
-    started = time.perf_counter()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            (Path(tmp) / "consensus_read.c").write_text(source)
-            built = Path(tmp) / "kernel.so"
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(Path(tmp) / "consensus_read.c")],
-                                    capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                log.info("fcmoe: %s could not build the one-read kernel (%s); using the PyTorch path",
-                         compiler, result.stderr.strip().splitlines()[-1:] or result.returncode)
-                return None
-            os.replace(built, target)  # atomic: a concurrent process sees no file or a whole one
-    except (OSError, subprocess.SubprocessError) as err:
-        log.info("fcmoe: could not build the one-read kernel (%s); using the PyTorch path", err)
-        return None
-    log.info("fcmoe: built the one-read kernel with %s in %.1f s: %s", compiler, time.perf_counter() - started,
-             target)
-    return target
+    errors = []
+    for flags in ((*FLAGS, "-fopenmp"), FLAGS):
+        key = hashlib.sha256("\0".join([source, *flags, version, _cpu_identity()]).encode()).hexdigest()[:16]
+        target = folder / f"consensus_read-{key}.so"
+        if target.exists():
+            return target
+        started = time.perf_counter()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                (Path(tmp) / "consensus_read.c").write_text(source)
+                built = Path(tmp) / "kernel.so"
+                result = subprocess.run([compiler, *flags, "-o", str(built), str(Path(tmp) / "consensus_read.c")],
+                                        capture_output=True, text=True, timeout=120)
+                if result.returncode == 0:
+                    os.replace(built, target)  # atomic: a concurrent process sees no file or a whole one
+                    log.info("fcmoe: built the one-read kernel with %s %s in %.1f s: %s", compiler, " ".join(flags),
+                             time.perf_counter() - started, target)
+                    return target
+                errors.append((result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1])
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(str(err))
+    log.info("fcmoe: %s could not build the one-read kernel (%s); using the PyTorch path", compiler, errors[-1])
+    return None
 
 
 def consensus_read_kernel() -> ctypes._CFuncPtr | None:
@@ -115,30 +118,25 @@ def _load_kernel() -> ctypes._CFuncPtr | None:
         log.info("fcmoe: no C compiler found (set CC); FC-MoE's server step uses the PyTorch path")
         return None
     library = _build(compiler, SOURCE)
-    if library is None:
-        return None
+    return None if library is None else load_kernel(library)
+
+
+def load_kernel(library: Path) -> ctypes._CFuncPtr | None:
+    """The kernel function of a built library, typed for :func:`consensus_read`; ``None`` if it cannot be loaded."""
     try:
         kernel = getattr(ctypes.CDLL(str(library)), SYMBOL)
     except (OSError, AttributeError) as err:  # e.g. a cache on a noexec mount
         log.info("fcmoe: could not load the one-read kernel %s (%s); using the PyTorch path", library, err)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    kernel.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+    kernel.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
     kernel.restype = None
     return kernel
 
 
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fcmoe-read")
-
-
 def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int], int, torch.Tensor]],
                    weights: torch.Tensor) -> SegmentRead:
-    """Run the kernel on every column segment of one MoE layer, on ``torch.get_num_threads()`` threads.
-
-    Each thread takes its share of every segment's work items, so a layer costs one hand-off to the pool; the
-    calling thread is one of them.
+    """Run the kernel on every column segment of one MoE layer, on ``torch.get_num_threads()`` OpenMP threads.
 
     Parameters
     ----------
@@ -157,24 +155,14 @@ def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int],
         Sums over all the segments' columns.
     """
     e, n = weights.shape
-    plans = []
+    total = n * e * sum(width for _, width, _ in segments)
+    threads = torch.get_num_threads() if total >= PARALLEL_MIN_FLOATS else 1
+    sums = torch.zeros(e, 2 * n + 1, dtype=torch.float64)
     for pointers, width, g in segments:
-        items = e * -(-width // CHUNK)  # (expert, chunk) pairs, expert-major
-        partial = torch.zeros(items, 2 * n + 1, dtype=torch.float64)  # per item: dots [N], squares [N], ‖g‖²
-        plans.append(((ctypes.c_void_p * len(pointers))(*pointers), width, g, items, partial))
-    threads = torch.get_num_threads() if n * e * sum(width for _, width, _ in segments) >= PARALLEL_MIN_FLOATS else 1
-
-    def run(thread: int) -> None:  # ctypes releases the GIL for the call: threads run in parallel
-        for rows, width, g, items, partial in plans:
-            first, stop = items * thread // threads, items * (thread + 1) // threads
-            if stop > first:
-                kernel(rows, weights.data_ptr(), n, e, width, CHUNK, first, stop, g.data_ptr(), g.stride(0),
-                       partial[:, :n].data_ptr(), partial[:, n:2 * n].data_ptr(), partial[:, 2 * n:].data_ptr(),
-                       partial.stride(0))
-
-    helpers = [_pool(threads - 1).submit(run, t) for t in range(1, threads)] if threads > 1 else []
-    run(0)  # the calling thread takes the first share: one hand-off fewer (~0.1 ms of a 2 ms read at 40 MB)
-    for helper in helpers:
-        helper.result()
-    sums = sum(partial.view(e, items // e, -1).sum(dim=1) for _, _, _, items, partial in plans)  # [E, 2N + 1]
+        items_per_expert = -(-width // CHUNK)
+        partial = torch.zeros(e * items_per_expert, 2 * n + 1, dtype=torch.float64)  # per item: dots, squares, ‖g‖²
+        kernel((ctypes.c_void_p * len(pointers))(*pointers), weights.data_ptr(), n, e, width, CHUNK, g.data_ptr(),
+               g.stride(0), partial[:, :n].data_ptr(), partial[:, n:2 * n].data_ptr(), partial[:, 2 * n:].data_ptr(),
+               partial.stride(0), threads)
+        sums += partial.view(e, items_per_expert, -1).sum(dim=1)  # items in a fixed order: same for any thread count
     return SegmentRead(sums[:, :n], sums[:, n:2 * n], sums[:, 2 * n])

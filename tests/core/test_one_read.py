@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,35 @@ def test_the_kernel_can_be_turned_off_or_be_missing(monkeypatch, tmp_path, caplo
     finally:
         native_module._load_kernel.cache_clear()
     assert not (tmp_path / "kernels").exists() or not list((tmp_path / "kernels").glob("*.so"))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: no kernel to check")
+def test_a_compiler_without_openmp_builds_a_single_threaded_kernel(tmp_path, monkeypatch) -> None:
+    """A ``cc`` that refuses -fopenmp (clang without libomp, say) still gives a working kernel, same numbers."""
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
+                       f'exec {native_module._compiler()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("FCMOE_CACHE", str(tmp_path / "cache"))
+    library = native_module._build(str(wrapper), native_module.SOURCE)
+    assert library is not None
+    kernel = native_module.load_kernel(library)
+    monkeypatch.setattr("fcmoe.core.one_read.consensus_read_kernel", lambda: kernel)
+    segments, stacked, weights = segments_case(4, 3, 8, [2 * 65_536 + 1, 500])
+    norms = torch.linalg.vector_norm(stacked, dim=-1)
+    single = one_read_consensus_coefficients(segments, weights, norms, stacked.shape[2])
+    monkeypatch.undo()
+    parallel = one_read_consensus_coefficients(segments, weights, norms, stacked.shape[2])
+    for field in ("consensus", "coefficient", "cosine", "scale", "read_norm"):
+        assert torch.equal(getattr(single, field), getattr(parallel, field)), field
+
+
+@pytest.mark.skipif(not HAS_COMPILER or not Path("/proc/self/maps").exists(), reason="needs a compiler and Linux")
+def test_the_kernel_shares_pytorchs_openmp_runtime() -> None:
+    """One libgomp in the process: the kernel's threads are PyTorch's, not a second pool competing with them."""
+    assert consensus_read_kernel() is not None
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_segments_that_do_not_tile_the_columns_are_refused() -> None:
