@@ -134,12 +134,12 @@ class FCMoE(Algorithm):
         """``[N, E]`` ‖Δ_{i,k}‖ as every client reported them, or ``None`` if one did not (or sent a bad tensor) or
         the inner mean is robust (its batched path reads the updates whole anyway)."""
         reported = [u.expert_norms.get(layer.name) for u in updates]
-        usable = [r is not None and r.shape == (layer.num_experts,) and r.is_floating_point()
-                  and bool(torch.isfinite(r).all()) and bool((r >= 0).all()) for r in reported]
-        if self.inner != "mean" or not all(usable):
+        if self.inner != "mean" or not all(r is not None and r.shape == (layer.num_experts,) and r.is_floating_point()
+                                           for r in reported):
             return None
         dtype = torch.promote_types(updates[0].delta[layer.keys[0]].dtype, torch.float32)
-        return torch.stack(reported).to(dtype)  # as ExpertLayout.expert_norms computes them
+        norms = torch.stack(reported).to(dtype)  # [N, E], as ExpertLayout.expert_norms computes them
+        return norms if bool(torch.isfinite(norms).all()) and bool((norms >= 0).all()) else None
 
     def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
                    norms: torch.Tensor) -> tuple[torch.Tensor, ConsensusCoefficients]:

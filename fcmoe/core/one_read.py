@@ -72,7 +72,8 @@ def _row_pointers(segment: ExpertSegment, num_experts: int) -> list[int] | None:
             if (part.dtype != torch.float32 or part.device.type != "cpu" or part.shape != (num_experts, segment.width)
                     or (segment.width > 1 and part.stride(1) != 1)):
                 return None
-            pointers += [part.data_ptr() + k * part.stride(0) * 4 for k in range(num_experts)]
+            base, step = part.data_ptr(), part.stride(0) * 4
+            pointers += [base + k * step for k in range(num_experts)]
         else:
             if len(part) != num_experts or any(
                     row.dtype != torch.float32 or row.device.type != "cpu" or row.numel() != segment.width
