@@ -7,8 +7,8 @@ that copy plus two in-cache matrix products ran at 11–13 GB/s on our 2-core VM
 C kernel reads the updates where they lie, once (``bench/aggregation.py`` prints both paths side by side).
 
 It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) with ``-O3 -march=native
--ffp-contract=off -fopenmp`` (without ``-fopenmp`` where the compiler lacks it) into ``<cache>/kernels/`` and
-loaded with :mod:`ctypes`. Its ``libgomp`` dependency resolves to the one PyTorch has already loaded, so its
+-ffp-contract=off -fopenmp`` (dropping what the compiler refuses, :data:`OPTIONAL_FLAGS`) into ``<cache>/kernels/``
+and loaded with :mod:`ctypes`. Its ``libgomp`` dependency resolves to the one PyTorch has already loaded, so its
 parallel loop runs on PyTorch's own OpenMP threads. The file name hashes the source, the compiler, the flags and
 the CPU, so a cache shared between machines never loads a build for another CPU. No compiler, a failed build or
 ``FCMOE_NATIVE=0``: :func:`consensus_read_kernel` returns ``None`` and callers use the PyTorch path, which gives the
@@ -39,7 +39,10 @@ from fcmoe.native.consensus_read_source import SOURCE
 log = logging.getLogger(__name__)
 
 SYMBOL = "fcmoe_consensus_read_f32"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")  # and -fopenmp where it works
+FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+# Tried in order, the first that builds wins: a compiler without OpenMP (clang without libomp) or without
+# -march=native (some older ones off x86) still gives a kernel, single-threaded or for the baseline instruction set.
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
 # Columns per work item (expert k, chunk): an expert of 1.25 M floats is 20 items, enough to keep every thread busy;
 # the split into items is fixed, so per-item partial sums make the result independent of the thread count.
 CHUNK = 1 << 16
@@ -71,8 +74,8 @@ def _cpu_identity() -> str:
 
 
 def _build(compiler: str, source: str) -> Path | None:
-    """Compile ``source`` to a shared library in the cache (once per source, compiler, flags and CPU): with OpenMP,
-    else (a compiler without it) single-threaded."""
+    """Compile ``source`` to a shared library in the cache (once per source, compiler, flags and CPU), with the
+    first of :data:`OPTIONAL_FLAGS` the compiler accepts."""
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
@@ -80,7 +83,7 @@ def _build(compiler: str, source: str) -> Path | None:
         return None
     folder = cache_dir() / "kernels"
     errors = []
-    for flags in ((*FLAGS, "-fopenmp"), FLAGS):
+    for flags in ((*FLAGS, *optional) for optional in OPTIONAL_FLAGS):
         key = hashlib.sha256("\0".join([source, *flags, version, _cpu_identity()]).encode()).hexdigest()[:16]
         target = folder / f"consensus_read-{key}.so"
         if target.exists():
@@ -159,6 +162,8 @@ def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int],
     threads = torch.get_num_threads() if total >= PARALLEL_MIN_FLOATS else 1
     sums = torch.zeros(e, 2 * n + 1, dtype=torch.float64)
     for pointers, width, g in segments:
+        if width == 0:
+            continue
         items_per_expert = -(-width // CHUNK)
         partial = torch.zeros(e * items_per_expert, 2 * n + 1, dtype=torch.float64)  # per item: dots, squares, ‖g‖²
         kernel((ctypes.c_void_p * len(pointers))(*pointers), weights.data_ptr(), n, e, width, CHUNK, g.data_ptr(),

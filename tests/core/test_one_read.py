@@ -53,7 +53,7 @@ def test_the_kernel_builds_once_per_source_compiler_and_cpu(tmp_path, monkeypatc
     assert consensus_read_kernel() is not None  # the real kernel, in the session's cache
 
 
-@pytest.mark.parametrize("n, e, widths", [(1, 1, [1]), (3, 4, [7, 8, 100]), (5, 3, [9000, 13]),
+@pytest.mark.parametrize("n, e, widths", [(1, 1, [1]), (3, 4, [7, 0, 8, 100]), (5, 3, [9000, 13]),
                                           (13, 2, [3, 70_000]), (6, 8, [65_536 * 2 + 5])])
 def test_one_read_equals_float64_reference(n: int, e: int, widths: list[int]) -> None:
     """g, c_{i,k}, cos and the measured norms against float64 math, through the kernel and the PyTorch path alike;
