@@ -33,9 +33,9 @@ import torch
 
 from fcmoe.algorithms import ClientUpdate
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
-from fcmoe.native import consensus_read_kernel
 from fcmoe.fl.codec import decode_update, encode_update
 from fcmoe.models.layout import ExpertLayout
+from fcmoe.native import consensus_read_kernel
 from fcmoe.registry import LAYOUTS
 
 EXPERTS = 8

@@ -126,7 +126,7 @@ def one_read_consensus_coefficients(segments: Sequence[ExpertSegment], weights: 
         covered += segment.width
     if covered != numel:
         raise ValueError(f"segments covered {covered} columns of {numel}")
-    kernel = consensus_read_kernel() if native else None
+    kernel = consensus_read_kernel() if native and n > 0 else None
     pointers = [_row_pointers(segment, e) for segment in segments] if kernel is not None else [None]
     if kernel is None or any(p is None for p in pointers):
         return streamed_consensus_coefficients(segment_blocks(segments, e), weights, norms, numel, tau, out)
