@@ -40,7 +40,7 @@ class ClientUpdate:
     sparse: bool = False  # experts that saw no token were not uploaded: absent (not zero) to the server
     upload_bytes: int | None = None  # Δ_i bytes as sent when sparse (None: dense, every tensor)
     # MoE layer → [E] ‖Δ_{i,k}‖ as the client computed them (ExpertLayout.expert_norms): FC-MoE's importance needs
-    # the norms before its one streamed read of the updates, which then checks them ({}: the server computes them)
+    # the norms before its one read of the updates, which then checks them ({}: the server computes them)
     expert_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def held(self, layer: str) -> torch.Tensor:

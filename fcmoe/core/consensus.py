@@ -34,7 +34,7 @@ class ConsensusCoefficients(NamedTuple):
     conflicted: torch.Tensor  # [N, E]  bool, cos(Δ_{i,k}, g_k) < τ
     cosine: torch.Tensor  # [N, E]  cos(Δ_{i,k}, g_k), 0 where either vector is zero
     scale: torch.Tensor  # [E]  1 − Σ_i w_{i,k} c_{i,k}; aggregate_k = scale_k · g_k
-    read_norm: torch.Tensor | None = None  # [N, E]  ‖Δ_{i,k}‖ as the streamed read measured it (to check given ones)
+    read_norm: torch.Tensor | None = None  # [N, E]  ‖Δ_{i,k}‖ as the one read measured it (to check given ones)
 
 
 class ConsensusResult(NamedTuple):

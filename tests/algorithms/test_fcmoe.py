@@ -101,7 +101,7 @@ def test_projected_weight_share_is_reported(tiny: BuiltModel) -> None:
 
 def test_client_reported_norms_give_the_same_aggregate_and_a_lie_is_caught(
         tiny: BuiltModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Norms the clients computed spare the server a read; they are checked against the one streamed read."""
+    """Norms the clients computed spare the server a read; they are checked against the one read of the updates."""
     state = tiny.model.trainable_state()
     counts = [torch.tensor([3, 1, 1, 9]), torch.tensor([4, 2, 5, 1]), torch.tensor([1, 8, 1, 1])]
     first = random_delta(state, 0)
