@@ -5,6 +5,6 @@ used where no compiler is found, the build fails or ``FCMOE_NATIVE=0``. Kept out
 stays plain tensor math; the core calls in through :func:`consensus_read_kernel`.
 """
 
-from fcmoe.native.consensus_kernel import SegmentRead, consensus_read, consensus_read_kernel
+from fcmoe.native.consensus_kernel import ConsensusRead, consensus_read, consensus_read_kernel
 
-__all__ = ["SegmentRead", "consensus_read", "consensus_read_kernel"]
+__all__ = ["ConsensusRead", "consensus_read", "consensus_read_kernel"]

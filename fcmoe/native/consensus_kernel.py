@@ -50,10 +50,10 @@ CHUNK = 1 << 16
 PARALLEL_MIN_FLOATS = 1 << 20
 
 
-class SegmentRead(NamedTuple):
-    """What one call of the kernel measured on one column segment (fp64 partial sums per expert)."""
+class ConsensusRead(NamedTuple):
+    """What the kernel measured over the column segments of one MoE layer (fp64 sums per expert)."""
 
-    dots: torch.Tensor  # [E, N]  ⟨Δ_{i,k}, g_k⟩ over the segment's columns
+    dots: torch.Tensor  # [E, N]  ⟨Δ_{i,k}, g_k⟩ over all the columns
     squares: torch.Tensor  # [E, N]  ‖Δ_{i,k}‖² over them
     g_squares: torch.Tensor  # [E]  ‖g_k‖² over them
 
@@ -138,7 +138,7 @@ def load_kernel(library: Path) -> ctypes._CFuncPtr | None:
 
 
 def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int], int, torch.Tensor]],
-                   weights: torch.Tensor) -> SegmentRead:
+                   weights: torch.Tensor) -> ConsensusRead:
     """Run the kernel on every column segment of one MoE layer, on ``torch.get_num_threads()`` OpenMP threads.
 
     Parameters
@@ -154,7 +154,7 @@ def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int],
 
     Returns
     -------
-    SegmentRead
+    ConsensusRead
         Sums over all the segments' columns.
     """
     e, n = weights.shape
@@ -170,4 +170,4 @@ def consensus_read(kernel: ctypes._CFuncPtr, segments: Sequence[tuple[list[int],
                g.stride(0), partial[:, :n].data_ptr(), partial[:, n:2 * n].data_ptr(), partial[:, 2 * n:].data_ptr(),
                partial.stride(0), threads)
         sums += partial.view(e, items_per_expert, -1).sum(dim=1)  # items in a fixed order: same for any thread count
-    return SegmentRead(sums[:, :n], sums[:, n:2 * n], sums[:, 2 * n])
+    return ConsensusRead(sums[:, :n], sums[:, n:2 * n], sums[:, 2 * n])
