@@ -2,8 +2,10 @@
 
 Usage: ``python bench/aggregation.py [--sizes 1e6,1e7,1e8,5e8] [--clients 10,50] [--repeats 3]``.
 
-For each N clients × F expert floats (one fused MoE layer, E = 8 experts; combinations whose updates would not fit
-in half of this machine's memory are skipped, and say so) it prints, measured side by side in one process:
+For each expert storage form (``--layouts``: fused tensors as in Mixtral / Qwen-MoE, one module per expert as in
+Switch and fcmoe's upcycled models) and N clients × F expert floats (one MoE layer, E = 8 experts; combinations
+whose updates would not fit in half of this machine's memory are skipped, and say so) it prints, measured side by
+side in one process:
 
 - ``flower``: Flower FedAvg from the N reply ``RecordDict``s (what a Flower server holds) to the averaged arrays;
 - ``fcmoe wire``: decoding the same N replies and FC-MoE's full server step (importance, consensus projection,
@@ -58,12 +60,20 @@ def memcpy_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return num_bytes / best_of(repeats, lambda: dst.copy_(src))
 
 
-def fused_shapes(expert_floats: int) -> dict[str, torch.Size]:
-    """One fused MoE layer (E experts, gate_up [E, 2I, H], down [E, H, I]) of about ``expert_floats`` floats."""
-    inter = max(1, round(expert_floats / (3 * EXPERTS * HIDDEN)))
-    return {"layers.0.mlp.experts.gate_up_proj": torch.Size([EXPERTS, 2 * inter, HIDDEN]),
-            "layers.0.mlp.experts.down_proj": torch.Size([EXPERTS, HIDDEN, inter]),
-            "layers.0.mlp.gate.weight": torch.Size([EXPERTS, HIDDEN]),
+def layer_shapes(layout: str, expert_floats: int) -> dict[str, torch.Size]:
+    """One MoE layer of about ``expert_floats`` expert floats (E experts, intermediate size I) in a layout's storage:
+    ``fused`` (Mixtral / Qwen-MoE: gate_up [E, 2I, H], down [E, H, I]) or ``per_expert_modules`` (Switch and fcmoe's
+    upcycled models: per expert wi [I, H], wo [H, I], each its own tensor)."""
+    if layout == "fused":
+        inter = max(1, round(expert_floats / (3 * EXPERTS * HIDDEN)))
+        return {"layers.0.mlp.experts.gate_up_proj": torch.Size([EXPERTS, 2 * inter, HIDDEN]),
+                "layers.0.mlp.experts.down_proj": torch.Size([EXPERTS, HIDDEN, inter]),
+                "layers.0.mlp.gate.weight": torch.Size([EXPERTS, HIDDEN]),
+                "layers.0.norm.weight": torch.Size([HIDDEN])}
+    inter = max(1, round(expert_floats / (2 * EXPERTS * HIDDEN)))
+    experts = {f"layers.0.mlp.experts.expert_{k}.{name}.weight": torch.Size(shape) for k in range(EXPERTS)
+               for name, shape in (("wi", (inter, HIDDEN)), ("wo", (HIDDEN, inter)))}
+    return {**experts, "layers.0.mlp.router.classifier.weight": torch.Size([EXPERTS, HIDDEN]),
             "layers.0.norm.weight": torch.Size([HIDDEN])}
 
 
@@ -80,11 +90,11 @@ def make_updates(shapes: dict[str, torch.Size], clients: int, layout: ExpertLayo
     return updates
 
 
-def run(clients: int, expert_floats: int, repeats: int) -> str:
+def run(layout_name: str, clients: int, expert_floats: int, repeats: int) -> str:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    shapes = fused_shapes(expert_floats)
-    layout: ExpertLayout = LAYOUTS.get("fused")(shapes, EXPERTS)
+    shapes = layer_shapes(layout_name, expert_floats)
+    layout: ExpertLayout = LAYOUTS.get(layout_name)(shapes, EXPERTS)
     algo = FCMoE(FCMoEConfig(), layout)
     updates = make_updates(shapes, clients, layout)
     global_state = {k: torch.zeros(s) for k, s in shapes.items()}
@@ -102,9 +112,10 @@ def run(clients: int, expert_floats: int, repeats: int) -> str:
     two_reads = best_of(repeats, lambda: algo.aggregate(global_state, unreported))
     update_bytes = sum(v.numel() * v.element_size() for u in updates for v in u.delta.values())
     rate = update_bytes / memory
-    return (f"{clients:>4} {layout.layers[0].expert_numel * EXPERTS / 1e6:>9.1f}M {update_bytes / 2**30:>6.2f} "
-            f"{flower:>9.3f} {wire:>10.3f} {wire / flower:>6.2f} {memory:>9.3f} {rate / 1e9:>9.1f} "
-            f"{bandwidth / 1e9:>11.1f} {100 * rate / bandwidth:>8.0f}% {torch_path:>8.3f} {two_reads:>9.3f}")
+    return (f"{layout_name[:7]:<7} {clients:>4} {layout.layers[0].expert_numel * EXPERTS / 1e6:>9.1f}M "
+            f"{update_bytes / 2**30:>6.2f} {flower:>9.3f} {wire:>10.3f} {wire / flower:>6.2f} {memory:>9.3f} "
+            f"{rate / 1e9:>9.1f} {bandwidth / 1e9:>11.1f} {100 * rate / bandwidth:>8.0f}% {torch_path:>8.3f} "
+            f"{two_reads:>9.3f}")
 
 
 def main() -> None:
@@ -112,6 +123,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1e6,1e7,1e8,5e8", help="expert floats per client, comma-separated")
     parser.add_argument("--clients", default="10,50")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layouts", default="fused,per_expert_modules", help="expert storage forms, comma-separated")
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     os.environ.pop("FCMOE_NATIVE", None)
@@ -119,17 +131,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {memory / 2**30:.0f} GiB RAM, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; one-read step: "
           f"{'native kernel' if kernel is not None else 'PyTorch path (no native kernel: no C compiler?)'}")
-    print(f"{'N':>4} {'floats':>10} {'GiB':>6} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} {'fcmoe mem':>9} "
-          f"{'read GB/s':>9} {'memcpy GB/s':>11} {'of memcpy':>9} {'torch s':>8} {'2 reads s':>9}")
-    for clients in (int(c) for c in args.clients.split(",")):
-        for floats in (int(float(s)) for s in args.sizes.split(",")):
-            # the updates, their wire copies and Flower's temporaries live at once
-            need = 3 * clients * floats * 4
-            if need > memory / 2:
-                print(f"{clients:>4} {floats / 1e6:>9.1f}M  skipped: {need / 2**30:.0f} GiB of updates and copies "
-                      f"would not fit in half of {memory / 2**30:.0f} GiB")
-                continue
-            print(run(clients, floats, args.repeats), flush=True)
+    print(f"{'layout':<7} {'N':>4} {'floats':>10} {'GiB':>6} {'flower s':>9} {'fcmoe wire':>10} {'ratio':>6} "
+          f"{'fcmoe mem':>9} {'read GB/s':>9} {'memcpy GB/s':>11} {'of memcpy':>9} {'torch s':>8} {'2 reads s':>9}")
+    for layout_name in args.layouts.split(","):
+        for clients in (int(c) for c in args.clients.split(",")):
+            for floats in (int(float(f)) for f in args.sizes.split(",")):
+                # the updates, their wire copies and Flower's temporaries live at once
+                need = 3 * clients * floats * 4
+                if need > memory / 2:
+                    print(f"{layout_name[:7]:<7} {clients:>4} {floats / 1e6:>9.1f}M  skipped: {need / 2**30:.0f} GiB "
+                          f"of updates and copies would not fit in half of {memory / 2**30:.0f} GiB")
+                    continue
+                print(run(layout_name, clients, floats, args.repeats), flush=True)
     print("targets: ratio <= 1.5 (fcmoe wire / flower); read rate >= 50 % of memcpy bandwidth")
 
 
