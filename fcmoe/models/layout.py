@@ -204,7 +204,11 @@ class ExpertLayout:
                 old = tree[part.keys[0]]
                 new = torch.addcmul(old.reshape(layer.num_experts, -1).to(block.dtype), block, scale[:, None])
                 out[part.keys[0]] = new.reshape(old.shape).to(old.dtype)
-            else:  # per-expert modules and LoRA factors: small tensors, through the general path
+            elif part.kind == "module":  # E tensors: one multiply-add each (a gather + split copied them twice more:
+                for k, key in enumerate(part.keys):  # 7.7 vs ~3 ms at 10 × 10^7 floats)
+                    old = tree[key]
+                    out[key] = torch.addcmul(old.to(block.dtype), block[k].view(old.shape), scale[k]).to(old.dtype)
+            else:  # LoRA factors: small tensors, through the general path
                 merged = torch.addcmul(part.gather(tree).to(block.dtype), block, scale[:, None])  # gather may be a view
                 out.update({k: v.to(tree[k].dtype) for k, v in part.split(merged).items()})
             offset += part.width
