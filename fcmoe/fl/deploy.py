@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,10 +98,24 @@ def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen, log_f
             tail = log_file.read_text()[-600:]
             raise RuntimeError(f"{process.args[0]} exited with code {process.returncode}: {tail}")
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            # a port in the ephemeral range can "accept" a probe from itself (a TCP self-connect) before the
+            # server listens: that is not a listener (seen once in CI: registration then found no SuperLink)
+            if sock.connect_ex(("127.0.0.1", port)) == 0 and sock.getsockname() != sock.getpeername():
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def _register_node(flwr: Callable[..., subprocess.CompletedProcess], public: Path,
+                   timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+    """``flwr supernode register``, retried while the SuperLink is not serving yet (its port opens first)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        registered = flwr("supernode", "register", str(public), CONNECTION)
+        starting = "unavailable" in registered.stdout + registered.stderr
+        if registered.returncode == 0 or not starting or time.monotonic() > deadline:
+            return registered
+        time.sleep(1.0)
 
 
 def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: int = 39200,
@@ -147,7 +162,7 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
             f'address = "127.0.0.1:{link}"\nroot-certificates = "{ca}"\n')
         for i in range(num_nodes):
             private, public = make_node_keys(work, i)
-            registered = flwr("supernode", "register", str(public), CONNECTION)
+            registered = _register_node(flwr, public)
             if registered.returncode != 0:
                 raise RuntimeError(f"registering node {i} failed: {registered.stdout[-500:]}{registered.stderr[-500:]}")
             start(f"supernode_{i}", [str(bin_dir / "flower-supernode"), "--root-certificates", str(ca),

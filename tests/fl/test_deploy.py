@@ -7,6 +7,7 @@ there. It checks the run's real status (``flwr ls``) and that the deployed run e
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from fcmoe.cli import main
 from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
-from fcmoe.fl.deploy import make_certificates
+from fcmoe.fl.deploy import _register_node, make_certificates
 from fcmoe.sim.engine import run_method
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
@@ -31,6 +32,23 @@ def test_certificates_chain_to_the_ca(tmp_path: Path) -> None:
     cert.verify_directly_issued_by(ca)
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in names.get_values_for_type(x509.DNSName)
+
+
+def test_node_registration_waits_for_a_superlink_that_is_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its port can open before it serves: "unavailable" is retried, any other failure is returned at once."""
+    monkeypatch.setattr("fcmoe.fl.deploy.time.sleep", lambda s: None)
+    unavailable = subprocess.CompletedProcess([], 1, "Connection to the SuperLink is unavailable.", "")
+    replies = [unavailable, unavailable, subprocess.CompletedProcess([], 0, "registered", "")]
+    calls: list[tuple[str, ...]] = []
+    result = _register_node(lambda *args: calls.append(args) or replies[len(calls) - 1], Path("node_0.pub"))
+    assert result.returncode == 0 and len(calls) == 3 and calls[0][:2] == ("supernode", "register")
+    refused = subprocess.CompletedProcess([], 1, "", "invalid public key")
+    calls.clear()
+    assert _register_node(lambda *args: calls.append(args) or refused, Path("node_0.pub")) is refused
+    assert len(calls) == 1
+    calls.clear()
+    assert _register_node(lambda *args: calls.append(args) or unavailable, Path("k"), timeout_s=-1.0) is unavailable
+    assert len(calls) == 1  # past the deadline: the last reply, whatever it says
 
 
 @pytest.mark.slow
