@@ -61,6 +61,14 @@ def check_consensus_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
         raise ValueError("weights must be non-negative")
 
 
+def check_weights_and_norms(weights: torch.Tensor, norms: torch.Tensor, tau: float) -> None:
+    """:func:`check_consensus_inputs` for the forms that get the deltas in pieces: ``weights`` and ``norms`` both
+    ``[N, E]``."""
+    if weights.shape != norms.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and norms {tuple(norms.shape)} must both be [N, E]")
+    check_consensus_inputs(torch.empty(*weights.shape, 0), weights, tau)
+
+
 def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0,
                            norms: torch.Tensor | None = None,
                            consensus: torch.Tensor | None = None) -> ConsensusCoefficients:
@@ -134,10 +142,8 @@ def streamed_consensus_coefficients(blocks: Iterable[tuple[int, torch.Tensor]], 
         Equal to :func:`consensus_coefficients` on the stacked deltas, up to float rounding; ``consensus`` is
         ``out`` when it was used.
     """
-    if weights.shape != norms.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} and norms {tuple(norms.shape)} must both be [N, E]")
+    check_weights_and_norms(weights, norms, tau)
     n, e = weights.shape
-    check_consensus_inputs(torch.empty(n, e, 0), weights, tau)
     g = torch.zeros(e, 0)  # [E, P] once the first block says the accumulation dtype
     dots, g_sq = torch.zeros(e, n), torch.zeros(e)  # [E, N] ⟨Δ_{i,k}, g_k⟩ and [E] ‖g_k‖², summed over blocks
     squares = torch.zeros(e, n, dtype=torch.float64)  # [E, N] ‖Δ_{i,k}‖², from the cached block: no extra read

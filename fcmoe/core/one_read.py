@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from fcmoe.core.consensus import (ConsensusCoefficients, check_consensus_inputs, coefficients_from_sums,
+from fcmoe.core.consensus import (ConsensusCoefficients, check_weights_and_norms, coefficients_from_sums,
                                   streamed_consensus_coefficients)
 from fcmoe.native import consensus_read, consensus_read_kernel
 
@@ -114,10 +114,8 @@ def one_read_consensus_coefficients(segments: Sequence[ExpertSegment], weights: 
     ConsensusCoefficients
         With ``read_norm`` set; equal to the PyTorch path up to float rounding.
     """
+    check_weights_and_norms(weights, norms, tau)
     n, e = weights.shape
-    check_consensus_inputs(torch.empty(n, e, 0), weights, tau)
-    if norms.shape != weights.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} and norms {tuple(norms.shape)} must both be [N, E]")
     covered = 0
     for segment in segments:
         if segment.offset != covered or len(segment.rows) != n:
