@@ -19,9 +19,9 @@ def _reuse_freed_memory() -> None:
 
     Every round builds a fresh global state; with one tensor per expert that is many blocks of a few MB, which glibc
     gave back to the kernel on free and took again, zero-filled 4 KiB page by page, on the next round: writing a new
-    expert state of 16 × 2.5 MB cost 8.8 ms, 1.25 ms with these settings (side by side on our VM). The default run's
-    peak RSS did not grow (6.46 vs 6.55 GiB, same day). glibc only (``mallopt`` elsewhere is absent or different);
-    ``FCMOE_MALLOC_TUNING=0`` opts out.
+    expert state of 16 × 2.5 MB cost 8.1–12.6 ms, 1.25 ms with both settings (either alone: 12.4, 8.8 ms; our VM).
+    The default run's peak RSS did not grow (6.46 vs 6.55 GiB, same day). glibc only (``mallopt`` elsewhere is
+    absent or different); ``FCMOE_MALLOC_TUNING=0`` opts out.
     """
     if os.environ.get("FCMOE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return
