@@ -26,7 +26,8 @@ class ExpertSegment(NamedTuple):
     """Columns ``offset:offset + width`` of every client's ``[E, P]`` expert matrix, as stored.
 
     ``rows[i]`` is client i's part: an ``[E, width]`` tensor whose rows are contiguous (fused storage: a view of
-    the stored tensor) or a sequence of E flat tensors of ``width`` values (one module per expert).
+    the stored tensor) or a sequence of E tensors of ``width`` values each, in any shape (one module per expert:
+    the stored tensors, read in their memory order).
     """
 
     offset: int
@@ -59,7 +60,7 @@ def segment_blocks(segments: Sequence[ExpertSegment], num_experts: int,
             if all(isinstance(part, torch.Tensor) for part in segment.rows):  # N strided [E, c] slices
                 torch.stack([part[:, start:stop] for part in segment.rows], dim=1, out=block)
             else:  # E·N flat pieces, rows (k, i)
-                torch.stack([segment.rows[i][k][start:stop] for k in range(e) for i in range(n)],
+                torch.stack([segment.rows[i][k].reshape(-1)[start:stop] for k in range(e) for i in range(n)],
                             out=block.view(e * n, -1))
             yield segment.offset + start, block
 
@@ -69,14 +70,14 @@ def _row_pointers(segment: ExpertSegment, num_experts: int) -> list[int] | None:
     pointers = []
     for part in segment.rows:
         if isinstance(part, torch.Tensor):
-            if (part.dtype != torch.float32 or part.device.type != "cpu" or part.shape != (num_experts, segment.width)
+            if (part.dtype != torch.float32 or not part.is_cpu or part.shape != (num_experts, segment.width)
                     or (segment.width > 1 and part.stride(1) != 1)):
                 return None
             base, step = part.data_ptr(), part.stride(0) * 4
             pointers += [base + k * step for k in range(num_experts)]
         else:
             if len(part) != num_experts or any(
-                    row.dtype != torch.float32 or row.device.type != "cpu" or row.numel() != segment.width
+                    row.dtype != torch.float32 or not row.is_cpu or row.numel() != segment.width
                     or not row.is_contiguous() for row in part):
                 return None
             pointers += [row.data_ptr() for row in part]

@@ -167,12 +167,14 @@ class ExpertLayout:
         """Where every tree's expert parameters of one layer lie, one :class:`ExpertSegment` per stored part.
 
         Client i's part is its ``[E, w]`` matrix (a view for fused experts and LoRA A; LoRA B's strided columns are
-        gathered into a copy) or, for one module per expert, its E flat tensors. Nothing is stacked:
+        gathered into a copy) or, for one module per expert, its E stored tensors of w values each. Nothing is stacked:
         :func:`~fcmoe.core.one_read.one_read_consensus_coefficients` reads the rows where they are.
         """
         segments, offset = [], 0
         for part in layer.parts:
-            rows = [part.rows(tree) if part.kind == "module" else part.gather(tree) for tree in trees]
+            # one module per expert: the E stored tensors as they are (a flattening view costs ~0.7 µs per
+            # tensor, 0.11 ms of a 2 ms step at 10 clients × 16 expert tensors)
+            rows = [[tree[key] for key in part.keys] if part.kind == "module" else part.gather(tree) for tree in trees]
             segments.append(ExpertSegment(offset, part.width, rows))
             offset += part.width
         return segments
