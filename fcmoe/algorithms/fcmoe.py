@@ -79,6 +79,22 @@ class FCMoEConfig(AlgorithmConfig):
             raise ValueError(f"fcmoe.server_lr = {self.server_lr}: η must be > 0 (default 1.0)")
 
 
+def _layer_metrics(weights: torch.Tensor, coeffs: ConsensusCoefficients) -> tuple[float, float, float]:
+    """One MoE layer's conflict rate and mean cosine over the (client, expert) pairs of the experts someone used,
+    and the share of importance weight the projected pairs carry (how much projection can move the aggregate).
+
+    Masked sums rather than boolean indexing, and one read to the host for the three: the per-layer figures cost
+    ~15 small operations instead of ~30 (a 10-client step at 10^6 floats takes ~2 ms in all).
+    """
+    used = (weights.sum(dim=0) > 0).double()  # [E]
+    pairs = (used.sum() * weights.shape[0]).clamp_min(1.0)
+    conflicted = coeffs.conflicted.double()  # [N, E]
+    figures = torch.stack([(conflicted * used).sum() / pairs, (coeffs.cosine.double() * used).sum() / pairs,
+                           (weights.double() * conflicted).sum() / weights.double().sum().clamp_min(1e-12)])
+    conflict_rate, mean_cosine, projected_weight = figures.tolist()
+    return conflict_rate, mean_cosine, projected_weight
+
+
 @register_algorithm("fcmoe")
 class FCMoE(Algorithm):
     """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
@@ -145,7 +161,8 @@ class FCMoE(Algorithm):
                    norms: torch.Tensor) -> tuple[torch.Tensor, ConsensusCoefficients]:
         """Importance weights (Eq. importance) and the consensus projection of one MoE layer's experts."""
         cfg, layout, trees = self.config, self.layout, [u.delta for u in updates]
-        freqs = torch.stack([u.frequencies(layer.name) for u in updates])  # [N, E]
+        counts = torch.stack([u.routing_counts[layer.name] for u in updates]).to(torch.float64)  # [N, E]
+        freqs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)  # f_{i,k}, as ClientUpdate.frequencies
         weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
         if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
             held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
@@ -174,7 +191,8 @@ class FCMoE(Algorithm):
             weights, coeffs = self._consensus(updates, layer, n, norms if norms is not None
                                               else layout.expert_norms(trees, layer))  # else: one more read
             if norms is not None:
-                wrong = ~torch.isclose(coeffs.read_norm, norms, rtol=1e-3).all(dim=1)  # [N]
+                # isclose's rule (rtol 1e-3) in four operations, not ten; a NaN counts as different
+                wrong = ~((coeffs.read_norm - norms).abs() <= 1e-3 * norms + 1e-8).all(dim=1)  # [N]
                 if wrong.any():  # a faulty or lying client: redo the layer with the norms measured here
                     log.warning("%s: client(s) %s reported expert norms that differ from their updates; using the "
                                 "measured ones", layer.name, [u.client_id for u, w in zip(updates, wrong) if w])
@@ -183,14 +201,10 @@ class FCMoE(Algorithm):
             # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
             state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)
             scalars = coeffs.coefficient / (cfg.server_lr * scale)[None, :]  # [N, E]  ρ_i = s_i · step
-            for i, update in enumerate(updates):
-                messages[update.client_id][layer.name] = scalars[i].to(torch.float32)
-            used = weights.sum(dim=0) > 0  # [E]
-            pairs = coeffs.conflicted[:, used]
-            conflict_rate[layer.name] = pairs.float().mean().item() if pairs.numel() else 0.0
-            mean_cosine[layer.name] = coeffs.cosine[:, used].mean().item() if used.any() else 0.0
-            # importance weight carried by the projected pairs: how much projection can move the aggregate
-            projected_weight[layer.name] = (weights[coeffs.conflicted].sum() / weights.sum().clamp_min(1e-12)).item()
+            for update, row in zip(updates, scalars.to(torch.float32).unbind(0)):
+                messages[update.client_id][layer.name] = row
+            conflict_rate[layer.name], mean_cosine[layer.name], projected_weight[layer.name] = \
+                _layer_metrics(weights, coeffs)
         total = sum(conflict_rate.values()) / max(len(conflict_rate), 1)
         return ServerResult(state=state, messages=messages,
                             metrics={"conflict_rate": total, "conflict_rate_per_layer": conflict_rate,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcmoe.algorithms.fcmoe import RESIDUAL, FCMoE, FCMoEConfig
+from fcmoe.algorithms.fcmoe import RESIDUAL, FCMoE, FCMoEConfig, _layer_metrics
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
-from fcmoe.core import tree_sub
+from fcmoe.core import ConsensusCoefficients, tree_sub
 from fcmoe.models.build import BuiltModel
 from tests.algorithms.test_contract import make_updates, random_delta
 
@@ -87,6 +87,19 @@ def test_messages_are_one_scalar_per_layer_and_expert(tiny: BuiltModel) -> None:
 def test_bad_config_names_the_field(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FCMoEConfig(**{field: value})
+
+
+def test_layer_metrics_count_only_the_experts_someone_used() -> None:
+    weights = torch.tensor([[0.25, 1.0, 0.0], [0.75, 0.0, 0.0]])  # [N=2, E=3]; nobody used expert 2
+    conflicted = torch.tensor([[True, False, False], [False, False, False]])
+    cosine = torch.tensor([[-0.5, 0.9, 0.3], [0.7, 0.0, 0.3]])  # the unused column must not count
+    coeffs = ConsensusCoefficients(torch.zeros(3, 4), torch.zeros(2, 3), conflicted, cosine, torch.ones(3))
+    rate, mean_cos, projected = _layer_metrics(weights, coeffs)
+    assert rate == pytest.approx(1 / 4)  # 1 of the 4 (client, used expert) pairs
+    assert mean_cos == pytest.approx((-0.5 + 0.9 + 0.7 + 0.0) / 4)
+    assert projected == pytest.approx(0.25 / 2.0)  # weight on the projected pair / all weight (2 used experts)
+    nobody = _layer_metrics(torch.zeros(2, 3), coeffs._replace(conflicted=torch.zeros(2, 3, dtype=torch.bool)))
+    assert nobody == (0.0, 0.0, 0.0)
 
 
 def test_projected_weight_share_is_reported(tiny: BuiltModel) -> None:
