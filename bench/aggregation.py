@@ -14,8 +14,8 @@ side in one process:
   per-expert norms their clients computed: one read of the updates in place for g, ⟨Δ_i, g⟩ and the check of those
   norms, with the native kernel when it is built (the header says which path ran);
 - ``read GB/s``: the client update bytes read per second by ``fcmoe mem``; ``memcpy GB/s``: bytes read per second
-  by one 1 GiB ``dst.copy_(src)`` (best of 5 or more), measured right before and right after ``fcmoe mem``, the higher of
-  the two (on our shared VM a reading swings between ~22 and ~39 GB/s, even within one process);
+  by one 1 GiB ``dst.copy_(src)`` (best of 5 or more), measured right before and right after ``fcmoe mem``, the
+  higher of the two (on our shared VM a reading swings between ~21 and ~41 GB/s, even within one process);
   ``of memcpy``: their ratio (target ≥ 50 %);
 - ``torch s``: the same step through the PyTorch path (``FCMOE_NATIVE=0``: staged ``[E, N, c]`` blocks);
 - ``2 reads s``: the same step without reported norms: one more read, for the norms.
