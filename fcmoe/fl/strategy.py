@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.core import Tree
+from fcmoe.process_memory import release_freed_memory
 from fcmoe.rounds import admit_updates
 from fcmoe.fl.codec import (ABSENT, UPDATE, MalformedReply, decode_update, encode_message, record_to_tree,
                             tree_to_record)
@@ -93,7 +94,8 @@ class AlgorithmStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_tree = record_to_tree(arrays)
-        self.round_state = RoundState()
+        self.round_state = RoundState()  # the last round's updates are released here
+        release_freed_memory()
         content = RecordDict({ARRAYS: arrays, CONFIG: self._config(server_round, config)})
         return [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
                 for node in self._nodes(grid)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fcmoe.algorithms import ALGORITHMS, ClientUpdate
 from fcmoe.fl.codec import (MalformedReply, decode_message, decode_update, encode_message, encode_update,
                             load_client_state, record_to_tree, save_client_state, tree_to_record)
+from fcmoe.fl import strategy as strategy_module
 from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS, AlgorithmStrategy
 from fcmoe.models.build import BuiltModel
 
@@ -169,6 +171,21 @@ def test_strategy_rejects_a_scaled_update_by_its_norm_and_skips_absent_clients(t
     got = record_to_tree(new_arrays)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert metrics["valid_updates"] == 3 and metrics["rejected"] == 1  # the absent client is neither
+
+
+def test_a_new_round_drops_the_last_rounds_updates_before_releasing_freed_memory(
+        tiny: BuiltModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    strategy = _strategy(tiny, "fedavg", num_nodes=2)
+    arrays = tree_to_record(tiny.model.trainable_state())
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    strategy.aggregate_train(1, [Message(content=encode_update(u), reply_to=m)
+                                 for u, m in zip(_updates(tiny, 2), instructions)])
+    held = [weakref.ref(u) for u in strategy.round_state.updates]
+    live_at_release: list[int] = []
+    monkeypatch.setattr(strategy_module, "release_freed_memory",
+                        lambda: live_at_release.append(sum(ref() is not None for ref in held)))
+    strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([1, 2]))
+    assert len(held) == 2 and live_at_release == [0]
 
 
 def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from fcmoe.config import load_config
 from fcmoe.core import one_read
 from fcmoe.experiment import prepare_experiment
 from fcmoe.native import consensus_read_kernel
+from fcmoe.sim import engine
 from fcmoe.sim.engine import run_method
 from fcmoe.sim.run import run_experiment
 
@@ -72,6 +74,23 @@ def test_fcmoe_server_step_reads_through_the_native_kernel(tmp_path: Path, monke
     assert len(calls) == before  # turned off: the staged blocks
     for key in in_place:
         torch.testing.assert_close(in_place[key], staged[key], rtol=1e-4, atol=1e-6)
+
+
+def test_each_round_ends_by_releasing_its_updates_and_the_freed_memory(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round's N updates are dropped before freed memory goes back to the kernel, so that neither they nor
+    the heap they leave behind are held while the next round trains."""
+    config = load_config(overrides=[*TINY, "methods=['fcmoe']"])
+    exp = prepare_experiment(config)
+    updates: list[weakref.ref] = []
+    released_with_live_updates: list[int] = []
+    real_train = engine.train_client
+    monkeypatch.setattr(engine, "train_client", lambda *a, **k: updates.append(weakref.ref(u := real_train(*a, **k)))
+                        or u)
+    monkeypatch.setattr(engine, "release_freed_memory",
+                        lambda: released_with_live_updates.append(sum(ref() is not None for ref in updates)))
+    run_method(exp, "fcmoe", tmp_path / "a.jsonl")
+    assert len(updates) == 2 * 4 and released_with_live_updates == [0, 0]  # once per round, nothing held
 
 
 def test_cli_prints_the_table_and_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
