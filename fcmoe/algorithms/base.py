@@ -50,8 +50,14 @@ class ClientUpdate:
 
     def frequencies(self, layer: str) -> torch.Tensor:
         """f_{i,l,k} = tokens routed to k / tokens through layer l (zeros if the layer saw no token)."""
-        counts = self.routing_counts[layer].to(torch.float64)
-        return counts / counts.sum().clamp_min(1.0)
+        return routing_frequencies(self.routing_counts[layer])
+
+
+def routing_frequencies(counts: torch.Tensor) -> torch.Tensor:
+    """Activation frequencies f_{·,k} = counts_k / Σ_j counts_j along the last dimension, in float64 (zeros where
+    no token was routed): ``[E]`` for one client, ``[N, E]`` for a stack of them."""
+    counts = counts.to(torch.float64)
+    return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
+from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult, routing_frequencies
 from fcmoe.core import (IMPORTANCE_SCHEMES, ConsensusCoefficients, Tree, consensus_coefficients, importance_weights,
                         normalise_columns, one_read_consensus_coefficients, tree_add)
 from fcmoe.registry import register_algorithm
@@ -161,8 +161,7 @@ class FCMoE(Algorithm):
                    norms: torch.Tensor) -> tuple[torch.Tensor, ConsensusCoefficients]:
         """Importance weights (Eq. importance) and the consensus projection of one MoE layer's experts."""
         cfg, layout, trees = self.config, self.layout, [u.delta for u in updates]
-        counts = torch.stack([u.routing_counts[layer.name] for u in updates]).to(torch.float64)  # [N, E]
-        freqs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)  # f_{i,k}, as ClientUpdate.frequencies
+        freqs = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
         weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
         if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
             held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
