@@ -40,17 +40,15 @@ test-slow: assets
 
 # Benchmarks (not in CI): each prints its figures with their targets, measured side by side in one run.
 bench: assets
-	$(BIN)/python bench/aggregation.py
+	$(BIN)/python bench/aggregation.py --phases
 	$(BIN)/python bench/routing_overhead.py
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/end_to_end.py
 
-# On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch; then
-# the consensus math on the GPU against the host's one read (host-to-device copy included).
+# On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch.
 bench-gpu: assets
 	for args in "--precision fp32" "--precision bf16" "--precision fp32 --batch 128" "--precision bf16 --batch 128"; do \
 		$(BIN)/python bench/routing_overhead.py --device cuda $$args || exit 1; done
-	$(BIN)/python bench/gpu_aggregation.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
-from fcmoe.sim.run import run_experiment
+from fcmoe.runner import run_experiment
 
 
 def rows_of(folder: Path) -> list[dict]:

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from fcmoe.config import load_config
-from fcmoe.sim.run import run_experiment
+from fcmoe.runner import run_experiment
 
 ATTACKS = {"clean": [], "scale x100, 1 of 10": ['attack.kind="scale"', "attack.clients=[0]"],
            "scale x100, 2 of 10": ['attack.kind="scale"', "attack.clients=[0, 1]"],

@@ -111,7 +111,7 @@ def _numbers(text: str, kind: type, flag: str) -> list:
 
 def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
     from fcmoe.data.assets import AssetError
-    from fcmoe.sim.sweep import run_sweep, sweep_cells
+    from fcmoe.sweep import run_sweep, sweep_cells
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -165,6 +165,7 @@ def _fetch(names: Sequence[str]) -> int:
 
 def _deploy_local(args: argparse.Namespace) -> int:
     """Validate the experiment here, then run it on a local TLS + authenticated Flower deployment."""
+    from fcmoe.fl.codec import RunSettings
     from fcmoe.fl.deploy import deploy_local
 
     try:
@@ -174,8 +175,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         return 2
     config_file = str(Path(args.config).resolve()) if args.config else ""
     out = Path(args.out).resolve()
-    run_config = (f'config-file="{config_file}" overrides="{";".join(args.set)}" method="{args.method}" '
-                  f'out-dir="{out}" round-timeout-s={args.round_timeout}')
+    run_config = RunSettings(config_file, tuple(args.set), args.method, str(out), args.round_timeout).to_run_config()
     # `timeout` and service managers stop with SIGTERM: exit through Python so the SuperLink and SuperNodes are
     # stopped too (the default SIGTERM action skips every `finally`)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -209,7 +209,8 @@ def _resume(args: argparse.Namespace) -> int:
 def _run(config: ExperimentConfig, show_progress: bool, run_dir: Path | None = None) -> int:
     from fcmoe.data.assets import AssetError
     from fcmoe.report.table import print_summary
-    from fcmoe.sim.run import new_run_dir, run_experiment
+    from fcmoe.runner import run_experiment
+    from fcmoe.runs import new_run_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()

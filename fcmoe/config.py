@@ -20,8 +20,8 @@ from typing import Any
 import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
-from fcmoe.config_sections import (AttackConfig, ConfigError, ParticipationConfig, RobustConfig, SweepConfig,
-                                   _positive)
+from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
+                                   SweepConfig, _positive)
 from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 
@@ -176,6 +176,7 @@ class ExperimentConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     algorithms: Mapping[str, AlgorithmConfig] = field(default_factory=dict)
 
@@ -206,10 +207,8 @@ class ExperimentConfig:
         return config
 
     def make_algorithm(self, method: str, layout: Any) -> Algorithm:
-        """An instance of ``method``'s algorithm with its (variant) config and ``robust.aggregator``, on ``layout``."""
-        algorithm = ALGORITHMS.get(split_method(method)[0])(self.algorithm_config(method), layout)
-        algorithm.set_inner_aggregator(self.robust.aggregator, self.robust.trim_fraction)
-        return algorithm
+        """An instance of ``method``'s algorithm with its (variant) config, on ``layout``."""
+        return ALGORITHMS.get(split_method(method)[0])(self.algorithm_config(method), layout)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML-serialisable) with every resolved value."""
@@ -247,7 +246,8 @@ def split_method(method: str) -> tuple[str, str]:
 _TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "robust": RobustConfig,
-                              "participation": ParticipationConfig, "attack": AttackConfig, "sweep": SweepConfig}
+                              "participation": ParticipationConfig, "attack": AttackConfig, "eval": EvalConfig,
+                              "sweep": SweepConfig}
 
 
 def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:

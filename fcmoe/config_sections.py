@@ -112,6 +112,29 @@ ATTACKS = ("none", "scale", "signflip")
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """How often the models are scored (both engines).
+
+    Attributes
+    ----------
+    every
+        Score the global and every deployed local model every k-th round, and always in the last one (default 1:
+        every round). Evaluation is most of what a round costs besides training; the rows of the rounds in between
+        carry no accuracy (NaN / null) and the curves join the scored rounds. PFL-MoE fits its personal head and
+        gate when its deployed model is scored, so with k > 1 it gets those extra epochs in scored rounds only.
+    """
+
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("eval.every", self.every)
+
+    def scores(self, round_index: int, rounds: int) -> bool:
+        """Whether ``round_index`` of ``rounds`` is scored."""
+        return round_index == rounds or round_index % self.every == 0
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """The grid ``fcmoe sweep`` runs when no ``--alphas`` / ``--seeds`` is given (``fcmoe run`` ignores it)."""
 

@@ -39,8 +39,17 @@ LAYOUTS = Registry("expert layout")
 
 
 def register_algorithm(name: str) -> Callable[[T], T]:
-    """Class decorator: make an algorithm available as ``methods = ["name"]`` in configs."""
-    return ALGORITHMS.register(name)
+    """Class decorator: make an algorithm available as ``methods = ["name"]`` in configs.
+
+    The registration is where an algorithm's name is given: it is set on the class as ``name``.
+    """
+    register = ALGORITHMS.register(name)
+
+    def decorator(cls: T) -> T:
+        cls.name = name  # type: ignore[attr-defined]
+        return register(cls)
+
+    return decorator
 
 
 def register_layout(name: str) -> Callable[[T], T]:

@@ -1,27 +1,35 @@
 """What one federated round does on each side, written once for both engines (in-process and Flower).
 
-Client i, round t:
+Client i, round t (:func:`client_step`, then :func:`finish_client`):
     start_i = algo.client_start(θ_t, state_i)                    # FC-MoE: θ_t + λ r_i
-    Δ_i     = local_train(start_i) − start_i                     # :func:`train_client`
-server: θ_{t+1}, messages = algo.aggregate(θ_t, [Δ_i …])         # the algorithm's server half
-client: algo.client_finish(state_i, θ_t, θ_{t+1}, message_i)     # :func:`finish_client` (FC-MoE: r_i ← ρ_i)
-then each client's deployed model is scored on its own test split (:func:`local_accuracy`) and θ_{t+1} on the
-global test set, and :func:`round_metrics` assembles the ``metrics.jsonl`` row.
+    Δ_i     = local_train(start_i) − start_i                     # uploaded with the routing counts and n_i
+    algo.client_finish(state_i, θ_t, θ_{t+1}, message_i)         # FC-MoE: r_i ← ρ_i
+Server (:func:`server_step`): screen → clip → fewer than ``robust.min_clients`` accepted keeps θ_t →
+    θ_{t+1}, messages = algo.aggregate(θ_t, [Δ_i …]) with the configured mean rule.
+Then each client's deployed model is scored on its own test split (:func:`local_accuracy`) and θ_{t+1} on the
+global test set, and :func:`round_metrics` assembles the ``metrics.jsonl`` row. Which clients take part, and which
+of them fail mid-round, is :func:`start_round`'s: the server's decision in both engines.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fcmoe.algorithms import Algorithm, ClientUpdate
-from fcmoe.core import Tree, clip_factors, tree_norm, tree_num_bytes, tree_sub
-from fcmoe.core.validate import update_problem
+from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
+from fcmoe.algorithms.robust import RobustAggregation
+from fcmoe.core import Tree, tree_num_bytes, tree_sub
+from fcmoe.experiment import Experiment
 from fcmoe.models.layout import ExpertLayout
+from fcmoe.process_memory import release_freed_memory
 from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
+
+log = logging.getLogger(__name__)
 
 
 def client_seed(seed: int, round_index: int, client_id: int) -> int:
@@ -34,29 +42,27 @@ def initial_client_state(seed: int, client_id: int) -> dict[str, Any]:
     return {"seed": seed * 1000 + client_id}
 
 
-def train_client(algo: Algorithm, trainer: LocalTrainer, global_state: Tree, client_state: dict[str, Any],
-                 data: FeatureSet, seed: int, round_index: int, client_id: int,
-                 global_test: FeatureSet | None = None, sparse: bool = False) -> ClientUpdate:
+def client_step(exp: Experiment, algo: Algorithm, client_id: int, round_index: int, global_state: Tree,
+                client_state: dict[str, Any]) -> ClientUpdate:
     """The client half of a round up to the upload: re-anchor, train one local budget, measure Δ_i.
 
-    With ``global_test`` the locally trained model (before aggregation) is also scored on it: DESIGN §2's second
-    reading of local accuracy, reported as ``metrics["global_test_acc"]``. The engines ask for it in the final
-    round only, on a stratified part of the global test set (``Experiment.probe_test``, 10 documents per class):
-    10 clients × the whole set would cost about as much as the round's training.
-    With ``sparse`` the experts that saw no token are left out of the upload (:func:`sparsify`).
+    In the final round the locally trained model (before aggregation) is also scored on ``exp.probe_test``, a
+    stratified part of the global test set: DESIGN §2's second reading of local accuracy, reported as
+    ``metrics["global_test_acc"]`` (the whole set, for every client, would cost about as much as the round's
+    training). With ``sparse_uploads`` the experts that saw no token are left out (:func:`sparsify`); a client
+    listed in ``attack.clients`` corrupts its upload (:func:`attack`, fault injection for experiments).
     """
+    cfg, trainer = exp.config, exp.trainer
     start = algo.client_start(global_state, client_state)
-    result = trainer.train(start, data, client_seed(seed, round_index, client_id))
+    data = exp.client_train[client_id]
+    result = trainer.train(start, data, client_seed(cfg.seed, round_index, client_id))
     metrics = {"loss": result.loss}
-    if global_test is not None:
-        metrics["global_test_acc"] = global_accuracy(trainer, result.state, global_test)
-        metrics["global_test_docs"] = len(global_test)
+    if round_index == cfg.rounds:
+        metrics["global_test_acc"] = global_accuracy(trainer, result.state, exp.probe_test)
+        metrics["global_test_docs"] = len(exp.probe_test)
     update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
-    update = sparsify(update, algo.layout) if sparse else update
-    if algo.uses_expert_norms:  # [E] per layer, read on the client: the server then reads the updates once
-        update.expert_norms = {layer.name: algo.layout.expert_norms([update.delta], layer)[0]
-                               for layer in algo.layout.layers}
-    return update
+    update = sparsify(update, algo.layout) if cfg.sparse_uploads else update
+    return attack(update, cfg.attack.kind, cfg.attack.factor) if client_id in cfg.attack.clients else update
 
 
 def sparsify(update: ClientUpdate, layout: ExpertLayout) -> ClientUpdate:
@@ -81,10 +87,41 @@ def finish_client(algo: Algorithm, client_state: dict[str, Any], old_global: Tre
     algo.client_finish(client_state, old_global, new_global, message)
 
 
-def local_accuracy(algo: Algorithm, trainer: LocalTrainer, client_state: dict[str, Any], global_state: Tree,
-                   train: FeatureSet, test: FeatureSet) -> float:
+@dataclass
+class ServerStep:
+    """What the server made of one round's arrivals."""
+
+    result: ServerResult  # the new global state, per-client messages and the algorithm's metrics
+    accepted: list[ClientUpdate] = field(default_factory=list)  # aggregated, ordered by client id
+    rejected: list[str] = field(default_factory=list)  # "client …: reason" / "node …: reason"
+    skipped: bool = False  # too few accepted updates: the global model was kept
+
+
+def server_step(server: RobustAggregation, global_state: Tree, arrived: Sequence[ClientUpdate],
+                rejected: Sequence[str] = (), label: str = "") -> ServerStep:
+    """The server half of a round: screen → clip → min-clients skip → aggregate → per-client messages.
+
+    ``arrived`` may come in any order (Flower's replies do): they are aggregated by client id, so both engines
+    form the same sums. ``rejected`` are reasons found before (a Flower reply that could not be decoded). Every
+    rejection and a skipped round are logged, prefixed by ``label`` (e.g. "fcmoe round 3").
+    """
+    accepted, problems = server.admit(arrived, global_state)
+    accepted.sort(key=lambda u: u.client_id)
+    reasons = [*rejected, *problems]
+    for reason in reasons:
+        log.warning("%s: rejected %s", label, reason)
+    if len(accepted) < server.config.min_clients:
+        log.warning("%s: %d accepted update(s) < robust.min_clients = %d: global model kept", label, len(accepted),
+                    server.config.min_clients)
+        return ServerStep(ServerResult(state=global_state), [], reasons, skipped=True)
+    return ServerStep(server.aggregate(global_state, accepted), accepted, reasons)
+
+
+def local_accuracy(exp: Experiment, algo: Algorithm, client_id: int, client_state: dict[str, Any],
+                   global_state: Tree) -> float:
     """Accuracy of the client's deployed (personalised) model on its own test split."""
-    logits = algo.personalised_logits(trainer, client_state, global_state, train, test)
+    test = exp.client_test[client_id]
+    logits = algo.personalised_logits(exp.trainer, client_state, global_state, exp.client_train[client_id], test)
     return accuracy(logits, test.labels)
 
 
@@ -113,15 +150,17 @@ def upload_bytes(update: ClientUpdate) -> int:
     return delta_bytes + tree_num_bytes(update.routing_counts) + 8
 
 
-def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate], global_acc: float,
-                  local_acc: Sequence[float | None], model_bytes: int,
-                  messages: Mapping[int, Mapping[str, torch.Tensor]], server_metrics: Mapping[str, Any],
-                  wall_s: float) -> dict[str, Any]:
-    """One ``metrics.jsonl`` row: accuracies, loss, utilisation, bytes up / down, wall time, the server's metrics.
+def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDraw, global_acc: float,
+                  local_acc: Sequence[float | None], model_bytes: int, wall_s: float,
+                  eval_s: float = 0.0) -> dict[str, Any]:
+    """One ``metrics.jsonl`` row: accuracies, loss, utilisation, bytes up / down, who took part, wall time (of it,
+    ``eval_s`` scoring the models), and the server's metrics.
 
     ``local_acc`` is ordered by client id; ``None`` marks a client that did not report (mean and std are over the
-    others). ``updates`` may be empty (a round whose updates were all rejected).
+    others; all ``None`` and a NaN ``global_acc`` in a round that ``eval.every`` does not score).
+    ``step.accepted`` may be empty (a round whose updates were all rejected).
     """
+    updates, messages = step.accepted, step.result.messages
     reported = torch.tensor([a for a in local_acc if a is not None], dtype=torch.float64)
     nan = float("nan")
     row = {"global_acc": global_acc, "local_acc": list(local_acc),
@@ -134,13 +173,14 @@ def round_metrics(method: str, round_index: int, updates: Sequence[ClientUpdate]
            "client_utilisation": client_utilisation(updates) if updates else {},
            "bytes_up": sum(upload_bytes(u) for u in updates),
            "bytes_down": len(updates) * model_bytes + sum(tree_num_bytes(dict(m)) for m in messages.values()),
-           "wall_s": wall_s, **server_metrics}
+           "wall_s": wall_s, "eval_s": eval_s, **step.result.metrics}
     local_models = [u.metrics["global_test_acc"] for u in updates if "global_test_acc" in u.metrics]
     if local_models:  # DESIGN §2's second reading: each local model (after its local epoch) on the global test set
         scores = torch.tensor(local_models, dtype=torch.float64)
         row.update(local_model_global_acc=local_models, local_model_global_acc_mean=scores.mean().item(),
                    local_model_global_acc_std=scores.std(unbiased=False).item(),
                    local_model_global_docs=int(updates[0].metrics.get("global_test_docs", 0)))
+    row.update(participants=draw.drawn, failed=draw.failed, rejected=step.rejected, skipped=step.skipped)
     return row
 
 
@@ -161,72 +201,30 @@ def drops_out(seed: int, round_index: int, client_id: int, dropout: float) -> bo
     return bool(torch.rand((), generator=generator) < dropout)
 
 
-def round_draw(seed: int, round_index: int, num_clients: int, fraction: float, dropout: float,
-               ) -> tuple[list[int], list[int]]:
-    """(drawn, failed): the clients drawn for the round and those of them that fail mid-round."""
-    drawn = participants(seed, round_index, num_clients, fraction)
-    return drawn, [cid for cid in drawn if drops_out(seed, round_index, cid, dropout)]
+@dataclass(frozen=True)
+class RoundDraw:
+    """The clients drawn for a round and those of them that fail mid-round (``participation``)."""
+
+    drawn: list[int]
+    failed: list[int]
+
+    @property
+    def training(self) -> list[int]:
+        """The drawn clients whose update will arrive: the only ones a round trains."""
+        return [cid for cid in self.drawn if cid not in self.failed]
 
 
-def admit_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: ExpertLayout,
-                  max_norm_ratio: float, clip: float) -> tuple[list[ClientUpdate], list[str]]:
-    """The server's gate, both engines: :func:`screen_updates`, then :func:`clip_updates` on the accepted ones."""
-    accepted, rejected = screen_updates(updates, global_state, layout, max_norm_ratio)
-    return clip_updates(accepted, layout, clip), rejected
-
-
-def screen_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: ExpertLayout,
-                   max_norm_ratio: float) -> tuple[list[ClientUpdate], list[str]]:
-    """Split the round's updates into accepted and rejected (with one-line reasons), before any aggregation.
-
-    Rejected: a malformed update (:func:`fcmoe.core.validate.update_problem`: keys, shapes, dtypes, NaN / Inf,
-    routing counts, n_i), and, with at least 3 well-formed updates and ``max_norm_ratio > 0``, one whose norm
-    ‖Δ_i‖ exceeds ``max_norm_ratio`` × the median norm of the round (a scaled or exploding update).
-    """
-    layers = {spec.name: spec.num_experts for spec in layout.layers}
-    accepted, rejected = [], []
-    for update in updates:
-        problem = update_problem(update.delta, global_state, update.routing_counts, layers, update.num_samples)
-        if problem:
-            rejected.append(f"client {update.client_id}: {problem}")
-        else:
-            accepted.append(update)
-    if max_norm_ratio > 0 and len(accepted) >= 3:
-        norms = torch.stack([tree_norm(u.delta) for u in accepted])  # [N]
-        median = norms.median()
-        keep = norms <= max_norm_ratio * median
-        rejected += [f"client {u.client_id}: update norm {norm:.4g} is {norm / median:.1f}× the round's median "
-                     f"{median:.4g} (robust.max_norm_ratio = {max_norm_ratio:g})"
-                     for u, norm, ok in zip(accepted, norms.tolist(), keep.tolist()) if not ok]
-        accepted = [u for u, ok in zip(accepted, keep.tolist()) if ok]
-    return accepted, rejected
-
-
-def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple: float) -> list[ClientUpdate]:
-    """``robust.clip``: each client's update clipped per unit to ``multiple`` × the round's median norm of that unit.
-
-    Units are every expert of every MoE layer and, together, all other parameters
-    (:func:`fcmoe.core.clip_factors`). Returns new updates; the inputs are not modified.
-    """
-    if multiple <= 0 or not updates:
-        return list(updates)
-    expert_keys = set(layout.expert_keys)
-    rest = [k for k in updates[0].delta if k not in expert_keys]
-    rest_norms = torch.stack([tree_norm({k: u.delta[k] for k in rest}) for u in updates])  # [N]
-    rest_factor = clip_factors(rest_norms[:, None], multiple)[:, 0]  # [N]
-    clipped = [{k: u.delta[k] * float(rest_factor[i]) for k in rest} for i, u in enumerate(updates)]
-    for layer in layout.layers:
-        blocks = [layout.gather_experts(u.delta, layer) for u in updates]  # N × [E, P]
-        factors = clip_factors(layout.expert_norms([u.delta for u in updates], layer).double(), multiple)  # [N, E]
-        for i, block in enumerate(blocks):
-            scaled = block * factors[i].to(block.dtype)[:, None]
-            clipped[i].update({k: v.to(updates[i].delta[k].dtype)
-                               for k, v in layout.split_experts(layer, scaled).items()})
-    return [dataclasses.replace(u, delta=delta, expert_norms={}) for u, delta in zip(updates, clipped, strict=True)]
+def start_round(exp: Experiment, round_index: int) -> RoundDraw:
+    """Open a round, in both engines: the last round's freed memory goes back to the system, and the server draws
+    who takes part (seeded by the experiment seed and the round)."""
+    release_freed_memory()
+    cfg = exp.config
+    drawn = participants(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction)
+    return RoundDraw(drawn, [cid for cid in drawn if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout)])
 
 
 def attack(update: ClientUpdate, kind: str, factor: float) -> ClientUpdate:
     """Fault injection for robustness experiments: the upload scaled by ``factor`` ("scale") or negated
     ("signflip"), as a faulty or malicious client would send it."""
     scale = factor if kind == "scale" else -1.0
-    return dataclasses.replace(update, delta={k: v * scale for k, v in update.delta.items()}, expert_norms={})
+    return dataclasses.replace(update, delta={k: v * scale for k, v in update.delta.items()})

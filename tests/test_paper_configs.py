@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fcmoe.config import load_config
-from fcmoe.sim.run import run_experiment
+from fcmoe.runner import run_experiment
 
 PAPER = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*-switch-base-16-a*.toml"))
 

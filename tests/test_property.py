@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fcmoe.algorithms import ClientUpdate
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
-from fcmoe.rounds import screen_updates
+from fcmoe.algorithms.robust import screen_updates
 from tests.conftest import tiny_model
 
 BUILT = tiny_model()

@@ -1,7 +1,7 @@
 """Federated algorithms, one file each (config + server half + client half), registered by name."""
 
 from fcmoe.algorithms import fcmoe, fedavg, fedmoe, pflmoe  # noqa: F401  (registration side effects)
-from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, Prediction, ServerResult
+from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.registry import ALGORITHMS
 
-__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "ClientUpdate", "Prediction", "ServerResult"]
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "ClientUpdate", "ServerResult"]

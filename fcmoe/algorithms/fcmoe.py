@@ -19,7 +19,6 @@ the model change it observes. scale = 1 − Σ_{conflicting} w_j c_j ≥ 1 becau
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +26,9 @@ from typing import Any
 import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult, routing_frequencies
-from fcmoe.core import (IMPORTANCE_SCHEMES, ConsensusCoefficients, Tree, consensus_coefficients, importance_weights,
-                        normalise_columns, one_read_consensus_coefficients, tree_add)
+from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ConsensusCoefficients, MeanRule, Tree,
+                        consensus_coefficients, expert_norms, importance_weights, normalise_columns, tree_add)
 from fcmoe.registry import register_algorithm
-
-log = logging.getLogger(__name__)
 
 RESIDUAL = "residual"
 
@@ -81,17 +78,12 @@ class FCMoEConfig(AlgorithmConfig):
 
 def _layer_metrics(weights: torch.Tensor, coeffs: ConsensusCoefficients) -> tuple[float, float, float]:
     """One MoE layer's conflict rate and mean cosine over the (client, expert) pairs of the experts someone used,
-    and the share of importance weight the projected pairs carry (how much projection can move the aggregate).
-
-    Masked sums rather than boolean indexing (each an index and a ``nonzero``), and one read to the host for the
-    three instead of three: small operations count in a 10-client step at 10^6 floats, which takes ~2 ms in all.
-    """
-    used = (weights.sum(dim=0) > 0).double()  # [E]
-    pairs = (used.sum() * weights.shape[0]).clamp_min(1.0)
-    conflicted = coeffs.conflicted.double()  # [N, E]
-    figures = torch.stack([(conflicted * used).sum() / pairs, (coeffs.cosine.double() * used).sum() / pairs,
-                           (weights.double() * conflicted).sum() / weights.double().sum().clamp_min(1e-12)])
-    conflict_rate, mean_cosine, projected_weight = figures.tolist()
+    and the share of importance weight the projected pairs carry (how much projection can move the aggregate)."""
+    used = weights.sum(dim=0) > 0  # [E]
+    pairs = max(int(used.sum()) * weights.shape[0], 1)
+    conflict_rate = coeffs.conflicted[:, used].sum().item() / pairs
+    mean_cosine = coeffs.cosine[:, used].double().sum().item() / pairs
+    projected_weight = (weights.double() * coeffs.conflicted).sum().item() / max(weights.double().sum().item(), 1e-12)
     return conflict_rate, mean_cosine, projected_weight
 
 
@@ -99,17 +91,12 @@ def _layer_metrics(weights: torch.Tensor, coeffs: ConsensusCoefficients) -> tupl
 class FCMoE(Algorithm):
     """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
 
-    name = "fcmoe"
+    display_name = "FC-MoE"
     config_class = FCMoEConfig
     config: FCMoEConfig
     # the paper's Table II ablations, each one switch off
     variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
                 "no-importance": {"importance": "size"}}
-    uses_expert_norms = True  # the importance weights need them before the server's one read of the updates
-
-    def __init__(self, config: FCMoEConfig, layout: Any) -> None:
-        super().__init__(config, layout)
-        self._consensus_buffer: torch.Tensor | None = None  # [E, P] g, reused across layers and rounds
 
     # ------------------------------------------------------------------ client half
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
@@ -146,58 +133,33 @@ class FCMoE(Algorithm):
         return runtime.predict(self.client_start(global_state, client_state), test).logits
 
     # ------------------------------------------------------------------ server half
-    def _reported_norms(self, updates: Sequence[ClientUpdate], layer: Any) -> torch.Tensor | None:
-        """``[N, E]`` ‖Δ_{i,k}‖ as every client reported them, or ``None`` if one did not (or sent a bad tensor) or
-        the inner mean is robust (its batched path reads the updates whole anyway)."""
-        reported = [u.expert_norms.get(layer.name) for u in updates]
-        if self.inner != "mean" or not all(r is not None and r.shape == (layer.num_experts,) and r.is_floating_point()
-                                           for r in reported):
-            return None
-        dtype = torch.promote_types(updates[0].delta[layer.keys[0]].dtype, torch.float32)
-        norms = torch.stack(reported).to(dtype)  # [N, E], as ExpertLayout.expert_norms computes them
-        return norms if bool(torch.isfinite(norms).all()) and bool((norms >= 0).all()) else None
-
     def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
-                   norms: torch.Tensor) -> tuple[torch.Tensor, ConsensusCoefficients]:
-        """Importance weights (Eq. importance) and the consensus projection of one MoE layer's experts."""
-        cfg, layout, trees = self.config, self.layout, [u.delta for u in updates]
+                   mean: MeanRule) -> tuple[torch.Tensor, ConsensusCoefficients]:
+        """Importance weights (step 2) and the consensus projection (step 3) of one MoE layer's experts."""
+        cfg = self.config
+        deltas = self.layout.stack_experts([u.delta for u in updates], layer)  # [N, E, P]
+        norms = expert_norms(deltas)  # [N, E]  ‖Δ_{i,k}‖
         freqs = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
-        weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]
+        weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]  w_{i,k}
         if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
             held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
             weights = normalise_columns(weights * held).to(weights.dtype)
         tau = cfg.tau if cfg.projection else -1.0
-        if self.inner == "mean":  # the one read: g, ⟨Δ, g⟩ and ‖Δ‖ from the updates in place, no [E, N, P] copy
-            coeffs = one_read_consensus_coefficients(layout.expert_segments(trees, layer), weights, norms,
-                                                     layer.expert_numel, tau, self._consensus_buffer)
-            self._consensus_buffer = coeffs.consensus  # [E, P], reused by the next layer or round
-        else:  # a coordinate-wise median / trimmed mean needs every client's value of a coordinate at once
-            deltas = self.stack_experts(updates, layer)  # [N, E, P], a view of an [E, N, P] buffer
-            robust = self.robust_mean(deltas.transpose(0, 1), weights.T > 0)
-            coeffs = consensus_coefficients(deltas, weights, tau, norms, robust)
-        return weights, coeffs
+        g = mean.per_expert(deltas, weights)  # [E, P]  g_k = Σ_i w_{i,k} Δ_{i,k} (or a robust mean of the Δ)
+        return weights, consensus_coefficients(deltas, weights, tau, norms, g)
 
-    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
+                  mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         cfg, layout = self.config, self.layout
         state = dict(global_state)
-        state.update(self.fedavg(global_state, updates, [*layout.shared_keys, *layout.router_keys]))
+        state.update(self.fedavg(global_state, updates, [*layout.shared_keys, *layout.router_keys], mean))
         n = torch.tensor([u.num_samples for u in updates])
         messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
         conflict_rate, mean_cosine, projected_weight = {}, {}, {}
-        trees = [u.delta for u in updates]
         for layer in layout.layers:
-            norms = self._reported_norms(updates, layer)  # [N, E] the clients' ‖Δ_{i,k}‖, checked by the read
-            weights, coeffs = self._consensus(updates, layer, n, norms if norms is not None
-                                              else layout.expert_norms(trees, layer))  # else: one more read
-            if norms is not None:
-                # isclose's rule (rtol 1e-3) in four operations, not ten; a NaN counts as different
-                wrong = ~((coeffs.read_norm - norms).abs() <= 1e-3 * norms + 1e-8).all(dim=1)  # [N]
-                if wrong.any():  # a faulty or lying client: redo the layer with the norms measured here
-                    log.warning("%s: client(s) %s reported expert norms that differ from their updates; using the "
-                                "measured ones", layer.name, [u.client_id for u, w in zip(updates, wrong) if w])
-                    weights, coeffs = self._consensus(updates, layer, n, layout.expert_norms(trees, layer))
+            weights, coeffs = self._consensus(updates, layer, n, mean)
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
-            # θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
+            # step 4: θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
             state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)
             scalars = coeffs.coefficient / (cfg.server_lr * scale)[None, :]  # [N, E]  ρ_i = s_i · step
             for update, row in zip(updates, scalars.to(torch.float32).unbind(0)):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
-from fcmoe.core import Tree
+from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
 from fcmoe.registry import register_algorithm
 
 
@@ -19,8 +19,9 @@ class FedAvgConfig(AlgorithmConfig):
 class FedAvg(Algorithm):
     """Sample-weighted averaging of every update; the deployed local model is the global one."""
 
-    name = "fedavg"
+    display_name = "FedAvg"
     config_class = FedAvgConfig
 
-    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
-        return ServerResult(state=self.fedavg(global_state, updates, list(global_state)))
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
+                  mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
+        return ServerResult(state=self.fedavg(global_state, updates, list(global_state), mean))

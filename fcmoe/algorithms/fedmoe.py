@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
-from fcmoe.core import Tree, expert_weighted_mean, holder_weights
+from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, holder_weights
 from fcmoe.registry import register_algorithm
 
 
@@ -40,26 +40,25 @@ class FedMoEConfig(AlgorithmConfig):
 class FedMoE(Algorithm):
     """Expert units averaged over the clients that activated them."""
 
-    name = "fedmoe"
+    display_name = "FedMoE"
     config_class = FedMoEConfig
     config: FedMoEConfig
 
-    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
+                  mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         layout = self.layout
         state = dict(global_state)
-        state.update(self.fedavg(global_state, updates, layout.shared_keys))
+        state.update(self.fedavg(global_state, updates, layout.shared_keys, mean))
         n = torch.tensor([u.num_samples for u in updates])
         held = []
         for layer in layout.layers:
             holders = torch.stack([(u.routing_counts[layer.name] > 0)
                                    & (u.frequencies(layer.name) >= self.config.min_share) for u in updates])  # [N, E]
             weights = holder_weights(n, holders)  # [N, E]
-            deltas = self.stack_experts(updates, layer)  # [N, E, P]
-            step = (expert_weighted_mean(deltas, weights) if self.inner == "mean"
-                    else self.robust_mean(deltas.transpose(0, 1), holders.T))  # [E, P]
+            step = mean.per_expert(layout.stack_experts([u.delta for u in updates], layer), weights)  # [E, P]
             state = layout.scatter_experts(state, layer, layout.gather_experts(global_state, layer) + step)
             router_deltas = torch.stack([layout.gather_router(u.delta, layer) for u in updates])  # [N, E, R]
-            router = layout.gather_router(global_state, layer) + expert_weighted_mean(router_deltas, weights)
+            router = layout.gather_router(global_state, layer) + mean.per_expert(router_deltas, weights)
             state = layout.scatter_router(state, layer, router)
             held.append(holders.sum(dim=0).float().mean().item())
         return ServerResult(state=state, metrics={"mean_holders_per_expert": sum(held) / max(len(held), 1)})

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult
-from fcmoe.core import Tree
+from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
 from fcmoe.registry import register_algorithm
 
 HEAD, GATE = "pfl_head", "pfl_gate"
@@ -67,13 +67,14 @@ class _GatedMixture(nn.Module):
 class PFLMoE(Algorithm):
     """FedAvg global model + per-client personal head and sigmoid gate over logits."""
 
-    name = "pflmoe"
+    display_name = "PFL-MoE"
     config_class = PFLMoEConfig
     config: PFLMoEConfig
 
-    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
+    def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
+                  mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         extra = self.config.head_epochs + self.config.gate_epochs
-        return ServerResult(state=self.fedavg(global_state, updates, list(global_state)),
+        return ServerResult(state=self.fedavg(global_state, updates, list(global_state), mean),
                             metrics={"extra_local_epochs_on_pooled_features": extra})
 
     def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,

@@ -1,39 +1,38 @@
 """Pure tensor math of federated aggregation: no transformers, no flwr, inputs never mutated."""
 
-from fcmoe.core.aggregate import expert_weighted_mean, fedavg_step, holder_weights
+from fcmoe.core.aggregate import (WEIGHTED_MEAN, MeanRule, WeightedMean, expert_weighted_mean, fedavg_step,
+                                  holder_weights)
 from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project,
-                                  streamed_consensus_coefficients)
+                                  expert_norms)
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
-from fcmoe.core.one_read import ExpertSegment, one_read_consensus_coefficients, segment_blocks
-from fcmoe.core.robust import ROBUST_AGGREGATORS, clip_factors, coordinate_aggregate
-from fcmoe.core.tree import (Tree, row_squared_norms, tree_add, tree_clone, tree_norm, tree_num_bytes, tree_sub,
-                             weighted_mean)
+from fcmoe.core.robust import ROBUST_AGGREGATORS, CoordinateMean, clip_factors, coordinate_aggregate
+from fcmoe.core.tree import Tree, row_squared_norms, tree_add, tree_clone, tree_norm, tree_num_bytes, tree_sub
 
 __all__ = [
     "IMPORTANCE_SCHEMES",
     "ROBUST_AGGREGATORS",
+    "WEIGHTED_MEAN",
     "ConsensusCoefficients",
     "ConsensusResult",
-    "ExpertSegment",
+    "CoordinateMean",
+    "MeanRule",
     "Tree",
+    "WeightedMean",
     "clip_factors",
     "consensus_coefficients",
+    "consensus_project",
     "coordinate_aggregate",
+    "expert_norms",
     "expert_weighted_mean",
     "fedavg_step",
     "holder_weights",
-    "consensus_project",
     "importance_scores",
     "importance_weights",
     "normalise_columns",
-    "one_read_consensus_coefficients",
     "row_squared_norms",
-    "segment_blocks",
-    "streamed_consensus_coefficients",
     "tree_add",
     "tree_clone",
     "tree_norm",
     "tree_num_bytes",
     "tree_sub",
-    "weighted_mean",
 ]

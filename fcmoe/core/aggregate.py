@@ -1,12 +1,44 @@
-"""Per-expert weighted means and the FedAvg step on trees of updates."""
+"""Means over clients: the rule every algorithm combines updates with, and the FedAvg step on trees.
+
+An algorithm never writes a weighted sum itself: it asks a :class:`MeanRule` for one, so a robust statistic
+(:class:`~fcmoe.core.robust.CoordinateMean`) can replace the weighted mean without any branch inside the algorithm
+(the robust wrapper, :mod:`fcmoe.algorithms.robust`, hands one in).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 
-from fcmoe.core.tree import Tree, weighted_mean
+from fcmoe.core.tree import Tree, weighted_sum
+
+
+class MeanRule(Protocol):
+    """How updates are combined over clients."""
+
+    def over_clients(self, values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        """N tensors of one shape and N weights summing to 1 → one tensor (at least float32)."""
+        ...
+
+    def per_expert(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``deltas [N, E, P]`` and ``weights [N, E]`` (columns summing to 1, or all zero) → ``[E, P]``."""
+        ...
+
+
+class WeightedMean:
+    """Σ_i w_i x_i: the rule of every algorithm as published."""
+
+    def over_clients(self, values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        # accumulated in client order, the order of Flower's aggregate_arrayrecords, so the two agree to rounding
+        return weighted_sum(values, [torch.tensor(float(w), dtype=torch.float32) for w in weights])
+
+    def per_expert(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return expert_weighted_mean(deltas, weights)
+
+
+WEIGHTED_MEAN = WeightedMean()
 
 
 def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -27,7 +59,7 @@ def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.T
     if weights.shape != deltas.shape[:2]:
         raise ValueError(f"weights must be [N, E] = {tuple(deltas.shape[:2])}, got {tuple(weights.shape)}")
     acc = torch.promote_types(deltas.dtype, torch.float32)
-    by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]; no copy for ExpertLayout.gather_experts_batched output
+    by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]; no copy for ExpertLayout.stack_experts output
     return torch.bmm(weights.to(acc).T.unsqueeze(1), by_expert).squeeze(1)  # [E, 1, N] @ [E, N, P] → [E, P]
 
 
@@ -39,7 +71,7 @@ def holder_weights(num_samples: torch.Tensor, holders: torch.Tensor) -> torch.Te
     num_samples
         ``[N]`` sample counts n_i.
     holders
-        ``[N, E]`` bool, client i routed at least one token to expert k.
+        ``[N, E]`` bool, client i holds expert k.
 
     Returns
     -------
@@ -52,9 +84,18 @@ def holder_weights(num_samples: torch.Tensor, holders: torch.Tensor) -> torch.Te
 
 
 def fedavg_step(global_state: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, torch.Tensor]],
-                num_samples: Sequence[float], keys: Sequence[str]) -> Tree:
-    """θ_key + Σ_i (n_i / Σ_j n_j) Δ_{i,key} for the given keys (FedAvg, Eq. 1 of McMahan et al.)."""
+                num_samples: Sequence[float], keys: Sequence[str], mean: MeanRule = WEIGHTED_MEAN) -> Tree:
+    """θ_key + Σ_i (n_i / Σ_j n_j) Δ_{i,key} for the given keys (FedAvg, Eq. 1 of McMahan et al.).
+
+    ``mean`` replaces the weighted sum (a robust rule); the result keeps each tensor's dtype.
+    """
     if not keys:
         return {}
-    mean = weighted_mean([{k: d[k] for k in keys} for d in deltas], num_samples)
-    return {k: global_state[k] + mean[k] for k in keys}
+    if len(deltas) != len(num_samples) or not deltas:
+        raise ValueError(f"fedavg_step got {len(deltas)} updates and {len(num_samples)} sample counts")
+    total = float(sum(num_samples))
+    if not total > 0:
+        raise ValueError(f"fedavg_step: sample counts sum to {total}; at least one must be positive")
+    weights = [float(n) / total for n in num_samples]
+    return {k: global_state[k] + mean.over_clients([d[k] for d in deltas], weights).to(global_state[k].dtype)
+            for k in keys}

@@ -8,6 +8,9 @@ aggregators replace a weighted mean by a statistic that a minority of arbitrary 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 ROBUST_AGGREGATORS = ("trimmed_mean", "median")
@@ -78,3 +81,34 @@ def coordinate_aggregate(values: torch.Tensor, kind: str, trim_fraction: float =
     keep = (rank >= cut[:, None]) & (rank < (counts - cut)[:, None])  # [G, N]
     total = torch.where(keep[:, :, None], ordered, 0.0).sum(dim=1)  # [G, P]
     return total / keep.sum(dim=1).clamp_min(1)[:, None].to(acc)
+
+
+@dataclass(frozen=True)
+class CoordinateMean:
+    """A :class:`~fcmoe.core.aggregate.MeanRule` that takes the coordinate-wise median or trimmed mean over the
+    clients a weight is given to (the weights' values are ignored: a robust statistic is unweighted).
+
+    Attributes
+    ----------
+    kind
+        "median" or "trimmed_mean".
+    trim_fraction
+        β of the trimmed mean, in [0, 0.5).
+    """
+
+    kind: str
+    trim_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROBUST_AGGREGATORS:
+            raise ValueError(f"unknown robust aggregator {self.kind!r}; choose one of {', '.join(ROBUST_AGGREGATORS)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+
+    def over_clients(self, values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        stacked = torch.stack([v.reshape(-1) for v in values])[None]  # [1, N, numel]
+        present = torch.tensor([w > 0 for w in weights])[None]  # [1, N]
+        return coordinate_aggregate(stacked, self.kind, self.trim_fraction, present).reshape(values[0].shape)
+
+    def per_expert(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return coordinate_aggregate(deltas.transpose(0, 1), self.kind, self.trim_fraction, (weights > 0).T)

@@ -55,33 +55,6 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     return acc
 
 
-def weighted_mean(trees: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tree:
-    """FedAvg's weighted mean Σ_i (w_i / Σ_j w_j) · x_i of several trees.
-
-    Parameters
-    ----------
-    trees
-        N trees with identical keys and shapes.
-    weights
-        N non-negative weights (e.g. sample counts n_i); normalised here so they need not sum to 1.
-
-    Returns
-    -------
-    Tree
-        The weighted mean, accumulated in at least float32 in client order, the same order as Flower's
-        ``aggregate_arrayrecords``, so the two agree to rounding.
-    """
-    if len(trees) == 0:
-        raise ValueError("weighted_mean needs at least one tree")
-    if len(trees) != len(weights):
-        raise ValueError(f"weighted_mean got {len(trees)} trees but {len(weights)} weights")
-    total = float(sum(weights))
-    if not total > 0:
-        raise ValueError(f"weighted_mean: weights sum to {total}; at least one must be positive")
-    factors = [torch.tensor(float(w) / total, dtype=torch.float32) for w in weights]
-    return {key: weighted_sum([t[key] for t in trees], factors).to(trees[0][key].dtype) for key in trees[0]}
-
-
 def tree_num_bytes(a: Mapping[str, torch.Tensor]) -> int:
     """Bytes a tree occupies on the wire (dense, its own dtypes)."""
     return sum(v.numel() * v.element_size() for v in a.values())

@@ -1,29 +1,29 @@
 """The fcmoe ClientApp: the client half of every algorithm, on one client's data, as a Flower app.
 
-A node learns which client it is from ``node_config["partition-id"]`` (simulation sets it; a SuperNode gets
-``--node-config "partition-id=3"``) and what experiment to run from the resolved config the server sends. It
-builds that experiment once per process (data, partition, model, cached features: the same seeded steps as the
-in-process engine, so the same client data), trains with :func:`fcmoe.rounds.train_client`, and keeps its private
-state (FC-MoE residual, PFL-MoE head and gate, and the global model it trained from) in ``context.state``: it
-never leaves the node.
+A node learns which client it is from its node config (:func:`~fcmoe.fl.codec.partition_id`) and what experiment
+to run from the resolved config the server sends. It builds that experiment once per process (data, partition,
+model, cached features: the same seeded steps as the in-process engine, so the same client data), runs the
+shared :func:`fcmoe.rounds.client_step`, and keeps its private state (FC-MoE residual, PFL-MoE head and gate, and
+the global model it trained from) in ``context.state``: it never leaves the node. Which clients train in a round
+is the server's decision: a node is only messaged when its client trains.
 """
 
 from __future__ import annotations
 
 import functools
+import tomllib
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fcmoe.algorithms import Algorithm
-from fcmoe.config import ExperimentConfig, build_config
+from fcmoe.config import build_config
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl.codec import (ABSENT, STATE_SCALARS, UPDATE, decode_message, encode_update, load_client_state,
-                            record_to_tree, save_client_state)
-from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS
-from fcmoe.rounds import attack, finish_client, initial_client_state, local_accuracy, round_draw, train_client
-
+from fcmoe.fl.codec import (ARRAYS, MESSAGE, STATE_SCALARS, decode_instruction, decode_message, encode_evaluation,
+                            encode_identity, encode_update, load_client_state, partition_id, record_to_tree,
+                            save_client_state)
+from fcmoe.rounds import client_step, finish_client, initial_client_state, local_accuracy
 
 TRAINED_FROM = "trained-from"  # context.state key: the global arrays of this round's training (θ_t)
 
@@ -32,42 +32,33 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=2)
 def _experiment(config_text: str) -> Experiment:
-    import tomllib
-
     return prepare_experiment(build_config(tomllib.loads(config_text)))
 
 
-def _setup(msg: Message, context: Context) -> tuple[Experiment, ExperimentConfig, Algorithm, int, dict[str, Any]]:
-    settings = msg.content[CONFIG]
-    exp = _experiment(str(settings["fcmoe-config"]))
-    cfg = exp.config
-    method = str(settings["method"])
-    algo = cfg.make_algorithm(method, exp.built.layout)
-    cid = int(context.node_config["partition-id"])
+def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, dict[str, Any]]:
+    instruction = decode_instruction(msg.content)
+    exp = _experiment(instruction.experiment)
+    algo = exp.config.make_algorithm(instruction.method, exp.built.layout)
+    cid = partition_id(context.node_config)
     if not 0 <= cid < exp.num_clients:
         raise ValueError(f"partition-id = {cid}: this experiment has clients 0..{exp.num_clients - 1}")
     fresh = STATE_SCALARS not in context.state
-    state = initial_client_state(cfg.seed, cid) if fresh else load_client_state(context.state)
-    return exp, cfg, algo, cid, state
+    state = initial_client_state(exp.config.seed, cid) if fresh else load_client_state(context.state)
+    return exp, algo, cid, state
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which client this node is (asked once per node, before its first round)."""
+    return Message(content=encode_identity(partition_id(context.node_config)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the re-anchored global model; reply Δ_i, routing counts and n_i."""
-    exp, cfg, algo, cid, state = _setup(msg, context)
-    round_index = int(msg.content[CONFIG]["server-round"])
-    drawn, failed = round_draw(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction,
-                               cfg.participation.dropout)
-    if cid not in drawn:
-        return Message(content=RecordDict({UPDATE: MetricRecord({"client_id": cid, ABSENT: 1})}), reply_to=msg)
-    if cid in failed:  # fault injection: fail mid-round
-        raise RuntimeError(f"client {cid} failed mid-round {round_index} (participation.dropout = "
-                           f"{cfg.participation.dropout})")
-    global_state = record_to_tree(msg.content[ARRAYS])
-    update = train_client(algo, exp.trainer, global_state, state, exp.client_train[cid], cfg.seed, round_index, cid,
-                          exp.probe_test if round_index == cfg.rounds else None, cfg.sparse_uploads)
-    if cid in cfg.attack.clients:  # fault injection for robustness experiments
-        update = attack(update, cfg.attack.kind, cfg.attack.factor)
+    exp, algo, cid, state = _setup(msg, context)
+    round_index = decode_instruction(msg.content).server_round
+    update = client_step(exp, algo, cid, round_index, record_to_tree(msg.content[ARRAYS]), state)
     context.state[TRAINED_FROM] = msg.content[ARRAYS]
     save_client_state(state, context.state)
     return Message(content=encode_update(update, algo.layout), reply_to=msg)
@@ -76,12 +67,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Apply the server's message to the private state, then score the deployed model on the local test split."""
-    exp, _, algo, cid, state = _setup(msg, context)
+    exp, algo, cid, state = _setup(msg, context)
     new_global = record_to_tree(msg.content[ARRAYS])
-    if msg.content[CONFIG]["trained"] and TRAINED_FROM in context.state:
+    instruction = decode_instruction(msg.content)
+    if instruction.trained and TRAINED_FROM in context.state:
         old_global = record_to_tree(context.state[TRAINED_FROM])
         finish_client(algo, state, old_global, new_global, decode_message(msg.content.get(MESSAGE)))
-    acc = local_accuracy(algo, exp.trainer, state, new_global, exp.client_train[cid], exp.client_test[cid])
+    acc = local_accuracy(exp, algo, cid, state, new_global) if instruction.score else float("nan")
     save_client_state(state, context.state)
-    metrics = MetricRecord({"client_id": cid, "local_acc": acc, "num-examples": len(exp.client_test[cid])})
-    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+    return Message(content=encode_evaluation(cid, acc, len(exp.client_test[cid])), reply_to=msg)

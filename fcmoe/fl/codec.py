@@ -8,9 +8,12 @@ The only place that knows how fcmoe objects travel in a Flower ``Message``:
   counts), ``"update"`` metrics (client id, n_i, loss);
 - the server's per-client message (FC-MoE: one scalar per layer and expert) → ``"message"`` arrays;
 - the private client state (residual, PFL-MoE head and gate, seed) → ``context.state``: one ``ArrayRecord`` per
-  tree and a ``ConfigRecord`` ``"scalars"``.
+  tree and a ``ConfigRecord`` ``"scalars"``;
+- the server's instructions (:class:`Instruction`: round, method, experiment config, whether the client's update
+  was aggregated), a client's identity (its partition id, asked once per node) and its local accuracy.
 
-Decoding never trusts the sender: :func:`decode_update` raises :class:`MalformedReply` naming what is wrong.
+Every record, config and metric key fcmoe puts in a Flower message is defined here and nowhere else. Decoding
+never trusts the sender: :func:`decode_update` raises :class:`MalformedReply` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,11 +32,13 @@ from fcmoe.algorithms.base import ClientUpdate
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.models.layout import ExpertLayout
 
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # records of the server's instructions and eval replies
 DELTA, ROUTING, UPDATE, MESSAGE = "delta", "routing", "update", "message"
-NORMS = "expert-norms"  # optional: MoE layer → [E] ‖Δ_{i,k}‖ as the client computed them
+CLIENT_ID, NUM_EXAMPLES, LOCAL_ACC = "client_id", "num-examples", "local_acc"  # metric keys
+ROUND, METHOD, EXPERIMENT, TRAINED, SCORE = "server-round", "method", "fcmoe-config", "trained", "score"
+PARTITION_ID = "partition-id"  # node config: which client a SuperNode is (``--node-config "partition-id=3"``)
 BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
-ABSENT = "absent"  # update metric: the client was not drawn this round (participation.fraction) and sent nothing
 STATE_SCALARS = "scalars"
 _TREE_PREFIX = "tree:"
 
@@ -104,12 +110,9 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
             tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
     delta = tree_to_record(tree)
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
-    metrics = MetricRecord({"client_id": update.client_id, "num-examples": update.num_samples,
+    metrics = MetricRecord({CLIENT_ID: update.client_id, NUM_EXAMPLES: update.num_samples,
                             SPARSE: int(update.sparse), **{k: float(v) for k, v in update.metrics.items()}})
-    reply = RecordDict({DELTA: delta, ROUTING: routing, UPDATE: metrics})
-    if update.expert_norms:
-        reply[NORMS] = ArrayRecord({layer: norms.contiguous() for layer, norms in update.expert_norms.items()})
-    return reply
+    return RecordDict({DELTA: delta, ROUTING: routing, UPDATE: metrics})
 
 
 def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> ClientUpdate:
@@ -124,17 +127,16 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
         if not isinstance(content.get(key), kind):
             raise MalformedReply(f"reply has no {kind.__name__} {key!r} (has: {', '.join(content) or 'nothing'})")
     info = content[UPDATE]
-    for field in ("client_id", "num-examples"):
+    for field in (CLIENT_ID, NUM_EXAMPLES):
         if field not in info:
             raise MalformedReply(f"reply metrics lack {field!r}")
-    client_id, num_samples = info["client_id"], info["num-examples"]
+    client_id, num_samples = info[CLIENT_ID], info[NUM_EXAMPLES]
     if not float(num_samples).is_integer() or num_samples < 1:
-        raise MalformedReply(f"reply num-examples = {num_samples!r}: must be a positive integer")
+        raise MalformedReply(f"reply {NUM_EXAMPLES} = {num_samples!r}: must be a positive integer")
     sparse = bool(info.get(SPARSE, False))
     try:
         delta = record_to_tree(content[DELTA], copy=False)  # read-only: aggregation only reads Δ_i
         routing = {k: v.to(torch.int64) for k, v in content[ROUTING].to_torch_state_dict().items()}
-        norms = content[NORMS].to_torch_state_dict() if isinstance(content.get(NORMS), ArrayRecord) else {}
         sent = tree_num_bytes(delta)
         if sparse:
             if layout is None:
@@ -145,9 +147,104 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
                 delta = layout.unpack_experts(delta, layer, routing[layer.name] > 0)
     except (TypeError, ValueError, IndexError) as err:
         raise MalformedReply(f"reply arrays cannot be read: {err}") from None
-    metrics = {k: float(v) for k, v in info.items() if k not in ("client_id", "num-examples", SPARSE)}
-    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics, sparse,
-                        sent if sparse else None, norms)
+    metrics = {k: float(v) for k, v in info.items() if k not in (CLIENT_ID, NUM_EXAMPLES, SPARSE)}
+    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics, sparse, sent if sparse else None)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config of the fcmoe Flower app (``flwr run --run-config``; defaults in ``pyproject.toml``'s
+    ``[tool.flwr.app.config]``)."""
+
+    config_file: str = ""  # an experiment TOML; empty = the embedded default
+    overrides: tuple[str, ...] = ()  # ``key=value`` settings on top of it
+    method: str = ""  # empty = the config's first method
+    out_dir: str = ""  # empty = the config's out_dir
+    round_timeout_s: float = 3600.0  # a node that died mid-round is waited for this long
+
+    def to_run_config(self) -> str:
+        """The ``--run-config`` string of these settings."""
+        return (f'config-file="{self.config_file}" overrides="{";".join(self.overrides)}" method="{self.method}" '
+                f'out-dir="{self.out_dir}" round-timeout-s={float(self.round_timeout_s)}')
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """The settings a ServerApp was started with (missing keys take the defaults)."""
+        overrides = str(run_config.get("overrides", "")).split(";")
+        return cls(str(run_config.get("config-file", "")), tuple(o.strip() for o in overrides if o.strip()),
+                   str(run_config.get("method", "")), str(run_config.get("out-dir", "")),
+                   float(run_config.get("round-timeout-s", cls.round_timeout_s)))
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the server tells a client with every train and evaluate message besides the arrays."""
+
+    server_round: int
+    method: str  # the method label clients build their half from ("fcmoe/no-projection" for a variant)
+    experiment: str  # the resolved experiment config as TOML: clients build the same experiment from it
+    trained: bool = True  # evaluate: this client's update was aggregated, so it applies its message
+    score: bool = True  # evaluate: score the deployed model this round (``eval.every``)
+
+
+def encode_instruction(arrays: ArrayRecord, instruction: Instruction,
+                       message: Mapping[str, torch.Tensor] | None = None, evaluate: bool = False) -> RecordDict:
+    """A train (or, with ``evaluate``, an evaluate) message's content: the global arrays, the instruction and,
+    for evaluation, the client's own message from the server."""
+    config = ConfigRecord({ROUND: instruction.server_round, METHOD: instruction.method,
+                           EXPERIMENT: instruction.experiment, TRAINED: instruction.trained, SCORE: instruction.score})
+    content = RecordDict({ARRAYS: arrays, CONFIG: config})
+    if evaluate:
+        content[MESSAGE] = encode_message(message if instruction.trained else None)
+    return content
+
+
+def decode_instruction(content: RecordDict) -> Instruction:
+    """Inverse of :func:`encode_instruction` (the arrays stay in ``content[ARRAYS]``)."""
+    config = content[CONFIG]
+    return Instruction(int(config[ROUND]), str(config[METHOD]), str(config[EXPERIMENT]), bool(config[TRAINED]),
+                       bool(config[SCORE]))
+
+
+def encode_identity(client_id: int) -> RecordDict:
+    """A query reply: which client this node is."""
+    return RecordDict({METRICS: MetricRecord({CLIENT_ID: client_id})})
+
+
+def decode_identity(content: RecordDict) -> int:
+    """The client id of a query reply; :class:`MalformedReply` if it has none."""
+    metrics = content.get(METRICS)
+    if not isinstance(metrics, MetricRecord) or CLIENT_ID not in metrics:
+        raise MalformedReply("query reply has no client id")
+    return int(metrics[CLIENT_ID])
+
+
+def encode_evaluation(client_id: int, local_acc: float, num_examples: int) -> RecordDict:
+    """An evaluate reply: the client's local accuracy on its own test split (NaN: not scored this round)."""
+    return RecordDict({METRICS: MetricRecord({CLIENT_ID: client_id, LOCAL_ACC: local_acc,
+                                              NUM_EXAMPLES: num_examples})})
+
+
+def decode_evaluation(content: RecordDict) -> tuple[int, float]:
+    """(client id, local accuracy) of an evaluate reply; :class:`MalformedReply` if either is missing."""
+    metrics = content.get(METRICS)
+    if not isinstance(metrics, MetricRecord) or CLIENT_ID not in metrics or LOCAL_ACC not in metrics:
+        raise MalformedReply("evaluation reply has no client id or local accuracy")
+    return int(metrics[CLIENT_ID]), float(metrics[LOCAL_ACC])
+
+
+def node_config(client_id: int, num_clients: int) -> str:
+    """A SuperNode's ``--node-config`` for client ``client_id`` of ``num_clients``."""
+    return f"{PARTITION_ID}={client_id} num-partitions={num_clients}"
+
+
+def partition_id(node_config: Mapping[str, Any]) -> int:
+    """The client a node is, from its node config (Flower's simulation sets it; a SuperNode is started with
+    ``--node-config "partition-id=N"``)."""
+    if PARTITION_ID not in node_config:
+        raise ValueError(f"this node has no {PARTITION_ID!r} in its node config: start the SuperNode with "
+                         f'--node-config "{PARTITION_ID}=N"')
+    return int(node_config[PARTITION_ID])
 
 
 def encode_message(message: Mapping[str, torch.Tensor] | None) -> ArrayRecord:

@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fcmoe.fl.codec import node_config
+
 log = logging.getLogger(__name__)
 
 CONNECTION = "fcmoe-local"
@@ -169,7 +171,7 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
                                      "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port",
                                      str(base_port + 1 + i), "--auth-supernode-private-key", str(private),
                                      "--auth-supernode-public-key", str(public), "--node-config",
-                                     f"partition-id={i} num-partitions={num_nodes}"])
+                                     node_config(i, num_nodes)])
         time.sleep(2.0)
         for name, proc in zip(logs, processes, strict=True):
             if proc.poll() is not None:

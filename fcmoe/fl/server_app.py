@@ -14,6 +14,7 @@ Both write the same run-folder files as the in-process engine: one ``metrics.jso
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -23,18 +24,19 @@ import tomli_w
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl.codec import record_to_tree, tree_to_record
+from fcmoe.fl.codec import RunSettings, record_to_tree, tree_to_record
 from fcmoe.fl.strategy import AlgorithmStrategy
-from fcmoe.rounds import global_accuracy, round_draw, round_metrics
-from fcmoe.sim.checkpoint import save_final_model
-from fcmoe.sim.engine import MethodSummary, append_row
+from fcmoe.algorithms import ServerResult
+from fcmoe.rounds import ServerStep, global_accuracy, round_metrics, start_round
+from fcmoe.runs import MethodSummary, append_row, new_run_dir, save_final_model, save_partition
 
 log = logging.getLogger(__name__)
 
-ROUND_TIMEOUT_S = 3600.0  # a reply later than this is dropped; Flower drops replies silently under ~60 s
+ROUND_TIMEOUT_S = RunSettings.round_timeout_s  # a later reply is dropped; Flower drops replies silently under ~60 s
 
 
 def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout_s: float = ROUND_TIMEOUT_S,
@@ -45,10 +47,10 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     than that are dropped and the round aggregates the others. Keep it well above a round's duration.
     """
     cfg = exp.config
-    algo = cfg.make_algorithm(method, exp.built.layout)
-    strategy = AlgorithmStrategy(algo, tomli_w.dumps(cfg.to_dict()), num_nodes=exp.num_clients, method=method,
-                                 min_updates=cfg.robust.min_clients, max_norm_ratio=cfg.robust.max_norm_ratio,
-                                 clip=cfg.robust.clip)
+    server = RobustAggregation(cfg.make_algorithm(method, exp.built.layout), cfg.robust)
+    strategy = AlgorithmStrategy(server, tomli_w.dumps(cfg.to_dict()), exp.num_clients,
+                                 lambda round_index: start_round(exp, round_index), method,
+                                 scores=lambda round_index: cfg.eval.scores(round_index, cfg.rounds))
     model_bytes = tree_num_bytes(exp.initial_state)
     metrics_path = run_dir / "metrics.jsonl"
     clock = {"round": time.perf_counter(), "start": time.perf_counter()}
@@ -58,17 +60,14 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         if server_round == 0:
             return None
         state = strategy.round_state
-        global_state = record_to_tree(arrays)
+        step = state.step or ServerStep(ServerResult(state=exp.initial_state), skipped=True)  # no train replies
         local = [state.local_acc.get(cid) for cid in range(exp.num_clients)]
-        result = state.result
-        row = round_metrics(method, server_round, state.updates, global_accuracy(exp.trainer, global_state,
-                                                                                  exp.global_test),
-                            local, model_bytes, result.messages if result else {}, result.metrics if result else {},
-                            time.perf_counter() - clock["round"])
-        drawn, failed = round_draw(cfg.seed, server_round, exp.num_clients, cfg.participation.fraction,
-                                   cfg.participation.dropout)
-        row.update(engine="flower", participants=drawn, failed=failed, rejected=state.rejected,
-                   skipped=state.skipped)
+        scored = cfg.eval.scores(server_round, cfg.rounds)
+        global_acc = global_accuracy(exp.trainer, record_to_tree(arrays), exp.global_test) if scored else math.nan
+        now = time.perf_counter()
+        row = round_metrics(method, server_round, step, state.draw, global_acc, local, model_bytes,
+                            now - clock["round"], now - (state.evaluation_started or now))
+        row["engine"] = "flower"
         append_row(metrics_path, row)
         last.update(row)
         clock["round"] = time.perf_counter()
@@ -109,18 +108,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run .``: config file, overrides (``;``-separated ``key=value``), method, output folder and round
-    timeout from the run config."""
-    run_config = context.run_config
-    overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
-    config = load_config(str(run_config["config-file"]) or None, overrides)
-    method = str(run_config.get("method", "")) or config.methods[0]
-    from fcmoe.sim.run import new_run_dir, save_partition
-
+    """``flwr run .``: config file, overrides, method, output folder and round timeout from the run config
+    (:class:`~fcmoe.fl.codec.RunSettings`)."""
+    settings = RunSettings.from_run_config(context.run_config)
+    config = load_config(settings.config_file or None, list(settings.overrides))
+    method = settings.method or config.methods[0]
     exp = prepare_experiment(config)
-    run_dir = new_run_dir(str(run_config.get("out-dir", "")) or config.out_dir)
+    run_dir = new_run_dir(settings.out_dir or config.out_dir)
     config.save(run_dir / "config.toml")
     save_partition(exp, run_dir)
-    summary = serve(grid, exp, method, run_dir, float(run_config.get("round-timeout-s", ROUND_TIMEOUT_S)))
+    summary = serve(grid, exp, method, run_dir, settings.round_timeout_s)
     log.info("%s: global %.4f, local %.4f ± %.4f; run folder %s", method, summary.global_acc,
              summary.local_acc_mean, summary.local_acc_std, run_dir)

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fcmoe.core.one_read import ExpertSegment
-from fcmoe.core.tree import row_squared_norms
 from fcmoe.registry import register_layout
 
 Tree = dict[str, torch.Tensor]
@@ -130,54 +128,22 @@ class ExpertLayout:
         """Expert parameters of one layer as ``[E, P]`` (row k = every part of expert k, flattened)."""
         return torch.cat([part.gather(tree) for part in layer.parts], dim=1)
 
-    def gather_experts_batched(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec,
-                               out: torch.Tensor | None = None) -> torch.Tensor:
-        """Every tree's expert parameters of one layer as ``[E, N, P]``, in a single copy.
+    def stack_experts(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec) -> torch.Tensor:
+        """Every tree's expert parameters of one layer as ``[N, E, P]``, in a single copy.
 
-        Expert-major, so each expert's N client rows are one contiguous ``[N, P]`` matrix and the per-expert sums
-        and inner products of aggregation are plain batched matrix products over it (no strided reads). ``out`` is
-        reused when its shape and dtype fit: fresh multi-GB buffers cost page faults on every round (measured
-        ~2× the copy itself on this CPU, ``bench/aggregation.py``).
+        The result is the transposed view of an expert-major ``[E, N, P]`` stack, so each expert's N client rows
+        are one contiguous ``[N, P]`` matrix and the per-expert sums and inner products of aggregation are plain
+        batched matrix products over it.
         """
         n, e, p = len(trees), layer.num_experts, layer.expert_numel
-        dtype = trees[0][layer.keys[0]].dtype
-        if out is None or out.shape != (e, n, p) or out.dtype != dtype:
-            out = torch.empty(e, n, p, dtype=dtype)
+        out = torch.empty(e, n, p, dtype=trees[0][layer.keys[0]].dtype)
         offset = 0
         for part in layer.parts:
             rows = [part.rows(tree) for tree in trees]  # [N][E] flat views of width w
             block = out[:, :, offset:offset + part.width].view(e * n, part.width)  # rows (k, i), k-major
             torch.stack([rows[i][k] for k in range(e) for i in range(n)], dim=0, out=block)
             offset += part.width
-        return out
-
-    def expert_norms(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec) -> torch.Tensor:
-        """‖expert k of tree i‖ for one layer as ``[N, E]`` (float32 at least), read in place without a copy."""
-        squares = torch.zeros(len(trees), layer.num_experts, dtype=torch.float64)
-        for i, tree in enumerate(trees):
-            for part in layer.parts:
-                if part.kind == "module":  # E separate tensors
-                    squares[i] += torch.cat([row_squared_norms(row[None]) for row in part.rows(tree)])
-                else:
-                    squares[i] += row_squared_norms(part.gather(tree))  # [E, w], a view for fused experts
-        return squares.sqrt().to(torch.promote_types(trees[0][layer.keys[0]].dtype, torch.float32))
-
-    def expert_segments(self, trees: Sequence[Mapping[str, torch.Tensor]],
-                        layer: MoELayerSpec) -> list[ExpertSegment]:
-        """Where every tree's expert parameters of one layer lie, one :class:`ExpertSegment` per stored part.
-
-        Client i's part is its ``[E, w]`` matrix (a view for fused experts and LoRA A; LoRA B's strided columns are
-        gathered into a copy) or, for one module per expert, its E stored tensors of w values each. Nothing is stacked:
-        :func:`~fcmoe.core.one_read.one_read_consensus_coefficients` reads the rows where they are.
-        """
-        segments, offset = [], 0
-        for part in layer.parts:
-            # one module per expert: the E stored tensors as they are (a flattening view costs ~0.7 µs per
-            # tensor, 0.11 ms of a 2 ms step at 10 clients × 16 expert tensors)
-            rows = [[tree[key] for key in part.keys] if part.kind == "module" else part.gather(tree) for tree in trees]
-            segments.append(ExpertSegment(offset, part.width, rows))
-            offset += part.width
-        return segments
+        return out.transpose(0, 1)
 
     def split_experts(self, layer: MoELayerSpec, values: torch.Tensor) -> Tree:
         """The inverse of :meth:`gather_experts`: ``values [E, P]`` → a tree of that layer's expert keys only."""
@@ -206,8 +172,8 @@ class ExpertLayout:
                 old = tree[part.keys[0]]
                 new = torch.addcmul(old.reshape(layer.num_experts, -1).to(block.dtype), block, scale[:, None])
                 out[part.keys[0]] = new.reshape(old.shape).to(old.dtype)
-            elif part.kind == "module":  # E tensors: one multiply-add each (a gather + split copied them twice more:
-                for k, key in enumerate(part.keys):  # 7.7 vs ~3 ms at 10 × 10^7 floats)
+            elif part.kind == "module":  # E tensors: one multiply-add each (a gather and a split would copy twice)
+                for k, key in enumerate(part.keys):
                     old = tree[key]
                     out[key] = torch.addcmul(old.to(block.dtype), block[k].view(old.shape), scale[k]).to(old.dtype)
             else:  # LoRA factors: small tensors, through the general path

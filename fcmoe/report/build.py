@@ -29,7 +29,7 @@ import numpy as np
 from fcmoe.report import plots
 from fcmoe.report.results import (ReportError, RunResult, Stat, alphas_of, curve, default_target, find_runs,
                                   layer_curve, methods_of, rounds_to_target, stat)
-from fcmoe.report.table import DISPLAY_NAMES
+from fcmoe.report.table import display_name
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,6 @@ class ReportTable:
         self.records.append({"method": method, "alpha": alpha, "metric": metric, "mean": value.mean,
                              "std": value.std, "n": value.n})
         return value.text()
-
-
-def display_name(method: str) -> str:
-    """``"fcmoe/no-projection"`` → ``"FC-MoE w/o projection"``."""
-    name, _, variant = method.partition("/")
-    base = DISPLAY_NAMES.get(name, name)
-    return f"{base} w/o {variant.removeprefix('no-')}" if variant else base
 
 
 def build_report(paths: Sequence[Path], out: Path | None = None, target: float | None = None) -> Path:

@@ -102,13 +102,15 @@ def stat(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> Stat
 
 
 def curve(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> tuple[list[int], list[Stat]]:
-    """Per round, mean ± std over seeds of a ``metrics.jsonl`` value."""
+    """Per round, mean ± std over seeds of a ``metrics.jsonl`` value; rounds no seed has a value for (not scored:
+    ``eval.every``) are left out, so a curve joins the scored rounds."""
     by_round: dict[int, list[float]] = {}
     for run in runs:
         if run.alpha == alpha:
             for row in run.method_rows(method):
-                by_round.setdefault(int(row["round"]), []).append(float(row.get(key, math.nan)))
-    rounds = sorted(by_round)
+                value = row.get(key)
+                by_round.setdefault(int(row["round"]), []).append(math.nan if value is None else float(value))
+    rounds = sorted(t for t, values in by_round.items() if any(math.isfinite(v) for v in values))
     return rounds, [Stat.of(by_round[t]) for t in rounds]
 
 

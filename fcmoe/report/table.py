@@ -7,9 +7,21 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from fcmoe.sim.engine import MethodSummary
+from fcmoe.algorithms import ALGORITHMS
+from fcmoe.runs import MethodSummary
 
-DISPLAY_NAMES = {"fedavg": "FedAvg", "fedmoe": "FedMoE", "pflmoe": "PFL-MoE", "fcmoe": "FC-MoE"}
+
+def display_name(method: str) -> str:
+    """A method label as tables and figures show it: the algorithm's display name and its variant
+    (``"fcmoe/no-projection"`` → ``"FC-MoE w/o projection"``); an unregistered name as it is."""
+    name, _, variant = method.partition("/")
+    try:
+        shown = ALGORITHMS.get(name).display_name or name
+    except KeyError:
+        return method
+    if not variant:
+        return shown
+    return f"{shown} w/o {variant.removeprefix('no-')}" if variant.startswith("no-") else f"{shown}/{variant}"
 
 
 def summary_table(summaries: Sequence[MethodSummary], title: str = "") -> Table:
@@ -18,7 +30,7 @@ def summary_table(summaries: Sequence[MethodSummary], title: str = "") -> Table:
     for column in ("method", "global acc", "local acc (mean ± std)", "rounds", "wall time"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for s in summaries:
-        table.add_row(DISPLAY_NAMES.get(s.method, s.method), f"{s.global_acc:.4f}",
+        table.add_row(display_name(s.method), f"{s.global_acc:.4f}",
                       f"{s.local_acc_mean:.4f} ± {s.local_acc_std:.4f}", str(s.rounds), f"{s.wall_s:.1f} s")
     return table
 

@@ -98,13 +98,6 @@ def checkpointed_round(folder: Path) -> tuple[str, int] | None:
     return None if progress is None else (progress["method"], int(progress["round"]))
 
 
-def save_final_model(run_dir: Path, method: str, state: Tree) -> Path:
-    """``model-<method>.safetensors`` in ``run_dir`` (a variant's "/" becomes "_"), for either engine."""
-    path = run_dir / f"model-{method.replace('/', '_')}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
-
-
 def _progress(folder: Path) -> dict[str, Any] | None:
     """``folder``'s progress.json, written last by :func:`save_checkpoint`; ``None`` if it holds no checkpoint."""
     path = folder / PROGRESS

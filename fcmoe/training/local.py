@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fcmoe.algorithms.base import Prediction
 from fcmoe.config import TrainConfig
 from fcmoe.config_sections import ConfigError
 from fcmoe.core import Tree
 from fcmoe.models.classifier import EncoderClassifier
+from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.models.routing import RoutingRecorder
 

@@ -76,6 +76,8 @@ def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: 
     """9 honest clients near +d, one sends −1000·d: the mean flips sign, the robust aggregators do not."""
     from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
     from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
+    from fcmoe.algorithms.robust import RobustAggregation
+    from fcmoe.config_sections import RobustConfig
 
     state = tiny.model.trainable_state()
     base = random_delta(state, 0)
@@ -83,18 +85,39 @@ def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: 
     deltas.append({k: -1000 * v for k, v in base.items()})
     counts = [torch.tensor([5, 5, 5, 5])] * 10
     updates = make_updates(tiny, deltas, [10] * 10, counts)
-    for algo in (FedAvg(FedAvgConfig(), tiny.layout), FCMoE(FCMoEConfig(), tiny.layout)):
+    robust = RobustConfig(aggregator=aggregator, max_norm_ratio=0.0)
+    for algo in (FedAvg(FedAvgConfig(), tiny.layout), FCMoE(FCMoEConfig(), tiny.layout),
+                 FedMoE(FedMoEConfig(), tiny.layout)):
         mean_step = tree_add(algo.aggregate(state, updates).state, state, scale=-1.0)
-        algo.set_inner_aggregator(aggregator, 0.1)
-        robust_step = tree_add(algo.aggregate(state, updates).state, state, scale=-1.0)
-        key = tiny.layout.layers[0].keys[0]
-        assert (mean_step[key] * base[key]).sum() < 0  # the attacker wins the mean
-        cosine = torch.nn.functional.cosine_similarity(robust_step[key].flatten(), base[key].flatten(), dim=0)
-        assert cosine > 0.99, (algo.name, aggregator)  # the robust step points where the honest clients do
+        wrapped = RobustAggregation(algo, robust)
+        robust_step = tree_add(wrapped.aggregate(state, updates).state, state, scale=-1.0)
+        for key in (tiny.layout.layers[0].keys[0], tiny.layout.shared_keys[0], *tiny.layout.router_keys[:1]):
+            assert (mean_step[key] * base[key]).sum() < 0, key  # the attacker wins the mean
+            cosine = torch.nn.functional.cosine_similarity(robust_step[key].flatten(), base[key].flatten(), dim=0)
+            assert cosine > 0.99, (algo.name, aggregator, key)  # the robust step points where the honest clients do
+
+
+def test_the_wrapper_with_the_mean_is_the_algorithm_itself(tiny: BuiltModel) -> None:
+    """RobustAggregation adds nothing when it screens nothing and keeps the weighted mean."""
+    from fcmoe.algorithms import ALGORITHMS
+    from fcmoe.algorithms.robust import RobustAggregation
+    from fcmoe.config_sections import RobustConfig
+
+    state = tiny.model.trainable_state()
+    updates = make_updates(tiny, [random_delta(state, s) for s in range(3)], [5, 9, 2],
+                           [torch.tensor([5, 0, 2, 1]), torch.tensor([1, 1, 7, 0]), torch.tensor([3, 3, 3, 3])])
+    for name in ALGORITHMS.names():
+        cls = ALGORITHMS.get(name)
+        plain = cls(cls.config_class(), tiny.layout).aggregate(state, updates)
+        server = RobustAggregation(cls(cls.config_class(), tiny.layout), RobustConfig())
+        accepted, rejected = server.admit(updates, state)
+        wrapped = server.aggregate(state, accepted)
+        assert rejected == [] and all(torch.equal(plain.state[k], wrapped.state[k]) for k in state), name
 
 
 def test_clipping_bounds_a_scaled_client_per_unit(tiny: BuiltModel) -> None:
-    from fcmoe.rounds import clip_updates, tree_norm
+    from fcmoe.algorithms.robust import clip_updates
+    from fcmoe.core import tree_norm
 
     state = tiny.model.trainable_state()
     deltas = [random_delta(state, s) for s in range(4)]

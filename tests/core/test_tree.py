@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fcmoe.core import tree_add, tree_norm, tree_sub, weighted_mean
+from fcmoe.core import fedavg_step, tree_add, tree_norm, tree_sub
 
 
 def random_tree(seed: int) -> dict[str, torch.Tensor]:
@@ -17,13 +17,14 @@ def random_tree(seed: int) -> dict[str, torch.Tensor]:
             "experts.expert_0.wi.weight": torch.randn(4, 4, generator=gen)}
 
 
-def test_weighted_mean_matches_flower_fedavg() -> None:
+def test_fedavg_step_matches_flower_fedavg() -> None:
     trees = [random_tree(s) for s in range(4)]
     sizes = [13, 40, 7, 101]
     records = [RecordDict({"arrays": ArrayRecord(dict(t)),
                            "metrics": MetricRecord({"num-examples": n})}) for t, n in zip(trees, sizes)]
     flower = aggregate_arrayrecords(records, "num-examples").to_numpy_ndarrays()
-    ours = weighted_mean(trees, sizes)
+    zero = {k: torch.zeros_like(v) for k, v in trees[0].items()}
+    ours = fedavg_step(zero, trees, sizes, list(zero))
     for key, expected in zip(trees[0], flower):
         np.testing.assert_allclose(ours[key].numpy(), expected, rtol=1e-6, atol=1e-7)
 
@@ -38,9 +39,9 @@ def test_tree_ops_do_not_mutate() -> None:
         assert torch.equal(a[key], a0[key]) and torch.equal(b[key], b0[key])
 
 
-def test_weighted_mean_rejects_zero_weights() -> None:
+def test_fedavg_step_rejects_zero_weights() -> None:
     with pytest.raises(ValueError, match="sum to 0"):
-        weighted_mean([random_tree(0)], [0])
+        fedavg_step(random_tree(1), [random_tree(0)], [0], ["b.bias"])
 
 
 def test_tree_norm_is_the_float64_norm_of_every_value() -> None:

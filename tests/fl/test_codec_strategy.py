@@ -5,18 +5,23 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fcmoe import rounds
 from fcmoe.algorithms import ALGORITHMS, ClientUpdate
-from fcmoe.fl.codec import (MalformedReply, decode_message, decode_update, encode_message, encode_update,
-                            load_client_state, record_to_tree, save_client_state, tree_to_record)
-from fcmoe.fl import strategy as strategy_module
-from fcmoe.fl.strategy import ARRAYS, CONFIG, MESSAGE, METRICS, AlgorithmStrategy
+from fcmoe.algorithms.robust import RobustAggregation
+from fcmoe.config_sections import RobustConfig
+from fcmoe.fl.codec import (ARRAYS, MESSAGE, Instruction, MalformedReply, RunSettings, decode_instruction,
+                            decode_message, decode_update, encode_evaluation, encode_identity, encode_message,
+                            encode_update, load_client_state, record_to_tree, save_client_state, tree_to_record)
+from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.models.build import BuiltModel
+from fcmoe.rounds import RoundDraw
 
 
 @pytest.fixture(autouse=True)
@@ -26,13 +31,27 @@ def _task_identity() -> None:
 
 
 class FakeGrid:
-    """What the strategy asks of a Grid: the connected node ids."""
+    """What the strategy asks of a Grid: the connected node ids, and each node's answer to who it is.
 
-    def __init__(self, nodes: list[int]) -> None:
+    ``nodes`` lists node ids; node ``nodes[i]`` is client i unless ``clients`` says otherwise.
+    """
+
+    def __init__(self, nodes: list[int], clients: dict[int, int] | None = None) -> None:
         self.nodes = nodes
+        self.clients = clients if clients is not None else {node: i for i, node in enumerate(nodes)}
+        self.queried: list[int] = []
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        self.queried += [m.metadata.dst_node_id for m in messages]
+        return [Message(content=encode_identity(self.clients[m.metadata.dst_node_id]), reply_to=m) for m in messages]
+
+
+def _reply(content: RecordDict | Error, to: Message) -> Message:
+    """The reply of the node ``to`` was sent to (Flower sets the reply's source from the instruction)."""
+    return Message(content, reply_to=to)
 
 
 def test_tree_round_trip_keeps_values_and_dtypes_bfloat16_included() -> None:
@@ -57,9 +76,7 @@ def test_update_round_trip() -> None:
     assert (back.client_id, back.num_samples, back.metrics) == (3, 17, {"loss": 0.25})
     assert torch.equal(back.delta["w"], update.delta["w"]) and torch.equal(back.routing_counts["layer"],
                                                                             update.routing_counts["layer"])
-    assert back.expert_norms == {}  # none sent, none invented
-    update.expert_norms = {"layer": torch.tensor([0.5, 0.0, 2.25])}
-    assert torch.equal(decode_update(encode_update(update)).expert_norms["layer"], update.expert_norms["layer"])
+    assert set(encode_update(update)) == {"delta", "routing", "update"}  # Δ_i, routing counts, n_i: nothing else
 
 
 def test_sparse_update_travels_without_its_unrouted_experts(tiny: BuiltModel) -> None:
@@ -113,89 +130,114 @@ def _updates(tiny: BuiltModel, n: int) -> list[ClientUpdate]:
             for i in range(n)]
 
 
-def _strategy(tiny: BuiltModel, method: str = "fcmoe", num_nodes: int = 2) -> AlgorithmStrategy:
+def _strategy(tiny: BuiltModel, method: str = "fcmoe", num_nodes: int = 2, draw: RoundDraw | None = None,
+              robust: RobustConfig | None = None) -> AlgorithmStrategy:
     algo = ALGORITHMS.get(method)(ALGORITHMS.get(method).config_class(), tiny.layout)
-    return AlgorithmStrategy(algo, "rounds = 1\n", num_nodes=num_nodes, node_wait_s=2.0)
+    plan = draw or RoundDraw(list(range(num_nodes)), [])
+    return AlgorithmStrategy(RobustAggregation(algo, robust or RobustConfig()), "rounds = 1\n", num_nodes,
+                             lambda round_index: plan, method, node_wait_s=2.0)
 
 
 def test_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny: BuiltModel) -> None:
-    strategy = _strategy(tiny)
+    strategy = _strategy(tiny, num_nodes=6)
     global_state = tiny.model.trainable_state()
     arrays = tree_to_record(global_state)
-    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(),
-                                                 FakeGrid([11, 12, 13, 14, 15])))
-    assert [m.metadata.dst_node_id for m in instructions] == [11, 12, 13, 14, 15]
-    assert instructions[0].content[CONFIG]["method"] == "fcmoe"
-    good = _updates(tiny, 2)
-    poisoned = ClientUpdate(2, {k: v.clone() for k, v in good[0].delta.items()}, 10, good[0].routing_counts)
+    grid = FakeGrid([11, 12, 13, 14, 15, 16])  # node 11 + i is client i
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    assert [m.metadata.dst_node_id for m in instructions] == [11, 12, 13, 14, 15, 16]
+    assert decode_instruction(instructions[0].content) == Instruction(1, "fcmoe", "rounds = 1\n")
+    every = _updates(tiny, 6)
+    good = [every[0], every[4]]
+    poisoned = ClientUpdate(2, {k: v.clone() for k, v in every[2].delta.items()}, 10, every[2].routing_counts)
     first_key = next(iter(poisoned.delta))
     poisoned.delta[first_key][0] = math.nan
-    missing = encode_update(good[0])
+    missing = encode_update(every[3])
     missing.pop("routing")
-    replies = [Message(content=encode_update(good[1]), reply_to=instructions[0]),
-               Message(Error(code=0, reason="client crashed"), reply_to=instructions[1]),
-               Message(content=encode_update(poisoned), reply_to=instructions[2]),
-               Message(content=missing, reply_to=instructions[3]),
-               Message(content=encode_update(good[0]), reply_to=instructions[4])]
+    replies = [_reply(encode_update(every[4]), instructions[4]),  # replies arrive in any order
+               _reply(Error(code=0, reason="client crashed"), instructions[1]),
+               _reply(encode_update(poisoned), instructions[2]),
+               _reply(missing, instructions[3]),
+               _reply(encode_update(every[0]), instructions[5]),  # node 16 (client 5) sends client 0's update
+               _reply(encode_update(every[0]), instructions[0])]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
-    expected = strategy.algorithm.aggregate(global_state, good).state
+    expected = strategy.server.algorithm.aggregate(global_state, good).state
     got = record_to_tree(new_arrays)
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # the same math, in client-id order
-    assert metrics["valid_updates"] == 2 and metrics["rejected"] == 3
-    reasons = " | ".join(strategy.round_state.rejected)
+    assert metrics["valid_updates"] == 2 and metrics["rejected"] == 4
+    reasons = " | ".join(strategy.round_state.step.rejected)
     assert "client crashed" in reasons and "non-finite" in reasons and "no ArrayRecord 'routing'" in reasons
-    # each client's message goes back to the node that trained it
-    evaluate = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, new_arrays,
-                                                                              ConfigRecord(),
-                                                                              FakeGrid([11, 12, 13, 14, 15]))}
-    sent = decode_message(evaluate[15].content[MESSAGE])
-    own = strategy.round_state.result.messages[0]
+    assert "node 16 is client 5 but sent an update of client 0" in reasons
+    # each client's message goes back to the node of that client; every node is scored
+    evaluate = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, new_arrays, ConfigRecord(), grid)}
+    assert sorted(evaluate) == [11, 12, 13, 14, 15, 16]
+    sent = decode_message(evaluate[11].content[MESSAGE])
+    own = strategy.round_state.step.result.messages[0]
     assert sent is not None and all(torch.equal(sent[k], own[k]) for k in own)
-    assert evaluate[12].content[CONFIG]["trained"] is False and decode_message(evaluate[12].content[MESSAGE]) is None
+    assert decode_instruction(evaluate[12].content).trained is False
+    assert decode_message(evaluate[12].content[MESSAGE]) is None
+    assert grid.queried == [11, 12, 13, 14, 15, 16]  # asked once, not again for the evaluation
 
 
-def test_strategy_rejects_a_scaled_update_by_its_norm_and_skips_absent_clients(tiny: BuiltModel) -> None:
-    strategy = _strategy(tiny, "fedavg", num_nodes=5)
+def test_only_the_drawn_clients_that_do_not_fail_are_messaged(tiny: BuiltModel) -> None:
+    """The server draws the participants: undrawn and failing clients get no train message (their nodes are
+    still scored), and which node is which client comes from the nodes' own answers, in any order."""
+    strategy = _strategy(tiny, "fedavg", num_nodes=4, draw=RoundDraw([0, 2, 3], [3]))
+    grid = FakeGrid([40, 41, 42, 43], clients={40: 3, 41: 2, 42: 1, 43: 0})
+    arrays = tree_to_record(tiny.model.trainable_state())
+    sent = [m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)]
+    assert sent == [43, 41]  # clients 0 and 2, by client id
+    assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))) == 4
+
+
+def test_strategy_rejects_a_scaled_update_by_its_norm(tiny: BuiltModel) -> None:
+    strategy = _strategy(tiny, "fedavg", num_nodes=4)
     global_state = tiny.model.trainable_state()
     arrays = tree_to_record(global_state)
-    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4, 5])))
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
     updates = _updates(tiny, 4)
-    attacker = ClientUpdate(4, {k: 100 * v for k, v in updates[0].delta.items()}, 10, updates[0].routing_counts)
-    absent = RecordDict({"update": MetricRecord({"client_id": 5, "absent": 1})})
-    replies = [Message(content=encode_update(u), reply_to=m) for u, m in zip([*updates[1:], attacker], instructions)]
-    replies.append(Message(content=absent, reply_to=instructions[4]))
+    attacker = ClientUpdate(3, {k: 100 * v for k, v in updates[0].delta.items()}, 10, updates[0].routing_counts)
+    replies = [_reply(encode_update(u), m) for u, m in zip([*updates[:3], attacker], instructions)]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
-    (reason,) = strategy.round_state.rejected
-    assert reason.startswith("client 4: update norm") and "× the round's median" in reason
-    expected = strategy.algorithm.aggregate(global_state, updates[1:]).state
+    (reason,) = strategy.round_state.step.rejected
+    assert reason.startswith("client 3: update norm") and "× the round's median" in reason
+    expected = strategy.server.algorithm.aggregate(global_state, updates[:3]).state
     got = record_to_tree(new_arrays)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    assert metrics["valid_updates"] == 3 and metrics["rejected"] == 1  # the absent client is neither
+    assert metrics["valid_updates"] == 3 and metrics["rejected"] == 1
 
 
 def test_a_new_round_drops_the_last_rounds_updates_before_releasing_freed_memory(
         tiny: BuiltModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    strategy = _strategy(tiny, "fedavg", num_nodes=2)
+    """The strategy opens each round with :func:`fcmoe.rounds.start_round` after dropping the last one's state."""
+    algo = ALGORITHMS.get("fedavg")(ALGORITHMS.get("fedavg").config_class(), tiny.layout)
+    participation = SimpleNamespace(fraction=1.0, dropout=0.0)
+    exp = SimpleNamespace(config=SimpleNamespace(seed=0, participation=participation), num_clients=2)
+    strategy = AlgorithmStrategy(RobustAggregation(algo, RobustConfig()), "", 2,
+                                 lambda r: rounds.start_round(exp, r), "fedavg", node_wait_s=2.0)
     arrays = tree_to_record(tiny.model.trainable_state())
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
-    strategy.aggregate_train(1, [Message(content=encode_update(u), reply_to=m)
-                                 for u, m in zip(_updates(tiny, 2), instructions)])
-    held = [weakref.ref(u) for u in strategy.round_state.updates]
+    strategy.aggregate_train(1, [_reply(encode_update(u), m) for u, m in zip(_updates(tiny, 2), instructions)])
+    held = [weakref.ref(u) for u in strategy.round_state.step.accepted]
     live_at_release: list[int] = []
-    monkeypatch.setattr(strategy_module, "release_freed_memory",
+    monkeypatch.setattr(rounds, "release_freed_memory",
                         lambda: live_at_release.append(sum(ref() is not None for ref in held)))
     strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([1, 2]))
     assert len(held) == 2 and live_at_release == [0]
 
 
-def test_no_valid_update_keeps_the_global_model(tiny: BuiltModel) -> None:
+def test_too_few_valid_updates_keep_the_global_model(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny, "fedavg", num_nodes=1)
     arrays = tree_to_record(tiny.model.trainable_state())
     (instruction,) = strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([4]))
     bad = ClientUpdate(0, {"not.a.parameter": torch.zeros(1)}, 3, {})
-    new_arrays, metrics = strategy.aggregate_train(1, [Message(content=encode_update(bad), reply_to=instruction)])
-    assert new_arrays is None and strategy.round_state.skipped and metrics["rejected"] == 1
-    assert "missing" in strategy.round_state.rejected[0]
+    new_arrays, metrics = strategy.aggregate_train(1, [_reply(encode_update(bad), instruction)])
+    assert new_arrays is None and strategy.round_state.step.skipped and metrics["rejected"] == 1
+    assert "missing" in strategy.round_state.step.rejected[0]
+    strict = _strategy(tiny, "fedavg", num_nodes=2, robust=RobustConfig(min_clients=3))
+    instructions = list(strict.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    new_arrays, _ = strict.aggregate_train(1, [_reply(encode_update(u), m)
+                                                for u, m in zip(_updates(tiny, 2), instructions)])
+    assert new_arrays is None and strict.round_state.step.skipped  # robust.min_clients, as in-process
 
 
 def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
@@ -205,7 +247,7 @@ def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([8, 9])))  # waits 2 s, goes on
     assert [m.metadata.dst_node_id for m in sent] == [8, 9] and time.monotonic() - started >= 2.0
     started = time.monotonic()
-    later = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([9])))  # node 8 died: no wait
+    later = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([9], {9: 1})))  # node 8 died
     assert [m.metadata.dst_node_id for m in later] == [9] and time.monotonic() - started < 1.0
     with pytest.raises(RuntimeError, match="no node connected"):
         strategy.configure_train(3, arrays, ConfigRecord(), FakeGrid([]))
@@ -214,12 +256,20 @@ def test_a_missing_node_does_not_stall_the_round(tiny: BuiltModel) -> None:
 def test_local_accuracies_are_collected_by_client(tiny: BuiltModel) -> None:
     strategy = _strategy(tiny)
     arrays = tree_to_record(tiny.model.trainable_state())
-    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(),
-                                                 FakeGrid([1, 2])))
-    replies = [Message(content=RecordDict({METRICS: MetricRecord({"client_id": cid, "local_acc": acc,
-                                                                   "num-examples": 4})}), reply_to=msg)
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    replies = [_reply(encode_evaluation(cid, acc, 4), msg)
                for cid, acc, msg in ((0, 0.5, instructions[0]), (1, 0.75, instructions[1]))]
-    replies.append(Message(Error(code=0, reason="gone"), reply_to=instructions[1]))
+    replies.append(_reply(Error(code=0, reason="gone"), instructions[1]))
     assert strategy.aggregate_evaluate(1, replies)["local_acc_mean"] == pytest.approx(0.625)
     assert strategy.round_state.local_acc == {0: 0.5, 1: 0.75}
     assert isinstance(arrays, ArrayRecord) and ARRAYS in instructions[0].content
+
+
+def test_run_settings_round_trip_through_the_run_config_string() -> None:
+    """What ``fcmoe deploy-local`` passes to ``flwr run --run-config`` is what the ServerApp reads back."""
+    import tomllib
+
+    settings = RunSettings("/a/b.toml", ("rounds=2", "seed=3"), "fcmoe/no-projection", "/out", 300.0)
+    parsed = tomllib.loads("\n".join(settings.to_run_config().replace('" ', '"\n').splitlines()))
+    assert RunSettings.from_run_config(parsed) == settings
+    assert RunSettings.from_run_config({}) == RunSettings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
 from fcmoe.sim.engine import run_method
-from fcmoe.sim.run import run_experiment
+from fcmoe.runner import run_experiment
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
         "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=2",
@@ -49,9 +50,11 @@ def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> No
 
 def test_flower_participation_and_dropouts_match_in_process(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Half the clients drawn per round, 30 % dropping out mid-round: Flower aggregates the same clients."""
+    """Half the clients drawn per round, 30 % dropping out mid-round: the Flower server messages the clients the
+    in-process engine trains, and aggregates the same ones; with ``eval.every = 2`` round 1 is not scored, and the
+    clients still apply their messages (the final models agree)."""
     overrides = [*TINY, "partition.num_clients=4", "rounds=3", "methods=['fcmoe']", "participation.fraction=0.5",
-                 "participation.dropout=0.3"]
+                 "participation.dropout=0.3", "eval.every=2"]
     config = load_config(overrides=overrides)
     exp = prepare_experiment(config)
     _, expected = run_method(exp, "fcmoe", tmp_path / "in-process.jsonl")
@@ -65,5 +68,7 @@ def test_flower_participation_and_dropouts_match_in_process(tmp_path: Path,
     for row, ref in zip(rows, reference, strict=True):
         assert (row["participants"], row["failed"], row["clients"]) == (ref["participants"], ref["failed"],
                                                                        ref["clients"])
-        assert len(row["rejected"]) == len(row["failed"])  # a failed client is an error reply to Flower
+        assert row["rejected"] == ref["rejected"] == []  # the server never messaged a failing client
+        scored = row["round"] != 1  # eval.every = 2 over 3 rounds: rounds 2 and 3
+        assert math.isnan(row["global_acc"]) != scored and (row["local_acc"] == [None] * 4) != scored
     assert any(r["failed"] for r in rows)

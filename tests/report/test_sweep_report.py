@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fcmoe.sim.run
+import fcmoe.runner
 from fcmoe.cli import main
 from fcmoe.config import ConfigError, load_config
 from fcmoe.report.build import build_report
-from fcmoe.sim.sweep import run_sweep, sweep_cells
+from fcmoe.sweep import run_sweep, sweep_cells
 from tests.sim.test_engine import TINY
 
 METHODS = ["fedavg", "fcmoe"]
@@ -124,13 +124,13 @@ def test_resuming_a_half_done_sweep_runs_only_the_missing_runs(sweep_dir: Path, 
     shutil.rmtree(cell_b)
     untouched = (folder / "alpha0.1-seed0" / "metrics.jsonl").read_bytes()
     calls: list[tuple[str, str]] = []
-    real = fcmoe.sim.run.run_method
+    real = fcmoe.runner.run_method
 
     def spy(exp, method, metrics_path, *rest):  # type: ignore[no-untyped-def]
         calls.append((metrics_path.parent.name, method))
         return real(exp, method, metrics_path, *rest)
 
-    monkeypatch.setattr(fcmoe.sim.run, "run_method", spy)
+    monkeypatch.setattr(fcmoe.runner, "run_method", spy)
     config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
     run_sweep(config, ALPHAS, SEEDS, folder, show_progress=False)
     assert calls == [("alpha1-seed0", "fcmoe"), ("alpha1-seed1", "fedavg"), ("alpha1-seed1", "fcmoe")]
@@ -238,7 +238,7 @@ def test_cells_run_in_parallel_processes_equal_the_sequential_run(tmp_path: Path
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config(overrides=[*TINY, 'methods=["fedavg", "fcmoe"]'])
     with monkeypatch.context() as patch:  # spawned workers import fcmoe afresh: only an in-process cell would fail
-        patch.setattr("fcmoe.sim.sweep.run_experiment", lambda *a, **k: pytest.fail("a cell ran in this process"))
+        patch.setattr("fcmoe.sweep.run_experiment", lambda *a, **k: pytest.fail("a cell ran in this process"))
         run_sweep(config, ALPHAS, [0], tmp_path / "parallel", show_progress=False, jobs=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // 2))  # what each of the 2 workers used

@@ -13,12 +13,11 @@ import torch
 from fcmoe.algorithms import ALGORITHMS
 from fcmoe.cli import main
 from fcmoe.config import load_config
-from fcmoe.core import one_read
+from fcmoe import rounds
 from fcmoe.experiment import prepare_experiment
-from fcmoe.native import consensus_read_kernel
+from fcmoe.runner import run_experiment
 from fcmoe.sim import engine
 from fcmoe.sim.engine import run_method
-from fcmoe.sim.run import run_experiment
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "model.trainable_layers=2", "data.train_per_class=8",
         "data.test_per_class=3", "data.max_length=32", "partition.num_clients=4", "partition.min_partition_size=6",
@@ -58,36 +57,18 @@ def test_same_seed_same_result(tmp_path: Path, method: str) -> None:
     assert any(not torch.equal(first[k], exp.initial_state[k]) for k in first)
 
 
-def test_fcmoe_server_step_reads_through_the_native_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's FC-MoE step takes the kernel where it is built (one call per MoE layer and round), and gives the
-    PyTorch path's model up to float rounding."""
-    config = load_config(overrides=[*TINY, "methods=['fcmoe']", "rounds=1"])
-    exp = prepare_experiment(config)
-    calls: list[int] = []
-    real = one_read.consensus_read
-    monkeypatch.setattr(one_read, "consensus_read", lambda *args: calls.append(1) or real(*args))
-    in_place = run_method(exp, "fcmoe", tmp_path / "a.jsonl")[1]
-    assert len(calls) == (2 if consensus_read_kernel() is not None else 0)
-    before = len(calls)
-    monkeypatch.setenv("FCMOE_NATIVE", "0")
-    staged = run_method(exp, "fcmoe", tmp_path / "b.jsonl")[1]
-    assert len(calls) == before  # turned off: the staged blocks
-    for key in in_place:
-        torch.testing.assert_close(in_place[key], staged[key], rtol=1e-4, atol=1e-6)
-
-
-def test_each_round_ends_by_releasing_its_updates_and_the_freed_memory(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The round's N updates are dropped before freed memory goes back to the kernel, so that neither they nor
-    the heap they leave behind are held while the next round trains."""
+def test_each_round_starts_with_the_last_rounds_updates_released(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last round's N updates are dropped before freed memory goes back to the kernel, so that neither they
+    nor the heap they leave behind are held while the next round trains."""
     config = load_config(overrides=[*TINY, "methods=['fcmoe']"])
     exp = prepare_experiment(config)
     updates: list[weakref.ref] = []
     released_with_live_updates: list[int] = []
-    real_train = engine.train_client
-    monkeypatch.setattr(engine, "train_client", lambda *a, **k: updates.append(weakref.ref(u := real_train(*a, **k)))
+    real_train = engine.client_step
+    monkeypatch.setattr(engine, "client_step", lambda *a, **k: updates.append(weakref.ref(u := real_train(*a, **k)))
                         or u)
-    monkeypatch.setattr(engine, "release_freed_memory",
+    monkeypatch.setattr(rounds, "release_freed_memory",
                         lambda: released_with_live_updates.append(sum(ref() is not None for ref in updates)))
     run_method(exp, "fcmoe", tmp_path / "a.jsonl")
     assert len(updates) == 2 * 4 and released_with_live_updates == [0, 0]  # once per round, nothing held
@@ -143,20 +124,17 @@ def test_cli_fetch_verifies_cached_assets(capsys: pytest.CaptureFixture[str]) ->
     assert "unknown asset 'no-such-asset'" in capsys.readouterr().err
 
 
-def test_fcmoe_clients_report_their_expert_norms_and_others_do_not() -> None:
-    from fcmoe.rounds import initial_client_state, train_client
-
-    config = load_config(overrides=TINY)
+def test_eval_every_scores_every_kth_round_and_the_last_and_trains_the_same(tmp_path: Path) -> None:
+    """``eval.every = 2`` over 3 rounds scores rounds 2 and 3 only; training is untouched (same final model)."""
+    config = load_config(overrides=[*TINY, "methods=['fcmoe']", "rounds=3"])
+    sparse = load_config(overrides=[*TINY, "methods=['fcmoe']", "rounds=3", "eval.every=2"])
     exp = prepare_experiment(config)
-    layout = exp.built.layout
-    for method in ("fcmoe", "fedavg"):
-        algo = config.make_algorithm(method, layout)
-        update = train_client(algo, exp.trainer, exp.initial_state, initial_client_state(config.seed, 0),
-                              exp.client_train[0], config.seed, 1, 0)
-        if method == "fedavg":
-            assert update.expert_norms == {}  # FedAvg has no use for them: nothing extra on the wire
-            continue
-        assert set(update.expert_norms) == {layer.name for layer in layout.layers}
-        for layer in layout.layers:  # exactly what the server would measure
-            assert torch.equal(update.expert_norms[layer.name], layout.expert_norms([update.delta], layer)[0])
-            assert (update.expert_norms[layer.name] > 0).all()
+    every, final = run_method(exp, "fcmoe", tmp_path / "a.jsonl")
+    exp.config = sparse
+    _, final_sparse = run_method(exp, "fcmoe", tmp_path / "b.jsonl")
+    assert all(torch.equal(final[k], final_sparse[k]) for k in final)
+    full = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert math.isnan(rows[0]["global_acc"]) and rows[0]["local_acc"] == [None] * 4 and rows[0]["eval_s"] < 0.01
+    assert [r["global_acc"] for r in rows[1:]] == [r["global_acc"] for r in full[1:]]
+    assert all(r["eval_s"] > 0 for r in full) and every.global_acc == full[-1]["global_acc"]

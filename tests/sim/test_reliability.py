@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import fcmoe.sim.engine
 from fcmoe.cli import main
 from fcmoe.config import load_config
-from fcmoe.sim.run import run_experiment
+from fcmoe.runner import run_experiment
 from tests.sim.test_engine import TINY
 
 FOUR = [*TINY, "rounds=3", 'methods=["fedavg", "fcmoe"]']
@@ -34,10 +34,10 @@ def _without_time(rows: list[dict]) -> list[dict]:
 
 def _corrupt(monkeypatch: pytest.MonkeyPatch, client: int, how: str) -> None:
     """Client ``client``'s upload, every round: NaN in one tensor, ×100, or a tensor of the wrong shape."""
-    real = fcmoe.sim.engine.train_client
+    real = fcmoe.sim.engine.client_step
 
-    def train(algo, trainer, global_state, state, data, seed, round_index, cid, *rest):  # type: ignore[no-untyped-def]
-        update = real(algo, trainer, global_state, state, data, seed, round_index, cid, *rest)
+    def train(exp, algo, cid, *rest):  # type: ignore[no-untyped-def]
+        update = real(exp, algo, cid, *rest)
         if cid == client:
             key = next(iter(update.delta))
             if how == "nan":
@@ -48,7 +48,7 @@ def _corrupt(monkeypatch: pytest.MonkeyPatch, client: int, how: str) -> None:
                 update.delta[key] = torch.zeros(3)
         return update
 
-    monkeypatch.setattr(fcmoe.sim.engine, "train_client", train)
+    monkeypatch.setattr(fcmoe.sim.engine, "client_step", train)
 
 
 @pytest.mark.parametrize(("how", "reason"), [("nan", "non-finite values"), ("scale", "× the round's median"),
@@ -193,7 +193,7 @@ def test_checkpoint_round_trip_keeps_shared_tensors_trees_scalars_and_the_rng(tm
 
 
 def test_a_method_variants_final_model_is_one_file_in_the_run_folder(tmp_path: Path) -> None:
-    from fcmoe.sim.checkpoint import save_final_model
+    from fcmoe.runs import save_final_model
 
     path = save_final_model(tmp_path, "fcmoe/no-projection", {"w": torch.ones(2)})
     assert path == tmp_path / "model-fcmoe_no-projection.safetensors"

@@ -3,7 +3,7 @@
 Layout of a sweep folder::
 
     sweep.toml                 the grid (alphas, seeds, methods) and the base config it was started with
-    alpha0.1-seed0/            one run folder per cell (see :mod:`fcmoe.sim.run`): the methods of a cell share its
+    alpha0.1-seed0/            one run folder per cell (see :mod:`fcmoe.runs`): the methods of a cell share its
     alpha0.5-seed0/ …          data, partition and initial model, so they differ only by the algorithm
 
 Cells run seed-major (every α of seed 0 first), so an interrupted sweep already has complete rows for the seeds it
@@ -30,8 +30,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
                            TimeRemainingColumn)
 
 from fcmoe.config import ConfigError, ExperimentConfig, build_config
-from fcmoe.sim.engine import MethodSummary
-from fcmoe.sim.run import check_same_experiment, load_summaries, run_experiment
+from fcmoe.runner import run_experiment
+from fcmoe.runs import MethodSummary, check_same_experiment, load_summaries
 
 log = logging.getLogger(__name__)
 

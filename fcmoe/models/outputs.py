@@ -1,0 +1,16 @@
+"""What a model returns on a dataset, shared by training and the algorithms' client halves (no transformers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Prediction:
+    """Model outputs on a dataset."""
+
+    logits: torch.Tensor  # [n, C]
+    pooled: torch.Tensor  # [n, H] sentence vectors before the head
+    labels: torch.Tensor  # [n]

@@ -1,0 +1,147 @@
+"""Run-folder I/O, below both engines: what a run folder holds and how each file is written and read.
+
+A run folder holds ``config.toml`` (the resolved experiment), ``partition.json`` (client rows and label
+histograms) and ``partition.png``, ``metrics.jsonl`` (one line per method and round), ``summary.json`` (the final
+figures of every finished method) and ``model-<method>.safetensors`` (each method's final global model). The
+in-process engine adds ``checkpoint/`` while a method runs (:mod:`fcmoe.sim.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import save_file
+
+from fcmoe.config import ExperimentConfig, load_config
+from fcmoe.core import Tree
+from fcmoe.experiment import Experiment
+from fcmoe.report.plots import partition_heatmap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodSummary:
+    """Final figures of one method's run (``summary.json``)."""
+
+    method: str
+    global_acc: float
+    local_acc_mean: float
+    local_acc_std: float
+    rounds: int
+    wall_s: float
+    local_model_global_acc_mean: float = float("nan")  # each client's local model on the global test set
+    local_model_global_acc_std: float = float("nan")
+    device: str = ""  # where local training ran: "cpu" or the GPU's name ("" = not recorded: Flower clients)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float, device: str = "") -> MethodSummary:
+        """The summary of a run whose last ``metrics.jsonl`` row is ``row``."""
+        nan = float("nan")
+        return cls(row["method"], row.get("global_acc", nan), row.get("local_acc_mean", nan),
+                   row.get("local_acc_std", nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
+                   row.get("local_model_global_acc_std", nan), device)
+
+
+def new_run_dir(out_dir: str | Path) -> Path:
+    """A fresh, timestamped folder under ``out_dir``."""
+    base = Path(out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        run_dir = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {base}")
+
+
+def append_row(metrics_path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl``."""
+    with metrics_path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def keep_rows(metrics_path: Path, methods: set[str], checkpointed: tuple[str, int] | None = None) -> None:
+    """Drop the ``metrics.jsonl`` rows of methods not in ``methods`` (left by an interrupted run), except those of
+    the ``checkpointed`` (method, round) up to that round, from which the method resumes."""
+    if not metrics_path.is_file():
+        return
+
+    def keep(row: dict) -> bool:
+        if row.get("method") in methods:
+            return True
+        return checkpointed is not None and row.get("method") == checkpointed[0] and row["round"] <= checkpointed[1]
+
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+    if len(kept) != len(lines):
+        log.info("%s: dropping %d rows of interrupted methods", metrics_path, len(lines) - len(kept))
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
+def load_summaries(run_dir: Path) -> dict[str, MethodSummary]:
+    """The finished methods of a run folder (its ``summary.json``), in the order they ran; ``{}`` if none."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        methods = json.loads(path.read_text())["methods"]
+        return {name: MethodSummary(**fields) for name, fields in methods.items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a fcmoe summary ({err}); delete it to rerun that folder") from None
+
+
+def save_summaries(run_dir: Path, setup_s: float, summaries: dict[str, MethodSummary]) -> None:
+    """``summary.json``: the set-up time and every finished method's :class:`MethodSummary`."""
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"setup_s": setup_s, "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}}, indent=2))
+
+
+def save_final_model(run_dir: Path, method: str, state: Tree) -> Path:
+    """``model-<method>.safetensors`` in ``run_dir`` (a variant's "/" becomes "_"), for either engine."""
+    path = run_dir / f"model-{method.replace('/', '_')}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def check_same_experiment(config: ExperimentConfig, run_dir: Path) -> None:
+    """Raise unless ``run_dir/config.toml`` describes ``config`` (methods, out_dir and the sweep grid may differ)."""
+    saved = load_config(run_dir / "config.toml").to_dict()
+    wanted = config.to_dict()
+    for key in ("methods", "out_dir", "sweep"):
+        saved.pop(key, None), wanted.pop(key, None)
+    if saved != wanted:
+        differing = sorted(_differences(saved, wanted))
+        raise ValueError(f"{run_dir} holds a different experiment ({', '.join(differing[:3])} differ); "
+                         "choose another output folder")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def save_partition(exp: Experiment, run_dir: Path) -> None:
+    """``partition.json`` (rows and label histograms) and ``partition.png`` (clients × labels heatmap)."""
+    exp.partition.save(run_dir / "partition.json", exp.pool.labels, exp.pool.label_names)
+    hist = exp.partition.histograms(exp.pool.labels)
+    counts = np.array(hist["train"]) + np.array(hist["test"])  # [clients, labels]
+    part = exp.config.partition
+    detail = f"α = {part.alpha}" if part.kind == "dirichlet" else part.kind
+    partition_heatmap(counts, exp.pool.label_names, run_dir / "partition.png",
+                      f"{exp.config.data.name}: {exp.num_clients} clients, {detail}, seed {exp.config.seed}")
