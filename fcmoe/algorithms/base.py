@@ -136,7 +136,16 @@ class Algorithm:
             if not wanted & set(layer.keys):
                 continue
             held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
-            step = mean.per_expert(self.layout.stack_experts(deltas, layer), holder_weights(n, held))  # [E, P]
+            step = self.expert_means(deltas, layer, holder_weights(n, held), mean)  # [E, P]
             moved = self.layout.add_to_experts(global_state, layer, step, torch.ones(layer.num_experts))
             out.update({k: moved[k] for k in layer.keys if k in wanted})
         return out
+
+    def expert_means(self, trees: Sequence[Tree], layer: Any, weights: torch.Tensor, mean: MeanRule) -> torch.Tensor:
+        """``[E, P]``: row k is the ``mean`` of expert k over the trees with ``weights[:, k]`` (``weights [N, E]``),
+        one expert unit at a time (:meth:`~fcmoe.models.layout.ExpertLayout.stack_expert`)."""
+        rows, stack = [], None
+        for k in range(layer.num_experts):
+            stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]
+            rows.append(mean.per_expert(stack[:, None, :], weights[:, k:k + 1])[0])  # [P]
+        return torch.stack(rows)

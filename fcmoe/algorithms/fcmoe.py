@@ -27,7 +27,8 @@ import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult, routing_frequencies
 from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ConsensusCoefficients, MeanRule, Tree,
-                        consensus_coefficients, expert_norms, importance_weights, normalise_columns, tree_add)
+                        consensus_coefficients, expert_norms, importance_weights, join_experts, normalise_columns,
+                        tree_add)
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
@@ -135,18 +136,25 @@ class FCMoE(Algorithm):
     # ------------------------------------------------------------------ server half
     def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
                    mean: MeanRule) -> tuple[torch.Tensor, ConsensusCoefficients]:
-        """Importance weights (step 2) and the consensus projection (step 3) of one MoE layer's experts."""
+        """Importance weights (step 2) and the consensus projection (step 3) of one MoE layer, one expert unit at a
+        time: expert k's N client rows are one ``[N, 1, P]`` stack, reused for the next expert."""
         cfg = self.config
-        deltas = self.layout.stack_experts([u.delta for u in updates], layer)  # [N, E, P]
-        norms = expert_norms(deltas)  # [N, E]  ‖Δ_{i,k}‖
+        trees = [u.delta for u in updates]
         freqs = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
-        weights = importance_weights(cfg.importance, n, freqs, norms)  # [N, E]  w_{i,k}
-        if any(u.sparse for u in updates):  # an expert a client did not upload is absent, not a zero update
-            held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
-            weights = normalise_columns(weights * held).to(weights.dtype)
+        held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]; all True unless uploads are sparse
         tau = cfg.tau if cfg.projection else -1.0
-        g = mean.per_expert(deltas, weights)  # [E, P]  g_k = Σ_i w_{i,k} Δ_{i,k} (or a robust mean of the Δ)
-        return weights, consensus_coefficients(deltas, weights, tau, norms, g)
+        weights, per_expert, stack = [], [], None
+        for k in range(layer.num_experts):
+            stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]
+            deltas = stack[:, None, :]  # [N, 1, P]  Δ_{i,k}
+            norms = expert_norms(deltas)  # [N, 1]  ‖Δ_{i,k}‖
+            w = importance_weights(cfg.importance, n, freqs[:, k:k + 1], norms)  # [N, 1]  w_{i,k}
+            if not held[:, k].all():  # an expert a client did not upload is absent, not a zero update
+                w = normalise_columns(w * held[:, k:k + 1]).to(w.dtype)
+            g = mean.per_expert(deltas, w)  # [1, P]  g_k = Σ_i w_{i,k} Δ_{i,k} (or a robust mean of the Δ)
+            per_expert.append(consensus_coefficients(deltas, w, tau, norms, g))
+            weights.append(w)
+        return torch.cat(weights, dim=1), join_experts(per_expert)
 
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:

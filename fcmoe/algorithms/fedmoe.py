@@ -55,7 +55,7 @@ class FedMoE(Algorithm):
             holders = torch.stack([(u.routing_counts[layer.name] > 0)
                                    & (u.frequencies(layer.name) >= self.config.min_share) for u in updates])  # [N, E]
             weights = holder_weights(n, holders)  # [N, E]
-            step = mean.per_expert(layout.stack_experts([u.delta for u in updates], layer), weights)  # [E, P]
+            step = self.expert_means([u.delta for u in updates], layer, weights, mean)  # [E, P]
             state = layout.scatter_experts(state, layer, layout.gather_experts(global_state, layer) + step)
             router_deltas = torch.stack([layout.gather_router(u.delta, layer) for u in updates])  # [N, E, R]
             router = layout.gather_router(global_state, layer) + mean.per_expert(router_deltas, weights)

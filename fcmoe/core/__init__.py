@@ -3,7 +3,7 @@
 from fcmoe.core.aggregate import (WEIGHTED_MEAN, MeanRule, WeightedMean, expert_weighted_mean, fedavg_step,
                                   holder_weights)
 from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project,
-                                  expert_norms)
+                                  expert_norms, join_experts)
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
 from fcmoe.core.robust import ROBUST_AGGREGATORS, CoordinateMean, clip_factors, coordinate_aggregate
 from fcmoe.core.tree import Tree, row_squared_norms, tree_add, tree_clone, tree_norm, tree_num_bytes, tree_sub
@@ -27,6 +27,7 @@ __all__ = [
     "fedavg_step",
     "holder_weights",
     "importance_scores",
+    "join_experts",
     "importance_weights",
     "normalise_columns",
     "row_squared_norms",

@@ -59,7 +59,7 @@ def expert_weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.T
     if weights.shape != deltas.shape[:2]:
         raise ValueError(f"weights must be [N, E] = {tuple(deltas.shape[:2])}, got {tuple(weights.shape)}")
     acc = torch.promote_types(deltas.dtype, torch.float32)
-    by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]; no copy for ExpertLayout.stack_experts output
+    by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]; a view for one expert's [N, 1, P] stack
     return torch.bmm(weights.to(acc).T.unsqueeze(1), by_expert).squeeze(1)  # [E, 1, N] @ [E, N, P] → [E, P]
 
 

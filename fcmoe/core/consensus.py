@@ -69,9 +69,9 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     Parameters
     ----------
     deltas
-        ``[N, E, P]`` client updates Δ_{i,k}; never modified. Fastest as the transposed view of an expert-major
-        ``[E, N, P]`` stack (:meth:`~fcmoe.models.layout.ExpertLayout.stack_experts`): both products then read
-        each expert's N rows as one contiguous matrix.
+        ``[N, E, P]`` client updates Δ_{i,k}; never modified. Fastest when each expert's N rows are one
+        contiguous matrix (FC-MoE passes one expert at a time, ``[N, 1, P]``: both products are then
+        matrix–vector products).
     weights
         ``[N, E]`` importance weights w_{i,k}, each column summing to 1 (or all zero for an expert nobody used).
     tau
@@ -104,6 +104,13 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     coefficient = torch.where(conflicted, dots / g_norm.square().clamp_min(tiny)[None, :], 0.0)  # [N, E]
     scale = 1.0 - (w * coefficient).sum(dim=0)  # [E]
     return ConsensusCoefficients(g, coefficient, conflicted, cosine, scale)
+
+
+def join_experts(parts: list[ConsensusCoefficients]) -> ConsensusCoefficients:
+    """The coefficients of a layer from those of its experts (or groups of experts), in expert order."""
+    return ConsensusCoefficients(torch.cat([p.consensus for p in parts]), torch.cat([p.coefficient for p in parts], 1),
+                                 torch.cat([p.conflicted for p in parts], 1), torch.cat([p.cosine for p in parts], 1),
+                                 torch.cat([p.scale for p in parts]))
 
 
 def consensus_project(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0) -> ConsensusResult:

@@ -20,12 +20,10 @@ from flwr.clientapp import ClientApp
 from fcmoe.algorithms import Algorithm
 from fcmoe.config import build_config
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl.codec import (ARRAYS, MESSAGE, STATE_SCALARS, decode_instruction, decode_message, encode_evaluation,
-                            encode_identity, encode_update, load_client_state, partition_id, record_to_tree,
-                            save_client_state)
+from fcmoe.fl.codec import (ARRAYS, MESSAGE, STATE_SCALARS, TRAINED_FROM, decode_instruction, decode_message,
+                            encode_evaluation, encode_identity, encode_update, load_client_state, partition_id,
+                            record_to_tree, save_client_state)
 from fcmoe.rounds import client_step, finish_client, initial_client_state, local_accuracy
-
-TRAINED_FROM = "trained-from"  # context.state key: the global arrays of this round's training (θ_t)
 
 app = ClientApp()
 

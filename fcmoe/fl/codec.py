@@ -36,6 +36,8 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # records of the server
 DELTA, ROUTING, UPDATE, MESSAGE = "delta", "routing", "update", "message"
 CLIENT_ID, NUM_EXAMPLES, LOCAL_ACC = "client_id", "num-examples", "local_acc"  # metric keys
 ROUND, METHOD, EXPERIMENT, TRAINED, SCORE = "server-round", "method", "fcmoe-config", "trained", "score"
+VALID_UPDATES, REJECTED, LOCAL_ACC_MEAN, GLOBAL_ACC = "valid_updates", "rejected", "local_acc_mean", "global_acc"
+TRAINED_FROM = "trained-from"  # context.state: the global arrays a client trained from this round (θ_t)
 PARTITION_ID = "partition-id"  # node config: which client a SuperNode is (``--node-config "partition-id=3"``)
 BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
@@ -245,6 +247,21 @@ def partition_id(node_config: Mapping[str, Any]) -> int:
         raise ValueError(f"this node has no {PARTITION_ID!r} in its node config: start the SuperNode with "
                          f'--node-config "{PARTITION_ID}=N"')
     return int(node_config[PARTITION_ID])
+
+
+def round_counts(valid_updates: int, rejected: int) -> MetricRecord:
+    """The train phase's metrics a strategy returns to Flower's loop."""
+    return MetricRecord({VALID_UPDATES: valid_updates, REJECTED: rejected})
+
+
+def mean_local_accuracy(accuracies: list[float]) -> MetricRecord | None:
+    """The evaluate phase's metrics a strategy returns to Flower's loop (``None`` when nobody reported)."""
+    return MetricRecord({LOCAL_ACC_MEAN: sum(accuracies) / len(accuracies)}) if accuracies else None
+
+
+def global_accuracy_record(global_acc: float) -> MetricRecord:
+    """The server-side evaluation's metrics for Flower's loop."""
+    return MetricRecord({GLOBAL_ACC: global_acc})
 
 
 def encode_message(message: Mapping[str, torch.Tensor] | None) -> ArrayRecord:

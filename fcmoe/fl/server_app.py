@@ -28,7 +28,7 @@ from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl.codec import RunSettings, record_to_tree, tree_to_record
+from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, tree_to_record
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.algorithms import ServerResult
 from fcmoe.rounds import ServerStep, global_accuracy, round_metrics, start_round
@@ -71,7 +71,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         append_row(metrics_path, row)
         last.update(row)
         clock["round"] = time.perf_counter()
-        return MetricRecord({"global_acc": row["global_acc"]})
+        return global_accuracy_record(row["global_acc"])
 
     result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state), num_rounds=cfg.rounds,
                             timeout=round_timeout_s, evaluate_fn=evaluate)

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree
 from fcmoe.fl.codec import (Instruction, MalformedReply, decode_evaluation, decode_identity, decode_update,
-                            encode_instruction, record_to_tree, tree_to_record)
+                            encode_instruction, mean_local_accuracy, record_to_tree, round_counts, tree_to_record)
 from fcmoe.rounds import RoundDraw, ServerStep, server_step
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class AlgorithmStrategy(Strategy):
             arrived.append(update)
         step = server_step(self.server, self.global_tree, arrived, rejected, label=f"round {server_round}")
         self.round_state.step = step
-        counts = MetricRecord({"valid_updates": len(step.accepted), "rejected": len(step.rejected)})
+        counts = round_counts(len(step.accepted), len(step.rejected))
         return (None if step.skipped else tree_to_record(step.result.state)), counts
 
     # ------------------------------------------------------------------ evaluate
@@ -142,8 +142,7 @@ class AlgorithmStrategy(Strategy):
                 continue
             if acc == acc:  # NaN: not scored this round (eval.every)
                 self.round_state.local_acc[cid] = acc
-        accs = list(self.round_state.local_acc.values())
-        return MetricRecord({"local_acc_mean": sum(accs) / len(accs)}) if accs else None
+        return mean_local_accuracy(list(self.round_state.local_acc.values()))
 
     def summary(self) -> None:
         log.info("fcmoe strategy: %s over %d nodes", self.method, self.num_nodes)

@@ -57,11 +57,15 @@ class ExpertPart:
             return tensor.reshape(tensor.shape[0], -1, e).permute(2, 0, 1).reshape(e, -1)
         return tensor.reshape(e, -1)  # "index" [E, …] and "lora_a" [E·r, in] are both row-major in k
 
-    def rows(self, tree: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Expert k's values as one flat tensor, k = 0 … E−1 (views where the storage allows)."""
+    def row(self, tree: Mapping[str, torch.Tensor], k: int) -> torch.Tensor:
+        """Expert k's values as one flat tensor, in :meth:`gather`'s order (a view where the storage allows)."""
         if self.kind == "module":
-            return [tree[key].reshape(-1) for key in self.keys]
-        return list(self.gather(tree).unbind(0))
+            return tree[self.keys[k]].reshape(-1)
+        tensor = tree[self.keys[0]]
+        if self.kind == "lora_b":  # columns k, k+E, …: [out, r]
+            return tensor[:, k::self.num_experts].reshape(-1)
+        rows = tensor.shape[0] // self.num_experts  # "index": 1 row of [E, …]; "lora_a": r rows of [E·r, in]
+        return tensor[k * rows:(k + 1) * rows].reshape(-1)
 
     def split(self, block: torch.Tensor) -> Tree:
         e = self.num_experts
@@ -128,22 +132,24 @@ class ExpertLayout:
         """Expert parameters of one layer as ``[E, P]`` (row k = every part of expert k, flattened)."""
         return torch.cat([part.gather(tree) for part in layer.parts], dim=1)
 
-    def stack_experts(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec) -> torch.Tensor:
-        """Every tree's expert parameters of one layer as ``[N, E, P]``, in a single copy.
+    def stack_expert(self, trees: Sequence[Mapping[str, torch.Tensor]], layer: MoELayerSpec, k: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert k of one layer in every tree as ``[N, P]`` (row i = tree i's expert k, flattened), in one copy.
 
-        The result is the transposed view of an expert-major ``[E, N, P]`` stack, so each expert's N client rows
-        are one contiguous ``[N, P]`` matrix and the per-expert sums and inner products of aggregation are plain
-        batched matrix products over it.
+        Aggregation works one expert unit at a time on this stack: its rows are contiguous, so the per-expert
+        sums and inner products are matrix–vector products, and the copy is one expert's, not the layer's. ``out``
+        (the previous expert's stack, when shape and dtype fit) is written over instead of a fresh allocation.
         """
-        n, e, p = len(trees), layer.num_experts, layer.expert_numel
-        out = torch.empty(e, n, p, dtype=trees[0][layer.keys[0]].dtype)
+        n, p = len(trees), layer.expert_numel
+        dtype = trees[0][layer.keys[0]].dtype
+        if out is None or out.shape != (n, p) or out.dtype != dtype:
+            out = torch.empty(n, p, dtype=dtype)
         offset = 0
         for part in layer.parts:
-            rows = [part.rows(tree) for tree in trees]  # [N][E] flat views of width w
-            block = out[:, :, offset:offset + part.width].view(e * n, part.width)  # rows (k, i), k-major
-            torch.stack([rows[i][k] for k in range(e) for i in range(n)], dim=0, out=block)
+            for i, tree in enumerate(trees):
+                out[i, offset:offset + part.width].copy_(part.row(tree, k))
             offset += part.width
-        return out.transpose(0, 1)
+        return out
 
     def split_experts(self, layer: MoELayerSpec, values: torch.Tensor) -> Tree:
         """The inverse of :meth:`gather_experts`: ``values [E, P]`` → a tree of that layer's expert keys only."""

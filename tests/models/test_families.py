@@ -113,10 +113,12 @@ def test_batched_gather_add_and_sparse_packing_agree_with_gather(case: tuple[Bui
              for i in range(3)]
     held = torch.tensor([True, False, True, True])
     for layer in layout.layers:
-        stacked = layout.stack_experts(trees, layer)  # [N, E, P]
         reference = torch.stack([layout.gather_experts(t, layer) for t in trees])  # [N, E, P]
-        assert torch.equal(stacked, reference)
-        assert stacked.transpose(0, 1).is_contiguous()  # expert-major: each expert's N rows are one matrix
+        stack = None
+        for k in range(layer.num_experts):
+            again = layout.stack_expert(trees, layer, k, stack)  # [N, P], written over the last expert's stack
+            assert torch.equal(again, reference[:, k]) and (stack is None or again.data_ptr() == stack.data_ptr())
+            stack = again
         step, scale = torch.randn(layer.num_experts, layer.expert_numel), torch.tensor([1.0, 0.0, 2.0, -1.0])
         moved = layout.add_to_experts(state, layer, step, scale)
         torch.testing.assert_close(layout.gather_experts(moved, layer),
