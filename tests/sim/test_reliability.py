@@ -29,7 +29,7 @@ def _rows(folder: Path) -> list[dict]:
 
 
 def _without_time(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "wall_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("wall_s", "eval_s")} for row in rows]
 
 
 def _corrupt(monkeypatch: pytest.MonkeyPatch, client: int, how: str) -> None:
