@@ -1,6 +1,6 @@
 """Federated algorithms, one file each (config + server half + client half), registered by name."""
 
-from fcmoe.algorithms import fcmoe, fedavg, fedmoe, pflmoe  # noqa: F401  (registration side effects)
+from fcmoe.algorithms import fcmoe, fedadam, fedavg, fedmoe, pflmoe  # noqa: F401  (registration side effects)
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.registry import ALGORITHMS
 

@@ -118,6 +118,14 @@ class Algorithm:
         """
         raise NotImplementedError
 
+    def server_state(self) -> Tree:
+        """What the server half carries from one round to the next (FedAdam's moments), for checkpoints; the
+        default algorithm carries nothing."""
+        return {}
+
+    def load_server_state(self, state: Tree) -> None:
+        """Restore :meth:`server_state` (a resumed run)."""
+
     # ------------------------------------------------------------------ helpers shared by subclasses
     def fedavg(self, global_state: Tree, updates: Sequence[ClientUpdate], keys: Sequence[str],
                mean: MeanRule = WEIGHTED_MEAN) -> Tree:

@@ -2,8 +2,9 @@
 
 After every round, ``<run>/checkpoint/`` receives:
 
-- ``state-r<round>.safetensors``: the global trainable tree (``global/<key>``), every client's private tensors
-  (``client<i>/<state key>/<key>``: FC-MoE residuals, PFL-MoE heads) and the torch RNG state;
+- ``state-r<round>.safetensors``: the global trainable tree (``global/<key>``), the server half's state
+  (``server/<key>``: FedAdam's moments), every client's private tensors (``client<i>/<state key>/<key>``: FC-MoE
+  residuals, PFL-MoE heads) and the torch RNG state;
 - ``progress.json``: method, round, each client's scalar state, the round's ``metrics.jsonl`` row, and the name of
   the state file above.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,14 @@ class Checkpoint:
     global_state: Tree
     client_states: list[dict[str, Any]]
     row: dict[str, Any]  # the metrics.jsonl row of ``round``
+    server_state: Tree = field(default_factory=dict)  # Algorithm.server_state() after ``round``
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` atomically into ``folder`` (created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"global/{k}": v.detach().contiguous() for k, v in checkpoint.global_state.items()}
+    tensors.update({f"server/{k}": v.detach().contiguous() for k, v in checkpoint.server_state.items()})
     scalars: list[dict[str, Any]] = []
     for cid, state in enumerate(checkpoint.client_states):
         plain: dict[str, Any] = {}
@@ -82,6 +85,7 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
     tensors = load_file(str(folder / progress["state"]))
     torch.set_rng_state(tensors.pop("rng/torch"))
     global_state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+    server_state = {k.removeprefix("server/"): v for k, v in tensors.items() if k.startswith("server/")}
     clients = []
     for cid, plain in enumerate(progress["clients"]):
         state = {k: v for k, v in plain.items() if k != "__trees__"}
@@ -89,7 +93,7 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
             prefix = f"client{cid}/{key}/"
             state[key] = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         clients.append(state)
-    return Checkpoint(method, int(progress["round"]), global_state, clients, progress["row"])
+    return Checkpoint(method, int(progress["round"]), global_state, clients, progress["row"], server_state)
 
 
 def checkpointed_round(folder: Path) -> tuple[str, int] | None:

@@ -41,13 +41,15 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
     if resumed:
         global_state, client_states, first_round, row = (resumed.global_state, resumed.client_states,
                                                          resumed.round + 1, resumed.row)
+        server.algorithm.load_server_state(resumed.server_state)
         log.info("%s: resuming after round %d from %s", method, resumed.round, checkpoint_dir)
     started = time.perf_counter()
     for round_index in range(first_round, cfg.rounds + 1):
         global_state, row = run_round(exp, server, method, round_index, global_state, client_states, on_progress)
         append_row(metrics_path, row)
         if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, Checkpoint(method, round_index, global_state, client_states, row))
+            save_checkpoint(checkpoint_dir, Checkpoint(method, round_index, global_state, client_states, row,
+                                                       server.algorithm.server_state()))
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s (evaluation %.1f s)", method,
                  round_index, row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"],
                  row["wall_s"], row["eval_s"])

@@ -18,7 +18,7 @@ from fcmoe.runner import run_experiment
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
         "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=2",
-        "train.batch_size=8", "methods=['fedavg','fcmoe']"]
+        "train.batch_size=8", "methods=['fedavg','fcmoe','fedadam']"]
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-uploads"])
@@ -29,7 +29,7 @@ def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> No
     flower_dir = tmp_path / "flower"
     flower_dir.mkdir()
     summaries = run_experiment(dataclasses.replace(config, engine="flower"), flower_dir, show_progress=False)
-    assert [s.method for s in summaries] == ["fedavg", "fcmoe"]
+    assert [s.method for s in summaries] == ["fedavg", "fcmoe", "fedadam"]
     for method, expected in in_process.items():
         got = load_file(str(flower_dir / f"model-{method}.safetensors"))
         assert set(got) == set(expected)
