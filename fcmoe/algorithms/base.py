@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, fedavg_step, holder_weights
-from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
+from fcmoe.models.outputs import Prediction
 
 
 @dataclass(frozen=True)
