@@ -15,6 +15,7 @@ keeps what the ServerApp needs for the ``metrics.jsonl`` row in :attr:`round_sta
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ class AlgorithmStrategy(Strategy):
                 log.warning("round %d: evaluation reply from node %d unusable: %s", server_round,
                             reply.metadata.src_node_id, err)
                 continue
-            if acc == acc:  # NaN: not scored this round (eval.every)
+            if not math.isnan(acc):  # NaN: not scored this round (eval.every)
                 self.round_state.local_acc[cid] = acc
         return mean_local_accuracy(list(self.round_state.local_acc.values()))
 

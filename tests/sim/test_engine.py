@@ -135,6 +135,7 @@ def test_eval_every_scores_every_kth_round_and_the_last_and_trains_the_same(tmp_
     assert all(torch.equal(final[k], final_sparse[k]) for k in final)
     full = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
-    assert math.isnan(rows[0]["global_acc"]) and rows[0]["local_acc"] == [None] * 4 and rows[0]["eval_s"] < 0.01
+    assert math.isnan(rows[0]["global_acc"]) and rows[0]["local_acc"] == [None] * 4
+    assert rows[0]["eval_s"] < full[0]["eval_s"]  # round 1 scored nothing: less than scoring 5 models
     assert [r["global_acc"] for r in rows[1:]] == [r["global_acc"] for r in full[1:]]
     assert all(r["eval_s"] > 0 for r in full) and every.global_acc == full[-1]["global_acc"]
