@@ -55,12 +55,15 @@ def client_step(exp: Experiment, algo: Algorithm, client_id: int, round_index: i
     cfg, trainer = exp.config, exp.trainer
     start = algo.client_start(global_state, client_state)
     data = exp.client_train[client_id]
-    result = trainer.train(start, data, client_seed(cfg.seed, round_index, client_id))
+    result = trainer.train(start, data, client_seed(cfg.seed, round_index, client_id),
+                           algo.client_expert_mask(client_state))
     metrics = {"loss": result.loss}
     if round_index == cfg.rounds:
         metrics["global_test_acc"] = global_accuracy(trainer, result.state, exp.probe_test)
         metrics["global_test_docs"] = len(exp.probe_test)
-    update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics)
+    update = ClientUpdate(client_id, tree_sub(result.state, start), len(data), result.routing_counts, metrics,
+                          statistics=algo.client_statistics(trainer, client_state, result, data))
+    update = algo.prepare_upload(client_state, update, result.state)
     update = sparsify(update, algo.layout) if cfg.sparse_uploads else update
     return attack(update, cfg.attack.kind, cfg.attack.factor) if client_id in cfg.attack.clients else update
 
@@ -71,12 +74,13 @@ def sparsify(update: ClientUpdate, layout: ExpertLayout) -> ClientUpdate:
     The in-process engine keeps the dense tree with the absent experts' rows set to zero (exactly what the Flower
     server unpacks), and records the bytes the packed upload takes.
     """
-    held = {layer.name: update.routing_counts[layer.name] > 0 for layer in layout.layers}
+    layers = [layer for layer in layout.layers if layer.keys[0] in update.delta]  # local experts upload none
+    held = {layer.name: update.routing_counts[layer.name] > 0 for layer in layers}
     packed = dict(update.delta)
-    for layer in layout.layers:
+    for layer in layers:
         packed = layout.pack_experts(packed, layer, held[layer.name])
     delta = packed
-    for layer in layout.layers:
+    for layer in layers:
         delta = layout.unpack_experts(delta, layer, held[layer.name])
     return dataclasses.replace(update, delta=delta, sparse=True, upload_bytes=tree_num_bytes(packed))
 
@@ -125,6 +129,16 @@ def local_accuracy(exp: Experiment, algo: Algorithm, client_id: int, client_stat
     return accuracy(logits, test.labels)
 
 
+def deployed_global_accuracy(exp: Experiment, algo: Algorithm, client_state: dict[str, Any], global_state: Tree,
+                             round_index: int) -> float | None:
+    """The client's deployed model on the global test set, in the final round, for an algorithm whose paper reads
+    "global accuracy" that way (:attr:`Algorithm.scores_deployed_on_global_test`, PFL-MoE); else ``None``."""
+    if not algo.scores_deployed_on_global_test or round_index != exp.config.rounds:
+        return None
+    test = exp.global_test
+    return accuracy(algo.deployed_logits(exp.trainer, client_state, global_state, test), test.labels)
+
+
 def global_accuracy(trainer: LocalTrainer, global_state: Tree, test: FeatureSet) -> float:
     """Accuracy of the global model on the global held-out test set."""
     return accuracy(trainer.predict(global_state, test).logits, test.labels)
@@ -145,20 +159,21 @@ def client_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[list[f
 
 
 def upload_bytes(update: ClientUpdate) -> int:
-    """Bytes a client uploads: Δ_i (only the held experts when sparse), its routing counts and n_i."""
+    """Bytes a client uploads: Δ_i (only the held experts when sparse), its routing counts, its statistics and n_i."""
     delta_bytes = tree_num_bytes(update.delta) if update.upload_bytes is None else update.upload_bytes
-    return delta_bytes + tree_num_bytes(update.routing_counts) + 8
+    return delta_bytes + tree_num_bytes(update.routing_counts) + tree_num_bytes(update.statistics) + 8
 
 
 def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDraw, global_acc: float,
                   local_acc: Sequence[float | None], model_bytes: int, wall_s: float,
-                  eval_s: float = 0.0) -> dict[str, Any]:
+                  eval_s: float = 0.0, deployed_global: Sequence[float] = ()) -> dict[str, Any]:
     """One ``metrics.jsonl`` row: accuracies, loss, utilisation, bytes up / down, who took part, wall time (of it,
     ``eval_s`` scoring the models), and the server's metrics.
 
     ``local_acc`` is ordered by client id; ``None`` marks a client that did not report (mean and std are over the
     others; all ``None`` and a NaN ``global_acc`` in a round that ``eval.every`` does not score).
-    ``step.accepted`` may be empty (a round whose updates were all rejected).
+    ``step.accepted`` may be empty (a round whose updates were all rejected). ``deployed_global``: each client's
+    deployed model on the global test set (:func:`deployed_global_accuracy`), when measured.
     """
     updates, messages = step.accepted, step.result.messages
     reported = torch.tensor([a for a in local_acc if a is not None], dtype=torch.float64)
@@ -180,6 +195,10 @@ def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDr
         row.update(local_model_global_acc=local_models, local_model_global_acc_mean=scores.mean().item(),
                    local_model_global_acc_std=scores.std(unbiased=False).item(),
                    local_model_global_docs=int(updates[0].metrics.get("global_test_docs", 0)))
+    if deployed_global:  # PFL-MoE's paper reading of global accuracy: the mean over clients of their mixtures
+        scores = torch.tensor(list(deployed_global), dtype=torch.float64)
+        row.update(deployed_global_acc=list(deployed_global), deployed_global_acc_mean=scores.mean().item(),
+                   deployed_global_acc_std=scores.std(unbiased=False).item())
     row.update(participants=draw.drawn, failed=draw.failed, rejected=step.rejected, skipped=step.skipped)
     return row
 

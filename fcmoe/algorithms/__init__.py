@@ -1,6 +1,7 @@
 """Federated algorithms, one file each (config + server half + client half), registered by name."""
 
-from fcmoe.algorithms import fcmoe, fedadam, fedavg, fedmoe, pflmoe  # noqa: F401  (registration side effects)
+from fcmoe.algorithms import (fcmoe, fedadam, fedavg, fedmoe, hfedmoe, localexperts,  # noqa: F401  (registration)
+                              pflmoe)
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.registry import ALGORITHMS
 

@@ -3,12 +3,15 @@
 One object per method holds both halves; the engines (in-process ``fcmoe.sim`` and Flower ``fcmoe.fl``) drive it:
 
     start  = algo.client_start(global, client_state)              # client, before local training
-    Δ_i    = local_train(start) − start                           # engine + fcmoe.training
+    mask   = algo.client_expert_mask(client_state)                # FedMoE: the client's sub-MoE, else None
+    Δ_i    = local_train(start, mask) − start                     # engine + fcmoe.training
+    update = algo.prepare_upload(client_state, update, trained)   # + client_statistics; local experts: no experts
     result = algo.aggregate(global, [ClientUpdate…])              # server
     algo.client_finish(client_state, global, result.state, result.messages[i])   # client, after the round
     logits = algo.personalised_logits(runtime, client_state, result.state, train_i, test_i)
 
-Client state is a plain dict that never leaves the client (FC-MoE residual, PFL-MoE head and gate).
+Client state is a plain dict that never leaves the client (FC-MoE residual, PFL-MoE head and gate, FedMoE mask,
+local experts' own experts): trees of tensors or scalars.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     sparse: bool = False  # experts that saw no token were not uploaded: absent (not zero) to the server
     upload_bytes: int | None = None  # Δ_i bytes as sent when sparse (None: dense, every tensor)
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)  # algo.client_statistics (small tensors)
 
     def held(self, layer: str) -> torch.Tensor:
         """``[E]`` bool: the experts of ``layer`` this client uploaded (all unless the upload was sparse)."""
@@ -72,7 +76,9 @@ class ClientRuntime(Protocol):
 
     head_keys: tuple[str, str]
 
-    def predict(self, state: Mapping[str, torch.Tensor], data: Any) -> Prediction: ...
+    def predict(self, state: Mapping[str, torch.Tensor], data: Any, batch_size: int = 128,
+                expert_mask: Mapping[str, torch.Tensor] | None = None, record_routing: bool = False,
+                ) -> Prediction: ...
 
 
 class Algorithm:
@@ -85,6 +91,9 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     display_name: ClassVar[str] = ""  # in tables and figures; the registered name when empty
+    # True: the report also gives the mean over clients of each deployed model on the global test set (PFL-MoE's
+    # paper reading of "global accuracy"), measured in the final round
+    scores_deployed_on_global_test: ClassVar[bool] = False
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
@@ -98,6 +107,30 @@ class Algorithm:
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
         """Parameters local training starts from (default: the global model itself)."""
         return global_state
+
+    def client_expert_mask(self, client_state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Layer → ``[E]`` (nonzero = held): the sub-MoE the client trains and deploys (default: every expert)."""
+        return None
+
+    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: Any,
+                          data: Any) -> dict[str, torch.Tensor]:
+        """Small tensors uploaded beside Δ_i (``trained``: the local training's result, with ``state``,
+        ``routing_counts`` and ``router_scores``; ``data``: the client's train split). Default: none."""
+        return {}
+
+    def prepare_upload(self, client_state: dict[str, Any], update: ClientUpdate, trained: Tree) -> ClientUpdate:
+        """The update as it leaves the client (default: as measured); ``trained`` is the end of local training."""
+        return update
+
+    def upload_keys(self, global_state: Tree) -> list[str]:
+        """The parameters a client's Δ_i holds (default: every trainable one); the server screens against them."""
+        return list(global_state)
+
+    def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                        data: Any) -> torch.Tensor:
+        """Logits of the client's deployed model as it stands (no local fitting) on ``data``; default the global
+        model. Used for :attr:`scores_deployed_on_global_test`."""
+        return runtime.predict(global_state, data).logits
 
     def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
                       message: Mapping[str, torch.Tensor] | None) -> None:

@@ -28,10 +28,12 @@ import torch
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult, routing_frequencies
 from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ConsensusCoefficients, MeanRule, Tree,
                         consensus_coefficients, expert_norms, importance_weights, join_experts, normalise_columns,
-                        tree_add)
+                        pairwise_project, tree_add)
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
+RHO = "rho/"  # pairwise messages: the removed part ρ_i itself, per expert parameter key
+REFERENCES = ("consensus", "pairwise")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class FCMoEConfig(AlgorithmConfig):
         γ in r_i ← γ·r_i + ρ_i (0 replaces the residual each round).
     server_lr
         η, server step size on expert units.
+    reference
+        "consensus": project conflicting updates against the one consensus direction g (the paper);
+        "pairwise": PCGrad between every pair of conflicting clients (FedGH-style ablation, ``fcmoe/pairwise``);
+        the removed parts then travel down as tensors, not scalars.
     """
 
     importance: str = "freq_norm"
@@ -62,8 +68,11 @@ class FCMoEConfig(AlgorithmConfig):
     retention: float = 0.5
     decay: float = 0.0
     server_lr: float = 1.0
+    reference: str = "consensus"
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"fcmoe.reference = {self.reference!r}: choose one of {', '.join(REFERENCES)}")
         if self.importance not in IMPORTANCE_SCHEMES:
             raise ValueError(f"fcmoe.importance = {self.importance!r}: choose one of {', '.join(IMPORTANCE_SCHEMES)}")
         if not -1.0 <= self.tau <= 0.0:
@@ -77,14 +86,16 @@ class FCMoEConfig(AlgorithmConfig):
             raise ValueError(f"fcmoe.server_lr = {self.server_lr}: η must be > 0 (default 1.0)")
 
 
-def _layer_metrics(weights: torch.Tensor, coeffs: ConsensusCoefficients) -> tuple[float, float, float]:
-    """One MoE layer's conflict rate and mean cosine over the (client, expert) pairs of the experts someone used,
-    and the share of importance weight the projected pairs carry (how much projection can move the aggregate)."""
+def _layer_metrics(weights: torch.Tensor, conflicted: torch.Tensor,
+                   cosine: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """One MoE layer's conflict rate and mean cosine (NaN without ``cosine``) over the (client, expert) pairs of
+    the experts someone used, and the share of importance weight the projected pairs carry (how much projection
+    can move the aggregate)."""
     used = weights.sum(dim=0) > 0  # [E]
     pairs = max(int(used.sum()) * weights.shape[0], 1)
-    conflict_rate = coeffs.conflicted[:, used].sum().item() / pairs
-    mean_cosine = coeffs.cosine[:, used].double().sum().item() / pairs
-    projected_weight = (weights.double() * coeffs.conflicted).sum().item() / max(weights.double().sum().item(), 1e-12)
+    conflict_rate = conflicted[:, used].sum().item() / pairs
+    mean_cosine = float("nan") if cosine is None else cosine[:, used].double().sum().item() / pairs
+    projected_weight = (weights.double() * conflicted).sum().item() / max(weights.double().sum().item(), 1e-12)
     return conflict_rate, mean_cosine, projected_weight
 
 
@@ -97,7 +108,7 @@ class FCMoE(Algorithm):
     config: FCMoEConfig
     # the paper's Table II ablations, each one switch off
     variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
-                "no-importance": {"importance": "size"}}
+                "no-importance": {"importance": "size"}, "pairwise": {"reference": "pairwise"}}
 
     # ------------------------------------------------------------------ client half
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
@@ -108,18 +119,23 @@ class FCMoE(Algorithm):
 
     def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
                       message: Mapping[str, torch.Tensor] | None) -> None:
-        """r_i ← γ·r_i + s_i·(θ_new − θ_old) per expert unit, from the per-expert scalars s_i."""
+        """r_i ← γ·r_i + ρ_i per expert unit: ρ_i = s_i·(θ_new − θ_old) from the per-expert scalars s_i, or ρ_i
+        itself (pairwise projection)."""
         if not message:
             return
         old_residual: Tree = client_state.get(RESIDUAL, {})
+        sent = {k.removeprefix(RHO): v for k, v in message.items() if k.startswith(RHO)}
         residual: Tree = {}
         for layer in self.layout.layers:
-            scalars = message[layer.name].to(torch.float32)  # [E]
             keep_old = self.config.decay > 0 and layer.keys[0] in old_residual
-            if not scalars.any() and not keep_old:
-                continue  # no conflict in this layer: its residual is zero and not stored
-            step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)
-            rho = scalars[:, None] * step  # [E, P]  ρ_i = s_i · (θ_new − θ_old)
+            if layer.keys[0] in sent:
+                rho = self.layout.gather_experts(sent, layer)  # [E, P]
+            else:
+                scalars = message.get(layer.name)  # [E]; absent: no conflict in this layer (pairwise)
+                if (scalars is None or not scalars.any()) and not keep_old:
+                    continue  # no conflict in this layer: its residual is zero and not stored
+                step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)
+                rho = (0.0 if scalars is None else scalars.to(torch.float32)[:, None]) * step  # ρ_i = s_i · step
             if keep_old:
                 rho = rho + self.config.decay * self.layout.gather_experts(old_residual, layer)
             residual.update(self.layout.split_experts(layer, rho))
@@ -156,6 +172,40 @@ class FCMoE(Algorithm):
             weights.append(w)
         return torch.cat(weights, dim=1), join_experts(per_expert)
 
+    def _pairwise(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor, mean: MeanRule, state: Tree,
+                  messages: dict[int, dict[str, torch.Tensor]]) -> tuple[Tree, torch.Tensor, torch.Tensor]:
+        """Steps 2–4 of one MoE layer with pairwise projection (``fcmoe/pairwise``): importance weights as in
+        :meth:`_consensus`, Δ̃ by :func:`~fcmoe.core.pairwise_project` per expert unit,
+        θ_k ← θ_k + η Σ_i w_{i,k} Δ̃_{i,k}, and each projected client's ρ_i = Δ_i − Δ̃_i added to its message.
+        Returns (state, weights, conflicted)."""
+        cfg, layout = self.config, self.layout
+        trees = [u.delta for u in updates]
+        freqs = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
+        held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
+        weights, steps, conflicted, stack = [], [], [], None
+        removed = torch.zeros(len(updates), layer.num_experts, layer.expert_numel)  # [N, E, P]  ρ_{i,k}
+        for k in range(layer.num_experts):
+            stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]
+            w = importance_weights(cfg.importance, n, freqs[:, k:k + 1], expert_norms(stack[:, None, :]))  # [N, 1]
+            if not held[:, k].all():
+                w = normalise_columns(w * held[:, k:k + 1]).to(w.dtype)
+            projection = pairwise_project(stack) if cfg.projection else None
+            projected = stack if projection is None else projection.projected  # [N, P]  Δ̃_{i,k}
+            if projection is not None and projection.conflicted.any():
+                removed[:, k] = stack - projected
+            steps.append(mean.per_expert(projected[:, None, :], w)[0])  # [P]
+            conflicted.append(torch.zeros(len(updates), dtype=torch.bool) if projection is None
+                              else projection.conflicted & held[:, k])
+            weights.append(w)
+        state = layout.add_to_experts(state, layer, torch.stack(steps), torch.full((layer.num_experts,),
+                                                                                  cfg.server_lr))
+        conflicted_pairs = torch.stack(conflicted, dim=1)  # [N, E]
+        for i, update in enumerate(updates):
+            if conflicted_pairs[i].any():
+                messages[update.client_id].update({RHO + key: value for key, value in
+                                                   layout.split_experts(layer, removed[i]).items()})
+        return state, torch.cat(weights, dim=1), conflicted_pairs
+
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         cfg, layout = self.config, self.layout
@@ -165,6 +215,10 @@ class FCMoE(Algorithm):
         messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
         conflict_rate, mean_cosine, projected_weight = {}, {}, {}
         for layer in layout.layers:
+            if cfg.reference == "pairwise":
+                state, weights, conflicted = self._pairwise(updates, layer, n, mean, state, messages)
+                conflict_rate[layer.name], _, projected_weight[layer.name] = _layer_metrics(weights, conflicted)
+                continue
             weights, coeffs = self._consensus(updates, layer, n, mean)
             scale = coeffs.scale  # [E], >= 1 for tau <= 0
             # step 4: θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
@@ -173,7 +227,7 @@ class FCMoE(Algorithm):
             for update, row in zip(updates, scalars.to(torch.float32).unbind(0)):
                 messages[update.client_id][layer.name] = row
             conflict_rate[layer.name], mean_cosine[layer.name], projected_weight[layer.name] = \
-                _layer_metrics(weights, coeffs)
+                _layer_metrics(weights, coeffs.conflicted, coeffs.cosine)
         total = sum(conflict_rate.values()) / max(len(conflict_rate), 1)
         return ServerResult(state=state, messages=messages,
                             metrics={"conflict_rate": total, "conflict_rate_per_layer": conflict_rate,

@@ -5,7 +5,9 @@ The global model G is trained by FedAvg and is the only thing communicated. Each
   mean-pooled features h(x) of G (G itself stays frozen while P is trained);
 - a gate g(x) = σ(vᵀh(x) + b), trained on the other 25 % with G and P fixed;
 and predicts o = g·z_G + (1 − g)·z_P on class logits. Head and gate live in the client state and continue
-training each round; the extra local epochs they cost are reported in the round metrics.
+training each round; the extra local epochs they cost are reported in the round metrics. Global accuracy is read
+two ways: G's own (every method's), and, as the authors' code reports it, the mean over clients of each client's
+mixture on the global test set (``deployed_global_acc_mean``, final round).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class PFLMoE(Algorithm):
     display_name = "PFL-MoE"
     config_class = PFLMoEConfig
     config: PFLMoEConfig
+    scores_deployed_on_global_test = True  # the authors' code reports the clients' mixtures on the global test set
 
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
@@ -96,6 +99,14 @@ class PFLMoE(Algorithm):
         unseen = runtime.predict(global_state, test)
         with torch.no_grad():
             return mixture(unseen.pooled, unseen.logits)
+
+    def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                        data: Any) -> torch.Tensor:
+        """The client's mixture as last fitted (no further training) on ``data``."""
+        mixture = self._mixture(runtime, client_state, global_state)
+        seen = runtime.predict(global_state, data)
+        with torch.no_grad():
+            return mixture(seen.pooled, seen.logits)
 
     def _mixture(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree) -> _GatedMixture:
         weight_key, bias_key = runtime.head_keys

@@ -35,7 +35,8 @@ class RobustAggregation:
     def admit(self, updates: Sequence[ClientUpdate], global_state: Tree) -> tuple[list[ClientUpdate], list[str]]:
         """:func:`screen_updates`, then :func:`clip_updates` on the accepted ones; (accepted, reasons rejected)."""
         layout = self.algorithm.layout
-        accepted, rejected = screen_updates(updates, global_state, layout, self.config.max_norm_ratio)
+        expected = {k: global_state[k] for k in self.algorithm.upload_keys(global_state)}
+        accepted, rejected = screen_updates(updates, expected, layout, self.config.max_norm_ratio)
         return clip_updates(accepted, layout, self.config.clip), rejected
 
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate]) -> ServerResult:
@@ -43,18 +44,20 @@ class RobustAggregation:
         return self.algorithm.aggregate(global_state, updates, self.mean)
 
 
-def screen_updates(updates: Sequence[ClientUpdate], global_state: Tree, layout: ExpertLayout,
+def screen_updates(updates: Sequence[ClientUpdate], expected: Tree, layout: ExpertLayout,
                    max_norm_ratio: float) -> tuple[list[ClientUpdate], list[str]]:
     """Split the round's updates into accepted and rejected (with one-line reasons), before any aggregation.
 
-    Rejected: a malformed update (:func:`fcmoe.core.validate.update_problem`: keys, shapes, dtypes, NaN / Inf,
-    routing counts, n_i), and, with at least 3 well-formed updates and ``max_norm_ratio > 0``, one whose norm
+    ``expected`` is the part of the global tree a Δ_i must cover (:meth:`Algorithm.upload_keys`). Rejected: a
+    malformed update (:func:`fcmoe.core.validate.update_problem`: keys, shapes, dtypes, NaN / Inf, routing counts,
+    n_i, non-finite statistics), and, with at least 3 well-formed updates and ``max_norm_ratio > 0``, one whose norm
     ‖Δ_i‖ exceeds ``max_norm_ratio`` × the median norm of the round (a scaled or exploding update).
     """
     layers = {spec.name: spec.num_experts for spec in layout.layers}
     accepted, rejected = [], []
     for update in updates:
-        problem = update_problem(update.delta, global_state, update.routing_counts, layers, update.num_samples)
+        problem = update_problem(update.delta, expected, update.routing_counts, layers, update.num_samples,
+                                 update.statistics)
         if problem:
             rejected.append(f"client {update.client_id}: {problem}")
         else:
@@ -83,7 +86,7 @@ def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple
     rest_norms = torch.stack([tree_norm({k: u.delta[k] for k in rest}) for u in updates])  # [N]
     rest_factor = clip_factors(rest_norms[:, None], multiple)[:, 0]  # [N]
     clipped = [{k: u.delta[k] * float(rest_factor[i]) for k in rest} for i, u in enumerate(updates)]
-    for layer in layout.layers:
+    for layer in [layer for layer in layout.layers if layer.keys[0] in updates[0].delta]:
         blocks = [layout.gather_experts(u.delta, layer) for u in updates]  # N × [E, P]
         factors = clip_factors(torch.stack([row_squared_norms(b) for b in blocks]).sqrt(), multiple)  # [N, E]
         for i, block in enumerate(blocks):

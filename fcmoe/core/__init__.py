@@ -2,8 +2,8 @@
 
 from fcmoe.core.aggregate import (WEIGHTED_MEAN, MeanRule, WeightedMean, expert_weighted_mean, fedavg_step,
                                   holder_weights)
-from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, consensus_coefficients, consensus_project,
-                                  expert_norms, join_experts)
+from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, PairwiseProjection, consensus_coefficients,
+                                  consensus_project, expert_norms, join_experts, pairwise_project)
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
 from fcmoe.core.robust import ROBUST_AGGREGATORS, CoordinateMean, clip_factors, coordinate_aggregate
 from fcmoe.core.tree import Tree, row_squared_norms, tree_add, tree_clone, tree_norm, tree_num_bytes, tree_sub
@@ -16,6 +16,7 @@ __all__ = [
     "ConsensusResult",
     "CoordinateMean",
     "MeanRule",
+    "PairwiseProjection",
     "Tree",
     "WeightedMean",
     "clip_factors",
@@ -30,6 +31,7 @@ __all__ = [
     "join_experts",
     "importance_weights",
     "normalise_columns",
+    "pairwise_project",
     "row_squared_norms",
     "tree_add",
     "tree_clone",

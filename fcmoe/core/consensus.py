@@ -144,3 +144,40 @@ def consensus_project(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 
         coefficient=coeffs.coefficient,
         cosine=coeffs.cosine,
     )
+
+
+class PairwiseProjection(NamedTuple):
+    """Output of :func:`pairwise_project` for one expert unit."""
+
+    projected: torch.Tensor  # [N, P]  Δ̃_i
+    coefficients: torch.Tensor  # [N, N]  Δ̃ = coefficients @ Δ (identity where nothing conflicts)
+    conflicted: torch.Tensor  # [N] bool: client i was projected against at least one other
+
+
+def pairwise_project(deltas: torch.Tensor) -> PairwiseProjection:
+    """PCGrad between clients (FedGH-style; the ``fcmoe/pairwise`` ablation of FC-MoE step 3) on one expert unit.
+
+    For each client i and each other client j in index order: if ⟨Δ̃_i, Δ_j⟩ < 0, Δ̃_i ← Δ̃_i − ⟨Δ̃_i, Δ_j⟩ / ‖Δ_j‖² Δ_j,
+    starting from Δ̃_i = Δ_i (PCGrad's rule, with a fixed instead of a random order so that runs repeat).
+
+    Every Δ̃_i stays in the span of the Δ_j, so the whole projection runs on the ``[N, N]`` Gram matrix: Δ̃ = C Δ
+    with C built from inner products only, and ``deltas [N, P]`` is read twice (Gram, then C Δ).
+    """
+    if deltas.dim() != 2:
+        raise ValueError(f"deltas must be [N clients, P params], got shape {tuple(deltas.shape)}")
+    acc = torch.promote_types(deltas.dtype, torch.float32)
+    rows = deltas.to(acc)
+    gram = (rows @ rows.T).double()  # [N, N]
+    n = gram.shape[0]
+    coefficients = torch.eye(n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            if i == j or gram[j, j] <= 0:
+                continue
+            dot = coefficients[i] @ gram[:, j]  # ⟨Δ̃_i, Δ_j⟩
+            if dot < 0:
+                coefficients[i, j] -= dot / gram[j, j]
+    conflicted = (coefficients != torch.eye(n, dtype=torch.float64)).any(dim=1)
+    if not conflicted.any():
+        return PairwiseProjection(deltas, coefficients, conflicted)
+    return PairwiseProjection((coefficients.to(acc) @ rows).to(deltas.dtype), coefficients, conflicted)

@@ -13,7 +13,8 @@ import torch
 
 def update_problem(delta: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
                    routing_counts: Mapping[str, torch.Tensor] | None = None,
-                   expected_layers: Mapping[str, int] | None = None, num_samples: int = 1) -> str | None:
+                   expected_layers: Mapping[str, int] | None = None, num_samples: int = 1,
+                   statistics: Mapping[str, torch.Tensor] | None = None) -> str | None:
     """Why an update must be rejected, or ``None`` if it may be aggregated.
 
     Parameters
@@ -27,6 +28,8 @@ def update_problem(delta: Mapping[str, torch.Tensor], expected: Mapping[str, tor
         present with ``[E]`` non-negative finite counts.
     num_samples
         n_i, must be >= 1.
+    statistics
+        The algorithm's small per-client tensors (FedMoE's validation routing, HFedMoE's router scores): finite.
 
     Returns
     -------
@@ -58,4 +61,7 @@ def update_problem(delta: Mapping[str, torch.Tensor], expected: Mapping[str, tor
             return f"routing counts of {layer!r} have shape {tuple(counts.shape)}, expected ({num_experts},)"
         if not torch.isfinite(counts.double()).all() or (counts < 0).any():
             return f"routing counts of {layer!r} must be finite and non-negative"
+    for key, value in (statistics or {}).items():
+        if not isinstance(value, torch.Tensor) or not torch.isfinite(value.double()).all():
+            return f"statistic {key!r} is not a finite tensor"
     return None

@@ -23,7 +23,7 @@ from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import (ARRAYS, MESSAGE, STATE_SCALARS, TRAINED_FROM, decode_instruction, decode_message,
                             encode_evaluation, encode_identity, encode_update, load_client_state, partition_id,
                             record_to_tree, save_client_state)
-from fcmoe.rounds import client_step, finish_client, initial_client_state, local_accuracy
+from fcmoe.rounds import client_step, deployed_global_accuracy, finish_client, initial_client_state, local_accuracy
 
 app = ClientApp()
 
@@ -72,5 +72,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         old_global = record_to_tree(context.state[TRAINED_FROM])
         finish_client(algo, state, old_global, new_global, decode_message(msg.content.get(MESSAGE)))
     acc = local_accuracy(exp, algo, cid, state, new_global) if instruction.score else float("nan")
+    deployed = (deployed_global_accuracy(exp, algo, state, new_global, instruction.server_round)
+                if instruction.score else None)
     save_client_state(state, context.state)
-    return Message(content=encode_evaluation(cid, acc, len(exp.client_test[cid])), reply_to=msg)
+    return Message(content=encode_evaluation(cid, acc, len(exp.client_test[cid]), deployed), reply_to=msg)

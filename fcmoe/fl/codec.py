@@ -5,7 +5,8 @@ The only place that knows how fcmoe objects travel in a Flower ``Message``:
 - a tree ``{name: tensor}`` (model, Δ_i, residual) → one ``ArrayRecord`` (bfloat16 travels as int16 bits under
   ``<key>@bfloat16``, so every record is self-describing);
 - a :class:`~fcmoe.algorithms.base.ClientUpdate` → ``"delta"`` arrays, ``"routing"`` arrays (layer → ``[E]``
-  counts), ``"update"`` metrics (client id, n_i, loss);
+  counts), ``"statistics"`` arrays (the algorithm's small per-client tensors, when it sends any), ``"update"``
+  metrics (client id, n_i, loss);
 - the server's per-client message (FC-MoE: one scalar per layer and expert) → ``"message"`` arrays;
 - the private client state (residual, PFL-MoE head and gate, seed) → ``context.state``: one ``ArrayRecord`` per
   tree and a ``ConfigRecord`` ``"scalars"``;
@@ -33,8 +34,9 @@ from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.models.layout import ExpertLayout
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # records of the server's instructions and eval replies
-DELTA, ROUTING, UPDATE, MESSAGE = "delta", "routing", "update", "message"
+DELTA, ROUTING, UPDATE, MESSAGE, STATISTICS = "delta", "routing", "update", "message", "statistics"
 CLIENT_ID, NUM_EXAMPLES, LOCAL_ACC = "client_id", "num-examples", "local_acc"  # metric keys
+DEPLOYED_GLOBAL_ACC = "deployed_global_acc"  # evaluate reply, optional: the deployed model on the global test set
 ROUND, METHOD, EXPERIMENT, TRAINED, SCORE = "server-round", "method", "fcmoe-config", "trained", "score"
 VALID_UPDATES, REJECTED, LOCAL_ACC_MEAN, GLOBAL_ACC = "valid_updates", "rejected", "local_acc_mean", "global_acc"
 TRAINED_FROM = "trained-from"  # context.state: the global arrays a client trained from this round (θ_t)
@@ -109,12 +111,16 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
         if layout is None:
             raise ValueError("a sparse update needs the expert layout to be packed")
         for layer in layout.layers:
-            tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
+            if layer.keys[0] in tree:  # a local-experts upload holds no expert
+                tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
     delta = tree_to_record(tree)
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
     metrics = MetricRecord({CLIENT_ID: update.client_id, NUM_EXAMPLES: update.num_samples,
                             SPARSE: int(update.sparse), **{k: float(v) for k, v in update.metrics.items()}})
-    return RecordDict({DELTA: delta, ROUTING: routing, UPDATE: metrics})
+    records = {DELTA: delta, ROUTING: routing, UPDATE: metrics}
+    if update.statistics:
+        records[STATISTICS] = tree_to_record(update.statistics)
+    return RecordDict(records)
 
 
 def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> ClientUpdate:
@@ -146,11 +152,14 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
             for layer in layout.layers:
                 if layer.name not in routing:
                     raise ValueError(f"sparse reply lacks the routing counts of {layer.name}")
-                delta = layout.unpack_experts(delta, layer, routing[layer.name] > 0)
+                if f"{layer.name}#part0" in delta:  # absent: a local-experts upload holds no expert
+                    delta = layout.unpack_experts(delta, layer, routing[layer.name] > 0)
+        statistics = record_to_tree(content[STATISTICS]) if isinstance(content.get(STATISTICS), ArrayRecord) else {}
     except (TypeError, ValueError, IndexError) as err:
         raise MalformedReply(f"reply arrays cannot be read: {err}") from None
     metrics = {k: float(v) for k, v in info.items() if k not in (CLIENT_ID, NUM_EXAMPLES, SPARSE)}
-    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics, sparse, sent if sparse else None)
+    return ClientUpdate(int(client_id), delta, int(num_samples), routing, metrics, sparse, sent if sparse else None,
+                        statistics)
 
 
 @dataclass(frozen=True)
@@ -221,10 +230,21 @@ def decode_identity(content: RecordDict) -> int:
     return int(metrics[CLIENT_ID])
 
 
-def encode_evaluation(client_id: int, local_acc: float, num_examples: int) -> RecordDict:
-    """An evaluate reply: the client's local accuracy on its own test split (NaN: not scored this round)."""
-    return RecordDict({METRICS: MetricRecord({CLIENT_ID: client_id, LOCAL_ACC: local_acc,
-                                              NUM_EXAMPLES: num_examples})})
+def encode_evaluation(client_id: int, local_acc: float, num_examples: int,
+                      deployed_global_acc: float | None = None) -> RecordDict:
+    """An evaluate reply: the client's local accuracy on its own test split (NaN: not scored this round), and its
+    deployed model's accuracy on the global test set when measured (PFL-MoE's final round)."""
+    metrics = {CLIENT_ID: client_id, LOCAL_ACC: local_acc, NUM_EXAMPLES: num_examples}
+    if deployed_global_acc is not None:
+        metrics[DEPLOYED_GLOBAL_ACC] = deployed_global_acc
+    return RecordDict({METRICS: MetricRecord(metrics)})
+
+
+def deployed_global_of(content: RecordDict) -> float | None:
+    """The optional deployed-model global accuracy of an evaluate reply."""
+    metrics = content.get(METRICS)
+    value = metrics.get(DEPLOYED_GLOBAL_ACC) if isinstance(metrics, MetricRecord) else None
+    return None if value is None else float(value)
 
 
 def decode_evaluation(content: RecordDict) -> tuple[int, float]:

@@ -66,7 +66,8 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         global_acc = global_accuracy(exp.trainer, record_to_tree(arrays), exp.global_test) if scored else math.nan
         now = time.perf_counter()
         row = round_metrics(method, server_round, step, state.draw, global_acc, local, model_bytes,
-                            now - clock["round"], now - (state.evaluation_started or now))
+                            now - clock["round"], now - (state.evaluation_started or now),
+                            [state.deployed_global[cid] for cid in sorted(state.deployed_global)])
         row["engine"] = "flower"
         append_row(metrics_path, row)
         last.update(row)

@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import Strategy
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree
 from fcmoe.fl.codec import (Instruction, MalformedReply, decode_evaluation, decode_identity, decode_update,
-                            encode_instruction, mean_local_accuracy, record_to_tree, round_counts, tree_to_record)
+                            deployed_global_of, encode_instruction, mean_local_accuracy, record_to_tree, round_counts,
+                            tree_to_record)
 from fcmoe.rounds import RoundDraw, ServerStep, server_step
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class RoundState:
     draw: RoundDraw = field(default_factory=lambda: RoundDraw([], []))
     step: ServerStep | None = None
     local_acc: dict[int, float] = field(default_factory=dict)  # client id → accuracy
+    deployed_global: dict[int, float] = field(default_factory=dict)  # client id → deployed model on global test
     evaluation_started: float = 0.0  # perf_counter() when the round's evaluation phase began
 
 
@@ -143,6 +145,9 @@ class AlgorithmStrategy(Strategy):
                 continue
             if not math.isnan(acc):  # NaN: not scored this round (eval.every)
                 self.round_state.local_acc[cid] = acc
+            deployed = deployed_global_of(reply.content)
+            if deployed is not None:
+                self.round_state.deployed_global[cid] = deployed
         return mean_local_accuracy(list(self.round_state.local_acc.values()))
 
     def summary(self) -> None:

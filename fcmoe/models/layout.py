@@ -89,6 +89,14 @@ class MoELayerSpec:
     router_output: str  # "logits" | "switch" | "topk": how to read the hooked module's output
 
     @property
+    def logits_module(self) -> str | None:
+        """The module whose output is this layer's raw router logits ``[..., E]`` (where a sub-MoE mask is added),
+        or ``None`` when the router computes its logits and top-k inside one module (the fused families)."""
+        if self.router_output == "logits":
+            return self.router_module
+        return f"{self.router_module}.classifier" if self.router_output == "switch" else None
+
+    @property
     def expert_numel(self) -> int:
         """P: parameters per expert."""
         return sum(part.width for part in self.parts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,3 +14,4 @@ class Prediction:
     logits: torch.Tensor  # [n, C]
     pooled: torch.Tensor  # [n, H] sentence vectors before the head
     labels: torch.Tensor  # [n]
+    routing_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [E], when asked for

@@ -11,12 +11,17 @@ Padding tokens (attention mask 0) are never counted; a router that sees another 
 covers (the text-to-text decoder's start position, one per sequence) counts them all. The hooked logits also
 give the Switch load-balancing loss E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a
 softmax of the logits, over all tokens as in transformers' Switch), so one mechanism serves every family.
-Cost: an argmax, a bincount and a scatter-add per layer per batch, summed on the router's device.
+While training, the recorder also keeps router *scores* per layer (HFedMoE's usage and importance): the mean
+router probability of each expert over real tokens, and the mean and max over batches of each batch's mean.
+Cost: an argmax, a bincount, a softmax and a few scatter-adds per layer per batch, summed on the router's device.
+
+:func:`masked_routing` adds −∞ to the logits of experts outside a client's sub-MoE (FedMoE) before anything reads
+them, so those experts are never chosen and get no gradient; it runs before the recorder's hook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,6 +66,9 @@ class RoutingRecorder:
         # per layer, on the router's device: [E] assignments counted, then real tokens seen, then assignments
         # dropped (capacity); summed there and read only on request, so recording never stalls a GPU
         self._stats: dict[str, torch.Tensor] = {}
+        # per layer: [4, E] sum of router probabilities over real tokens, sum and max over batches of the batch mean
+        # probability, and in row 3 the batch and real-token counts; only while gradients flow (training)
+        self._scores: dict[str, torch.Tensor] = {}
         self._losses: list[torch.Tensor] = []
         self._token_mask: torch.Tensor | None = None
         self._enabled = False
@@ -75,18 +83,19 @@ class RoutingRecorder:
             if not self._enabled:
                 return
             logits, choices, kept = read_router_output(spec.router_output, output, e)
-            if torch.is_grad_enabled() and logits.requires_grad:
-                # over every token, padding included, as transformers' Switch computes it
-                frac = torch.bincount(choices.reshape(-1), minlength=e).to(torch.float32)
-                probs = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # [E]
-                self._losses.append(e * (frac / frac.sum() * probs).sum())
-            if not self.counting:
-                return
             mask = self._token_mask
             # [n, 1] real tokens; a router that sees another count than the mask covers is a text-to-text decoder
             # position, one real token per sequence: nothing to mask
             real = (mask[:, None] if mask is not None and mask.numel() == choices.shape[0]
                     else torch.ones_like(kept[:, :1]))
+            if torch.is_grad_enabled() and logits.requires_grad:
+                # over every token, padding included, as transformers' Switch computes it
+                frac = torch.bincount(choices.reshape(-1), minlength=e).to(torch.float32)
+                probs = torch.softmax(logits.float(), dim=-1)  # [n, E]
+                self._losses.append(e * (frac / frac.sum() * probs.mean(dim=0)).sum())
+                self._add_scores(spec, probs.detach(), real)
+            if not self.counting:
+                return
             stats = self._stats.get(spec.name)
             if stats is None:
                 stats = self._stats[spec.name] = torch.zeros(e + 2, dtype=torch.long, device=choices.device)
@@ -95,6 +104,20 @@ class RoutingRecorder:
             stats[e + 1] += (real & ~kept).sum()
 
         return hook
+
+    def _add_scores(self, spec: MoELayerSpec, probs: torch.Tensor, real: torch.Tensor) -> None:
+        """Accumulate one batch's router probabilities ``[n, E]`` over its real tokens ``real [n, 1]``."""
+        scores = self._scores.get(spec.name)
+        if scores is None:
+            scores = self._scores[spec.name] = torch.zeros(4, spec.num_experts, device=probs.device)
+            scores[2] = -1.0  # below any probability: the first batch sets the max
+        summed = (probs * real).sum(dim=0)  # [E]
+        batch_mean = summed / real.sum().clamp_min(1)
+        scores[0] += summed
+        scores[1] += batch_mean
+        torch.maximum(scores[2], batch_mean, out=scores[2])
+        scores[3, 0] += 1
+        scores[3, 1] += real.sum()
 
     @contextmanager
     def recording(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
@@ -114,6 +137,22 @@ class RoutingRecorder:
 
     def reset(self) -> None:
         self._stats = {}
+        self._scores = {}
+
+    def router_scores(self) -> dict[str, torch.Tensor]:
+        """Layer name → ``[3, E]`` on the CPU, over the training batches since the last reset: row 0 the usage
+        u(e) = mean router probability of e over real tokens, rows 1 and 2 the mean and max over batches of the
+        batch's mean probability (HFedMoE's router score). Zeros for a layer that saw no training batch."""
+        out = {}
+        for spec in self._layers:
+            scores = self._scores.get(spec.name)
+            if scores is None:
+                out[spec.name] = torch.zeros(3, spec.num_experts)
+                continue
+            scores = scores.to("cpu", copy=True).double()
+            batches, tokens = scores[3, 0].clamp_min(1), scores[3, 1].clamp_min(1)
+            out[spec.name] = torch.stack([scores[0] / tokens, scores[1] / batches, scores[2].clamp_min(0)]).float()
+        return out
 
     def _read(self, spec: MoELayerSpec) -> torch.Tensor:
         stats = self._stats.get(spec.name)
@@ -142,3 +181,32 @@ class RoutingRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+@contextmanager
+def masked_routing(model: nn.Module, layout: ExpertLayout, mask: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Inside the block, experts outside ``mask`` (layer name → ``[E]``, nonzero = the client holds it) are masked
+    out of routing: −∞ is added to their router logits before top-k, so they are never chosen and get no gradient
+    (FedMoE's sub-MoE, in training and in the deployed model). ``None`` or ``{}`` masks nothing."""
+    handles = []
+    try:
+        for spec in layout.layers if mask else ():
+            if spec.name not in mask:
+                continue
+            if spec.logits_module is None:
+                raise ValueError(f"{spec.name}: its router computes logits and top-k in one module, so a sub-MoE "
+                                 "mask cannot be applied; use a per-expert-module model or fedmoe/agg")
+            held = mask[spec.name].bool()
+            if not held.any():
+                raise ValueError(f"{spec.name}: a sub-MoE must hold at least one expert")
+            bias = torch.zeros(spec.num_experts).masked_fill(~held, float("-inf"))  # [E]
+
+            def add_bias(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor,
+                         bias: torch.Tensor = bias) -> torch.Tensor:
+                return output + bias.to(output.device, output.dtype)
+
+            handles.append(model.get_submodule(spec.logits_module).register_forward_hook(add_bias, prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

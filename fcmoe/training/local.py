@@ -6,10 +6,11 @@ start tree into it, trains, and reads the end tree back out, so memory stays at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from fcmoe.core import Tree
 from fcmoe.models.classifier import EncoderClassifier
 from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
-from fcmoe.models.routing import RoutingRecorder
+from fcmoe.models.routing import RoutingRecorder, masked_routing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class LocalResult:
     routing_counts: dict[str, torch.Tensor]  # layer → [E] tokens routed, padding excluded
     loss: float  # mean training loss (cross-entropy + aux)
     steps: int
+    router_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [3, E] (RoutingRecorder)
 
 
 def featurize(model: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -99,8 +101,12 @@ class LocalTrainer:
         """``cpu`` or the GPU's name (each method's ``summary.json`` entry: GPU and CPU results differ slightly)."""
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
-    def train(self, start: Mapping[str, torch.Tensor], data: FeatureSet, seed: int) -> LocalResult:
-        """``local_epochs`` epochs of AdamW from ``start``; the seed fixes batch order and dropout."""
+    def train(self, start: Mapping[str, torch.Tensor], data: FeatureSet, seed: int,
+              expert_mask: Mapping[str, torch.Tensor] | None = None) -> LocalResult:
+        """``local_epochs`` epochs of AdamW from ``start``; the seed fixes batch order and dropout.
+
+        ``expert_mask`` (layer → ``[E]``) restricts routing to a sub-MoE (:func:`~fcmoe.models.routing.masked_routing`).
+        """
         cfg, model = self.config, self.model
         model.load_trainable_state(dict(start))
         model.train()
@@ -117,7 +123,8 @@ class LocalTrainer:
         for _ in range(cfg.local_epochs):
             for rows in torch.randperm(len(data), generator=generator).split(cfg.batch_size):
                 features, mask, labels = self._to_device(data.subset(rows))
-                with self._autocast(), self.recorder.recording(mask):
+                with self._autocast(), masked_routing(model, self.layout, expert_mask), \
+                        self.recorder.recording(mask):
                     logits = model(features, mask)  # [B, C]
                     balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
                 loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
@@ -131,20 +138,28 @@ class LocalTrainer:
         mean_loss = total.item() / max(steps, 1)
         if not math.isfinite(mean_loss):
             log.warning("local training produced a non-finite loss (%s)", mean_loss)
-        return LocalResult(model.trainable_state(), self.recorder.snapshot(), mean_loss, steps)
+        return LocalResult(model.trainable_state(), self.recorder.snapshot(), mean_loss, steps,
+                           self.recorder.router_scores())
 
     @torch.no_grad()
-    def predict(self, state: Mapping[str, torch.Tensor], data: FeatureSet, batch_size: int = 128) -> Prediction:
-        """Logits and pooled vectors of the model with trainable tree ``state`` on ``data`` (eval mode)."""
+    def predict(self, state: Mapping[str, torch.Tensor], data: FeatureSet, batch_size: int = 128,
+                expert_mask: Mapping[str, torch.Tensor] | None = None, record_routing: bool = False) -> Prediction:
+        """Logits and pooled vectors of the model with trainable tree ``state`` on ``data`` (eval mode), routed
+        within ``expert_mask`` if given; with ``record_routing`` also the routing counts (layer → ``[E]``)."""
         model = self.model
         model.load_trainable_state(dict(state))
         model.eval()
-        with self._autocast():
-            pooled = torch.cat([model.encode(data.features[i:i + batch_size].to(self.device),
-                                             data.mask[i:i + batch_size].to(self.device))
-                                for i in range(0, len(data), batch_size)])  # [n, H]
-            logits = model.head(pooled)  # [n, C]
-        return Prediction(logits=logits.float().cpu(), pooled=pooled.float().cpu(), labels=data.labels)
+        self.recorder.reset()
+        pooled = []
+        with self._autocast(), masked_routing(model, self.layout, expert_mask):
+            for i in range(0, len(data), batch_size):
+                mask = data.mask[i:i + batch_size].to(self.device)
+                with self.recorder.recording(mask) if record_routing else contextlib.nullcontext():
+                    pooled.append(model.encode(data.features[i:i + batch_size].to(self.device), mask))  # [b, H]
+            pooled_all = torch.cat(pooled)  # [n, H]
+            logits = model.head(pooled_all)  # [n, C]
+        return Prediction(logits=logits.float().cpu(), pooled=pooled_all.float().cpu(), labels=data.labels,
+                          routing_counts=self.recorder.snapshot() if record_routing else {})
 
     def _to_device(self, batch: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, mask, labels) of ``batch`` on the training device."""

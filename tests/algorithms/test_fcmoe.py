@@ -94,11 +94,11 @@ def test_layer_metrics_count_only_the_experts_someone_used() -> None:
     conflicted = torch.tensor([[True, False, False], [False, False, False]])
     cosine = torch.tensor([[-0.5, 0.9, 0.3], [0.7, 0.0, 0.3]])  # the unused column must not count
     coeffs = ConsensusCoefficients(torch.zeros(3, 4), torch.zeros(2, 3), conflicted, cosine, torch.ones(3))
-    rate, mean_cos, projected = _layer_metrics(weights, coeffs)
+    rate, mean_cos, projected = _layer_metrics(weights, coeffs.conflicted, coeffs.cosine)
     assert rate == pytest.approx(1 / 4)  # 1 of the 4 (client, used expert) pairs
     assert mean_cos == pytest.approx((-0.5 + 0.9 + 0.7 + 0.0) / 4)
     assert projected == pytest.approx(0.25 / 2.0)  # weight on the projected pair / all weight (2 used experts)
-    nobody = _layer_metrics(torch.zeros(2, 3), coeffs._replace(conflicted=torch.zeros(2, 3, dtype=torch.bool)))
+    nobody = _layer_metrics(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), cosine)
     assert nobody == (0.0, 0.0, 0.0)
 
 

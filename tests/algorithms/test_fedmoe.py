@@ -1,6 +1,8 @@
-"""FedMoE-Agg: experts averaged over the clients that activated them."""
+"""FedMoE-Agg (``fedmoe/agg``): experts averaged over the clients that activated them; robustness wrappers."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,13 +12,15 @@ from fcmoe.core import tree_add
 from fcmoe.models.build import BuiltModel
 from tests.algorithms.test_contract import make_updates, random_delta
 
+AGG = FedMoEConfig(sub_models=False, recommend=False)  # the variant fedmoe/agg
+
 
 def test_fedmoe_copies_a_single_holder_and_keeps_unheld(tiny: BuiltModel) -> None:
     state = tiny.model.trainable_state()
     d0, d1 = random_delta(state, 0), random_delta(state, 1)
     counts = [torch.tensor([4, 0, 0, 1]), torch.tensor([0, 0, 2, 1])]
     updates = make_updates(tiny, [d0, d1], [10, 30], counts)
-    new = FedMoE(FedMoEConfig(), tiny.layout).aggregate(state, updates).state
+    new = FedMoE(AGG, tiny.layout).aggregate(state, updates).state
     layer = tiny.layout.layers[1]
     expected = {0: tree_add(state, d0), 1: state, 2: tree_add(state, d1)}
     for k, ref in expected.items():
@@ -35,8 +39,8 @@ def test_min_share_drops_a_marginal_holder(tiny: BuiltModel) -> None:
     counts = [torch.tensor([99, 1, 0, 0]), torch.tensor([50, 50, 0, 0])]  # client 0 sent 1 % to expert 1
     updates = make_updates(tiny, [d0, d1], [10, 10], counts)
     key = tiny.layout.layers[0].parts[0].keys[1]
-    loose = FedMoE(FedMoEConfig(), tiny.layout).aggregate(state, updates).state
-    strict = FedMoE(FedMoEConfig(min_share=0.02), tiny.layout).aggregate(state, updates).state
+    loose = FedMoE(AGG, tiny.layout).aggregate(state, updates).state
+    strict = FedMoE(FedMoEConfig(sub_models=False, min_share=0.02), tiny.layout).aggregate(state, updates).state
     torch.testing.assert_close(loose[key], state[key] + 0.5 * d0[key] + 0.5 * d1[key])
     torch.testing.assert_close(strict[key], state[key] + d1[key])
 
@@ -86,10 +90,10 @@ def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: 
     counts = [torch.tensor([5, 5, 5, 5])] * 10
     updates = make_updates(tiny, deltas, [10] * 10, counts)
     robust = RobustConfig(aggregator=aggregator, max_norm_ratio=0.0)
-    for algo in (FedAvg(FedAvgConfig(), tiny.layout), FCMoE(FCMoEConfig(), tiny.layout),
-                 FedMoE(FedMoEConfig(), tiny.layout)):
+    for cls, config in ((FedAvg, FedAvgConfig()), (FCMoE, FCMoEConfig()), (FedMoE, AGG), (FedMoE, FedMoEConfig())):
+        algo = cls(config, tiny.layout)  # a fresh server each time: FedMoE's first round assigns sub-MoEs
         mean_step = tree_add(algo.aggregate(state, updates).state, state, scale=-1.0)
-        wrapped = RobustAggregation(algo, robust)
+        wrapped = RobustAggregation(cls(config, tiny.layout), robust)
         robust_step = tree_add(wrapped.aggregate(state, updates).state, state, scale=-1.0)
         for key in (tiny.layout.layers[0].keys[0], tiny.layout.shared_keys[0], *tiny.layout.router_keys[:1]):
             assert (mean_step[key] * base[key]).sum() < 0, key  # the attacker wins the mean
@@ -104,11 +108,13 @@ def test_the_wrapper_with_the_mean_is_the_algorithm_itself(tiny: BuiltModel) -> 
     from fcmoe.config_sections import RobustConfig
 
     state = tiny.model.trainable_state()
-    updates = make_updates(tiny, [random_delta(state, s) for s in range(3)], [5, 9, 2],
-                           [torch.tensor([5, 0, 2, 1]), torch.tensor([1, 1, 7, 0]), torch.tensor([3, 3, 3, 3])])
+    everything = make_updates(tiny, [random_delta(state, s) for s in range(3)], [5, 9, 2],
+                              [torch.tensor([5, 0, 2, 1]), torch.tensor([1, 1, 7, 0]), torch.tensor([3, 3, 3, 3])])
     for name in ALGORITHMS.names():
         cls = ALGORITHMS.get(name)
-        plain = cls(cls.config_class(), tiny.layout).aggregate(state, updates)
+        algo = cls(cls.config_class(), tiny.layout)
+        updates = [dataclasses.replace(u, delta={k: u.delta[k] for k in algo.upload_keys(state)}) for u in everything]
+        plain = algo.aggregate(state, updates)
         server = RobustAggregation(cls(cls.config_class(), tiny.layout), RobustConfig())
         accepted, rejected = server.admit(updates, state)
         wrapped = server.aggregate(state, accepted)

@@ -21,17 +21,22 @@ TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class
         "train.batch_size=8", "methods=['fedavg','fcmoe','fedadam']"]
 
 
+EVERY_METHOD = "methods=['fedavg','fcmoe','fedadam','fedmoe','hfedmoe','localexperts','fcmoe/pairwise','pflmoe']"
+SPARSE_METHODS = "methods=['fedavg','fcmoe','fedmoe','localexperts']"  # those whose uploads sparsity changes
+
+
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-uploads"])
 def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> None:
-    config = load_config(overrides=[*TINY, f"sparse_uploads={str(sparse).lower()}"])
+    config = load_config(overrides=[*TINY, f"sparse_uploads={str(sparse).lower()}",
+                                    SPARSE_METHODS if sparse else EVERY_METHOD])
     exp = prepare_experiment(config)
     in_process = {m: run_method(exp, m, tmp_path / "in-process.jsonl")[1] for m in config.methods}
     flower_dir = tmp_path / "flower"
     flower_dir.mkdir()
     summaries = run_experiment(dataclasses.replace(config, engine="flower"), flower_dir, show_progress=False)
-    assert [s.method for s in summaries] == ["fedavg", "fcmoe", "fedadam"]
+    assert [s.method for s in summaries] == list(config.methods)
     for method, expected in in_process.items():
-        got = load_file(str(flower_dir / f"model-{method}.safetensors"))
+        got = load_file(str(flower_dir / f"model-{method.replace('/', '_')}.safetensors"))
         assert set(got) == set(expected)
         worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
         assert worst <= 1e-6, f"{method}: max |Δθ| = {worst}"
@@ -45,7 +50,10 @@ def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> No
         assert row["engine"] == "flower" and row["rejected"] == [] and not row["skipped"]
         for field in ("global_acc", "local_acc", "train_loss", "bytes_up", "bytes_down"):
             assert row[field] == reference[key][field], (key, field)
-    assert rows[("fcmoe", 2)]["conflict_rate_per_layer"] == reference[("fcmoe", 2)]["conflict_rate_per_layer"]
+    for method, field in (("fcmoe", "conflict_rate_per_layer"), ("fcmoe/pairwise", "conflict_rate_per_layer"),
+                          ("fedmoe", "experts_per_client"), ("pflmoe", "deployed_global_acc")):
+        if method in config.methods:
+            assert rows[(method, 2)][field] == reference[(method, 2)][field], (method, field)
 
 
 def test_flower_participation_and_dropouts_match_in_process(tmp_path: Path,

@@ -102,7 +102,7 @@ def test_cli_data_error_exits_1_with_one_line_and_leaves_no_run_folder(
 
 
 def test_all_methods_registered() -> None:
-    assert ALGORITHMS.names() == ["fcmoe", "fedadam", "fedavg", "fedmoe", "pflmoe"]
+    assert ALGORITHMS.names() == ["fcmoe", "fedadam", "fedavg", "fedmoe", "hfedmoe", "localexperts", "pflmoe"]
 
 
 def test_real_minilm_moe_federation_runs(tmp_path: Path) -> None:
