@@ -40,6 +40,7 @@ class MethodSummary:
     local_model_global_acc_mean: float = float("nan")  # each client's local model on the global test set
     local_model_global_acc_std: float = float("nan")
     device: str = ""  # where local training ran: "cpu" or the GPU's name ("" = not recorded: Flower clients)
+    deployed_global_acc_mean: float = float("nan")  # PFL-MoE: the clients' mixtures on the global test set
 
     @classmethod
     def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float, device: str = "") -> MethodSummary:
@@ -47,7 +48,7 @@ class MethodSummary:
         nan = float("nan")
         return cls(row["method"], row.get("global_acc", nan), row.get("local_acc_mean", nan),
                    row.get("local_acc_std", nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
-                   row.get("local_model_global_acc_std", nan), device)
+                   row.get("local_model_global_acc_std", nan), device, row.get("deployed_global_acc_mean", nan))
 
 
 def new_run_dir(out_dir: str | Path) -> Path:

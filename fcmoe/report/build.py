@@ -63,7 +63,9 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     alphas, methods = alphas_of(runs), methods_of(runs)
-    main = [m for m in methods if "/" not in m]
+    # Tables I, III, IV: the methods and the variants that are methods of their own (fedmoe/agg, fcmoe/pairwise);
+    # the "no-…" ablations go to Table II only
+    main = [m for m in methods if not m.partition("/")[2].startswith("no-")]
     tables = [global_table(runs, alphas, main), local_table(runs, alphas, main),
               target_table(runs, alphas, main, target)]
     ablation = [m for m in methods if "/" in m]
@@ -92,6 +94,11 @@ def global_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Se
         table.rows.append([display_name(method), *(table.add_record(method, a, "global_acc",
                                                                     stat(runs, method, a, "global_acc"))
                                                    + device_mark(runs, method, a) for a in alphas)])
+        mixtures = [stat(runs, method, a, "deployed_global_acc_mean") for a in alphas]
+        if any(math.isfinite(s.mean) for s in mixtures):  # PFL-MoE: its authors' reading of global accuracy
+            table.rows.append([f"{display_name(method)} (clients' mixtures, its paper's reading)",
+                               *(table.add_record(method, a, "deployed_global_acc_mean", s) for a, s in
+                                 zip(alphas, mixtures))])
     return table
 
 

@@ -8,6 +8,8 @@ for a single seed).
 
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 import statistics
@@ -20,6 +22,9 @@ from typing import Any
 
 class ReportError(ValueError):
     """Nothing to report, or a run folder that cannot be read."""
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +73,23 @@ def find_runs(paths: Iterable[Path]) -> list[RunResult]:
     if not folders:
         raise ReportError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}")
     runs = [load_run(folder) for folder in dict.fromkeys(folders)]
+    drop_repeated_methods(runs)
     return sorted(runs, key=lambda r: (r.alpha, r.seed, str(r.path)))
+
+
+def drop_repeated_methods(runs: Sequence[RunResult]) -> None:
+    """A method run at the same (α, seed) in two folders (a sweep extended into another folder) counts once: the
+    folder passed later wins, and the repeat is logged, so no seed is averaged twice."""
+    seen: dict[tuple[float, int, str], RunResult] = {}
+    for run in runs:
+        for method in list(run.summaries):
+            earlier = seen.get((run.alpha, run.seed, method))
+            if earlier is not None:
+                log.warning("%s at α = %g, seed %d is in %s and %s: using the latter", method, run.alpha, run.seed,
+                            earlier.path, run.path)
+                del earlier.summaries[method]
+                earlier.rows = [r for r in earlier.rows if r.get("method") != method]
+            seen[(run.alpha, run.seed, method)] = run
 
 
 def load_run(folder: Path) -> RunResult:
@@ -96,9 +117,14 @@ def methods_of(runs: Sequence[RunResult]) -> list[str]:
 
 
 def stat(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> Stat:
-    """Mean ± std over the runs at ``alpha`` of ``summary.json``'s ``methods[method][key]``."""
-    return Stat.of([r.summaries[method].get(key, math.nan) for r in runs
-                    if r.alpha == alpha and method in r.summaries])
+    """Mean ± std over the runs at ``alpha`` of ``summary.json``'s ``methods[method][key]`` (or, for a summary
+    written before that key existed, the method's last ``metrics.jsonl`` row's)."""
+    values = []
+    for run in runs:
+        if run.alpha == alpha and method in run.summaries:
+            last = (run.method_rows(method) or [{}])[-1]
+            values.append(run.summaries[method].get(key, last.get(key, math.nan)))
+    return Stat.of(values)
 
 
 def curve(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> tuple[list[int], list[Stat]]:
