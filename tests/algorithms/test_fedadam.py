@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,23 +61,12 @@ def test_the_moments_survive_a_resume(tmp_path: Path, monkeypatch: pytest.Monkey
     from fcmoe.config import load_config
     from fcmoe.experiment import prepare_experiment
     from fcmoe.sim import engine
+    from tests.sim.test_baselines_run import stop_after_round_two_and_resume
     from tests.sim.test_engine import TINY
 
     exp = prepare_experiment(load_config(overrides=[*TINY, "methods=['fedadam']", "rounds=3", "fedadam.eta=0.01"]))
     _, uninterrupted = engine.run_method(exp, "fedadam", tmp_path / "a.jsonl")
-    real_round = engine.run_round
-
-    def stop_at_round_3(exp_, server, method, round_index, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if round_index == 3:
-            raise KeyboardInterrupt
-        return real_round(exp_, server, method, round_index, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "run_round", stop_at_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run_method(exp, "fedadam", tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")
-    shutil.copytree(tmp_path / "checkpoint", tmp_path / "after-round-2")
-    monkeypatch.setattr(engine, "run_round", real_round)
-    _, resumed = engine.run_method(exp, "fedadam", tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")
+    resumed = stop_after_round_two_and_resume(exp, "fedadam", tmp_path, monkeypatch)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     monkeypatch.setattr(FedAdam, "load_server_state", lambda self, state: None)  # forget the moments
     _, forgetful = engine.run_method(exp, "fedadam", tmp_path / "c.jsonl", checkpoint_dir=tmp_path / "after-round-2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def test_a_run_stopped_after_round_two_resumes_bit_identical(method: str, exp: E
     """Server state (FedMoE's sub-MoEs and records) and client state (masks, own experts, residuals, heads) come
     back from the checkpoint: the resumed run ends where the uninterrupted one does, metrics included."""
     _, uninterrupted = engine.run_method(exp, method, tmp_path / "a.jsonl")
+    resumed = stop_after_round_two_and_resume(exp, method, tmp_path, monkeypatch)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    final, reference = _rows(tmp_path / "b.jsonl")[-1], _rows(tmp_path / "a.jsonl")[-1]
+    assert final["local_acc"] == reference["local_acc"] and final["global_acc"] == reference["global_acc"]
+
+
+def stop_after_round_two_and_resume(exp: Experiment, method: str, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """Run ``method`` with checkpoints into ``tmp_path/checkpoint`` (metrics ``b.jsonl``), interrupt it at round 3,
+    keep a copy of the checkpoint as ``after-round-2``, resume; the resumed final model."""
     real_round = engine.run_round
 
     def stop_at_round_3(exp_, server, method_, round_index, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -72,8 +83,6 @@ def test_a_run_stopped_after_round_two_resumes_bit_identical(method: str, exp: E
     monkeypatch.setattr(engine, "run_round", stop_at_round_3)
     with pytest.raises(KeyboardInterrupt):
         engine.run_method(exp, method, tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")
+    shutil.copytree(tmp_path / "checkpoint", tmp_path / "after-round-2")
     monkeypatch.setattr(engine, "run_round", real_round)
-    _, resumed = engine.run_method(exp, method, tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    final, reference = _rows(tmp_path / "b.jsonl")[-1], _rows(tmp_path / "a.jsonl")[-1]
-    assert final["local_acc"] == reference["local_acc"] and final["global_acc"] == reference["global_acc"]
+    return engine.run_method(exp, method, tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")[1]
