@@ -74,7 +74,7 @@ def sparsify(update: ClientUpdate, layout: ExpertLayout) -> ClientUpdate:
     The in-process engine keeps the dense tree with the absent experts' rows set to zero (exactly what the Flower
     server unpacks), and records the bytes the packed upload takes.
     """
-    layers = [layer for layer in layout.layers if layer.keys[0] in update.delta]  # local experts upload none
+    layers = [layer for layer in layout.layers if layout.holds_experts(update.delta, layer)]  # local experts: none
     held = {layer.name: update.routing_counts[layer.name] > 0 for layer in layers}
     packed = dict(update.delta)
     for layer in layers:

@@ -129,7 +129,7 @@ class Algorithm:
     def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
                         data: Any) -> torch.Tensor:
         """Logits of the client's deployed model as it stands (no local fitting) on ``data``; default the global
-        model. Used for :attr:`scores_deployed_on_global_test`."""
+        model. Also read on the global test set for :attr:`scores_deployed_on_global_test`."""
         return runtime.predict(global_state, data).logits
 
     def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
@@ -138,8 +138,9 @@ class Algorithm:
 
     def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
                             train: Any, test: Any) -> torch.Tensor:
-        """Logits of the client's deployed model on its test split (default: the global model)."""
-        return runtime.predict(global_state, test).logits
+        """Logits of the client's deployed model on its test split: :meth:`deployed_logits`, unless the method
+        fits something locally first (PFL-MoE's head and gate)."""
+        return self.deployed_logits(runtime, client_state, global_state, test)
 
     # ------------------------------------------------------------------ server half
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],

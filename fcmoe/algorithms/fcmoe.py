@@ -19,7 +19,7 @@ the model change it observes. scale = 1 − Σ_{conflicting} w_j c_j ≥ 1 becau
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,29 +144,36 @@ class FCMoE(Algorithm):
         else:
             client_state.pop(RESIDUAL, None)
 
-    def personalised_logits(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
-                            train: Any, test: Any) -> torch.Tensor:
-        """The personalised model θ + λ·r_i on the client's test split."""
-        return runtime.predict(self.client_start(global_state, client_state), test).logits
+    def deployed_logits(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
+                        data: Any) -> torch.Tensor:
+        """The personalised model θ + λ·r_i."""
+        return runtime.predict(self.client_start(global_state, client_state), data).logits
 
     # ------------------------------------------------------------------ server half
-    def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
-                   mean: MeanRule) -> tuple[torch.Tensor, ConsensusCoefficients]:
-        """Importance weights (step 2) and the consensus projection (step 3) of one MoE layer, one expert unit at a
-        time: expert k's N client rows are one ``[N, 1, P]`` stack, reused for the next expert."""
-        cfg = self.config
+    def _weighted_units(self, updates: Sequence[ClientUpdate], layer: Any,
+                        n: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Step 2 of one MoE layer, one expert unit at a time: ``(Δ_k [N, P], ‖Δ_k‖ [N, 1], w_k [N, 1])`` per
+        expert k. Δ_k is one buffer, refilled for the next expert: use it before asking for the next unit."""
         trees = [u.delta for u in updates]
         freqs = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
         held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]; all True unless uploads are sparse
-        tau = cfg.tau if cfg.projection else -1.0
-        weights, per_expert, stack = [], [], None
+        stack = None
         for k in range(layer.num_experts):
-            stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]
-            deltas = stack[:, None, :]  # [N, 1, P]  Δ_{i,k}
-            norms = expert_norms(deltas)  # [N, 1]  ‖Δ_{i,k}‖
-            w = importance_weights(cfg.importance, n, freqs[:, k:k + 1], norms)  # [N, 1]  w_{i,k}
+            stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]  Δ_{i,k}
+            norms = expert_norms(stack[:, None, :])  # [N, 1]  ‖Δ_{i,k}‖
+            w = importance_weights(self.config.importance, n, freqs[:, k:k + 1], norms)  # [N, 1]  w_{i,k}
             if not held[:, k].all():  # an expert a client did not upload is absent, not a zero update
                 w = normalise_columns(w * held[:, k:k + 1]).to(w.dtype)
+            yield stack, norms, w
+
+    def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
+                   mean: MeanRule) -> tuple[torch.Tensor, ConsensusCoefficients]:
+        """Importance weights (step 2) and the consensus projection (step 3) of one MoE layer, one expert unit at a
+        time: expert k's N client rows are one ``[N, 1, P]`` stack."""
+        tau = self.config.tau if self.config.projection else -1.0
+        weights, per_expert = [], []
+        for stack, norms, w in self._weighted_units(updates, layer, n):
+            deltas = stack[:, None, :]  # [N, 1, P]  Δ_{i,k}
             g = mean.per_expert(deltas, w)  # [1, P]  g_k = Σ_i w_{i,k} Δ_{i,k} (or a robust mean of the Δ)
             per_expert.append(consensus_coefficients(deltas, w, tau, norms, g))
             weights.append(w)
@@ -179,23 +186,17 @@ class FCMoE(Algorithm):
         θ_k ← θ_k + η Σ_i w_{i,k} Δ̃_{i,k}, and each projected client's ρ_i = Δ_i − Δ̃_i added to its message.
         Returns (state, weights, conflicted)."""
         cfg, layout = self.config, self.layout
-        trees = [u.delta for u in updates]
-        freqs = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
-        held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]
-        weights, steps, conflicted, stack = [], [], [], None
+        weights, steps, conflicted = [], [], []
         removed = torch.zeros(len(updates), layer.num_experts, layer.expert_numel)  # [N, E, P]  ρ_{i,k}
-        for k in range(layer.num_experts):
-            stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]
-            w = importance_weights(cfg.importance, n, freqs[:, k:k + 1], expert_norms(stack[:, None, :]))  # [N, 1]
-            if not held[:, k].all():
-                w = normalise_columns(w * held[:, k:k + 1]).to(w.dtype)
+        for k, (stack, _, w) in enumerate(self._weighted_units(updates, layer, n)):
+            # a client that did not upload expert k has a zero row: never in conflict, never projected
             projection = pairwise_project(stack) if cfg.projection else None
             projected = stack if projection is None else projection.projected  # [N, P]  Δ̃_{i,k}
             if projection is not None and projection.conflicted.any():
                 removed[:, k] = stack - projected
             steps.append(mean.per_expert(projected[:, None, :], w)[0])  # [P]
             conflicted.append(torch.zeros(len(updates), dtype=torch.bool) if projection is None
-                              else projection.conflicted & held[:, k])
+                              else projection.conflicted)
             weights.append(w)
         state = layout.add_to_experts(state, layer, torch.stack(steps), torch.full((layer.num_experts,),
                                                                                   cfg.server_lr))

@@ -85,7 +85,7 @@ class _Structure:
     stale: int = 0  # participations since the last improvement
     frozen: bool = False
     previous: torch.Tensor | None = None  # the mask before a recommendation on trial
-    before: float = float("nan")  # the accuracy that triggered it
+    before: float = float("nan")  # the best accuracy when it went on trial: the next participation must beat it
 
 
 @register_algorithm("fedmoe")
@@ -122,10 +122,6 @@ class FedMoE(Algorithm):
                       message: Mapping[str, torch.Tensor] | None) -> None:
         if message:
             client_state[MASK] = {layer.name: message[layer.name].clone() for layer in self.layout.layers}
-
-    def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            train: Any, test: Any) -> torch.Tensor:
-        return self.deployed_logits(runtime, client_state, global_state, test)
 
     def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
                         data: Any) -> torch.Tensor:

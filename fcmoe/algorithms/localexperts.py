@@ -41,12 +41,8 @@ class LocalExperts(Algorithm):
         """Keep the trained experts and routers; send only the shared part of Δ_i."""
         private = self._private_keys()
         client_state[PRIVATE] = {k: trained[k].detach().clone() for k in private}
-        delta = {k: v for k, v in update.delta.items() if k not in set(private)}
-        return dataclasses.replace(update, delta=delta)
-
-    def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            train: Any, test: Any) -> torch.Tensor:
-        return self.deployed_logits(runtime, client_state, global_state, test)
+        shared = set(self.upload_keys(update.delta))
+        return dataclasses.replace(update, delta={k: v for k, v in update.delta.items() if k in shared})
 
     def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
                         data: Any) -> torch.Tensor:

@@ -86,7 +86,7 @@ def clip_updates(updates: Sequence[ClientUpdate], layout: ExpertLayout, multiple
     rest_norms = torch.stack([tree_norm({k: u.delta[k] for k in rest}) for u in updates])  # [N]
     rest_factor = clip_factors(rest_norms[:, None], multiple)[:, 0]  # [N]
     clipped = [{k: u.delta[k] * float(rest_factor[i]) for k in rest} for i, u in enumerate(updates)]
-    for layer in [layer for layer in layout.layers if layer.keys[0] in updates[0].delta]:
+    for layer in [layer for layer in layout.layers if layout.holds_experts(updates[0].delta, layer)]:
         blocks = [layout.gather_experts(u.delta, layer) for u in updates]  # N × [E, P]
         factors = clip_factors(torch.stack([row_squared_norms(b) for b in blocks]).sqrt(), multiple)  # [N, E]
         for i, block in enumerate(blocks):

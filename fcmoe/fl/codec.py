@@ -111,7 +111,7 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
         if layout is None:
             raise ValueError("a sparse update needs the expert layout to be packed")
         for layer in layout.layers:
-            if layer.keys[0] in tree:  # a local-experts upload holds no expert
+            if layout.holds_experts(tree, layer):  # a local-experts upload holds no expert
                 tree = layout.pack_experts(tree, layer, update.routing_counts[layer.name] > 0)
     delta = tree_to_record(tree)
     routing = ArrayRecord({layer: counts.to(torch.int64) for layer, counts in update.routing_counts.items()})
@@ -152,7 +152,7 @@ def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> Cl
             for layer in layout.layers:
                 if layer.name not in routing:
                     raise ValueError(f"sparse reply lacks the routing counts of {layer.name}")
-                if f"{layer.name}#part0" in delta:  # absent: a local-experts upload holds no expert
+                if layout.holds_experts(delta, layer):  # a local-experts upload holds no expert
                     delta = layout.unpack_experts(delta, layer, routing[layer.name] > 0)
         statistics = record_to_tree(content[STATISTICS]) if isinstance(content.get(STATISTICS), ArrayRecord) else {}
     except (TypeError, ValueError, IndexError) as err:

@@ -77,6 +77,11 @@ class ExpertPart:
         return {self.keys[0]: block.reshape(self.shape).clone()}
 
 
+def _packed_key(layer: MoELayerSpec, part: int) -> str:
+    """Where :meth:`ExpertLayout.pack_experts` puts part ``part`` of ``layer``'s held experts."""
+    return f"{layer.name}#part{part}"
+
+
 @dataclass(frozen=True)
 class MoELayerSpec:
     """Where one MoE layer's experts and router live in the tree."""
@@ -204,15 +209,20 @@ class ExpertLayout:
         """
         out = {k: v for k, v in tree.items() if k not in set(layer.keys)}
         for j, part in enumerate(layer.parts):
-            out[f"{layer.name}#part{j}"] = part.gather(tree)[held].contiguous()  # [H, w]
+            out[_packed_key(layer, j)] = part.gather(tree)[held].contiguous()  # [H, w]
         return out
+
+    def holds_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec) -> bool:
+        """Whether ``tree`` carries ``layer``'s experts, stored or packed by :meth:`pack_experts` (a local-experts
+        upload carries neither)."""
+        return layer.keys[0] in tree or _packed_key(layer, 0) in tree
 
     def unpack_experts(self, tree: Mapping[str, torch.Tensor], layer: MoELayerSpec, held: torch.Tensor) -> Tree:
         """Inverse of :meth:`pack_experts`. Raises ``ValueError`` naming a missing or wrong-shaped block."""
         out = {k: v for k, v in tree.items() if not k.startswith(f"{layer.name}#part")}
         rows = int(held.sum())
         for j, part in enumerate(layer.parts):
-            key = f"{layer.name}#part{j}"
+            key = _packed_key(layer, j)
             block = tree.get(key)
             if block is None or block.shape != (rows, part.width):
                 got = "nothing" if block is None else f"shape {tuple(block.shape)}"
