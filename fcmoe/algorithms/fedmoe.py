@@ -99,6 +99,10 @@ class FedMoE(Algorithm):
 
     def __init__(self, config: FedMoEConfig, layout: Any) -> None:
         super().__init__(config, layout)
+        fused = [layer.name for layer in layout.layers if layer.logits_module is None]
+        if config.sub_models and fused:  # refused here, before stage 1 trains, rather than when masks arrive
+            raise ValueError(f"fedmoe: {fused[0]} computes router logits and top-k in one module, so a sub-MoE "
+                             "mask cannot be applied; use a per-expert-module model (switch, upcycled) or fedmoe/agg")
         self.clients: dict[int, _Structure] = {}
         total = sum(layer.num_experts for layer in layout.layers)
         self.budget = max(len(layout.layers), int(config.budget * total))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
@@ -145,6 +146,15 @@ def test_recommendation_reverts_and_freezes_when_the_next_participation_is_not_b
     for cid, record in algo.clients.items():
         twin = restored.clients[cid]
         assert torch.equal(twin.mask, record.mask) and twin.frozen == record.frozen and twin.stale == record.stale
+
+
+def test_fedmoe_refuses_a_fused_router_before_training() -> None:
+    from tests.models.test_families import build
+
+    fused = build("qwen3_moe-tiny", "full").layout
+    with pytest.raises(ValueError, match="fedmoe/agg"):
+        FedMoE(FedMoEConfig(), fused)
+    FedMoE(FedMoEConfig(sub_models=False), fused)  # FedMoE-Agg needs no mask
 
 
 def test_the_client_trains_and_deploys_its_sub_moe(tiny: BuiltModel) -> None:
