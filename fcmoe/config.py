@@ -79,6 +79,9 @@ class PartitionConfig:
     min_partition_size: int = 10  # dirichlet: redraw until every client has this many documents
     classes_per_client: int = 2  # pathological: exactly this many classes per client
     by: str = ""  # natural: the group column, e.g. "subject" or "category" (MMLU), "group" (local files)
+    # feature–label conflict: this share of the clients (seeded) sees a permutation of the labels it holds, in its
+    # train and local test splits alike; the global test set keeps the canonical labels
+    concept_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in PARTITION_KINDS:
@@ -90,6 +93,9 @@ class PartitionConfig:
             raise ConfigError(f"partition.min_partition_size = {self.min_partition_size}: must be >= 2 "
                               "(each client needs a train and a test example)")
         _positive("partition.classes_per_client", self.classes_per_client)
+        if not 0 <= self.concept_shift < 1:
+            raise ConfigError(f"partition.concept_shift = {self.concept_shift}: must be in [0, 1) (the share of "
+                              "clients whose labels are permuted; 0 = off)")
         if self.kind == "natural" and not self.by:
             raise ConfigError("partition.by is empty: a natural partition needs a group column, e.g. "
                               "--set partition.by=subject (MMLU) or partition.by=group (local files)")
@@ -131,6 +137,9 @@ class TrainConfig:
     """Local training, identical for every method."""
 
     local_epochs: int = 1
+    # a fixed number of optimizer steps per round, cycling through the client's data in fresh shuffles (0 = use
+    # local_epochs): the drift of a client's update then does not depend on how much data it holds
+    local_steps: int = 0
     batch_size: int = 16
     lr: float = 1e-4
     router_lr: float = 1e-3  # fresh routers learn faster than pretrained weights need to move
@@ -148,6 +157,9 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision = {self.precision!r}: choose fp32 or bf16 (default fp32)")
         _positive("train.local_epochs", self.local_epochs)
+        if self.local_steps < 0:
+            raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "
+                              "0 = train.local_epochs passes over the data)")
         _positive("train.batch_size", self.batch_size)
         for key in ("lr", "router_lr"):
             if not getattr(self, key) > 0:

@@ -64,8 +64,10 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     trainer = LocalTrainer(built.model, built.layout, config.train)  # moves the model to train.device
     pool_features = _featurize(built, pool)
     global_test = _featurize(built, test)
-    client_train = [pool_features.subset(torch.from_numpy(c.train)) for c in partition.clients]
-    client_test = [pool_features.subset(torch.from_numpy(c.test)) for c in partition.clients]
+    client_train = [_client_view(pool_features, partition, cid, c.train) for cid, c in enumerate(partition.clients)]
+    client_test = [_client_view(pool_features, partition, cid, c.test) for cid, c in enumerate(partition.clients)]
+    if partition.label_maps:
+        log.info("concept shift: clients %s see permuted labels", sorted(partition.label_maps))
     setup_s = time.perf_counter() - started
     log.info("setup: %d pool docs, %d global test docs, %d clients, %.1f s", len(pool.texts), len(test.texts),
              part.num_clients, setup_s)
@@ -83,6 +85,14 @@ def stratified_head(data: FeatureSet, per_class: int) -> FeatureSet:
     rows = [i for label in data.labels.unique().tolist()
             for i in (data.labels == label).nonzero().flatten()[:per_class].tolist()]
     return data.subset(torch.tensor(sorted(rows)))
+
+
+def _client_view(features: FeatureSet, partition: Partition, client: int, rows: np.ndarray) -> FeatureSet:
+    """Client ``client``'s ``rows`` of the pool, with its labels as it sees them (concept shift)."""
+    view = features.subset(torch.from_numpy(rows))
+    if client in partition.label_maps:
+        view.labels = torch.from_numpy(partition.client_labels(client, view.labels.numpy()))
+    return view
 
 
 def _featurize(built: BuiltModel, corpus: TextCorpus) -> FeatureSet:

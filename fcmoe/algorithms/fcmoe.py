@@ -32,6 +32,7 @@ from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ConsensusCoefficients
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
+RETAINED = "retained_norm/"  # client statistic per MoE layer: ‖λ r_i‖ of the residual it trained from (a scalar)
 RHO = "rho/"  # pairwise messages: the removed part ρ_i itself, per expert parameter key
 REFERENCES = ("consensus", "pairwise")
 
@@ -99,6 +100,18 @@ def _layer_metrics(weights: torch.Tensor, conflicted: torch.Tensor,
     return conflict_rate, mean_cosine, projected_weight
 
 
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, 0 when the denominator is 0 (nothing to compare with)."""
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def retention_ratio(retained: torch.Tensor, update_norms: torch.Tensor) -> float:
+    """Mean over clients of ‖λ r_i‖ / ‖Δ_i‖ for one MoE layer (``[N]`` each; a client with Δ_i = 0 counts 0): how
+    large the re-anchoring offset of step 1 is next to the update it produced."""
+    ratios = torch.where(update_norms > 0, retained.double() / update_norms.double().clamp_min(1e-300), 0.0)
+    return ratios.mean().item() if ratios.numel() else 0.0
+
+
 @register_algorithm("fcmoe")
 class FCMoE(Algorithm):
     """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
@@ -116,6 +129,17 @@ class FCMoE(Algorithm):
         if residual is None or self.config.retention == 0:
             return global_state
         return tree_add(global_state, residual, scale=self.config.retention)  # θ + λ r_i
+
+    def client_statistics(self, runtime: Any, client_state: dict[str, Any], trained: Any,
+                          data: Any) -> dict[str, torch.Tensor]:
+        """‖λ r_i‖ per MoE layer of the residual this round started from, for the server's
+        ``retention_ratio_per_layer`` (one scalar per layer; the residual itself stays on the client)."""
+        residual = client_state.get(RESIDUAL)
+        if not residual or self.config.retention == 0:
+            return {}
+        return {RETAINED + layer.name: self.config.retention * torch.linalg.vector_norm(
+                    self.layout.gather_experts(residual, layer).double()).float().reshape(1)
+                for layer in self.layout.layers if layer.keys[0] in residual}
 
     def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
                       message: Mapping[str, torch.Tensor] | None) -> None:
@@ -167,34 +191,44 @@ class FCMoE(Algorithm):
             yield stack, norms, w
 
     def _consensus(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor,
-                   mean: MeanRule) -> tuple[torch.Tensor, ConsensusCoefficients]:
+                   mean: MeanRule) -> tuple[torch.Tensor, ConsensusCoefficients, torch.Tensor]:
         """Importance weights (step 2) and the consensus projection (step 3) of one MoE layer, one expert unit at a
-        time: expert k's N client rows are one ``[N, 1, P]`` stack."""
+        time: expert k's N client rows are one ``[N, 1, P]`` stack. Returns (weights [N, E], coefficients,
+        ‖Δ_i‖ of the layer [N])."""
         tau = self.config.tau if self.config.projection else -1.0
-        weights, per_expert = [], []
+        weights, per_expert, squares = [], [], torch.zeros(len(updates), dtype=torch.float64)
         for stack, norms, w in self._weighted_units(updates, layer, n):
             deltas = stack[:, None, :]  # [N, 1, P]  Δ_{i,k}
             g = mean.per_expert(deltas, w)  # [1, P]  g_k = Σ_i w_{i,k} Δ_{i,k} (or a robust mean of the Δ)
             per_expert.append(consensus_coefficients(deltas, w, tau, norms, g))
             weights.append(w)
-        return torch.cat(weights, dim=1), join_experts(per_expert)
+            squares += norms[:, 0].double().square()
+        return torch.cat(weights, dim=1), join_experts(per_expert), squares.sqrt()
 
     def _pairwise(self, updates: Sequence[ClientUpdate], layer: Any, n: torch.Tensor, mean: MeanRule, state: Tree,
-                  messages: dict[int, dict[str, torch.Tensor]]) -> tuple[Tree, torch.Tensor, torch.Tensor]:
+                  messages: dict[int, dict[str, torch.Tensor]]) -> tuple[Tree, torch.Tensor, torch.Tensor,
+                                                                        float, torch.Tensor]:
         """Steps 2–4 of one MoE layer with pairwise projection (``fcmoe/pairwise``): importance weights as in
         :meth:`_consensus`, Δ̃ by :func:`~fcmoe.core.pairwise_project` per expert unit,
         θ_k ← θ_k + η Σ_i w_{i,k} Δ̃_{i,k}, and each projected client's ρ_i = Δ_i − Δ̃_i added to its message.
-        Returns (state, weights, conflicted)."""
+        Returns (state, weights, conflicted, projection step change, ‖Δ_i‖ of the layer [N])."""
         cfg, layout = self.config, self.layout
         weights, steps, conflicted = [], [], []
+        moved, plain, squares = 0.0, 0.0, torch.zeros(len(updates), dtype=torch.float64)
         removed = torch.zeros(len(updates), layer.num_experts, layer.expert_numel)  # [N, E, P]  ρ_{i,k}
-        for k, (stack, _, w) in enumerate(self._weighted_units(updates, layer, n)):
+        for k, (stack, norms, w) in enumerate(self._weighted_units(updates, layer, n)):
             # a client that did not upload expert k has a zero row: never in conflict, never projected
             projection = pairwise_project(stack) if cfg.projection else None
             projected = stack if projection is None else projection.projected  # [N, P]  Δ̃_{i,k}
+            step = mean.per_expert(projected[:, None, :], w)[0]  # [P]
+            unprojected = step
             if projection is not None and projection.conflicted.any():
                 removed[:, k] = stack - projected
-            steps.append(mean.per_expert(projected[:, None, :], w)[0])  # [P]
+                unprojected = mean.per_expert(stack[:, None, :], w)[0]  # [P]  the step without projection
+            moved += (step - unprojected).double().square().sum().item()
+            plain += unprojected.double().square().sum().item()
+            squares += norms[:, 0].double().square()
+            steps.append(step)
             conflicted.append(torch.zeros(len(updates), dtype=torch.bool) if projection is None
                               else projection.conflicted)
             weights.append(w)
@@ -205,7 +239,8 @@ class FCMoE(Algorithm):
             if conflicted_pairs[i].any():
                 messages[update.client_id].update({RHO + key: value for key, value in
                                                    layout.split_experts(layer, removed[i]).items()})
-        return state, torch.cat(weights, dim=1), conflicted_pairs
+        return (state, torch.cat(weights, dim=1), conflicted_pairs, _ratio(moved, plain) ** 0.5,
+                squares.sqrt())
 
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
@@ -214,23 +249,33 @@ class FCMoE(Algorithm):
         state.update(self.fedavg(global_state, updates, [*layout.shared_keys, *layout.router_keys], mean))
         n = torch.tensor([u.num_samples for u in updates])
         messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
-        conflict_rate, mean_cosine, projected_weight = {}, {}, {}
+        conflict_rate, mean_cosine, projected_weight, step_change, retention = {}, {}, {}, {}, {}
         for layer in layout.layers:
             if cfg.reference == "pairwise":
-                state, weights, conflicted = self._pairwise(updates, layer, n, mean, state, messages)
+                state, weights, conflicted, step_change[layer.name], update_norms = self._pairwise(
+                    updates, layer, n, mean, state, messages)
                 conflict_rate[layer.name], _, projected_weight[layer.name] = _layer_metrics(weights, conflicted)
-                continue
-            weights, coeffs = self._consensus(updates, layer, n, mean)
-            scale = coeffs.scale  # [E], >= 1 for tau <= 0
-            # step 4: θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
-            state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)
-            scalars = coeffs.coefficient / (cfg.server_lr * scale)[None, :]  # [N, E]  ρ_i = s_i · step
-            for update, row in zip(updates, scalars.to(torch.float32).unbind(0)):
-                messages[update.client_id][layer.name] = row
-            conflict_rate[layer.name], mean_cosine[layer.name], projected_weight[layer.name] = \
-                _layer_metrics(weights, coeffs.conflicted, coeffs.cosine)
+            else:
+                weights, coeffs, update_norms = self._consensus(updates, layer, n, mean)
+                scale = coeffs.scale  # [E], >= 1 for tau <= 0
+                # step 4: θ_k ← θ_k + η·scale_k·g_k; g_k = 0 for an unused expert, so it keeps its value
+                state = layout.add_to_experts(state, layer, coeffs.consensus, cfg.server_lr * scale)
+                scalars = coeffs.coefficient / (cfg.server_lr * scale)[None, :]  # [N, E]  ρ_i = s_i · step
+                for update, row in zip(updates, scalars.to(torch.float32).unbind(0)):
+                    messages[update.client_id][layer.name] = row
+                conflict_rate[layer.name], mean_cosine[layer.name], projected_weight[layer.name] = \
+                    _layer_metrics(weights, coeffs.conflicted, coeffs.cosine)
+                # with projection the step is scale_k·g_k, without it g_k: ‖(scale − 1)·g‖ / ‖g‖ over the layer
+                g_norms = torch.linalg.vector_norm(coeffs.consensus.double(), dim=-1)  # [E]
+                step_change[layer.name] = _ratio(torch.linalg.vector_norm((scale.double() - 1) * g_norms).item(),
+                                                 torch.linalg.vector_norm(g_norms).item())
+            retained = torch.tensor([float(u.statistics.get(RETAINED + layer.name, torch.zeros(1))[0])
+                                     for u in updates])  # [N]  ‖λ r_i‖, 0 without a residual
+            retention[layer.name] = retention_ratio(retained, update_norms)
         total = sum(conflict_rate.values()) / max(len(conflict_rate), 1)
         return ServerResult(state=state, messages=messages,
                             metrics={"conflict_rate": total, "conflict_rate_per_layer": conflict_rate,
                                      "mean_cosine_per_layer": mean_cosine,
-                                     "projected_weight_share_per_layer": projected_weight})
+                                     "projected_weight_share_per_layer": projected_weight,
+                                     "projection_step_change_per_layer": step_change,
+                                     "retention_ratio_per_layer": retention})

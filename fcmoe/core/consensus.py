@@ -99,7 +99,8 @@ def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
     delta_norm = (expert_norms(deltas) if norms is None else norms).to(acc)  # [N, E]
     tiny = torch.finfo(acc).tiny
     denom = delta_norm * g_norm[None, :]  # [N, E]
-    cosine = torch.where(denom > 0, dots / denom.clamp_min(tiny), 0.0)
+    # clamped: rounding can put an exactly opposed pair at −1 − ε, and τ = −1 must project nothing
+    cosine = torch.where(denom > 0, dots / denom.clamp_min(tiny), 0.0).clamp(-1.0, 1.0)
     conflicted = (cosine < tau) & (denom > 0)
     coefficient = torch.where(conflicted, dots / g_norm.square().clamp_min(tiny)[None, :], 0.0)  # [N, E]
     scale = 1.0 - (w * coefficient).sum(dim=0)  # [E]

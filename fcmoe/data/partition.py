@@ -10,7 +10,7 @@ import json
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,13 @@ class Partition:
 
     clients: list[ClientSplit]
     num_labels: int
+    # concept shift: client id → its label map ([num_labels], canonical label → the label this client sees)
+    label_maps: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def client_labels(self, client: int, labels: np.ndarray) -> np.ndarray:
+        """``labels`` as client ``client`` sees them (unchanged unless it is concept-shifted)."""
+        mapping = self.label_maps.get(client)
+        return labels if mapping is None else mapping[labels]
 
     def histograms(self, labels: np.ndarray) -> dict[str, list[list[int]]]:
         """Per client, counts of each label in its train and test rows."""
@@ -51,7 +58,9 @@ class Partition:
     def save(self, path: Path, labels: np.ndarray, label_names: list[str]) -> None:
         payload = {"label_names": label_names,
                    "clients": [{"train": c.train.tolist(), "test": c.test.tolist()} for c in self.clients],
-                   "histograms": self.histograms(labels)}
+                   "histograms": self.histograms(labels),
+                   "concept_shift": {str(cid): {label_names[a]: label_names[b] for a, b in enumerate(m.tolist())
+                                                if a != b} for cid, m in sorted(self.label_maps.items())}}
         path.write_text(json.dumps(payload))
 
 
@@ -112,7 +121,34 @@ def partition_pool(labels: np.ndarray, config: PartitionConfig, test_fraction: f
                             "larger partition.alpha")
         n_test = min(max(int(round(test_fraction * rows.size)), 1), rows.size - 1)
         clients.append(ClientSplit(train=np.sort(rows[n_test:]), test=np.sort(rows[:n_test])))
-    return Partition(clients, int(labels.max()) + 1)
+    num_labels = int(labels.max()) + 1
+    return Partition(clients, num_labels, concept_shift_maps(clients, labels, num_labels, config.concept_shift, seed))
+
+
+def concept_shift_maps(clients: list[ClientSplit], labels: np.ndarray, num_labels: int, share: float,
+                       seed: int) -> dict[int, np.ndarray]:
+    """Feature–label conflict: ``round(share · N)`` clients (at least one when ``share > 0``), drawn with ``seed``,
+    each get a derangement of the labels it holds in its train split.
+
+    A shifted client's labels are put in a seeded random order and each is renamed to the next one in that
+    order (a cycle, so every label it holds changes and the documents of one class stay together). A client that
+    holds a single label swaps it with a random other label. Returns client id → ``[num_labels]`` map.
+    """
+    if share <= 0 or num_labels < 2:
+        return {}
+    rng = np.random.default_rng([seed, 0x5EED])  # its own stream: the partition itself is unchanged by the shift
+    count = max(1, int(round(share * len(clients))))
+    maps = {}
+    for cid in sorted(rng.choice(len(clients), size=count, replace=False).tolist()):
+        held = np.unique(labels[clients[cid].train])
+        if held.size < 2:
+            others = np.setdiff1d(np.arange(num_labels), held)
+            held = np.concatenate([held, rng.choice(others, size=1)])
+        order = rng.permutation(held)
+        mapping = np.arange(num_labels)
+        mapping[order] = np.roll(order, -1)  # order[j] → order[j + 1]
+        maps[cid] = mapping
+    return maps
 
 
 def _partitioner(config: PartitionConfig, labels: np.ndarray, groups: Mapping[str, np.ndarray], seed: int,

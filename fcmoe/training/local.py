@@ -7,9 +7,10 @@ start tree into it, trains, and reads the end tree back out, so memory stays at 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,18 @@ class LocalResult:
     loss: float  # mean training loss (cross-entropy + aux)
     steps: int
     router_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [3, E] (RoutingRecorder)
+
+
+def batch_rows(size: int, batch_size: int, epochs: int, steps: int,
+               generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of each local batch: ``epochs`` shuffled passes over ``size`` rows, or, with ``steps > 0``,
+    exactly ``steps`` batches from as many fresh shuffles as that takes (the last pass is cut short)."""
+    if steps > 0:
+        yield from itertools.islice(itertools.chain.from_iterable(
+            torch.randperm(size, generator=generator).split(batch_size) for _ in itertools.count()), steps)
+        return
+    for _ in range(epochs):
+        yield from torch.randperm(size, generator=generator).split(batch_size)
 
 
 def featurize(model: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -103,7 +116,8 @@ class LocalTrainer:
 
     def train(self, start: Mapping[str, torch.Tensor], data: FeatureSet, seed: int,
               expert_mask: Mapping[str, torch.Tensor] | None = None) -> LocalResult:
-        """``local_epochs`` epochs of AdamW from ``start``; the seed fixes batch order and dropout.
+        """AdamW from ``start``: ``local_steps`` steps if set (cycling through ``data`` in fresh shuffles), else
+        ``local_epochs`` epochs; the seed fixes batch order and dropout.
 
         ``expert_mask`` (layer → ``[E]``) restricts routing to a sub-MoE (:func:`~fcmoe.models.routing.masked_routing`).
         """
@@ -120,21 +134,20 @@ class LocalTrainer:
             weight_decay=cfg.weight_decay, fused=True)  # fused: 5x faster than the per-tensor loop on CPU
         self.recorder.reset()
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
-        for _ in range(cfg.local_epochs):
-            for rows in torch.randperm(len(data), generator=generator).split(cfg.batch_size):
-                features, mask, labels = self._to_device(data.subset(rows))
-                with self._autocast(), masked_routing(model, self.layout, expert_mask), \
-                        self.recorder.recording(mask):
-                    logits = model(features, mask)  # [B, C]
-                    balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
-                loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
-                optimiser.step()
-                total += loss.detach()
-                steps += 1
+        for rows in batch_rows(len(data), cfg.batch_size, cfg.local_epochs, cfg.local_steps, generator):
+            features, mask, labels = self._to_device(data.subset(rows))
+            with self._autocast(), masked_routing(model, self.layout, expert_mask), \
+                    self.recorder.recording(mask):
+                logits = model(features, mask)  # [B, C]
+                balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
+            loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
+            optimiser.step()
+            total += loss.detach()
+            steps += 1
         mean_loss = total.item() / max(steps, 1)
         if not math.isfinite(mean_loss):
             log.warning("local training produced a non-finite loss (%s)", mean_loss)

@@ -110,3 +110,38 @@ def test_projected_weight_share_is_reported(tiny: BuiltModel) -> None:
     metrics = FCMoE(FCMoEConfig(importance="size"), tiny.layout).aggregate(state, updates).metrics
     # client 1 (weight 1/3 on every expert) is projected everywhere
     assert all(abs(v - 1 / 3) < 1e-6 for v in metrics["projected_weight_share_per_layer"].values())
+
+
+def test_projection_step_change_is_the_known_amount(tiny: BuiltModel) -> None:
+    """Δ, −0.5Δ, Δ with equal weights: g = 0.5Δ, client 1 has c = −1, so the projected step is (4/3)·g and
+    projection moved the step by 1/3 of it; pairwise (PCGrad) cancels every pair, so it moves it by all of it."""
+    state = tiny.model.trainable_state()
+    base = random_delta(state, 3)
+    updates = make_updates(tiny, [base, {k: -0.5 * v for k, v in base.items()}, base], [10, 10, 10])
+    consensus = FCMoE(FCMoEConfig(importance="size"), tiny.layout).aggregate(state, updates).metrics
+    assert all(v == pytest.approx(1 / 3, rel=1e-5) for v in consensus["projection_step_change_per_layer"].values())
+    pairwise = FCMoE(FCMoEConfig(importance="size", reference="pairwise"), tiny.layout).aggregate(state, updates)
+    assert all(v == pytest.approx(1.0, rel=1e-5)
+               for v in pairwise.metrics["projection_step_change_per_layer"].values())
+    off = FCMoE(FCMoEConfig(importance="size", projection=False), tiny.layout).aggregate(state, updates).metrics
+    assert all(v == 0.0 for v in off["projection_step_change_per_layer"].values())
+
+
+def test_retention_ratio_is_the_residual_next_to_the_update(tiny: BuiltModel) -> None:
+    """Client 0 trained from θ + λ r with r = 2Δ_0 on the experts, λ = 0.5: ‖λ r‖ / ‖Δ_0‖ = 1; client 1 has no
+    residual (0): the layer's mean is 0.5. Without retention nothing is reported."""
+    state = tiny.model.trainable_state()
+    deltas = [random_delta(state, s) for s in range(2)]
+    updates = make_updates(tiny, deltas, [10, 10])
+    expert_keys = {key for layer in tiny.layout.layers for key in layer.keys}
+    states = [{RESIDUAL: {k: 2 * v for k, v in deltas[0].items() if k in expert_keys}}, {}]
+    algo = FCMoE(FCMoEConfig(retention=0.5), tiny.layout)
+    for update, client_state in zip(updates, states):
+        update.statistics = algo.client_statistics(None, client_state, None, None)
+    assert set(updates[0].statistics) == {f"retained_norm/{layer.name}" for layer in tiny.layout.layers}
+    assert updates[1].statistics == {}
+    ratios = algo.aggregate(state, updates).metrics["retention_ratio_per_layer"]
+    assert set(ratios) == {layer.name for layer in tiny.layout.layers}
+    assert all(v == pytest.approx(0.5, rel=1e-5) for v in ratios.values())
+    silent = FCMoE(FCMoEConfig(retention=0.0), tiny.layout)
+    assert silent.client_statistics(None, states[0], None, None) == {}
