@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="where the report goes (default: <first folder>/report)")
     report.add_argument("--target", type=float, help="accuracy target for rounds-to-target (default: FedAvg's "
                                                       "final global accuracy at each α)")
+    study = sub.add_parser("study", help="run every regime of a study folder of configs (default: when do FC-MoE's "
+                                         "projection and retention act), resumable; then its paired report")
+    study.add_argument("--configs", default="configs/study", help="folder of study TOML files, one per regime "
+                                                                  "(default configs/study)")
+    study.add_argument("--out", default="results/study", help="the study folder; rerun to resume "
+                                                              "(default results/study)")
+    study.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1)")
+    study.add_argument("--report-only", action="store_true", help="rebuild study.md / study.png from the cells")
+    study.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     deploy = sub.add_parser("deploy-local", help="run one method on a local Flower deployment: TLS, SuperNode "
                                                  "authentication, one SuperNode per client (127.0.0.1)")
     deploy.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
@@ -83,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _deploy_local(args)
     if args.command == "report":
         return _report(args.runs, args.out, args.target)
+    if args.command == "study":
+        return _study(args)
     if args.command == "run" and args.resume:
         return _resume(args)
     overrides = list(args.set)
@@ -133,6 +144,28 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
         return 1
     print(f"sweep folder: {sweep_dir} (rerun the same command to resume or extend it)")
     return 0 if args.no_report else _report([str(sweep_dir)], None, None)
+
+
+def _study(args: argparse.Namespace) -> int:
+    from fcmoe.data.assets import AssetError
+    from fcmoe.report.results import ReportError
+    from fcmoe.report.study import build_study_report
+    from fcmoe.study import run_study
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    study_dir = Path(args.out)
+    try:
+        if not args.report_only:
+            run_study(Path(args.configs), study_dir, show_progress=not args.quiet, jobs=args.jobs)
+        path = build_study_report(study_dir)
+    except ConfigError as err:
+        print(f"fcmoe: config error: {err}", file=sys.stderr)
+        return 2
+    except (AssetError, ReportError, ValueError, FileNotFoundError) as err:
+        print(f"fcmoe: error: {err}", file=sys.stderr)
+        return 1
+    print(f"study report: {path} (rerun the same command to resume or extend the study)")
+    return 0
 
 
 def _report(runs: Sequence[str], out: str | None, target: float | None) -> int:

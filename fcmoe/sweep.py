@@ -82,29 +82,44 @@ def run_sweep(base: ExperimentConfig, alphas: Sequence[float], seeds: Sequence[i
     if jobs < 1:
         raise ConfigError(f"--jobs = {jobs}: must be >= 1 (cells run at once)")
     cells = sweep_cells(base, alphas, seeds)
-    for cell in cells:  # refuse before any work, even when the folder is complete
-        if (sweep_dir / cell.name / "config.toml").is_file():
-            check_same_experiment(cell.config, sweep_dir / cell.name)
+    check_cells(cells, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.toml").write_text(tomli_w.dumps(
         {"alphas": [float(a) for a in alphas], "seeds": list(seeds), "methods": list(base.methods),
          "base": base.to_dict()}))
-    todo = {cell.name: [m for m in cell.config.methods if m not in load_summaries(sweep_dir / cell.name)]
+    return run_cells(cells, sweep_dir, show_progress, jobs)
+
+
+def check_cells(cells: Sequence[Cell], folder: Path) -> None:
+    """Refuse, before any work, a cell whose folder under ``folder`` already holds another experiment."""
+    for cell in cells:
+        if (folder / cell.name / "config.toml").is_file():
+            check_same_experiment(cell.config, folder / cell.name)
+
+
+def run_cells(cells: Sequence[Cell], folder: Path, show_progress: bool = True, jobs: int = 1) -> list[Path]:
+    """Run (or resume) ``cells`` in their folders under ``folder``, in order (``jobs`` at once); return the folders.
+
+    A finished method of a cell is skipped, so running the same cells again resumes where the last run stopped.
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs = {jobs}: must be >= 1 (cells run at once)")
+    todo = {cell.name: [m for m in cell.config.methods if m not in load_summaries(folder / cell.name)]
             for cell in cells}
-    total_runs = len(cells) * len(base.methods)
+    total_runs = sum(len(cell.config.methods) for cell in cells)
     runs_done = total_runs - sum(len(m) for m in todo.values())
-    log.info("sweep %s: %d cells, %d of %d runs already done", sweep_dir, len(cells), runs_done, total_runs)
+    log.info("%s: %d cells, %d of %d runs already done", folder, len(cells), runs_done, total_runs)
     steps = sum(len(todo[c.name]) * c.config.rounds * c.config.partition.num_clients for c in cells)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=not show_progress) as progress:
         task = progress.add_task("sweep", total=steps)
         if jobs > 1:
-            _run_parallel([c for c in cells if todo[c.name]], sweep_dir, jobs, progress, task)
-            return [sweep_dir / cell.name for cell in cells]
+            _run_parallel([c for c in cells if todo[c.name]], folder, jobs, progress, task)
+            return [folder / cell.name for cell in cells]
         for cell in cells:
             if not todo[cell.name]:
                 continue
-            cell_dir = sweep_dir / cell.name
+            cell_dir = folder / cell.name
             cell_dir.mkdir(exist_ok=True)
             started = time.perf_counter()
             runs_before = total_runs - sum(len(m) for m in todo.values())
@@ -118,7 +133,7 @@ def run_sweep(base: ExperimentConfig, alphas: Sequence[float], seeds: Sequence[i
             todo[cell.name] = []
             log.info("%s done in %.0f s: %s", cell.name, time.perf_counter() - started,
                      ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
-    return [sweep_dir / cell.name for cell in cells]
+    return [folder / cell.name for cell in cells]
 
 
 def _run_parallel(cells: Sequence[Cell], sweep_dir: Path, jobs: int, progress: Progress, task: TaskID) -> None:

@@ -113,3 +113,33 @@ def _save(fig: plt.Figure, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+Points = tuple[Sequence[float], Sequence[float], Sequence[float]]  # x, mean, std (over seeds)
+
+
+def errorbar_panels(panels: Sequence[tuple[str, str, dict[str, Points]]], path: Path, xlabel: str,
+                    title: str = "", log_x: bool = True) -> Path:
+    """One row of panels of points with ±std error bars, each series its own marker and line style.
+
+    Parameters
+    ----------
+    panels
+        ``(panel title, y-axis label, {series label: (x, mean, std)})`` per panel.
+    """
+    markers, styles = "osD^v<>", ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    for ax, (panel_title, ylabel, series) in zip(axes[0], panels):
+        for i, (label, (x, mean, std)) in enumerate(series.items()):
+            ax.errorbar(np.asarray(x, dtype=float), np.asarray(mean, dtype=float), yerr=np.asarray(std, dtype=float),
+                        marker=markers[i % len(markers)], linestyle=styles[i % len(styles)], capsize=3, label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=7)
+    return _save(fig, path, title)

@@ -36,6 +36,7 @@ class RunResult:
     seed: int
     summaries: dict[str, dict[str, Any]]  # method → summary.json fields
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
+    config: dict[str, Any] = field(default_factory=dict)  # config.toml as read
 
     def method_rows(self, method: str) -> list[dict[str, Any]]:
         return sorted((r for r in self.rows if r.get("method") == method), key=lambda r: r["round"])
@@ -63,8 +64,9 @@ class Stat:
         return f"{self.mean:.4f} ± {self.std:.4f}"
 
 
-def find_runs(paths: Iterable[Path]) -> list[RunResult]:
-    """Every run folder at or under ``paths`` (a folder with ``summary.json``), sorted by (α, seed, path)."""
+def find_runs(paths: Iterable[Path], drop_repeats: bool = True) -> list[RunResult]:
+    """Every run folder at or under ``paths`` (a folder with ``summary.json``), sorted by (α, seed, path); a method
+    repeated at the same (α, seed) counts once unless ``drop_repeats`` is off (a study's regimes share both)."""
     folders: list[Path] = []
     for path in paths:
         if not path.is_dir():
@@ -73,7 +75,8 @@ def find_runs(paths: Iterable[Path]) -> list[RunResult]:
     if not folders:
         raise ReportError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}")
     runs = [load_run(folder) for folder in dict.fromkeys(folders)]
-    drop_repeated_methods(runs)
+    if drop_repeats:
+        drop_repeated_methods(runs)
     return sorted(runs, key=lambda r: (r.alpha, r.seed, str(r.path)))
 
 
@@ -104,7 +107,7 @@ def load_run(folder: Path) -> RunResult:
         raise ReportError(f"cannot read run folder {folder}: {err}") from None
     finished = set(summaries)
     rows = [r for r in rows if r.get("method") in finished]  # rows of an interrupted method are not results
-    return RunResult(folder, float(config["partition"]["alpha"]), int(config["seed"]), summaries, rows)
+    return RunResult(folder, float(config["partition"]["alpha"]), int(config["seed"]), summaries, rows, config)
 
 
 def alphas_of(runs: Sequence[RunResult]) -> list[float]:
