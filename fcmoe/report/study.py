@@ -114,9 +114,10 @@ def study_markdown(regimes: Sequence[Regime], figure: str) -> str:
     for regime in regimes:
         methods = [m for m in dict.fromkeys(m for c in regime.cells for m in c.summaries) if m != REFERENCE]
         seeds = ", ".join(str(c.seed) for c in regime.cells)
+        own = [c.summaries[REFERENCE] for c in regime.cells if REFERENCE in c.summaries]
         lines += [f"## {regime.label}", "", f"Seeds {seeds}. FC-MoE: global "
-                  f"{Stat.of([c.summaries[REFERENCE]['global_acc'] for c in regime.cells if REFERENCE in c.summaries]).text()}"
-                  f", local {Stat.of([c.summaries[REFERENCE]['local_acc_mean'] for c in regime.cells if REFERENCE in c.summaries]).text()}.", ""]
+                  f"{Stat.of([s['global_acc'] for s in own]).text()}, local "
+                  f"{Stat.of([s['local_acc_mean'] for s in own]).text()}.", ""]
         if regime.concept_shift:
             lines += ["Shifted clients: " + "; ".join(f"seed {c.seed}: {', '.join(map(str, shifted_clients(c)))}"
                                                      for c in regime.cells) + ".", ""]
