@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "fcmoe.rounds": 7,
     "fcmoe.runs": 8,  # run-folder I/O, below both engines
     "fcmoe.sim": 9, "fcmoe.fl": 9,  # the engines
-    "fcmoe.runner": 10, "fcmoe.sweep": 11, "fcmoe.report": 12, "fcmoe.cli": 13,
+    "fcmoe.runner": 10, "fcmoe.sweep": 11, "fcmoe.study": 12, "fcmoe.report": 12, "fcmoe.cli": 13,
 }
 LEAVES = {name for name, rank in LAYERS.items() if rank == 0 and name != "fcmoe.core"}
 FORBIDDEN = {("fcmoe.fl", "fcmoe.sim"), ("fcmoe.sim", "fcmoe.fl"), ("fcmoe.sim", "fcmoe.report"),

@@ -28,7 +28,7 @@ import numpy as np
 
 from fcmoe.report import plots
 from fcmoe.report.results import (ReportError, RunResult, Stat, alphas_of, curve, default_target, find_runs,
-                                  layer_curve, methods_of, rounds_to_target, stat)
+                                  layer_curve, methods_of, rounds_to_target, shifted_clients, stat)
 from fcmoe.report.table import display_name
 
 log = logging.getLogger(__name__)
@@ -233,11 +233,16 @@ def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequ
 def describe(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> list[str]:
     seeds = sorted({r.seed for r in runs})
     rounds = sorted({int(s.get("rounds", 0)) for r in runs for s in r.summaries.values()})
-    return [f"{len(runs)} run folders: α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}, seeds {seeds}, "
-            f"rounds {', '.join(map(str, rounds))}",
-            "methods: " + ", ".join(display_name(m) for m in methods),
-            "local training ran on: " + device_counts(runs) + device_legend(runs),
-            "runs: " + ", ".join(sorted({str(r.path.parent) for r in runs}))]
+    lines = [f"{len(runs)} run folders: α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}, seeds {seeds}, "
+             f"rounds {', '.join(map(str, rounds))}",
+             "methods: " + ", ".join(display_name(m) for m in methods),
+             "local training ran on: " + device_counts(runs) + device_legend(runs),
+             "runs: " + ", ".join(sorted({str(r.path.parent) for r in runs}))]
+    shifted = [(r, clients) for r in runs if (clients := shifted_clients(r))]
+    if shifted:
+        lines.append("concept shift, clients with permuted labels: " + "; ".join(
+            f"α = {r.alpha:g} seed {r.seed}: {', '.join(map(str, c))}" for r, c in shifted))
+    return lines
 
 
 def _devices(runs: Sequence[RunResult], method: str | None = None, alpha: float | None = None) -> Counter[str]:

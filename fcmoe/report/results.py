@@ -110,6 +110,17 @@ def load_run(folder: Path) -> RunResult:
     return RunResult(folder, float(config["partition"]["alpha"]), int(config["seed"]), summaries, rows, config)
 
 
+def shifted_clients(run: RunResult) -> list[int]:
+    """The clients of a run that saw permuted labels (``partition.concept_shift``, named in ``partition.json``)."""
+    path = run.path / "partition.json"
+    if not path.is_file():
+        return []
+    try:
+        return sorted(int(c) for c in json.loads(path.read_text()).get("concept_shift", {}))
+    except (OSError, ValueError, AttributeError) as err:
+        raise ReportError(f"cannot read {path}: {err}") from None
+
+
 def alphas_of(runs: Sequence[RunResult]) -> list[float]:
     return sorted({r.alpha for r in runs})
 

@@ -14,14 +14,13 @@ files only (``config.toml``, ``summary.json``, ``metrics.jsonl``, ``partition.js
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fcmoe.report.plots import Points, errorbar_panels
-from fcmoe.report.results import ReportError, RunResult, Stat, find_runs
+from fcmoe.report.results import ReportError, RunResult, Stat, find_runs, shifted_clients
 
 REFERENCE = "fcmoe"
 ACCURACIES = (("global_acc", "global"), ("local_acc_mean", "local"))
@@ -94,14 +93,6 @@ def mechanism(regime: Regime, method: str, key: str, first_round: int = 1) -> St
         if points:
             values.append(sum(points) / len(points))
     return Stat.of(values)
-
-
-def shifted_clients(cell: RunResult) -> list[int]:
-    """The clients of a cell that saw permuted labels (its ``partition.json``)."""
-    path = cell.path / "partition.json"
-    if not path.is_file():
-        return []
-    return sorted(int(c) for c in json.loads(path.read_text()).get("concept_shift", {}))
 
 
 def study_markdown(regimes: Sequence[Regime], figure: str) -> str:

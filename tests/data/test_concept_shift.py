@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from fcmoe.config import ConfigError, PartitionConfig, load_config
-from fcmoe.data.partition import partition_pool
+from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.experiment import prepare_experiment
 from tests.sim.test_engine import TINY
 
 LABELS = np.repeat(np.arange(5), 80)  # 400 rows, 5 classes
 
 
-def _partition(seed: int, share: float = 0.3):  # noqa: ANN202
+def _partition(seed: int, share: float = 0.3) -> Partition:
     config = PartitionConfig(num_clients=10, alpha=1.0, min_partition_size=5, concept_shift=share)
     return partition_pool(LABELS, config, 0.2, seed=seed)
 

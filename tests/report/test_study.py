@@ -72,6 +72,10 @@ def test_a_study_runs_resumes_and_reports_from_its_cells_alone(tmp_path: Path) -
     assert main(["study", "--configs", str(configs), "--out", str(out), "--quiet"]) == 0
     assert (out / "few-seed0" / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert (out / "study.md").read_text() == report
+    # the sweep report of a shifted cell names its shifted clients too
+    assert main(["report", str(out / "shifted-seed0"), "--out", str(tmp_path / "report")]) == 0
+    sweep_report = (tmp_path / "report" / "report.md").read_text()
+    assert "concept shift, clients with permuted labels: α = 0.1 seed 0: " in sweep_report
     # the report needs nothing but the cells' small files
     for model in out.rglob("*.safetensors"):
         model.unlink()
