@@ -173,6 +173,11 @@ def write_csv(table: ReportTable, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+MECHANISM_ROWS = (("conflict_rate_per_layer", "conflict rate"), ("mean_cosine_per_layer", "mean cosine to consensus"),
+                  ("projection_step_change_per_layer", "projection step change"),
+                  ("retention_ratio_per_layer", "retention ratio"))
+
+
 def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequence[str],
                   ablation: Sequence[str], folder: Path) -> list[tuple[str, Path]]:
     """Every figure the runs have data for, as (caption, path)."""
@@ -196,19 +201,21 @@ def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequ
         figures.append((caption, plots.curve_grid(panels, ["global accuracy", "local accuracy"],
                                                   folder / f"{name}.png")))
     conflict_method = "fcmoe" if "fcmoe" in main else None
-    if conflict_method and any(r.get("conflict_rate_per_layer") for run in runs for r in run.rows):
+    keys = [(key, label) for key, label in MECHANISM_ROWS
+            if conflict_method and any(r.get(key) for run in runs for r in run.method_rows(conflict_method))]
+    if keys:
         panels = []
-        for key in ("conflict_rate_per_layer", "mean_cosine_per_layer"):
+        for key, _ in keys:
             row = []
             for a in alphas:
                 per_layer = layer_curve(runs, conflict_method, a, key)
                 row.append((f"α = {a:g}", {layer: (r, [s.mean for s in st], [s.std for s in st])
                                            for layer, (r, st) in per_layer.items()}))
             panels.append(row)
-        figures.append(("FC-MoE per MoE layer: share of (client, expert) pairs projected (cos < τ) and mean cosine "
-                        "of client updates to the consensus direction",
-                        plots.curve_grid(panels, ["conflict rate", "mean cosine to consensus"],
-                                         folder / "conflicts.png")))
+        figures.append(("FC-MoE per MoE layer: share of (client, expert) pairs projected (cos < τ), mean cosine of "
+                        "client updates to the consensus direction, how far projection moved the step "
+                        "(‖with − without‖ / ‖without‖) and retention next to the update (mean ‖λ r_i‖ / ‖Δ_i‖)",
+                        plots.curve_grid(panels, [label for _, label in keys], folder / "conflicts.png")))
     for a in alphas:
         first = next((r for r in runs if r.alpha == a), None)
         if first is None:
