@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--method", default="fcmoe", help="the method to run (default fcmoe)")
     deploy.add_argument("--out", default="runs", help="parent folder of the run folder (default runs)")
     deploy.add_argument("--port", type=int, default=39200, help="first of the 127.0.0.1 ports used (default 39200)")
+    deploy.add_argument("--resume", metavar="RUN_DIR", help="continue a deployed run that stopped, from its last "
+                                                            "checkpointed round (its config, its method)")
     deploy.add_argument("--round-timeout", type=float, default=3600.0,
                         help="seconds a train / evaluate phase waits for replies (default 3600; keep it well above "
                              "a round's duration: Flower drops late replies)")
@@ -201,14 +203,20 @@ def _deploy_local(args: argparse.Namespace) -> int:
     from fcmoe.fl.codec import RunSettings
     from fcmoe.fl.deploy import deploy_local
 
+    resume = Path(args.resume).resolve() if args.resume else None
     try:
-        config = load_config(args.config, [*args.set, f'methods=["{args.method}"]'])
+        if resume is not None and (args.config or args.set):
+            raise ConfigError("--resume continues the run as it was configured; drop --config and --set")
+        config = (load_config(resume / "config.toml") if resume is not None
+                  else load_config(args.config, [*args.set, f'methods=["{args.method}"]']))
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)
         return 2
     config_file = str(Path(args.config).resolve()) if args.config else ""
-    out = Path(args.out).resolve()
-    run_config = RunSettings(config_file, tuple(args.set), args.method, str(out), args.round_timeout).to_run_config()
+    out = resume.parent if resume is not None else Path(args.out).resolve()
+    method = config.methods[0] if resume is not None else args.method
+    run_config = RunSettings(config_file, tuple(args.set), method, str(out), args.round_timeout,
+                             str(resume or "")).to_run_config()
     # `timeout` and service managers stop with SIGTERM: exit through Python so the SuperLink and SuperNodes are
     # stopped too (the default SIGTERM action skips every `finally`)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

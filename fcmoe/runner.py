@@ -17,7 +17,7 @@ from fcmoe.config import ExperimentConfig
 from fcmoe.experiment import prepare_experiment
 from fcmoe.runs import (MethodSummary, check_same_experiment, keep_rows, load_summaries, save_final_model,
                         save_partition, save_summaries)
-from fcmoe.sim.checkpoint import checkpointed_round
+from fcmoe.checkpoint import checkpointed_round
 from fcmoe.sim.engine import RoundCallback, run_method
 
 log = logging.getLogger(__name__)

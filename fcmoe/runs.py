@@ -3,7 +3,7 @@
 A run folder holds ``config.toml`` (the resolved experiment), ``partition.json`` (client rows and label
 histograms) and ``partition.png``, ``metrics.jsonl`` (one line per method and round), ``summary.json`` (the final
 figures of every finished method) and ``model-<method>.safetensors`` (each method's final global model). The
-in-process engine adds ``checkpoint/`` while a method runs (:mod:`fcmoe.sim.checkpoint`).
+in-process engine adds ``checkpoint/`` while a method runs (:mod:`fcmoe.checkpoint`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "fcmoe.training": 5,
     "fcmoe.experiment": 6,
     "fcmoe.rounds": 7,
-    "fcmoe.runs": 8,  # run-folder I/O, below both engines
+    "fcmoe.runs": 8, "fcmoe.checkpoint": 8,  # run-folder I/O and checkpoints, below both engines
     "fcmoe.sim": 9, "fcmoe.fl": 9,  # the engines
     "fcmoe.runner": 10, "fcmoe.sweep": 11, "fcmoe.study": 12, "fcmoe.report": 12, "fcmoe.cli": 13,
 }

@@ -4,25 +4,25 @@ A node learns which client it is from its node config (:func:`~fcmoe.fl.codec.pa
 to run from the resolved config the server sends. It builds that experiment once per process (data, partition,
 model, cached features: the same seeded steps as the in-process engine, so the same client data), runs the
 shared :func:`fcmoe.rounds.client_step`, and keeps its private state (FC-MoE residual, PFL-MoE head and gate, and
-the global model it trained from) in ``context.state``: it never leaves the node. Which clients train in a round
-is the server's decision: a node is only messaged when its client trains.
+the global model it trained from) in files on its own disk (:class:`~fcmoe.fl.node_state.NodeStateStore`): it
+never leaves the node, survives a SuperNode restart, and ``context.state`` only says where it is. Which clients
+train in a round is the server's decision: a node is only messaged when its client trains.
 """
 
 from __future__ import annotations
 
 import functools
 import tomllib
-from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fcmoe.algorithms import Algorithm
 from fcmoe.config import build_config
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl.codec import (ARRAYS, MESSAGE, STATE_SCALARS, TRAINED_FROM, decode_instruction, decode_message,
-                            encode_evaluation, encode_identity, encode_update, load_client_state, partition_id,
-                            record_to_tree, save_client_state)
+from fcmoe.fl.codec import (ARRAYS, MESSAGE, NODE_STATE, Instruction, decode_instruction, decode_message,
+                            encode_evaluation, encode_identity, encode_update, partition_id, record_to_tree)
+from fcmoe.fl.node_state import NodeStateStore
 from fcmoe.rounds import client_step, deployed_global_accuracy, finish_client, initial_client_state, local_accuracy
 
 app = ClientApp()
@@ -33,16 +33,16 @@ def _experiment(config_text: str) -> Experiment:
     return prepare_experiment(build_config(tomllib.loads(config_text)))
 
 
-def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, dict[str, Any]]:
+def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, NodeStateStore, Instruction]:
     instruction = decode_instruction(msg.content)
     exp = _experiment(instruction.experiment)
     algo = exp.config.make_algorithm(instruction.method, exp.built.layout)
     cid = partition_id(context.node_config)
     if not 0 <= cid < exp.num_clients:
         raise ValueError(f"partition-id = {cid}: this experiment has clients 0..{exp.num_clients - 1}")
-    fresh = STATE_SCALARS not in context.state
-    state = initial_client_state(exp.config.seed, cid) if fresh else load_client_state(context.state)
-    return exp, algo, cid, state
+    store = NodeStateStore.for_node(context.node_config, instruction.state_key or f"run-{context.run_id}", cid)
+    context.state[NODE_STATE] = ConfigRecord({"folder": str(store.folder), "round": instruction.server_round})
+    return exp, algo, cid, store, instruction
 
 
 @app.query()
@@ -54,25 +54,30 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the re-anchored global model; reply Δ_i, routing counts and n_i."""
-    exp, algo, cid, state = _setup(msg, context)
-    round_index = decode_instruction(msg.content).server_round
-    update = client_step(exp, algo, cid, round_index, record_to_tree(msg.content[ARRAYS]), state)
-    context.state[TRAINED_FROM] = msg.content[ARRAYS]
-    save_client_state(state, context.state)
+    exp, algo, cid, store, instruction = _setup(msg, context)
+    round_index = instruction.server_round
+    state = store.load_before(round_index) or initial_client_state(exp.config.seed, cid)
+    global_state = record_to_tree(msg.content[ARRAYS])
+    update = client_step(exp, algo, cid, round_index, global_state, state)
+    store.save_trained(round_index, state, global_state)
     return Message(content=encode_update(update, algo.layout), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Apply the server's message to the private state, then score the deployed model on the local test split."""
-    exp, algo, cid, state = _setup(msg, context)
+    exp, algo, cid, store, instruction = _setup(msg, context)
+    round_index = instruction.server_round
     new_global = record_to_tree(msg.content[ARRAYS])
-    instruction = decode_instruction(msg.content)
-    if instruction.trained and TRAINED_FROM in context.state:
-        old_global = record_to_tree(context.state[TRAINED_FROM])
-        finish_client(algo, state, old_global, new_global, decode_message(msg.content.get(MESSAGE)))
+    trained = store.load_trained(round_index)
+    if trained is None:  # not drawn this round: the state of its last round
+        state = store.load_before(round_index) or initial_client_state(exp.config.seed, cid)
+    else:
+        state, old_global = trained
+        if instruction.trained:
+            finish_client(algo, state, old_global, new_global, decode_message(msg.content.get(MESSAGE)))
     acc = local_accuracy(exp, algo, cid, state, new_global) if instruction.score else float("nan")
-    deployed = (deployed_global_accuracy(exp, algo, state, new_global, instruction.server_round)
+    deployed = (deployed_global_accuracy(exp, algo, state, new_global, round_index)
                 if instruction.score else None)
-    save_client_state(state, context.state)
+    store.save_done(round_index, state)
     return Message(content=encode_evaluation(cid, acc, len(exp.client_test[cid]), deployed), reply_to=msg)

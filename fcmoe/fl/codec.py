@@ -8,10 +8,11 @@ The only place that knows how fcmoe objects travel in a Flower ``Message``:
   counts), ``"statistics"`` arrays (the algorithm's small per-client tensors, when it sends any), ``"update"``
   metrics (client id, n_i, loss);
 - the server's per-client message (FC-MoE: one scalar per layer and expert) → ``"message"`` arrays;
-- the private client state (residual, PFL-MoE head and gate, seed) → ``context.state``: one ``ArrayRecord`` per
-  tree and a ``ConfigRecord`` ``"scalars"``;
+- the private client state (residual, PFL-MoE head and gate, seed) never travels: it stays in files on the node
+  (:mod:`fcmoe.fl.node_state`); ``context.state`` holds only ``"node-state"``, where they are;
 - the server's instructions (:class:`Instruction`: round, method, experiment config, whether the client's update
-  was aggregated), a client's identity (its partition id, asked once per node) and its local accuracy.
+  was aggregated, the run's key for node-local state), a client's identity (its partition id, asked once per
+  node) and its local accuracy.
 
 Every record, config and metric key fcmoe puts in a Flower message is defined here and nowhere else. Decoding
 never trusts the sender: :func:`decode_update` raises :class:`MalformedReply` naming what is wrong.
@@ -39,12 +40,11 @@ CLIENT_ID, NUM_EXAMPLES, LOCAL_ACC = "client_id", "num-examples", "local_acc"  #
 DEPLOYED_GLOBAL_ACC = "deployed_global_acc"  # evaluate reply, optional: the deployed model on the global test set
 ROUND, METHOD, EXPERIMENT, TRAINED, SCORE = "server-round", "method", "fcmoe-config", "trained", "score"
 VALID_UPDATES, REJECTED, LOCAL_ACC_MEAN, GLOBAL_ACC = "valid_updates", "rejected", "local_acc_mean", "global_acc"
-TRAINED_FROM = "trained-from"  # context.state: the global arrays a client trained from this round (θ_t)
+NODE_STATE = "node-state"  # context.state: where this node keeps its client's state (small metadata only)
+STATE_KEY = "state-key"  # instruction: the run's key for node-local client state (run folder and method)
 PARTITION_ID = "partition-id"  # node config: which client a SuperNode is (``--node-config "partition-id=3"``)
 BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
-STATE_SCALARS = "scalars"
-_TREE_PREFIX = "tree:"
 
 
 class MalformedReply(ValueError):
@@ -172,11 +172,13 @@ class RunSettings:
     method: str = ""  # empty = the config's first method
     out_dir: str = ""  # empty = the config's out_dir
     round_timeout_s: float = 3600.0  # a node that died mid-round is waited for this long
+    resume_dir: str = ""  # a run folder to continue from its checkpoint (its config.toml is the experiment)
 
     def to_run_config(self) -> str:
         """The ``--run-config`` string of these settings."""
         return (f'config-file="{self.config_file}" overrides="{";".join(self.overrides)}" method="{self.method}" '
-                f'out-dir="{self.out_dir}" round-timeout-s={float(self.round_timeout_s)}')
+                f'out-dir="{self.out_dir}" round-timeout-s={float(self.round_timeout_s)} '
+                f'resume-dir="{self.resume_dir}"')
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -184,7 +186,7 @@ class RunSettings:
         overrides = str(run_config.get("overrides", "")).split(";")
         return cls(str(run_config.get("config-file", "")), tuple(o.strip() for o in overrides if o.strip()),
                    str(run_config.get("method", "")), str(run_config.get("out-dir", "")),
-                   float(run_config.get("round-timeout-s", cls.round_timeout_s)))
+                   float(run_config.get("round-timeout-s", cls.round_timeout_s)), str(run_config.get("resume-dir", "")))
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Instruction:
     experiment: str  # the resolved experiment config as TOML: clients build the same experiment from it
     trained: bool = True  # evaluate: this client's update was aggregated, so it applies its message
     score: bool = True  # evaluate: score the deployed model this round (``eval.every``)
+    state_key: str = ""  # where a node keeps this run's client state (:mod:`fcmoe.fl.node_state`); "" = by run id
 
 
 def encode_instruction(arrays: ArrayRecord, instruction: Instruction,
@@ -203,7 +206,8 @@ def encode_instruction(arrays: ArrayRecord, instruction: Instruction,
     """A train (or, with ``evaluate``, an evaluate) message's content: the global arrays, the instruction and,
     for evaluation, the client's own message from the server."""
     config = ConfigRecord({ROUND: instruction.server_round, METHOD: instruction.method,
-                           EXPERIMENT: instruction.experiment, TRAINED: instruction.trained, SCORE: instruction.score})
+                           EXPERIMENT: instruction.experiment, TRAINED: instruction.trained, SCORE: instruction.score,
+                           STATE_KEY: instruction.state_key})
     content = RecordDict({ARRAYS: arrays, CONFIG: config})
     if evaluate:
         content[MESSAGE] = encode_message(message if instruction.trained else None)
@@ -214,7 +218,7 @@ def decode_instruction(content: RecordDict) -> Instruction:
     """Inverse of :func:`encode_instruction` (the arrays stay in ``content[ARRAYS]``)."""
     config = content[CONFIG]
     return Instruction(int(config[ROUND]), str(config[METHOD]), str(config[EXPERIMENT]), bool(config[TRAINED]),
-                       bool(config[SCORE]))
+                       bool(config[SCORE]), str(config.get(STATE_KEY, "")))
 
 
 def encode_identity(client_id: int) -> RecordDict:
@@ -293,31 +297,3 @@ def decode_message(record: ArrayRecord | None) -> dict[str, torch.Tensor] | None
     if record is None or not len(record):
         return None
     return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
-
-
-def save_client_state(state: Mapping[str, Any], records: RecordDict) -> None:
-    """Write an algorithm's private client state into ``context.state``: trees as arrays, the rest as config.
-
-    Keys the state no longer has are removed, so a dropped residual does not come back.
-    """
-    scalars: dict[str, Any] = {}
-    for key in [k for k in records if k.startswith(_TREE_PREFIX)]:
-        if key[len(_TREE_PREFIX):] not in state:
-            del records[key]
-    for key, value in state.items():
-        if isinstance(value, Mapping):
-            records[_TREE_PREFIX + key] = tree_to_record(value)
-        elif isinstance(value, (bool, int, float, str)):
-            scalars[key] = value
-        else:
-            raise TypeError(f"client state {key!r} is a {type(value).__name__}; store trees or scalars")
-    records[STATE_SCALARS] = ConfigRecord(scalars)
-
-
-def load_client_state(records: RecordDict) -> dict[str, Any]:
-    """Inverse of :func:`save_client_state`."""
-    state: dict[str, Any] = dict(records[STATE_SCALARS]) if STATE_SCALARS in records else {}
-    for key, record in records.items():
-        if key.startswith(_TREE_PREFIX) and isinstance(record, ArrayRecord):
-            state[key[len(_TREE_PREFIX):]] = record_to_tree(record)
-    return state

@@ -122,13 +122,15 @@ def _register_node(flwr: Callable[..., subprocess.CompletedProcess], public: Pat
 
 def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: int = 39200,
                  timeout_s: float = 900.0, workdir: Path | None = None,
-                 kill_last_node_when: str | None = None) -> Deployment:
+                 kill_last_node_when: str | None = None, kill_all_when: str | None = None) -> Deployment:
     """Run the Flower app in ``app_dir`` on a local TLS + authenticated deployment; see the module docstring.
 
     ``run_config`` is passed to ``flwr run --run-config``; ports ``base_port`` (the SuperLink's HTTPS API) to
     ``base_port + num_nodes`` (one ClientAppIO port per node) on 127.0.0.1 are used. ``kill_last_node_when``
     is fault injection: once a non-empty file matches that glob pattern (e.g. the run's ``metrics.jsonl`` after
-    round 1), the last SuperNode is killed with SIGKILL, and the run has to finish without it.
+    round 1), the last SuperNode is killed with SIGKILL, and the run has to finish without it. ``kill_all_when``
+    kills everything (SuperLink, ServerApp, every SuperNode) the same way, a crash of the whole deployment: the
+    status is then ``"killed"``, and a new deployment with ``resume-dir`` in ``run_config`` continues the run.
     """
     started = time.perf_counter()
     work = workdir or Path(tempfile.mkdtemp(prefix="fcmoe-deploy-"))
@@ -178,24 +180,32 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
                 raise RuntimeError(f"{name} exited with code {proc.returncode}: {logs[name].read_text()[-600:]}")
         startup_s = time.perf_counter() - started
         run_started = time.perf_counter()
-        if kill_last_node_when:
-            threading.Thread(target=_kill_when, args=(kill_last_node_when, processes[-1], timeout_s),
-                             daemon=True).start()
+        killed = threading.Event()
+        for pattern, victims in ((kill_last_node_when, processes[-1:]), (kill_all_when, list(processes))):
+            if pattern:
+                threading.Thread(target=_kill_when, args=(pattern, victims, timeout_s, killed), daemon=True).start()
         submitted = flwr("run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config, timeout=timeout_s)
         (work / "flwr-run.log").write_text(submitted.stdout + submitted.stderr)
-        status = _final_status(flwr, timeout_s)
+        if kill_all_when and killed.is_set():
+            status = "killed"
+        elif submitted.returncode != 0:  # refused before it ran (e.g. an invalid run config): no status to wait for
+            status = "refused: " + " ".join((submitted.stdout + submitted.stderr).split())[-300:]
+        else:
+            status = _final_status(flwr, timeout_s)
         return Deployment(status, startup_s, time.perf_counter() - run_started, work, logs)
     finally:
         _stop(processes)
 
 
-def _kill_when(pattern: str, process: subprocess.Popen, timeout_s: float) -> None:
-    """SIGKILL ``process`` and its children once a non-empty file matches the glob ``pattern``."""
+def _kill_when(pattern: str, processes: list[subprocess.Popen], timeout_s: float, killed: threading.Event) -> None:
+    """SIGKILL ``processes`` and their children once a non-empty file matches the glob ``pattern``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(Path(match).stat().st_size > 0 for match in glob.glob(pattern)):
-            _signal_group(process, signal.SIGKILL)
-            log.warning("fault injection: killed %s", " ".join(map(str, process.args[:1])))
+            for process in processes:
+                _signal_group(process, signal.SIGKILL)
+                log.warning("fault injection: killed %s", " ".join(map(str, process.args[:1])))
+            killed.set()
             return
         time.sleep(0.2)
 

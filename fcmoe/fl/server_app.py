@@ -7,15 +7,20 @@ Two ways in:
 - ``flwr run .`` (simulation or deployment) loads ``app`` below; its run config (``pyproject.toml``
   ``[tool.flwr.app.config]``) names a config file, ``key=value`` overrides, the method and the output folder.
 Both write the same run-folder files as the in-process engine: one ``metrics.jsonl`` row per round (with
-``engine = "flower"``, the rejected replies and whether the round was skipped) and the final global model as
-``model-<method>.safetensors``.
+``engine = "flower"``, the rejected replies and whether the round was skipped), a checkpoint after every round
+(``checkpoint/``: the global model, the server half's state and the round's row; the clients' state stays on
+their nodes) and the final global model as ``model-<method>.safetensors``. A ServerApp started on a run folder
+that holds a checkpoint of its method continues after that round; the nodes find their clients' state by the
+run's state key (:func:`state_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,23 +30,35 @@ from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fcmoe.algorithms.robust import RobustAggregation
+from fcmoe.cache import cache_dir
+from fcmoe.checkpoint import Checkpoint, checkpointed_round, load_checkpoint, save_checkpoint
 from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, tree_to_record
+from fcmoe.fl.node_state import NodeStateStore
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.algorithms import ServerResult
 from fcmoe.rounds import ServerStep, global_accuracy, round_metrics, start_round
-from fcmoe.runs import MethodSummary, append_row, new_run_dir, save_final_model, save_partition
+from fcmoe.runs import (MethodSummary, append_row, keep_rows, new_run_dir, save_final_model, save_partition,
+                        save_summaries)
 
 log = logging.getLogger(__name__)
 
 ROUND_TIMEOUT_S = RunSettings.round_timeout_s  # a later reply is dropped; Flower drops replies silently under ~60 s
 
 
+def state_key(run_dir: Path, method: str) -> str:
+    """The key nodes file this run's client state under: the run folder's name, a digest of its full path (two
+    sweeps both have an ``alpha0.1-seed0``) and the method."""
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+    return f"{run_dir.name}-{digest}-{method}"
+
+
 def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout_s: float = ROUND_TIMEOUT_S,
           ) -> MethodSummary:
-    """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows and final model.
+    """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows, checkpoints and
+    final model. With a checkpoint of ``method`` in ``run_dir/checkpoint`` it continues after that round.
 
     ``round_timeout_s`` is Flower's ``send_and_receive`` timeout for each train and evaluate phase: replies later
     than that are dropped and the round aggregates the others. Keep it well above a round's duration.
@@ -50,11 +67,19 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     server = RobustAggregation(cfg.make_algorithm(method, exp.built.layout), cfg.robust)
     strategy = AlgorithmStrategy(server, tomli_w.dumps(cfg.to_dict()), exp.num_clients,
                                  lambda round_index: start_round(exp, round_index), method,
-                                 scores=lambda round_index: cfg.eval.scores(round_index, cfg.rounds))
+                                 scores=lambda round_index: cfg.eval.scores(round_index, cfg.rounds),
+                                 state_key=state_key(run_dir, method))
+    checkpoint_dir = run_dir / "checkpoint"
+    start_state, first_round = exp.initial_state, 1
+    resumed = load_checkpoint(checkpoint_dir, method)
+    if resumed:
+        start_state, first_round = resumed.global_state, resumed.round + 1
+        server.algorithm.load_server_state(resumed.server_state)
+        log.info("%s: resuming after round %d from %s", method, resumed.round, checkpoint_dir)
     model_bytes = tree_num_bytes(exp.initial_state)
     metrics_path = run_dir / "metrics.jsonl"
     clock = {"round": time.perf_counter(), "start": time.perf_counter()}
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = dict(resumed.row) if resumed else {}
 
     def evaluate(server_round: int, arrays: Any) -> MetricRecord | None:
         if server_round == 0:
@@ -70,14 +95,15 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
                             [state.deployed_global[cid] for cid in sorted(state.deployed_global)])
         row["engine"] = "flower"
         append_row(metrics_path, row)
+        save_checkpoint(checkpoint_dir, Checkpoint(method, server_round, record_to_tree(arrays), [], row,
+                                                   server.algorithm.server_state()))
         last.update(row)
         clock["round"] = time.perf_counter()
         return global_accuracy_record(row["global_acc"])
 
-    result = strategy.start(grid, initial_arrays=tree_to_record(exp.initial_state), num_rounds=cfg.rounds,
-                            timeout=round_timeout_s, evaluate_fn=evaluate)
-    final = record_to_tree(result.arrays) if len(result.arrays) else exp.initial_state
-    save_final_model(run_dir, method, final)
+    final = strategy.run_rounds(grid, tree_to_record(start_state), first_round, cfg.rounds, round_timeout_s,
+                                evaluate)
+    save_final_model(run_dir, method, record_to_tree(final))
     return MethodSummary.from_row({"method": method, **last}, cfg.rounds, time.perf_counter() - clock["start"])
 
 
@@ -101,6 +127,9 @@ def run_flower_method(exp: Experiment, method: str, run_dir: Path) -> MethodSumm
                    backend_config={"client_resources": resources, "init_args": {"include_dashboard": False}})
     if not summaries:
         raise RuntimeError(f"the Flower simulation of {method!r} ended without a result; see the log above")
+    # the simulated nodes share this machine's default state folder: a finished run's client state goes with it
+    shutil.rmtree(NodeStateStore(cache_dir() / "node-state", state_key(run_dir, method), 0).folder.parent,
+                  ignore_errors=True)
     return summaries[0]
 
 
@@ -112,12 +141,21 @@ def main(grid: Grid, context: Context) -> None:
     """``flwr run .``: config file, overrides, method, output folder and round timeout from the run config
     (:class:`~fcmoe.fl.codec.RunSettings`)."""
     settings = RunSettings.from_run_config(context.run_config)
-    config = load_config(settings.config_file or None, list(settings.overrides))
+    if settings.resume_dir:  # continue that run folder: its own config, the first method it has not finished
+        run_dir = Path(settings.resume_dir)
+        config = load_config(run_dir / "config.toml")
+    else:
+        config = load_config(settings.config_file or None, list(settings.overrides))
+        run_dir = new_run_dir(settings.out_dir or config.out_dir)
     method = settings.method or config.methods[0]
     exp = prepare_experiment(config)
-    run_dir = new_run_dir(settings.out_dir or config.out_dir)
-    config.save(run_dir / "config.toml")
-    save_partition(exp, run_dir)
+    if not settings.resume_dir:
+        config.save(run_dir / "config.toml")
+        save_partition(exp, run_dir)
+    checkpointed = checkpointed_round(run_dir / "checkpoint")
+    keep_rows(run_dir / "metrics.jsonl", set(), checkpointed if checkpointed and checkpointed[0] == method else None)
     summary = serve(grid, exp, method, run_dir, settings.round_timeout_s)
+    save_summaries(run_dir, exp.setup_s, {method: summary})
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # done: the final model is saved
     log.info("%s: global %.4f, local %.4f ± %.4f; run folder %s", method, summary.global_acc,
              summary.local_acc_mean, summary.local_acc_std, run_dir)

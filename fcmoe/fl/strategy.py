@@ -66,22 +66,42 @@ class AlgorithmStrategy(Strategy):
         How long the first round waits for ``num_nodes`` nodes before going on with those connected.
     scores
         Whether a round's models are scored (``eval.every``); clients still apply their messages in the others.
+    state_key
+        The run's key for node-local client state (:mod:`fcmoe.fl.node_state`), sent with every instruction.
     """
 
     def __init__(self, server: RobustAggregation, config_text: str, num_nodes: int,
                  draw: Callable[[int], RoundDraw], method: str, node_wait_s: float = 600.0,
-                 scores: Callable[[int], bool] = lambda round_index: True) -> None:
+                 scores: Callable[[int], bool] = lambda round_index: True, state_key: str = "") -> None:
         self.server = server
         self.config_text = config_text
         self.num_nodes = num_nodes
         self.draw = draw
         self.scores = scores
         self.method = method
+        self.state_key = state_key
         self.node_wait_s = node_wait_s
         self._waited = False  # the initial wait for num_nodes happens once
         self.global_tree: Tree = {}
         self.client_of_node: dict[int, int] = {}
         self.round_state = RoundState()
+
+    def run_rounds(self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int, timeout: float,
+                   evaluate_fn: Callable[[int, ArrayRecord], object]) -> ArrayRecord:
+        """Rounds ``first_round`` … ``num_rounds`` (Flower's ``Strategy.start`` loop, which always starts at round 1:
+        a resumed run continues from its checkpoint); ``evaluate_fn(round, arrays)`` ends each round. Returns the
+        final global arrays."""
+        for server_round in range(first_round, num_rounds + 1):
+            log.info("[ROUND %d/%d]", server_round, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            new_arrays, _ = self.aggregate_train(server_round, replies)
+            arrays = arrays if new_arrays is None else new_arrays
+            replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            self.aggregate_evaluate(server_round, replies)
+            evaluate_fn(server_round, arrays)
+        return arrays
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -90,7 +110,7 @@ class AlgorithmStrategy(Strategy):
         self.global_tree = record_to_tree(arrays)
         self.round_state.draw = self.draw(server_round)
         training = set(self.round_state.draw.training)
-        instruction = Instruction(server_round, self.method, self.config_text)
+        instruction = Instruction(server_round, self.method, self.config_text, state_key=self.state_key)
         return [Message(content=encode_instruction(arrays, instruction), dst_node_id=node,
                         message_type=MessageType.TRAIN)
                 for node, cid in self._clients(grid).items() if cid in training]
@@ -128,7 +148,8 @@ class AlgorithmStrategy(Strategy):
         score = self.scores(server_round)
         out = []
         for node, cid in self._clients(grid).items():
-            instruction = Instruction(server_round, self.method, self.config_text, cid in aggregated, score)
+            instruction = Instruction(server_round, self.method, self.config_text, cid in aggregated, score,
+                                      self.state_key)
             out.append(Message(content=encode_instruction(arrays, instruction, messages.get(cid), evaluate=True),
                                dst_node_id=node, message_type=MessageType.EVALUATE))
         return out

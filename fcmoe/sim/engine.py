@@ -19,7 +19,7 @@ from fcmoe.experiment import Experiment
 from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, global_accuracy, initial_client_state,
                           local_accuracy, round_metrics, server_step, start_round)
 from fcmoe.runs import MethodSummary, append_row
-from fcmoe.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.config_sections import RobustConfig
 from fcmoe.fl.codec import (ARRAYS, MESSAGE, Instruction, MalformedReply, RunSettings, decode_instruction,
                             decode_message, decode_update, encode_evaluation, encode_identity, encode_message,
-                            encode_update, load_client_state, record_to_tree, save_client_state, tree_to_record)
+                            encode_update, record_to_tree, tree_to_record)
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.models.build import BuiltModel
 from fcmoe.rounds import RoundDraw
@@ -112,13 +112,7 @@ def test_malformed_replies_are_named(mutate, match: str) -> None:  # noqa: ANN00
         decode_update(content)
 
 
-def test_client_state_round_trip_and_dropped_keys_disappear() -> None:
-    records = RecordDict()
-    save_client_state({"seed": 5, "residual": {"x": torch.ones(2)}}, records)
-    state = load_client_state(records)
-    assert state["seed"] == 5 and torch.equal(state["residual"]["x"], torch.ones(2))
-    save_client_state({"seed": 5}, records)
-    assert load_client_state(records) == {"seed": 5}
+def test_an_empty_message_decodes_to_none() -> None:
     assert decode_message(encode_message(None)) is None
 
 

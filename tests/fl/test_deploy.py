@@ -83,3 +83,30 @@ def test_a_supernode_killed_after_round_1_does_not_stop_the_run(tmp_path: Path) 
     assert rows[0]["rejected"] == [] and rows[0]["local_acc"][1] is not None
     assert len(rows[1]["rejected"]) == 1 and "error reply" in rows[1]["rejected"][0]
     assert rows[1]["local_acc"][1] is None and rows[1]["local_acc"][0] is not None  # client 1 is gone
+
+
+@pytest.mark.slow
+def test_a_killed_deployment_resumes_with_node_state_and_equals_in_process(tmp_path: Path) -> None:
+    """SIGKILL of the whole deployment (SuperLink, ServerApp, both SuperNodes) once round 1 is checkpointed; a new
+    deployment with --resume continues from round 2 on fresh SuperNodes, which find their clients' FC-MoE state on
+    disk, and ends equal to the in-process run."""
+    from fcmoe.fl.deploy import deploy_local
+
+    out, app = tmp_path / "runs", Path(__file__).resolve().parents[2]
+    overrides = [*TINY, "partition.num_clients=4", "partition.alpha=0.1", "rounds=3"]
+    run_config = f'overrides="{";".join(overrides)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
+    first = deploy_local(app, 4, run_config, base_port=39500, timeout_s=600,
+                         kill_all_when=str(out / "*" / "checkpoint" / "progress.json"))
+    assert first.status == "killed"
+    (run_dir,) = out.iterdir()
+    assert not (run_dir / "model-fcmoe.safetensors").exists()
+    assert main(["deploy-local", "--resume", str(run_dir), "--port", "39600"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["rejected"] == [] for r in rows)
+    exp = prepare_experiment(load_config(overrides=overrides))
+    _, expected = run_method(exp, "fcmoe", tmp_path / "in-process.jsonl")
+    deployed = load_file(str(run_dir / "model-fcmoe.safetensors"))
+    assert max((deployed[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+    reference = [json.loads(line) for line in (tmp_path / "in-process.jsonl").read_text().splitlines()]
+    assert [r["local_acc"] for r in rows] == [r["local_acc"] for r in reference]  # residuals: θ + λ r_i deployed
+    assert any(v > 0 for r in reference[1:] for v in r["retention_ratio_per_layer"].values())

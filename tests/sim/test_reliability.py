@@ -172,7 +172,7 @@ def test_attack_injection_is_screened_unless_screening_is_off(tmp_path: Path) ->
 
 
 def test_checkpoint_round_trip_keeps_shared_tensors_trees_scalars_and_the_rng(tmp_path: Path) -> None:
-    from fcmoe.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     shared = torch.randn(3, 2)
     clients = [{"seed": 7, "residual": {"a": shared, "b": shared[1]}}, {"seed": 8, "flag": True}]

@@ -1,6 +1,7 @@
-"""Per-round checkpoints of the in-process engine, so a killed run resumes to the same result.
+"""Per-round checkpoints of both engines, so a killed run resumes to the same result.
 
-After every round, ``<run>/checkpoint/`` receives:
+After every round, ``<run>/checkpoint/`` receives (the Flower ServerApp writes no client states: those live on
+the nodes, :mod:`fcmoe.fl.node_state`):
 
 - ``state-r<round>.safetensors``: the global trainable tree (``global/<key>``), the server half's state
   (``server/<key>``: FedAdam's moments), every client's private tensors (``client<i>/<state key>/<key>``: FC-MoE
@@ -50,28 +51,15 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     tensors.update({f"server/{k}": v.detach().contiguous() for k, v in checkpoint.server_state.items()})
     scalars: list[dict[str, Any]] = []
     for cid, state in enumerate(checkpoint.client_states):
-        plain: dict[str, Any] = {}
-        for key, value in state.items():
-            if isinstance(value, Mapping):
-                tensors.update({f"client{cid}/{key}/{name}": t.detach().contiguous() for name, t in value.items()})
-                plain.setdefault("__trees__", []).append(key)
-            elif isinstance(value, (bool, int, float, str)):
-                plain[key] = value
-            else:
-                raise TypeError(f"client {cid} state {key!r} is a {type(value).__name__}; store trees or scalars")
+        plain, client_tensors = split_client_state(state, f"client{cid}/")
+        tensors.update(client_tensors)
         scalars.append(plain)
     tensors["rng/torch"] = torch.get_rng_state()
-    seen: set[int] = set()
-    for key, tensor in tensors.items():  # safetensors refuses tensors that share storage: give those their own
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in seen:
-            tensors[key] = tensor.clone()
-        seen.add(storage)
     name = f"state-r{checkpoint.round}.safetensors"
-    _atomic(folder / name, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / name, lambda tmp: save_file(unshared(tensors), str(tmp)))
     progress = {"method": checkpoint.method, "round": checkpoint.round, "state": name, "clients": scalars,
                 "row": checkpoint.row}
-    _atomic(folder / PROGRESS, lambda tmp: tmp.write_text(json.dumps(progress)))
+    atomic_write(folder / PROGRESS, lambda tmp: tmp.write_text(json.dumps(progress)))
     for old in folder.glob("state-r*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -86,13 +74,7 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
     torch.set_rng_state(tensors.pop("rng/torch"))
     global_state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
     server_state = {k.removeprefix("server/"): v for k, v in tensors.items() if k.startswith("server/")}
-    clients = []
-    for cid, plain in enumerate(progress["clients"]):
-        state = {k: v for k, v in plain.items() if k != "__trees__"}
-        for key in plain.get("__trees__", []):
-            prefix = f"client{cid}/{key}/"
-            state[key] = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        clients.append(state)
+    clients = [join_client_state(plain, tensors, f"client{cid}/") for cid, plain in enumerate(progress["clients"])]
     return Checkpoint(method, int(progress["round"]), global_state, clients, progress["row"], server_state)
 
 
@@ -108,7 +90,44 @@ def _progress(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _atomic(path: Path, write: Any) -> None:
+def split_client_state(state: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A client's private state as (JSON-able scalars, tensors keyed ``<prefix><state key>/<name>``); the scalars'
+    ``__trees__`` lists the tree-valued keys."""
+    plain: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            tensors.update({f"{prefix}{key}/{name}": t.detach().contiguous() for name, t in value.items()})
+            plain.setdefault("__trees__", []).append(key)
+        elif isinstance(value, (bool, int, float, str)):
+            plain[key] = value
+        else:
+            raise TypeError(f"client state {key!r} is a {type(value).__name__}; store trees or scalars")
+    return plain, tensors
+
+
+def join_client_state(plain: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    """Inverse of :func:`split_client_state`."""
+    state = {k: v for k, v in plain.items() if k != "__trees__"}
+    for key in plain.get("__trees__", []):
+        start = f"{prefix}{key}/"
+        state[key] = {k.removeprefix(start): v for k, v in tensors.items() if k.startswith(start)}
+    return state
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every tensor that shares storage with an earlier one cloned (safetensors refuses them)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, flushed to disk, then renamed over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb") as fh:
