@@ -36,6 +36,11 @@ _STATE, _TRAINED_FROM = "state/", "trained-from/"
 _FILE = re.compile(r"r(\d+)(-train)?\.safetensors")
 
 
+def run_state_folder(root: Path, key: str) -> Path:
+    """The folder under ``root`` that holds every client's state of the run ``key`` on this node."""
+    return Path(root) / re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
 class NodeStateStore:
     """One client's state files on this node.
 
@@ -50,7 +55,7 @@ class NodeStateStore:
     """
 
     def __init__(self, root: Path, key: str, client_id: int) -> None:
-        self.folder = Path(root) / re.sub(r"[^A-Za-z0-9._-]", "_", key) / f"client-{client_id}"
+        self.folder = run_state_folder(root, key) / f"client-{client_id}"
 
     @classmethod
     def for_node(cls, node_config: Mapping[str, Any], key: str, client_id: int) -> NodeStateStore:

@@ -16,6 +16,7 @@ run's state key (:func:`state_key`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -36,7 +37,7 @@ from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, tree_to_record
-from fcmoe.fl.node_state import NodeStateStore
+from fcmoe.fl.node_state import run_state_folder
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.algorithms import ServerResult
 from fcmoe.rounds import ServerStep, global_accuracy, round_metrics, start_round
@@ -128,8 +129,7 @@ def run_flower_method(exp: Experiment, method: str, run_dir: Path) -> MethodSumm
     if not summaries:
         raise RuntimeError(f"the Flower simulation of {method!r} ended without a result; see the log above")
     # the simulated nodes share this machine's default state folder: a finished run's client state goes with it
-    shutil.rmtree(NodeStateStore(cache_dir() / "node-state", state_key(run_dir, method), 0).folder.parent,
-                  ignore_errors=True)
+    shutil.rmtree(run_state_folder(cache_dir() / "node-state", state_key(run_dir, method)), ignore_errors=True)
     return summaries[0]
 
 
@@ -146,6 +146,8 @@ def main(grid: Grid, context: Context) -> None:
         config = load_config(run_dir / "config.toml")
     else:
         config = load_config(settings.config_file or None, list(settings.overrides))
+        # the saved config names the one method this run serves, so --resume knows it
+        config = dataclasses.replace(config, methods=(settings.method or config.methods[0],))
         run_dir = new_run_dir(settings.out_dir or config.out_dir)
     method = settings.method or config.methods[0]
     exp = prepare_experiment(config)
