@@ -177,8 +177,8 @@ class RunSettings:
     def to_run_config(self) -> str:
         """The ``--run-config`` string of these settings."""
         return (f'config-file="{self.config_file}" overrides="{";".join(self.overrides)}" method="{self.method}" '
-                f'out-dir="{self.out_dir}" round-timeout-s={float(self.round_timeout_s)} '
-                f'resume-dir="{self.resume_dir}"')
+                f'out-dir="{self.out_dir}" resume-dir="{self.resume_dir}" '
+                f'round-timeout-s={float(self.round_timeout_s)}')
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:

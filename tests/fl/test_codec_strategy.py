@@ -263,7 +263,7 @@ def test_run_settings_round_trip_through_the_run_config_string() -> None:
     """What ``fcmoe deploy-local`` passes to ``flwr run --run-config`` is what the ServerApp reads back."""
     import tomllib
 
-    settings = RunSettings("/a/b.toml", ("rounds=2", "seed=3"), "fcmoe/no-projection", "/out", 300.0)
+    settings = RunSettings("/a/b.toml", ("rounds=2", "seed=3"), "fcmoe/no-projection", "/out", 300.0, "/runs/r1")
     parsed = tomllib.loads("\n".join(settings.to_run_config().replace('" ', '"\n').splitlines()))
     assert RunSettings.from_run_config(parsed) == settings
     assert RunSettings.from_run_config({}) == RunSettings()
