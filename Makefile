@@ -30,7 +30,7 @@ assets: $(STAMP)
 run: assets
 	$(BIN)/fcmoe run
 
-# `make test`: everything but the two real multi-process Flower deployments (TLS, SuperNode kill: ~4 minutes),
+# `make test`: everything but the multi-process Flower runs (deployments, resume, sparse and participation parity),
 # which `make test-slow` runs; CI runs both.
 test: assets
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -25,7 +25,8 @@ EVERY_METHOD = "methods=['fedavg','fcmoe','fedadam','fedmoe','hfedmoe','localexp
 SPARSE_METHODS = "methods=['fedavg','fcmoe','fedmoe','localexperts']"  # those whose uploads sparsity changes
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-uploads"])
+# the sparse variant and the participation test are Flower simulations too (Ray, ~2 min each): make test-slow
+@pytest.mark.parametrize("sparse", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["dense", "sparse-uploads"])
 def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> None:
     config = load_config(overrides=[*TINY, f"sparse_uploads={str(sparse).lower()}",
                                     SPARSE_METHODS if sparse else EVERY_METHOD])
@@ -56,6 +57,7 @@ def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> No
             assert rows[(method, 2)][field] == reference[(method, 2)][field], (method, field)
 
 
+@pytest.mark.slow
 def test_flower_participation_and_dropouts_match_in_process(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Half the clients drawn per round, 30 % dropping out mid-round: the Flower server messages the clients the
