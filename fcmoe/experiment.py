@@ -7,11 +7,16 @@ so differences in the results come from the algorithms alone.
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from fcmoe.config import ExperimentConfig
 from fcmoe.core import Tree, tree_clone
@@ -46,8 +51,18 @@ class Experiment:
         return len(self.client_train)
 
 
-def prepare_experiment(config: ExperimentConfig) -> Experiment:
-    """Load and subsample the corpus, partition it, build the model, cache frozen features."""
+def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = None) -> Experiment:
+    """Load and subsample the corpus, partition it, build the model, cache frozen features.
+
+    Parameters
+    ----------
+    config
+        The experiment.
+    feature_cache
+        A folder for this exact ``config``'s frozen features (the caller keys it, e.g. by a digest of the config):
+        read from there when present, else computed and written there. A ClientApp process starts afresh for
+        every message, and featurising is most of its set-up (~30 s of the default's ~35 s on one core).
+    """
     started = time.perf_counter()
     resolve_device(config.train.device)  # a GPU asked for but absent stops here, before any data is read
     data, model_cfg = config.data, config.model
@@ -62,8 +77,8 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
                         label_names=pool.label_names)
     trainer = LocalTrainer(built.model, built.layout, config.train)  # moves the model to train.device
-    pool_features = _featurize(built, pool)
-    global_test = _featurize(built, test)
+    pool_features = _featurize(built, pool, feature_cache and feature_cache / "pool.safetensors")
+    global_test = _featurize(built, test, feature_cache and feature_cache / "global-test.safetensors")
     client_train = [_client_view(pool_features, partition, cid, c.train) for cid, c in enumerate(partition.clients)]
     client_test = [_client_view(pool_features, partition, cid, c.test) for cid, c in enumerate(partition.clients)]
     if partition.label_maps:
@@ -95,6 +110,31 @@ def _client_view(features: FeatureSet, partition: Partition, client: int, rows: 
     return view
 
 
-def _featurize(built: BuiltModel, corpus: TextCorpus) -> FeatureSet:
+def _featurize(built: BuiltModel, corpus: TextCorpus, cached: Path | None) -> FeatureSet:
+    labels = torch.from_numpy(np.asarray(corpus.labels))
+    if cached is not None and cached.is_file():
+        try:
+            found = FeatureSet(**load_file(str(cached)))
+        except (OSError, SafetensorError, TypeError) as err:  # damaged, or not a feature file: compute it again
+            log.warning("ignoring the feature cache %s (%s); computing the features again", cached, err)
+        else:
+            if torch.equal(found.labels, labels) and len(found.features) == len(labels):
+                log.info("frozen features read from %s", cached)
+                return found
+            log.warning("the feature cache %s is for other documents; computing the features again", cached)
     ids, mask = built.tokenize(corpus.texts)
-    return featurize(built.model, ids, mask, torch.from_numpy(np.asarray(corpus.labels)))
+    features = featurize(built.model, ids, mask, labels)
+    if cached is not None:
+        _save_atomically(cached, {"features": features.features, "mask": features.mask, "labels": features.labels})
+    return features
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write to a name of this process's own, then rename: nodes sharing a cache folder may write at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -12,7 +12,12 @@ train in a round is the server's decision: a node is only messaged when its clie
 from __future__ import annotations
 
 import functools
+import hashlib
+import time
 import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -20,22 +25,32 @@ from flwr.clientapp import ClientApp
 from fcmoe.algorithms import Algorithm
 from fcmoe.config import build_config
 from fcmoe.experiment import Experiment, prepare_experiment
+from fcmoe.fl import IMPORTED_AT
 from fcmoe.fl.codec import (ARRAYS, MESSAGE, NODE_STATE, Instruction, decode_instruction, decode_message,
                             encode_evaluation, encode_identity, encode_update, partition_id, record_to_tree)
-from fcmoe.fl.node_state import NodeStateStore
+from fcmoe.fl.node_state import NodeStateStore, PhaseClock, node_root, warm_cache_enabled
 from fcmoe.rounds import client_step, deployed_global_accuracy, finish_client, initial_client_state, local_accuracy
 
 app = ClientApp()
+_clock = PhaseClock(IMPORTED_AT, time.time())
 
 
 @functools.lru_cache(maxsize=2)
-def _experiment(config_text: str) -> Experiment:
-    return prepare_experiment(build_config(tomllib.loads(config_text)))
+def _experiment(config_text: str, feature_cache: Path | None) -> Experiment:
+    return prepare_experiment(build_config(tomllib.loads(config_text)), feature_cache)
+
+
+def warm_folder(node_config: Mapping[str, Any], config_text: str) -> Path | None:
+    """Where this node caches the frozen features of the experiment ``config_text`` (``None``: ``warm-cache =
+    false`` in the node config). Keyed by the config's digest, so nodes on one machine share one copy."""
+    if not warm_cache_enabled(node_config):
+        return None
+    return node_root(node_config) / "warm" / hashlib.sha256(config_text.encode()).hexdigest()[:16]
 
 
 def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, NodeStateStore, Instruction]:
     instruction = decode_instruction(msg.content)
-    exp = _experiment(instruction.experiment)
+    exp = _experiment(instruction.experiment, warm_folder(context.node_config, instruction.experiment))
     algo = exp.config.make_algorithm(instruction.method, exp.built.layout)
     cid = partition_id(context.node_config)
     if not 0 <= cid < exp.num_clients:
@@ -43,6 +58,11 @@ def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, 
     store = NodeStateStore.for_node(context.node_config, instruction.state_key or f"run-{context.run_id}", cid)
     context.state[NODE_STATE] = ConfigRecord({"folder": str(store.folder), "round": instruction.server_round})
     return exp, algo, cid, store, instruction
+
+
+def _state_before(exp: Experiment, store: NodeStateStore, cid: int, round_index: int) -> dict[str, Any]:
+    """The client's state at the end of its newest round before ``round_index`` (its initial state if none)."""
+    return store.load_before(round_index) or initial_client_state(exp.config.seed, cid)
 
 
 @app.query()
@@ -54,24 +74,32 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the re-anchored global model; reply Δ_i, routing counts and n_i."""
+    _clock.begin()
     exp, algo, cid, store, instruction = _setup(msg, context)
+    _clock.mark("setup")
     round_index = instruction.server_round
-    state = store.load_before(round_index) or initial_client_state(exp.config.seed, cid)
+    state = _state_before(exp, store, cid, round_index)
     global_state = record_to_tree(msg.content[ARRAYS])
     update = client_step(exp, algo, cid, round_index, global_state, state)
     store.save_trained(round_index, state, global_state)
-    return Message(content=encode_update(update, algo.layout), reply_to=msg)
+    _clock.mark("work")
+    reply = Message(content=encode_update(update, algo.layout), reply_to=msg)
+    _clock.mark("reply")
+    store.record_phases("train", round_index, _clock.finish())
+    return reply
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Apply the server's message to the private state, then score the deployed model on the local test split."""
+    _clock.begin()
     exp, algo, cid, store, instruction = _setup(msg, context)
+    _clock.mark("setup")
     round_index = instruction.server_round
     new_global = record_to_tree(msg.content[ARRAYS])
     trained = store.load_trained(round_index)
     if trained is None:  # not drawn this round: the state of its last round
-        state = store.load_before(round_index) or initial_client_state(exp.config.seed, cid)
+        state = _state_before(exp, store, cid, round_index)
     else:
         state, old_global = trained
         if instruction.trained:
@@ -80,4 +108,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     deployed = (deployed_global_accuracy(exp, algo, state, new_global, round_index)
                 if instruction.score else None)
     store.save_done(round_index, state)
-    return Message(content=encode_evaluation(cid, acc, len(exp.client_test[cid]), deployed), reply_to=msg)
+    _clock.mark("work")
+    reply = Message(content=encode_evaluation(cid, acc, len(exp.client_test[cid]), deployed), reply_to=msg)
+    _clock.mark("reply")
+    store.record_phases("evaluate", round_index, _clock.finish())
+    return reply

@@ -14,16 +14,23 @@ restarted SuperNode — or a resumed ServerApp — finds the same files. Round t
 ``r<s>.safetensors`` with s < t, not from a later one: a ServerApp resumed after round k repeats round k + 1 from
 the state the first attempt started with. Every file is written atomically (temporary name, fsync, rename); the
 files of rounds before the last two are deleted.
+
+Beside the state, a node keeps what its ClientApp processes would otherwise rebuild for every message (Flower
+starts one per message): the experiment's frozen features, under ``<state-dir>/warm/<config digest>/`` (node
+config ``warm-cache = false`` turns it off), and ``phases.jsonl`` in each client folder, one line per message
+with the seconds of its phases (process start, imports, set-up, work, reply).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -32,8 +39,49 @@ from fcmoe.checkpoint import atomic_write, join_client_state, split_client_state
 from fcmoe.core import Tree
 
 STATE_DIR = "state-dir"  # node config: the folder this node keeps its clients' state in
+WARM_CACHE = "warm-cache"  # node config: false = rebuild the experiment's features in every ClientApp process
 _STATE, _TRAINED_FROM = "state/", "trained-from/"
 _FILE = re.compile(r"r(\d+)(-train)?\.safetensors")
+
+
+def node_root(node_config: Mapping[str, Any]) -> Path:
+    """The node's state folder: node config ``state-dir``, else ``<fcmoe cache>/node-state``."""
+    return Path(str(node_config.get(STATE_DIR) or cache_dir() / "node-state"))
+
+
+def warm_cache_enabled(node_config: Mapping[str, Any]) -> bool:
+    """Whether this node caches the experiment's frozen features (node config ``warm-cache``, default true)."""
+    value = node_config.get(WARM_CACHE, True)
+    return value if isinstance(value, bool) else str(value).strip().lower() not in {"false", "0", "no", "off"}
+
+
+class PhaseClock:
+    """Seconds per phase of one ClientApp message.
+
+    ``start`` (process creation to the first fcmoe import) and ``imports`` are counted on a process's first
+    message only; ``begin``/``mark``/``finish`` time the rest.
+    """
+
+    def __init__(self, imported_at: float, ready_at: float) -> None:
+        self._pending = {"start": max(imported_at - _process_started_at(), 0.0), "imports": ready_at - imported_at}
+        self._phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def begin(self) -> None:
+        self._phases, self._pending = self._pending, {"start": 0.0, "imports": 0.0}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._phases[phase] = now - self._last
+        self._last = now
+
+    def finish(self) -> dict[str, float]:
+        return dict(self._phases)
+
+
+def _process_started_at() -> float:
+    return psutil.Process().create_time()
 
 
 def run_state_folder(root: Path, key: str) -> Path:
@@ -60,7 +108,14 @@ class NodeStateStore:
     @classmethod
     def for_node(cls, node_config: Mapping[str, Any], key: str, client_id: int) -> NodeStateStore:
         """The store of the node whose node config is ``node_config``."""
-        return cls(Path(str(node_config.get(STATE_DIR) or cache_dir() / "node-state")), key, client_id)
+        return cls(node_root(node_config), key, client_id)
+
+    def record_phases(self, message: str, round_index: int, seconds: Mapping[str, float]) -> None:
+        """Append one message's phase times to ``phases.jsonl`` beside the state files."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        row = {"message": message, "round": round_index, **{k: round(v, 4) for k, v in seconds.items()}}
+        with open(self.folder / "phases.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
 
     def save_trained(self, round_index: int, state: Mapping[str, Any], trained_from: Tree) -> Path:
         """The state after round ``round_index``'s training, with the global model it trained from."""

@@ -1,0 +1,83 @@
+"""Warm clients: a ClientApp process that starts afresh reads the experiment's frozen features from the node's
+disk instead of featurising again, and gets the very same tensors; a damaged cache is recomputed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+import fcmoe.experiment as experiment
+from fcmoe.config import load_config
+from fcmoe.fl import client_app
+from fcmoe.fl.node_state import STATE_DIR, WARM_CACHE, NodeStateStore, PhaseClock
+from tests.sim.test_engine import TINY
+
+
+@pytest.fixture
+def featurize_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = experiment.featurize
+
+    def counting(model, ids, mask, labels):  # noqa: ANN001, ANN202 - featurize's own signature
+        calls.append(len(ids))
+        return real(model, ids, mask, labels)
+
+    monkeypatch.setattr(experiment, "featurize", counting)
+    return calls
+
+
+def _new_process_experiment(config_text: str, node_config: dict) -> experiment.Experiment:
+    client_app._experiment.cache_clear()  # what a fresh ClientApp process starts with
+    return client_app._experiment(config_text, client_app.warm_folder(node_config, config_text))
+
+
+def test_the_second_message_of_a_client_does_not_rebuild_its_features(tmp_path: Path,
+                                                                        featurize_calls: list[int]) -> None:
+    config_text = tomli_w.dumps(load_config(overrides=TINY).to_dict())
+    node = {STATE_DIR: str(tmp_path)}
+    first = _new_process_experiment(config_text, node)
+    assert len(featurize_calls) == 2  # the pool and the global test set
+    second = _new_process_experiment(config_text, node)
+    assert len(featurize_calls) == 2  # read from the node's disk
+    for a, b in [(first.global_test, second.global_test), *zip(first.client_train, second.client_train),
+                 *zip(first.client_test, second.client_test)]:
+        assert torch.equal(a.features, b.features) and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.labels, b.labels)
+    other = tomli_w.dumps(load_config(overrides=[*TINY, "seed=1"]).to_dict())
+    _new_process_experiment(other, node)
+    assert len(featurize_calls) == 4  # another experiment has its own cache
+    _new_process_experiment(config_text, {**node, WARM_CACHE: False})
+    assert len(featurize_calls) == 6  # warm-cache = false: every process featurises
+    client_app._experiment.cache_clear()
+
+
+def test_a_damaged_feature_cache_is_recomputed_and_replaced(tmp_path: Path, featurize_calls: list[int]) -> None:
+    config_text = tomli_w.dumps(load_config(overrides=TINY).to_dict())
+    node = {STATE_DIR: str(tmp_path)}
+    good = _new_process_experiment(config_text, node)
+    cached = client_app.warm_folder(node, config_text) / "pool.safetensors"
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk
+    again = _new_process_experiment(config_text, node)
+    assert len(featurize_calls) == 3 and torch.equal(again.client_train[0].features, good.client_train[0].features)
+    _new_process_experiment(config_text, node)
+    assert len(featurize_calls) == 3  # the rewritten file is good again
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["global-test.safetensors", "pool.safetensors"]
+    client_app._experiment.cache_clear()
+
+
+def test_phase_times_are_recorded_per_message(tmp_path: Path) -> None:
+    clock = PhaseClock(imported_at=100.0, ready_at=103.5)
+    store = NodeStateStore(tmp_path, "k", 0)
+    for round_index in (1, 2):
+        clock.begin()
+        clock.mark("setup")
+        clock.mark("work")
+        store.record_phases("train", round_index, clock.finish())
+    rows = [json.loads(line) for line in (store.folder / "phases.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[0]["imports"] == 3.5
+    assert rows[1]["start"] == 0.0 and rows[1]["imports"] == 0.0  # a process's start counts once
+    assert set(rows[0]) == {"message", "round", "start", "imports", "setup", "work"}
