@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+import fcmoe
 from fcmoe.algorithms import Algorithm
 from fcmoe.config import build_config
 from fcmoe.experiment import Experiment, prepare_experiment
@@ -42,10 +43,12 @@ def _experiment(config_text: str, feature_cache: Path | None) -> Experiment:
 
 def warm_folder(node_config: Mapping[str, Any], config_text: str) -> Path | None:
     """Where this node caches the frozen features of the experiment ``config_text`` (``None``: ``warm-cache =
-    false`` in the node config). Keyed by the config's digest, so nodes on one machine share one copy."""
+    false`` in the node config). Keyed by the config's and fcmoe's version digest, so nodes on one machine share
+    one copy and an upgraded fcmoe never reads an older one's features."""
     if not warm_cache_enabled(node_config):
         return None
-    return node_root(node_config) / "warm" / hashlib.sha256(config_text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{fcmoe.__version__}\n{config_text}".encode()).hexdigest()[:16]
+    return node_root(node_config) / "warm" / digest
 
 
 def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, NodeStateStore, Instruction]:
