@@ -18,7 +18,6 @@ round t's checkpoint reproduces the uninterrupted run bit for bit (tested by SIG
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fcmoe.core import Tree
+from fcmoe.files import atomic_write
 
 PROGRESS = "progress.json"
 
@@ -124,12 +124,3 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = tensor.clone() if storage in seen else tensor
         seen.add(storage)
     return out
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` to a temporary name beside ``path``, flushed to disk, then renamed over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -7,9 +7,7 @@ so differences in the results come from the algorithms alone.
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from fcmoe.core import Tree, tree_clone
 from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.data.corpus import TextCorpus, subsample_per_class
 from fcmoe.data.sources import load_source
+from fcmoe.files import atomic_write
 from fcmoe.models.build import BuiltModel, build_model
 from fcmoe.training.local import FeatureSet, LocalTrainer, featurize, resolve_device
 
@@ -60,8 +59,8 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
         The experiment.
     feature_cache
         A folder for this exact ``config``'s frozen features (the caller keys it, e.g. by a digest of the config):
-        read from there when present, else computed and written there. A ClientApp process starts afresh for
-        every message, and featurising is most of its set-up (~30 s of the default's ~35 s on one core).
+        read from there when present, else computed and written there (a write that fails is logged and
+        skipped). A ClientApp process starts afresh for every message, and featurising is most of its set-up.
     """
     started = time.perf_counter()
     resolve_device(config.train.device)  # a GPU asked for but absent stops here, before any data is read
@@ -125,16 +124,11 @@ def _featurize(built: BuiltModel, corpus: TextCorpus, cached: Path | None) -> Fe
     ids, mask = built.tokenize(corpus.texts)
     features = featurize(built.model, ids, mask, labels)
     if cached is not None:
-        _save_atomically(cached, {"features": features.features, "mask": features.mask, "labels": features.labels})
+        tensors = {"features": features.features, "mask": features.mask, "labels": features.labels}
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, lambda tmp: save_file(tensors, str(tmp)))
+        except (OSError, SafetensorError) as err:  # a full disk costs the cache, not the message
+            log.warning("could not write the feature cache %s (%s); the next process computes it again", cached, err)
     return features
 
-
-def _save_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write to a name of this process's own, then rename: nodes sharing a cache folder may write at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

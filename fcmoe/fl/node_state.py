@@ -35,8 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fcmoe.cache import cache_dir
-from fcmoe.checkpoint import atomic_write, join_client_state, split_client_state, unshared
+from fcmoe.checkpoint import join_client_state, split_client_state, unshared
 from fcmoe.core import Tree
+from fcmoe.files import atomic_write
 
 STATE_DIR = "state-dir"  # node config: the folder this node keeps its clients' state in
 WARM_CACHE = "warm-cache"  # node config: false = rebuild the experiment's features in every ClientApp process

@@ -81,3 +81,18 @@ def test_phase_times_are_recorded_per_message(tmp_path: Path) -> None:
     assert [r["round"] for r in rows] == [1, 2] and rows[0]["imports"] == 3.5
     assert rows[1]["start"] == 0.0 and rows[1]["imports"] == 0.0  # a process's start counts once
     assert set(rows[0]) == {"message", "round", "start", "imports", "setup", "work"}
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_message(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          featurize_calls: list[int]) -> None:
+    def full_disk(tensors, filename) -> None:  # noqa: ANN001 - save_file's own signature
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(experiment, "save_file", full_disk)
+    config_text = tomli_w.dumps(load_config(overrides=TINY).to_dict())
+    node = {STATE_DIR: str(tmp_path)}
+    exp = _new_process_experiment(config_text, node)
+    assert len(featurize_calls) == 2 and len(exp.client_train) == 4
+    assert list(client_app.warm_folder(node, config_text).iterdir()) == []  # no file, no temporary left behind
+    client_app._experiment.cache_clear()
