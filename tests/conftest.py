@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,5 +38,9 @@ def tiny() -> BuiltModel:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> None:
+def _deterministic() -> Iterator[None]:
+    """Seed torch; undo a CLI call's --threads choice, which is the process's (fcmoe.cli sets it per command)."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ fix, raised before any training.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,7 +46,8 @@ class TextCorpus:
 
 
 def encode_labels(values: Sequence[str], label_names: Sequence[str] | None, source: str,
-                  require_every_class: bool = True) -> tuple[np.ndarray, list[str]]:
+                  require_every_class: bool = True, where: Callable[[int], str] = "row {}".format,
+                  ) -> tuple[np.ndarray, list[str]]:
     """Map label strings to ``0..C-1``.
 
     Parameters
@@ -59,6 +60,8 @@ def encode_labels(values: Sequence[str], label_names: Sequence[str] | None, sour
         Named in errors, e.g. the file.
     require_every_class
         A training split must hold every class; a test split need not.
+    where
+        Document index → where it is in the source, for errors (a file's line, e.g. ``"line 7"``).
 
     Raises
     ------
@@ -72,7 +75,7 @@ def encode_labels(values: Sequence[str], label_names: Sequence[str] | None, sour
     index = {name: i for i, name in enumerate(label_names)}
     for row, value in enumerate(values):
         if value not in index:
-            raise DataError(f"{source}: label {value!r} (row {row}) is not one of the classes "
+            raise DataError(f"{source}: label {value!r} ({where(row)}) is not one of the classes "
                             f"{list(label_names)[:8]}; fix the row or list it in data.labels")
     labels = np.array([index[v] for v in values], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(label_names))

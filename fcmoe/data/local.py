@@ -10,7 +10,7 @@ naming the file, the row or column, and the fix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
                         f"{fmt} file")
     try:
         if fmt == "csv":
-            frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8")
         elif fmt == "jsonl":
             frame = pd.read_json(file, lines=True, dtype=False)
         elif fmt == "parquet":
@@ -48,6 +48,10 @@ def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
             raise DataError(f"data format {fmt!r}: choose one of {', '.join(LOCAL_FORMATS)}")
     except DataError:
         raise
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file {str(file)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}; Latin-1 or Windows-1252?); save it as UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8 {file.name} > utf8-{file.name}") from None
     except Exception as err:  # pandas / pyarrow raise many parser error types
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"data file {str(file)!r} is not valid {fmt} ({reason}); fix the file or data.name") from None
@@ -56,21 +60,31 @@ def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
     return frame
 
 
+def file_line(fmt: str) -> Callable[[int], str]:
+    """Row index of a table read from a ``fmt`` file → where a person finds it: the file's line (CSV: after the
+    header; JSON Lines: one row a line; a quoted CSV cell spanning lines shifts it) or the row's number."""
+    first = {"csv": 2, "jsonl": 1}.get(fmt)
+    return (lambda row: f"line {row + first}") if first else (lambda row: f"row {row + 1}")
+
+
 def corpus_from_table(frame: pd.DataFrame, columns: ColumnMapping, label_names: Sequence[str] | None, source: str,
-                      require_every_class: bool = True) -> TextCorpus:
-    """Map columns to a :class:`TextCorpus`; rows with an empty text or label are errors, not silently dropped."""
+                      require_every_class: bool = True, where: Callable[[int], str] = "row {}".format,
+                      ) -> TextCorpus:
+    """Map columns to a :class:`TextCorpus`; rows with an empty text or label are errors, not silently dropped.
+    ``where`` names a row in errors (:func:`file_line`)."""
     for role, column in (("text", columns.text), ("label", columns.label), ("group", columns.group)):
         if column and column not in frame.columns:
             have = ", ".join(map(str, frame.columns))
-            raise DataError(f"{source}: no column {column!r} for the {role} (columns: {have}); set data.{role}_column")
+            raise DataError(f"{source}: no column {column!r} for the {role} (columns: {have}); set "
+                            f"data.{role}_column{_separator_hint(frame)}")
     texts = [_cell(v) for v in frame[columns.text]]
     values = [_cell(v) for v in frame[columns.label]]
     for role, cells in (("text", texts), ("label", values)):
         empty = [i for i, c in enumerate(cells) if not c]
         if empty:
-            raise DataError(f"{source}: row {empty[0]} has an empty {role} ({len(empty)} such rows); fill or remove "
-                            "them")
-    labels, names = encode_labels(values, label_names, source, require_every_class)
+            raise DataError(f"{source}: {where(empty[0])} has an empty {role} ({len(empty)} such rows); fill or "
+                            "remove them")
+    labels, names = encode_labels(values, label_names, source, require_every_class, where)
     groups = {"group": np.array([_cell(v) for v in frame[columns.group]], dtype=object)} if columns.group else {}
     return TextCorpus(texts, labels, names, groups)
 
@@ -81,12 +95,21 @@ def load_local(fmt: str, path: str, test_path: str, columns: ColumnMapping, labe
     if not path:
         raise DataError(f"data.path is empty: data.name = {fmt!r} reads your own file, e.g. "
                         f"--set data.path=train.{fmt}")
-    train = corpus_from_table(read_table(path, fmt), columns, label_names, str(path))
+    train = corpus_from_table(read_table(path, fmt), columns, label_names, str(path), where=file_line(fmt))
     if not test_path:
         return hold_out(train, holdout_fraction, seed)
     test = corpus_from_table(read_table(test_path, fmt), columns, train.label_names, str(test_path),
-                             require_every_class=False)
+                             require_every_class=False, where=file_line(fmt))
     return train, test
+
+
+def _separator_hint(frame: pd.DataFrame) -> str:
+    """A hint when a CSV was read as one column because its fields are separated by something else."""
+    if len(frame.columns) != 1:
+        return ""
+    header = str(frame.columns[0])
+    found = [name for sep, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")) if sep in header]
+    return f"; the file looks separated by {found[0]}, not commas: save it comma-separated" if found else ""
 
 
 def _cell(value: object) -> str:

@@ -50,4 +50,10 @@ def load_source(config: DataConfig, seed: int = 0) -> tuple[TextCorpus, TextCorp
     """
     if config.name not in SOURCES:
         raise DataError(f"data.name = {config.name!r}: choose one of {', '.join(SOURCES)}")
-    return SOURCES[config.name](config, seed)
+    train, test = SOURCES[config.name](config, seed)
+    present = sorted({train.label_names[i] for i in set(train.labels.tolist())})
+    if len(present) < 2:
+        raise DataError(f"data.name = {config.name!r}{f' ({config.path})' if config.path else ''}: every training "
+                        f"document has the label {present[0] if present else None!r}; a classifier needs at least "
+                        "two classes (check data.label_column and data.labels)")
+    return train, test

@@ -7,12 +7,15 @@ folder, or a hub id when the hub is reachable).
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer
 
@@ -104,15 +107,34 @@ def _from_config(name: str, config: Any) -> Any:
     return AutoModel.from_config(config)
 
 
+class ModelLoadError(ValueError):
+    """Pretrained weights or a tokenizer that cannot be loaded; the message names the source and the fix."""
+
+
+@contextlib.contextmanager
+def pretrained_source(name: str, source: str) -> Iterator[None]:
+    """Turn transformers' failures to load ``source`` (hub id or folder) into one :class:`ModelLoadError` line."""
+    try:
+        yield
+    except (OSError, HFValidationError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(
+            f"model.name = {name!r}: cannot load {source!r} ({reason[:200]}); without hub access a hub model must "
+            "already be in the local Hugging Face cache, or set model.path to a local folder holding its "
+            "config.json, weights and tokenizer") from None
+
+
 def _from_pretrained(name: str, source: str) -> Any:
-    if base_family(name) == "switch":
-        return transformers.SwitchTransformersEncoderModel.from_pretrained(source)
-    return AutoModel.from_pretrained(source)
+    with pretrained_source(name, source):
+        if base_family(name) == "switch":
+            return transformers.SwitchTransformersEncoderModel.from_pretrained(source)
+        return AutoModel.from_pretrained(source)
 
 
 def load_tokenizer(source: str) -> Any:
     """The model's own tokenizer, right-padded (pad = eos if it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with pretrained_source("tokenizer", source):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -29,7 +29,8 @@ from torch import nn
 
 from fcmoe.models.catalog import DEFAULT_PATHS
 from fcmoe.models.classifier import TrainableTree
-from fcmoe.models.families import FAMILIES, hashing_token_id, hashing_tokenize, load_tokenizer, tokenize_with
+from fcmoe.models.families import (FAMILIES, hashing_token_id, hashing_tokenize, load_tokenizer,
+                                   pretrained_source, tokenize_with)
 from fcmoe.models.layout import SwitchLayout
 
 
@@ -101,7 +102,8 @@ def build_text_to_text(name: str, label_names: Sequence[str], *, path: str, max_
         token_ids = [hashing_token_id(label.split()[0], config.vocab_size) for label in label_names]
     else:
         source = path or DEFAULT_PATHS["switch"]
-        model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(source)
+        with pretrained_source(name, source):
+            model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(source)
         tokenizer = load_tokenizer(source)
         tokenize = tokenize_with(tokenizer, max_length)
         token_ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in label_names]

@@ -110,8 +110,8 @@ def test_local_files_with_a_column_mapping(tmp_path: Path, fmt: str) -> None:
     assert named(ordered) == named((train, test)) == set(zip(frame.body, frame.y, strict=True))
 
 
-def _csv(path: Path, text: str) -> str:
-    path.write_text(text)
+def _csv(path: Path, text: str | bytes) -> str:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
 
 
@@ -119,14 +119,16 @@ def _csv(path: Path, text: str) -> str:
     ({}, {}, r"data file '.*missing.csv' does not exist"),
     ({"train.csv": "text,label\na,x\n"}, {"label_column": "topic"}, r"no column 'topic' for the label"),
     ({"train.csv": "text,label\na,x\nb,y\n", "test.csv": "text,label\nc,z\n"}, {"test_path": "test.csv"},
-     r"test.csv: label 'z' \(row 0\) is not one of the classes"),
+     r"test.csv: label 'z' \(line 2\) is not one of the classes"),
     ({"train.csv": "text,label\na,x\nb,y\n"}, {"labels": ("x", "y", "w")}, r"class 'w' has no examples"),
-    ({"train.csv": "text,label\na,x\nb,y\nc,q\n"}, {"labels": ("x", "y")}, r"label 'q' \(row 2\)"),
-    ({"train.csv": "text,label\na,x\n,y\n"}, {}, r"row 1 has an empty text"),
+    ({"train.csv": "text,label\na,x\nb,y\nc,q\n"}, {"labels": ("x", "y")}, r"label 'q' \(line 4\)"),
+    ({"train.csv": "text,label\na,x\n,y\n"}, {}, r"line 3 has an empty text"),
+    ({"train.csv": "text;label\na;x\nb;y\n"}, {}, r"no column 'text' .*separated by ';', not commas"),
+    ({"train.csv": b"text,label\ncaf\xe9,x\nb,y\n"}, {}, r"is not UTF-8 text \(byte 0xe9 .*iconv -f latin1"),
     ({"train.csv": "text,label\n"}, {}, r"has no rows"),
     ({"train.csv": 'text,label\n"a,x\n'}, {}, r"is not valid csv"),
 ])
-def test_bad_local_data_stops_with_one_line_naming_the_fix(tmp_path: Path, files: dict[str, str],
+def test_bad_local_data_stops_with_one_line_naming_the_fix(tmp_path: Path, files: dict[str, str | bytes],
                                                            overrides: dict, match: str) -> None:
     for name, text in files.items():
         _csv(tmp_path / name, text)

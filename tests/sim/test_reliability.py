@@ -189,7 +189,28 @@ def test_checkpoint_round_trip_keeps_shared_tensors_trees_scalars_and_the_rng(tm
     assert torch.equal(loaded.client_states[0]["residual"]["b"], shared[1])
     assert load_checkpoint(tmp_path, "fedavg") is None  # another method's checkpoint is not resumed
     save_checkpoint(tmp_path, Checkpoint("fcmoe/no-retention", 5, {"w": torch.zeros(2)}, clients, {}))
-    assert [p.name for p in tmp_path.glob("state-r*.safetensors")] == ["state-r5.safetensors"]
+    save_checkpoint(tmp_path, Checkpoint("fcmoe/no-retention", 6, {"w": torch.full((2,), 6.0)}, clients, {}))
+    assert sorted(p.name for p in tmp_path.glob("state-r*.safetensors")) == ["state-r5.safetensors",
+                                                                             "state-r6.safetensors"]
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_round_before_and_a_lost_one_is_named(tmp_path: Path) -> None:
+    from fcmoe.checkpoint import Checkpoint, CheckpointError, checkpointed_round, load_checkpoint, save_checkpoint
+
+    for round_index in (1, 2):
+        save_checkpoint(tmp_path, Checkpoint("fcmoe", round_index, {"w": torch.full((4,), float(round_index))},
+                                             [{"seed": round_index}], {"round": round_index}))
+    newest = tmp_path / "state-r2.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-7])  # a full disk or a bad copy after the write
+    assert checkpointed_round(tmp_path) == ("fcmoe", 1)  # so rows after round 1 are dropped on resume
+    loaded = load_checkpoint(tmp_path, "fcmoe")
+    assert loaded.round == 1 and loaded.row == {"round": 1} and torch.equal(loaded.global_state["w"], torch.ones(4))
+    (tmp_path / "state-r1.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(CheckpointError, match=r"state-r2.safetensors is damaged .*delete .*--resume"):
+        load_checkpoint(tmp_path, "fcmoe")
+    (tmp_path / "progress.json").write_text('{"method": "fcm')
+    with pytest.raises(CheckpointError, match=r"progress.json is damaged"):
+        checkpointed_round(tmp_path)
 
 
 def test_a_method_variants_final_model_is_one_file_in_the_run_folder(tmp_path: Path) -> None:

@@ -1,0 +1,112 @@
+"""Where a deployed round's time goes, with and without warm clients, against Flower's simulation of the same run.
+
+Usage: ``python bench/deployment.py [--model tiny|default] [--rounds 2] [--method fcmoe]``. It runs, one after
+another on this machine:
+
+1. ``deploy_local`` (TLS, authenticated SuperNodes, one per client) with node config ``warm-cache=false``: every
+   ClientApp process — Flower starts one per message — rebuilds the experiment, featurising included (what every
+   message did before warm clients);
+2. the same deployment with ``warm-cache=true`` (the default) and a fresh state folder: the first process of a
+   config writes its frozen features to the node's disk, later ones read them;
+3. ``fcmoe run --engine flower`` of the same experiment (Flower's simulation runtime, one Ray actor).
+
+It prints each message's phases (``phases.jsonl`` of every node: process start to the first fcmoe import,
+imports, set-up, work, reply) as means per message kind and round, the round wall times (``metrics.jsonl``'s
+``wall_s``) of all three, and the deployed / simulated ratio of the warm rounds (every round after the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from fcmoe.config import load_config
+from fcmoe.experiment import prepare_experiment
+from fcmoe.fl.codec import RunSettings
+from fcmoe.fl.deploy import deploy_local
+from fcmoe.fl.server_app import run_flower_method
+from fcmoe.runs import new_run_dir
+
+MODELS = {
+    "tiny": ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
+             "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6"],
+    "default": [],
+}
+PHASES = ("start", "imports", "setup", "work", "reply")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def phase_table(state_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """(message kind, round) → mean seconds of each phase over every node's ``phases.jsonl`` under ``state_dir``,
+    with ``n`` the number of messages."""
+    grouped: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for path in sorted(state_dir.glob("*/client-*/phases.jsonl")):
+        for row in _rows(path):
+            grouped[(row["message"], row["round"])].append(row)
+    return {key: {"n": len(rows), **{p: statistics.fmean(r.get(p, 0.0) for r in rows) for p in PHASES}}
+            for key, rows in sorted(grouped.items(), key=lambda item: (item[0][1], item[0][0]))}
+
+
+def deployed(overrides: list[str], method: str, work: Path, warm: bool, port: int) -> tuple[list[float], dict]:
+    """One deployment: (round wall times, phase table)."""
+    out, state_dir = work / "runs", work / "nodes"
+    run_config = RunSettings("", tuple(overrides), method, str(out), 3600.0).to_run_config()
+    result = deploy_local(Path(__file__).resolve().parents[1], load_config(overrides=overrides).partition.num_clients,
+                          run_config, base_port=port, timeout_s=6 * 3600, workdir=work / "flower",
+                          node_options=f"state-dir='{state_dir}' warm-cache={str(warm).lower()}")
+    if result.status != "finished:completed":
+        raise SystemExit(f"deployment (warm-cache={warm}) ended {result.status}; logs in {result.workdir}")
+    (run_dir,) = out.iterdir()
+    return [r["wall_s"] for r in _rows(run_dir / "metrics.jsonl")], phase_table(state_dir)
+
+
+def simulated(overrides: list[str], method: str, work: Path) -> list[float]:
+    """Flower's simulation runtime of the same experiment: round wall times."""
+    exp = prepare_experiment(load_config(overrides=overrides))
+    run_dir = new_run_dir(str(work / "sim"))
+    run_flower_method(exp, method, run_dir)
+    return [r["wall_s"] for r in _rows(run_dir / "metrics.jsonl")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--method", default="fcmoe")
+    parser.add_argument("--port", type=int, default=39800)
+    args = parser.parse_args()
+    overrides = [*MODELS[args.model], f"rounds={args.rounds}"]
+    with tempfile.TemporaryDirectory(prefix="fcmoe-bench-deploy-") as tmp:
+        work = Path(tmp)
+        cold_rounds, cold_phases = deployed(overrides, args.method, work / "cold", False, args.port)
+        warm_rounds, warm_phases = deployed(overrides, args.method, work / "warm", True, args.port + 100)
+        sim_rounds = simulated(overrides, args.method, work)
+    print(f"deployment phases, {args.model} model, {args.method}, {args.rounds} rounds "
+          "(mean seconds per message; start = process creation to the first fcmoe import)")
+    print(f"{'warm-cache':<11}{'message':<9}{'round':>5}{'n':>4}" + "".join(f"{p:>9}" for p in PHASES)
+          + f"{'total':>9}")
+    for label, table in (("false", cold_phases), ("true", warm_phases)):
+        for (kind, round_index), cell in table.items():
+            total = sum(cell[p] for p in PHASES)
+            print(f"{label:<11}{kind:<9}{round_index:>5}{cell['n']:>4}"
+                  + "".join(f"{cell[p]:>9.2f}" for p in PHASES) + f"{total:>9.2f}")
+    print("\nround wall time (s)")
+    print(f"{'round':<6}{'deployed, cold':>16}{'deployed, warm':>16}{'Flower simulation':>19}")
+    for i, (cold, warm, sim) in enumerate(zip(cold_rounds, warm_rounds, sim_rounds, strict=True), start=1):
+        print(f"{i:<6}{cold:>16.1f}{warm:>16.1f}{sim:>19.1f}")
+    later = slice(1, None) if args.rounds > 1 else slice(None)
+    ratio_cold = sum(cold_rounds[later]) / sum(sim_rounds[later])
+    ratio_warm = sum(warm_rounds[later]) / sum(sim_rounds[later])
+    print(f"deployed / simulated, rounds {'2+' if args.rounds > 1 else '1'}: cold {ratio_cold:.2f}x, "
+          f"warm {ratio_warm:.2f}x (target: warm <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
