@@ -1,14 +1,18 @@
 """Where a deployed round's time goes, with and without warm clients, against Flower's simulation of the same run.
 
-Usage: ``python bench/deployment.py [--model tiny|default] [--rounds 2] [--method fcmoe]``. It runs, one after
-another on this machine:
+Usage: ``python bench/deployment.py [--model tiny|default] [--rounds 2] [--method fcmoe] [--client-threads 1]``.
+It runs, one after another on this machine:
 
 1. ``deploy_local`` (TLS, authenticated SuperNodes, one per client) with node config ``warm-cache=false``: every
    ClientApp process — Flower starts one per message — rebuilds the experiment, featurising included (what every
    message did before warm clients);
 2. the same deployment with ``warm-cache=true`` (the default) and a fresh state folder: the first process of a
    config writes its frozen features to the node's disk, later ones read them;
-3. ``fcmoe run --engine flower`` of the same experiment (Flower's simulation runtime, one Ray actor).
+3. Flower's simulation runtime of the same experiment (``fcmoe run --engine flower``: one Ray actor with every
+   core, clients one after another).
+
+Deployed ClientApps get ``train.threads = --client-threads`` (default 1: N SuperNodes share this machine's cores);
+the simulation keeps torch's default, one thread per core. Sums over other thread counts differ in the last bits.
 
 It prints each message's phases (``phases.jsonl`` of every node: process start to the first fcmoe import,
 imports, set-up, work, reply) as means per message kind and round, the round wall times (``metrics.jsonl``'s
@@ -81,15 +85,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--method", default="fcmoe")
     parser.add_argument("--port", type=int, default=39800)
+    parser.add_argument("--client-threads", type=int, default=1)
     args = parser.parse_args()
     overrides = [*MODELS[args.model], f"rounds={args.rounds}"]
+    on_nodes = [*overrides, f"train.threads={args.client_threads}"]
     with tempfile.TemporaryDirectory(prefix="fcmoe-bench-deploy-") as tmp:
         work = Path(tmp)
-        cold_rounds, cold_phases = deployed(overrides, args.method, work / "cold", False, args.port)
-        warm_rounds, warm_phases = deployed(overrides, args.method, work / "warm", True, args.port + 100)
+        cold_rounds, cold_phases = deployed(on_nodes, args.method, work / "cold", False, args.port)
+        warm_rounds, warm_phases = deployed(on_nodes, args.method, work / "warm", True, args.port + 100)
         sim_rounds = simulated(overrides, args.method, work)
-    print(f"deployment phases, {args.model} model, {args.method}, {args.rounds} rounds "
-          "(mean seconds per message; start = process creation to the first fcmoe import)")
+    print(f"deployment phases, {args.model} model, {args.method}, {args.rounds} rounds, {args.client_threads} "
+          "thread(s) per ClientApp (mean seconds per message; start = process creation to the first fcmoe import)")
     print(f"{'warm-cache':<11}{'message':<9}{'round':>5}{'n':>4}" + "".join(f"{p:>9}" for p in PHASES)
           + f"{'total':>9}")
     for label, table in (("false", cold_phases), ("true", warm_phases)):

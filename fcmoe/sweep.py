@@ -15,6 +15,7 @@ method or a seed to the command extends the sweep; changing anything else into t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import time
@@ -30,6 +31,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
                            TimeRemainingColumn)
 
 from fcmoe.config import ConfigError, ExperimentConfig, build_config
+from fcmoe.data.partition import PartitionError
 from fcmoe.runner import run_experiment
 from fcmoe.runs import MethodSummary, check_same_experiment, load_summaries
 
@@ -97,10 +99,16 @@ def check_cells(cells: Sequence[Cell], folder: Path) -> None:
             check_same_experiment(cell.config, folder / cell.name)
 
 
+SKIPPED = "skipped.json"  # in a cell folder: why the cell could not run (its partition could not be drawn)
+
+
 def run_cells(cells: Sequence[Cell], folder: Path, show_progress: bool = True, jobs: int = 1) -> list[Path]:
     """Run (or resume) ``cells`` in their folders under ``folder``, in order (``jobs`` at once); return the folders.
 
-    A finished method of a cell is skipped, so running the same cells again resumes where the last run stopped.
+    A finished method of a cell is skipped, so running the same cells again resumes where the last run stopped. A
+    cell whose partition cannot be drawn (:class:`~fcmoe.data.partition.PartitionError`: too few documents for this
+    α and seed) is skipped with a warning and its reason in ``<cell>/skipped.json``; the others run, and the report
+    lists it as missing. Running the cells again tries it again.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs = {jobs}: must be >= 1 (cells run at once)")
@@ -129,10 +137,11 @@ def run_cells(cells: Sequence[Cell], folder: Path, show_progress: bool = True, j
                 progress.update(task, advance=1, description=f"runs {done}/{total_runs} · {cell.name} {method} "
                                                              f"round {round_index}/{cell.config.rounds}")
 
-            summaries = run_experiment(cell.config, cell_dir, show_progress=False, on_progress=advance)
+            summaries = _run_or_skip(cell.config, cell_dir, advance)
             todo[cell.name] = []
-            log.info("%s done in %.0f s: %s", cell.name, time.perf_counter() - started,
-                     ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
+            if summaries:
+                log.info("%s done in %.0f s: %s", cell.name, time.perf_counter() - started,
+                         ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
     return [folder / cell.name for cell in cells]
 
 
@@ -155,6 +164,8 @@ def _run_parallel(cells: Sequence[Cell], sweep_dir: Path, jobs: int, progress: P
                     raise future.exception()
                 summaries = future.result()
                 finished += 1
+                if not summaries:
+                    continue
                 log.info("%s done: %s", cell.name, ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
             while not events.empty():
                 progress.update(task, advance=events.get(),
@@ -175,5 +186,26 @@ def _init_worker(threads: int, events: Any) -> None:
 
 def _run_cell(config: dict[str, Any], cell_dir: Path) -> list[MethodSummary]:
     cell_dir.mkdir(exist_ok=True)
-    return run_experiment(build_config(config), cell_dir, show_progress=False,
-                          on_progress=lambda *_: _EVENTS.put(1))
+    return _run_or_skip(build_config(config), cell_dir, lambda *_: _EVENTS.put(1))
+
+
+def _run_or_skip(config: ExperimentConfig, cell_dir: Path, on_progress: Any) -> list[MethodSummary]:
+    """The cell's summaries; ``[]`` and ``skipped.json`` when its partition cannot be drawn."""
+    (cell_dir / SKIPPED).unlink(missing_ok=True)
+    try:
+        return run_experiment(config, cell_dir, show_progress=False, on_progress=on_progress)
+    except PartitionError as err:
+        log.warning("%s skipped: %s", cell_dir.name, err)
+        (cell_dir / SKIPPED).write_text(json.dumps({"reason": str(err)}))
+        return []
+
+
+def skipped_cells(folder: Path) -> dict[str, str]:
+    """Cell name → why it was skipped, for every skipped cell under ``folder``."""
+    found = {}
+    for path in sorted(folder.glob(f"*/{SKIPPED}")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())["reason"]
+        except (OSError, ValueError, KeyError, TypeError):
+            found[path.parent.name] = f"unreadable {path}"
+    return found

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class PartitionError(DataError):
+    """This seed's and α's draw cannot give every client enough documents (another cell of a sweep may)."""
+
+
 @dataclass
 class ClientSplit:
     """Row indices into the training pool of one client."""
@@ -107,18 +111,18 @@ def partition_pool(labels: np.ndarray, config: PartitionConfig, test_fraction: f
         except ValueError as err:  # DirichletPartitioner gives up after 10 draws below min_partition_size
             if "max number of attempts" not in str(err):
                 raise
-            raise DataError(f"partition: 10 Dirichlet draws with alpha = {config.alpha} all left a client below "
-                            f"min_partition_size = {config.min_partition_size} ({labels.size} documents, "
-                            f"{np.unique(labels).size} classes, {num_clients} clients); raise partition.alpha, "
-                            "lower partition.min_partition_size or add data (data.train_per_class)") from None
+            raise PartitionError(f"partition: 10 Dirichlet draws with alpha = {config.alpha} all left a client "
+                                 f"below min_partition_size = {config.min_partition_size} ({labels.size} documents, "
+                                 f"{np.unique(labels).size} classes, {num_clients} clients); raise partition.alpha, "
+                                 "lower partition.min_partition_size or add data (data.train_per_class)") from None
     rng = np.random.default_rng(seed)
     clients = []
     for cid in range(num_clients):
         rows = rng.permutation(rows_per_client[cid])
         if rows.size < 2:
-            raise DataError(f"partition.kind = {config.kind!r} left client {cid} with {rows.size} document(s), too "
-                            "few to train and test; use fewer clients, more data (data.train_per_class) or a "
-                            "larger partition.alpha")
+            raise PartitionError(f"partition.kind = {config.kind!r} left client {cid} with {rows.size} "
+                                 "document(s), too few to train and test; use fewer clients, more data "
+                                 "(data.train_per_class) or a larger partition.alpha")
         n_test = min(max(int(round(test_fraction * rows.size)), 1), rows.size - 1)
         clients.append(ClientSplit(train=np.sort(rows[n_test:]), test=np.sort(rows[:n_test])))
     num_labels = int(labels.max()) + 1

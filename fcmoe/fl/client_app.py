@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -38,7 +39,10 @@ _clock = PhaseClock(IMPORTED_AT, time.time())
 
 @functools.lru_cache(maxsize=2)
 def _experiment(config_text: str, feature_cache: Path | None) -> Experiment:
-    return prepare_experiment(build_config(tomllib.loads(config_text)), feature_cache)
+    config = build_config(tomllib.loads(config_text))
+    if config.train.threads:  # this process is the message's own: Flower starts one per message
+        torch.set_num_threads(config.train.threads)
+    return prepare_experiment(config, feature_cache)
 
 
 def warm_folder(node_config: Mapping[str, Any], config_text: str) -> Path | None:

@@ -30,6 +30,7 @@ from fcmoe.report import plots
 from fcmoe.report.results import (ReportError, RunResult, Stat, alphas_of, curve, default_target, find_runs,
                                   layer_curve, methods_of, rounds_to_target, shifted_clients, stat)
 from fcmoe.report.table import display_name
+from fcmoe.sweep import skipped_cells
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
 
     Raises :class:`ReportError` when there is no finished run or a run folder cannot be read.
     """
-    runs = find_runs(paths)
+    problems: list[str] = []
+    runs = find_runs(paths, problems=problems)
     out = out or paths[0] / "report"
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
@@ -76,7 +78,7 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
     for table in tables:
         write_csv(table, out / "tables" / f"{table.name}.csv")
     figures = write_figures(runs, alphas, main, ablation, out / "figures")
-    header = describe(runs, alphas, methods)
+    header = describe(runs, alphas, methods) + missing(runs, paths, problems)
     (out / "report.md").write_text(markdown(header, tables, figures, out))
     html_path = out / "report.html"
     html_path.write_text(to_html(header, tables, figures))
@@ -250,6 +252,15 @@ def describe(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequen
         lines.append("concept shift, clients with permuted labels: " + "; ".join(
             f"α = {r.alpha:g} seed {r.seed}: {', '.join(map(str, c))}" for r, c in shifted))
     return lines
+
+
+def missing(runs: Sequence[RunResult], paths: Sequence[Path], problems: Sequence[str]) -> list[str]:
+    """What the report lacks: interrupted methods, sweep cells that were skipped, folders that could not be read."""
+    lines = [f"**incomplete**: {', '.join(display_name(m) for m in r.unfinished)} not finished in {r.path} (resume: "
+             f"fcmoe run --resume {r.path})" for r in runs if r.unfinished]
+    for path in paths:
+        lines += [f"**missing cell** {path / name}: {reason}" for name, reason in skipped_cells(path).items()]
+    return lines + [f"**left out** (unreadable): {problem}" for problem in problems]
 
 
 def _devices(runs: Sequence[RunResult], method: str | None = None, alpha: float | None = None) -> Counter[str]:

@@ -8,9 +8,8 @@ for a single seed).
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import math
 import statistics
 import tomllib
@@ -37,6 +36,7 @@ class RunResult:
     summaries: dict[str, dict[str, Any]]  # method → summary.json fields
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
     config: dict[str, Any] = field(default_factory=dict)  # config.toml as read
+    unfinished: list[str] = field(default_factory=list)  # methods of its config without a summary (interrupted)
 
     def method_rows(self, method: str) -> list[dict[str, Any]]:
         return sorted((r for r in self.rows if r.get("method") == method), key=lambda r: r["round"])
@@ -64,17 +64,32 @@ class Stat:
         return f"{self.mean:.4f} ± {self.std:.4f}"
 
 
-def find_runs(paths: Iterable[Path], drop_repeats: bool = True) -> list[RunResult]:
-    """Every run folder at or under ``paths`` (a folder with ``summary.json``), sorted by (α, seed, path); a method
-    repeated at the same (α, seed) counts once unless ``drop_repeats`` is off (a study's regimes share both)."""
+def find_runs(paths: Iterable[Path], drop_repeats: bool = True, problems: list[str] | None = None,
+              ) -> list[RunResult]:
+    """Every run folder at or under ``paths`` (a folder with ``summary.json``, or an interrupted one with
+    ``config.toml`` and ``metrics.jsonl``), sorted by (α, seed, path); a method repeated at the same (α, seed)
+    counts once unless ``drop_repeats`` is off (a study's regimes share both).
+
+    A folder that cannot be read is left out with a warning, and a line naming it and why is appended to
+    ``problems`` (when given; without it the folder stops the report).
+    """
     folders: list[Path] = []
     for path in paths:
         if not path.is_dir():
             raise ReportError(f"{path} is not a folder; pass run folders or a sweep folder")
-        folders += sorted(p.parent for p in path.rglob("summary.json"))
-    if not folders:
+        folders += sorted({p.parent for pattern in ("summary.json", "metrics.jsonl") for p in path.rglob(pattern)
+                           if (p.parent / "config.toml").is_file() or p.name == "summary.json"})
+    runs = []
+    for folder in dict.fromkeys(folders):
+        try:
+            runs.append(load_run(folder))
+        except ReportError as err:
+            if problems is None:
+                raise
+            log.warning("left out of the report: %s", err)
+            problems.append(str(err))
+    if not any(run.summaries for run in runs):
         raise ReportError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}")
-    runs = [load_run(folder) for folder in dict.fromkeys(folders)]
     if drop_repeats:
         drop_repeated_methods(runs)
     return sorted(runs, key=lambda r: (r.alpha, r.seed, str(r.path)))
@@ -96,18 +111,57 @@ def drop_repeated_methods(runs: Sequence[RunResult]) -> None:
 
 
 def load_run(folder: Path) -> RunResult:
-    """Read one run folder."""
+    """Read one run folder; a damaged file is a :class:`ReportError` naming it (and the line, in a JSON Lines)."""
+    config_path, summary_path = folder / "config.toml", folder / "summary.json"
     try:
-        config = tomllib.loads((folder / "config.toml").read_text())
-        summaries = json.loads((folder / "summary.json").read_text())["methods"]
-        metrics = folder / "metrics.jsonl"
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-            if metrics.is_file() else []
-    except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ReportError(f"cannot read run folder {folder}: {err}") from None
+        config = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        alpha, seed = float(config["partition"]["alpha"]), int(config["seed"])
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ReportError(f"cannot read {config_path}: {_reason(err)}") from None
+    summaries: dict[str, Any] = {}
+    if summary_path.is_file():
+        try:
+            summaries = json.loads(summary_path.read_text(encoding="utf-8"))["methods"]
+            if not isinstance(summaries, dict):
+                raise TypeError("'methods' is not a table")
+        except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ReportError(f"cannot read {summary_path}: {_reason(err)}") from None
+    rows = read_jsonl(folder / "metrics.jsonl")
     finished = set(summaries)
     rows = [r for r in rows if r.get("method") in finished]  # rows of an interrupted method are not results
-    return RunResult(folder, float(config["partition"]["alpha"]), int(config["seed"]), summaries, rows, config)
+    unfinished = [m for m in config.get("methods", []) if m not in finished]
+    return RunResult(folder, alpha, seed, summaries, rows, config, unfinished)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file (``[]`` if there is none); a damaged line is a :class:`ReportError` naming the
+    file and the line."""
+    if not path.is_file():
+        return []
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"cannot read {path}: {_reason(err)}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path} line {number} is not JSON ({err.msg} at column {err.colno}); delete that "
+                              "line or rerun the method") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path} line {number} is not a metrics row (a JSON object)")
+        rows.append(row)
+    return rows
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, KeyError):
+        return f"it has no {err.args[0]!r}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def shifted_clients(run: RunResult) -> list[int]:

