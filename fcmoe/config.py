@@ -21,7 +21,7 @@ import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
 from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
-                                   SweepConfig, _positive)
+                                   SweepConfig, TrackingConfig, _positive)
 from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 
@@ -199,6 +199,7 @@ class ExperimentConfig:
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     algorithms: Mapping[str, AlgorithmConfig] = field(default_factory=dict)
 
@@ -269,6 +270,7 @@ _TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine", "sparse_uploads"
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "robust": RobustConfig,
                               "participation": ParticipationConfig, "attack": AttackConfig, "eval": EvalConfig,
+                              "tracking": TrackingConfig,
                               "sweep": SweepConfig}
 
 

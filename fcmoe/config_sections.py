@@ -134,6 +134,29 @@ class EvalConfig:
         return round_index == rounds or round_index % self.every == 0
 
 
+TRACKING_BACKENDS = ("none", "tensorboard")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking beside ``metrics.jsonl`` (``fcmoe run`` and sweeps, both engines).
+
+    Attributes
+    ----------
+    backend
+        "none", or "tensorboard": every number of every ``metrics.jsonl`` row as a TensorBoard scalar, one run per
+        method under ``<run folder>/tensorboard/`` (``tensorboard --logdir <run folder>/tensorboard``); per-layer
+        and per-client values are tagged ``<metric>/<layer or client>``. Needs the ``tensorboard`` package
+        (``pip install fcmoe[tracking]``).
+    """
+
+    backend: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.backend not in TRACKING_BACKENDS:
+            raise ConfigError(f"tracking.backend = {self.backend!r}: choose one of {', '.join(TRACKING_BACKENDS)}")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """The grid ``fcmoe sweep`` runs when no ``--alphas`` / ``--seeds`` is given (``fcmoe run`` ignores it)."""

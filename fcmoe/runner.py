@@ -19,6 +19,7 @@ from fcmoe.runs import (MethodSummary, check_same_experiment, keep_rows, load_su
                         save_partition, save_summaries)
 from fcmoe.checkpoint import checkpointed_round
 from fcmoe.sim.engine import RoundCallback, run_method
+from fcmoe.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
     if not todo:
         return [done[m] for m in config.methods]
     exp = prepare_experiment(config)
+    tracker = make_tracker(config.tracking, run_dir)
     methods = [*done, *(m for m in config.methods if m not in done)]
     dataclasses.replace(config, methods=tuple(methods)).save(run_dir / "config.toml")
     save_partition(exp, run_dir)
@@ -55,15 +57,24 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
             progress.update(task, advance=1, description=f"{method} round {round_index}/{config.rounds} "
                                                          f"client {clients_done}/{exp.num_clients}")
 
+        def step(method: str, round_index: int, clients_done: int) -> None:
+            (on_progress or bar)(method, round_index, clients_done)
+            if tracker is not None and clients_done == 1:  # the previous round's row is written by now
+                tracker.sync()
+
         for method in todo:
             if config.engine == "flower":
                 from fcmoe.fl.server_app import run_flower_method  # flwr is imported only when asked for
 
                 summary = run_flower_method(exp, method, run_dir)
             else:
-                summary, final = run_method(exp, method, metrics_path, on_progress or bar, checkpoint_dir)
+                summary, final = run_method(exp, method, metrics_path, step, checkpoint_dir)
                 save_final_model(run_dir, method, final)
             summaries[method] = summary
             save_summaries(run_dir, exp.setup_s, summaries)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the method is done: its final model is saved
+            if tracker is not None:
+                tracker.sync()
+    if tracker is not None:
+        tracker.close()
     return [summaries[m] for m in config.methods]

@@ -197,3 +197,63 @@ def test_list_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and re.fullmatch(r"fcmoe \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+def test_a_sweep_skips_a_cell_whose_partition_cannot_be_drawn_and_reports_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import fcmoe.experiment
+    from fcmoe.data.partition import PartitionError
+
+    real = fcmoe.experiment.partition_pool
+
+    def partition_pool(labels, config, *args, **kwargs):  # noqa: ANN001, ANN202 - the patched function's own
+        if config.alpha == 0.05:
+            raise PartitionError("partition: 10 Dirichlet draws with alpha = 0.05 all left a client below")
+        return real(labels, config, *args, **kwargs)
+
+    monkeypatch.setattr(fcmoe.experiment, "partition_pool", partition_pool)
+    sweep = tmp_path / "sweep"
+    args = ["sweep", "--quiet", "--methods", "fedavg", *SETS, "--set", "rounds=1", "--alphas", "0.05,1", "--seeds",
+            "0", "--out", str(sweep)]
+    assert main(args) == 0
+    assert "alpha0.05-seed0 skipped: partition: 10 Dirichlet draws" in caplog.text
+    assert json.loads((sweep / "alpha0.05-seed0" / "skipped.json").read_text())["reason"].startswith("partition:")
+    assert (sweep / "alpha1-seed0" / "summary.json").is_file()
+    report = (sweep / "report" / "report.md").read_text()
+    assert "**missing cell**" in report and "alpha0.05-seed0" in report
+
+
+def test_a_report_marks_an_interrupted_run_and_leaves_out_an_unreadable_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupted = _interrupted_run(tmp_path / "a", monkeypatch)
+    damaged = _interrupted_run(tmp_path / "b", monkeypatch)
+    with (damaged / "metrics.jsonl").open("a") as fh:
+        fh.write('{"method": "fedavg", "round": 4\n')
+    assert main(["report", str(interrupted), str(damaged), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"**incomplete**: FC-MoE not finished in {interrupted} (resume: fcmoe run --resume {interrupted})" in report
+    assert f"**left out** (unreadable): {damaged / 'metrics.jsonl'} line 6 is not JSON" in report
+
+
+def test_tensorboard_tracking_logs_every_metrics_number_per_method_and_round(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fcmoe.tracking import scalars
+
+    args = [*RUN, "--set", "tracking.backend=tensorboard", "--set", "rounds=2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for method in ("fedavg", "fcmoe"):
+        events = EventAccumulator(str(run_dir / "tensorboard" / method), size_guidance={"scalars": 0})
+        events.Reload()
+        expected = {tag: {} for row in rows if row["method"] == method for tag, _ in scalars(row)}
+        for row in (r for r in rows if r["method"] == method):
+            for tag, value in scalars(row):
+                expected[tag][row["round"]] = value
+        assert set(events.Tags()["scalars"]) == set(expected)
+        assert method != "fcmoe" or any(tag.startswith("conflict_rate_per_layer/") for tag in expected)
+        for tag, by_round in expected.items():
+            logged = {e.step: e.value for e in events.Scalars(tag)}
+            assert logged == pytest.approx(by_round, rel=1e-6), tag
+    assert {"global_acc", "local_acc/client_1", "bytes_up"} <= set(expected)

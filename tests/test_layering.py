@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "fcmoe.rounds": 7,
     "fcmoe.runs": 8, "fcmoe.checkpoint": 8,  # run-folder I/O and checkpoints, below both engines
     "fcmoe.sim": 9, "fcmoe.fl": 9,  # the engines
+    "fcmoe.tracking": 9,  # metrics.jsonl rows mirrored to TensorBoard
     "fcmoe.runner": 10, "fcmoe.sweep": 11, "fcmoe.study": 12, "fcmoe.report": 12, "fcmoe.cli": 13,
     "fcmoe.cli_errors": 12,
 }

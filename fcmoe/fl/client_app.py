@@ -30,7 +30,7 @@ from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl import IMPORTED_AT
 from fcmoe.fl.codec import (ARRAYS, MESSAGE, NODE_STATE, Instruction, decode_instruction, decode_message,
                             encode_evaluation, encode_identity, encode_update, partition_id, record_to_tree)
-from fcmoe.fl.node_state import NodeStateStore, PhaseClock, node_root, warm_cache_enabled
+from fcmoe.fl.node_state import NodeStateStore, PhaseClock, node_root, use_warm_folder, warm_cache_enabled
 from fcmoe.rounds import client_step, deployed_global_accuracy, finish_client, initial_client_state, local_accuracy
 
 app = ClientApp()
@@ -48,11 +48,12 @@ def _experiment(config_text: str, feature_cache: Path | None) -> Experiment:
 def warm_folder(node_config: Mapping[str, Any], config_text: str) -> Path | None:
     """Where this node caches the frozen features of the experiment ``config_text`` (``None``: ``warm-cache =
     false`` in the node config). Keyed by the config's and fcmoe's version digest, so nodes on one machine share
-    one copy and an upgraded fcmoe never reads an older one's features."""
+    one copy and an upgraded fcmoe never reads an older one's features; only the last few are kept
+    (:func:`~fcmoe.fl.node_state.use_warm_folder`)."""
     if not warm_cache_enabled(node_config):
         return None
     digest = hashlib.sha256(f"{fcmoe.__version__}\n{config_text}".encode()).hexdigest()[:16]
-    return node_root(node_config) / "warm" / digest
+    return use_warm_folder(node_root(node_config), digest)
 
 
 def _setup(msg: Message, context: Context) -> tuple[Experiment, Algorithm, int, NodeStateStore, Instruction]:

@@ -17,14 +17,17 @@ files of rounds before the last two are deleted.
 
 Beside the state, a node keeps what its ClientApp processes would otherwise rebuild for every message (Flower
 starts one per message): the experiment's frozen features, under ``<state-dir>/warm/<config digest>/`` (node
-config ``warm-cache = false`` turns it off), and ``phases.jsonl`` in each client folder, one line per message
-with the seconds of its phases (process start, imports, set-up, work, reply).
+config ``warm-cache = false`` turns it off; the :data:`WARM_KEEP` most recently used experiments are kept, older
+ones deleted), and ``phases.jsonl`` in each client folder, one line per message with the seconds of its phases
+(process start, imports, set-up, work, reply).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +44,7 @@ from fcmoe.files import atomic_write
 
 STATE_DIR = "state-dir"  # node config: the folder this node keeps its clients' state in
 WARM_CACHE = "warm-cache"  # node config: false = rebuild the experiment's features in every ClientApp process
+WARM_KEEP = 4  # experiments whose frozen features a node keeps (each the size of its pool's features)
 _STATE, _TRAINED_FROM = "state/", "trained-from/"
 _FILE = re.compile(r"r(\d+)(-train)?\.safetensors")
 
@@ -54,6 +58,18 @@ def warm_cache_enabled(node_config: Mapping[str, Any]) -> bool:
     """Whether this node caches the experiment's frozen features (node config ``warm-cache``, default true)."""
     value = node_config.get(WARM_CACHE, True)
     return value if isinstance(value, bool) else str(value).strip().lower() not in {"false", "0", "no", "off"}
+
+
+def use_warm_folder(root: Path, digest: str) -> Path:
+    """``<root>/warm/<digest>``, marked as just used; of the others, all but the ``WARM_KEEP - 1`` used last are
+    deleted (a process still reading one keeps its open files; one about to read it computes the features)."""
+    folder = Path(root) / "warm" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)
+    others = [p for p in folder.parent.iterdir() if p.is_dir() and p != folder]
+    for old in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)[WARM_KEEP - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 class PhaseClock:

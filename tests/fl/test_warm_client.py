@@ -96,3 +96,21 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_message(tmp_path
     assert len(featurize_calls) == 2 and len(exp.client_train) == 4
     assert list(client_app.warm_folder(node, config_text).iterdir()) == []  # no file, no temporary left behind
     client_app._experiment.cache_clear()
+
+
+def test_a_node_keeps_the_feature_caches_of_its_last_few_experiments(tmp_path: Path) -> None:
+    import os
+
+    from fcmoe.fl.node_state import WARM_KEEP, use_warm_folder
+
+    for age in range(WARM_KEEP + 2):  # older and older experiments' caches
+        old = tmp_path / "warm" / f"old{age}"
+        old.mkdir(parents=True)
+        (old / "pool.safetensors").write_bytes(b"x")
+        os.utime(old, (1e9 - age, 1e9 - age))
+    folder = use_warm_folder(tmp_path, "new")
+    kept = sorted(p.name for p in (tmp_path / "warm").iterdir())
+    assert folder.is_dir() and kept == sorted(["new", *(f"old{age}" for age in range(WARM_KEEP - 1))])
+    use_warm_folder(tmp_path, "old2")  # used again: it is recent now, so old1 is the least recently used
+    use_warm_folder(tmp_path, "newer")
+    assert sorted(p.name for p in (tmp_path / "warm").iterdir()) == ["new", "newer", "old0", "old2"]
