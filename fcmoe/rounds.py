@@ -144,6 +144,15 @@ def global_accuracy(trainer: LocalTrainer, global_state: Tree, test: FeatureSet)
     return accuracy(trainer.predict(global_state, test).logits, test.labels)
 
 
+def initial_scores(exp: Experiment) -> dict[str, float]:
+    """Round 0: the initial model on the global test set and on every client's test split (every method's
+    deployed model before any round is this one), so curves start where training did."""
+    local = torch.tensor([global_accuracy(exp.trainer, exp.initial_state, test) for test in exp.client_test],
+                         dtype=torch.float64)
+    return {"global_acc": global_accuracy(exp.trainer, exp.initial_state, exp.global_test),
+            "local_acc_mean": local.mean().item(), "local_acc_std": local.std(unbiased=False).item()}
+
+
 def expert_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[float]]:
     """Per MoE layer, the share of all clients' (non-padding) tokens routed to each expert."""
     out = {}

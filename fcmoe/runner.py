@@ -11,10 +11,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from fcmoe.config import ExperimentConfig
 from fcmoe.experiment import prepare_experiment
+from fcmoe.rounds import initial_scores
 from fcmoe.runs import (MethodSummary, check_same_experiment, keep_rows, load_summaries, save_final_model,
                         save_partition, save_summaries)
 from fcmoe.checkpoint import checkpointed_round
@@ -40,6 +42,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
     if not todo:
         return [done[m] for m in config.methods]
     exp = prepare_experiment(config)
+    initial = initial_scores(exp)
     tracker = make_tracker(config.tracking, run_dir)
     methods = [*done, *(m for m in config.methods if m not in done)]
     dataclasses.replace(config, methods=tuple(methods)).save(run_dir / "config.toml")
@@ -50,6 +53,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
     summaries = dict(done)
     total = len(todo) * config.rounds * exp.num_clients
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(),
                   disable=not show_progress or on_progress is not None, transient=True) as progress:
         task = progress.add_task("starting", total=total)
 
@@ -66,12 +70,16 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
             if config.engine == "flower":
                 from fcmoe.fl.server_app import run_flower_method  # flwr is imported only when asked for
 
-                summary = run_flower_method(exp, method, run_dir)
+                def round_done(round_index: int, method: str = method) -> None:
+                    for client in range(1, exp.num_clients + 1):  # the bar counts client-rounds
+                        step(method, round_index, client)
+
+                summary = run_flower_method(exp, method, run_dir, round_done)
             else:
                 summary, final = run_method(exp, method, metrics_path, step, checkpoint_dir)
                 save_final_model(run_dir, method, final)
             summaries[method] = summary
-            save_summaries(run_dir, exp.setup_s, summaries)
+            save_summaries(run_dir, exp.setup_s, summaries, initial)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the method is done: its final model is saved
             if tracker is not None:
                 tracker.sync()

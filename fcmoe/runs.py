@@ -101,10 +101,15 @@ def load_summaries(run_dir: Path) -> dict[str, MethodSummary]:
         raise ValueError(f"{path} is not a fcmoe summary ({err}); delete it to rerun that folder") from None
 
 
-def save_summaries(run_dir: Path, setup_s: float, summaries: dict[str, MethodSummary]) -> None:
-    """``summary.json``: the set-up time and every finished method's :class:`MethodSummary`."""
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"setup_s": setup_s, "methods": {m: dataclasses.asdict(s) for m, s in summaries.items()}}, indent=2))
+def save_summaries(run_dir: Path, setup_s: float, summaries: dict[str, MethodSummary],
+                   initial: dict[str, float] | None = None) -> None:
+    """``summary.json``: the set-up time, the initial model's scores (round 0, :func:`fcmoe.rounds.initial_scores`)
+    and every finished method's :class:`MethodSummary`."""
+    content: dict[str, Any] = {"setup_s": setup_s}
+    if initial is not None:
+        content["initial"] = initial
+    content["methods"] = {m: dataclasses.asdict(s) for m, s in summaries.items()}
+    (run_dir / "summary.json").write_text(json.dumps(content, indent=2))
 
 
 def save_final_model(run_dir: Path, method: str, state: Tree) -> Path:

@@ -257,3 +257,17 @@ def test_tensorboard_tracking_logs_every_metrics_number_per_method_and_round(tmp
             logged = {e.step: e.value for e in events.Scalars(tag)}
             assert logged == pytest.approx(by_round, rel=1e-6), tag
     assert {"global_acc", "local_acc/client_1", "bytes_up"} <= set(expected)
+
+
+def test_curves_start_at_round_0_with_the_initial_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcmoe.config import load_config
+    from fcmoe.experiment import prepare_experiment
+    from fcmoe.report.results import curve, find_runs
+    from fcmoe.rounds import global_accuracy
+
+    run_dir = _interrupted_run(tmp_path, monkeypatch)
+    initial = json.loads((run_dir / "summary.json").read_text())["initial"]
+    exp = prepare_experiment(load_config(run_dir / "config.toml"))
+    assert initial["global_acc"] == global_accuracy(exp.trainer, exp.initial_state, exp.global_test)
+    rounds, stats = curve(find_runs([run_dir]), "fedavg", 0.1, "local_acc_mean")
+    assert rounds == [0, 1, 2, 3] and stats[0].mean == initial["local_acc_mean"]

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, 
 from fcmoe.fl.node_state import run_state_folder
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.algorithms import ServerResult
-from fcmoe.rounds import ServerStep, global_accuracy, round_metrics, start_round
+from fcmoe.rounds import ServerStep, global_accuracy, initial_scores, round_metrics, start_round
 from fcmoe.runs import (MethodSummary, append_row, keep_rows, new_run_dir, save_final_model, save_partition,
                         save_summaries)
 
@@ -57,12 +58,14 @@ def state_key(run_dir: Path, method: str) -> str:
 
 
 def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout_s: float = ROUND_TIMEOUT_S,
-          ) -> MethodSummary:
+          device: str = "", on_round: Callable[[int], None] | None = None) -> MethodSummary:
     """Run ``method`` over the nodes of ``grid`` for ``config.rounds`` rounds; write its rows, checkpoints and
     final model. With a checkpoint of ``method`` in ``run_dir/checkpoint`` it continues after that round.
 
     ``round_timeout_s`` is Flower's ``send_and_receive`` timeout for each train and evaluate phase: replies later
-    than that are dropped and the round aggregates the others. Keep it well above a round's duration.
+    than that are dropped and the round aggregates the others. Keep it well above a round's duration. ``device``
+    is where the clients trained, for the summary ("" = not known here: a deployment's nodes); ``on_round(t)`` is
+    called once round t's row is written.
     """
     cfg = exp.config
     server = RobustAggregation(cfg.make_algorithm(method, exp.built.layout), cfg.robust)
@@ -100,32 +103,44 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
                                                    server.algorithm.server_state()))
         last.update(row)
         clock["round"] = time.perf_counter()
+        if on_round is not None:
+            on_round(server_round)
         return global_accuracy_record(row["global_acc"])
 
     final = strategy.run_rounds(grid, tree_to_record(start_state), first_round, cfg.rounds, round_timeout_s,
                                 evaluate)
     save_final_model(run_dir, method, record_to_tree(final))
-    return MethodSummary.from_row({"method": method, **last}, cfg.rounds, time.perf_counter() - clock["start"])
+    return MethodSummary.from_row({"method": method, **last}, cfg.rounds, time.perf_counter() - clock["start"],
+                                  device)
 
 
-def run_flower_method(exp: Experiment, method: str, run_dir: Path) -> MethodSummary:
-    """``method`` in Flower's simulation runtime: one virtual SuperNode per client, the ClientApp in Ray."""
+def run_flower_method(exp: Experiment, method: str, run_dir: Path, on_round: Callable[[int], None] | None = None,
+                      ) -> MethodSummary:
+    """``method`` in Flower's simulation runtime: one virtual SuperNode per client, the ClientApp in Ray;
+    ``on_round(t)`` after each round's row. Flower's, Ray's and alembic's routine lines are kept off the terminal
+    (warnings and errors still show) unless fcmoe logs at DEBUG."""
     from flwr.simulation import run_simulation
 
     from fcmoe.fl.client_app import app as client_app
 
+    verbose = logging.getLogger("fcmoe").isEnabledFor(logging.DEBUG)
+    for name in ("flwr", "alembic", "ray"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; don't print every line twice
     summaries: list[MethodSummary] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        summaries.append(serve(grid, exp, method, run_dir))
+        summaries.append(serve(grid, exp, method, run_dir, device=exp.trainer.device_name, on_round=on_round))
 
     # one actor with every core: clients train one after another, as in-process (deterministic, no oversubscription)
     resources = {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0}
+    ray_init = {"include_dashboard": False, "logging_level": logging.DEBUG if verbose else logging.ERROR,
+                "log_to_driver": verbose}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_clients,
-                   backend_config={"client_resources": resources, "init_args": {"include_dashboard": False}})
+                   backend_config={"client_resources": resources, "init_args": ray_init},
+                   verbose_logging=verbose)
     if not summaries:
         raise RuntimeError(f"the Flower simulation of {method!r} ended without a result; see the log above")
     # the simulated nodes share this machine's default state folder: a finished run's client state goes with it
@@ -157,7 +172,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpointed = checkpointed_round(run_dir / "checkpoint")
     keep_rows(run_dir / "metrics.jsonl", set(), checkpointed if checkpointed and checkpointed[0] == method else None)
     summary = serve(grid, exp, method, run_dir, settings.round_timeout_s)
-    save_summaries(run_dir, exp.setup_s, {method: summary})
+    save_summaries(run_dir, exp.setup_s, {method: summary}, initial_scores(exp))
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # done: the final model is saved
     log.info("%s: global %.4f, local %.4f ± %.4f; run folder %s", method, summary.global_acc,
              summary.local_acc_mean, summary.local_acc_std, run_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import logging
 import math
 import shutil
@@ -71,10 +72,10 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
     tables = [global_table(runs, alphas, main), local_table(runs, alphas, main),
               target_table(runs, alphas, main, target)]
     ablation = [m for m in methods if "/" in m]
-    if ablation:
-        bases = list(dict.fromkeys(m.partition("/")[0] for m in ablation))
-        tables.insert(1, ablation_table(runs, alphas, [m for b in bases for m in (b, *ablation)
-                                                       if m == b or m.startswith(b + "/")]))
+    bases = list(dict.fromkeys(m.partition("/")[0] for m in ablation))
+    # Table II is always there, so the tables keep the paper's numbers (empty when no variant ran)
+    tables.insert(1, ablation_table(runs, alphas, [m for b in bases for m in (b, *ablation)
+                                                   if m == b or m.startswith(b + "/")]))
     for table in tables:
         write_csv(table, out / "tables" / f"{table.name}.csv")
     figures = write_figures(runs, alphas, main, ablation, out / "figures")
@@ -108,7 +109,8 @@ def ablation_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: 
     """Table II: the full method and each variant, global and (personalised) local accuracy per α."""
     table = ReportTable("table2_ablation", "Table II: ablation",
                         "Global accuracy and mean local accuracy (each client's deployed model on its own test "
-                        "split); mean ± std over seeds.",
+                        "split); mean ± std over seeds." + ("" if methods else " No variant ran: add e.g. "
+                                                           "fcmoe/no-projection, fcmoe/no-retention to the methods."),
                         ["method", *(f"{kind} α = {a:g}" for a in alphas for kind in ("global", "local"))])
     for method in methods:
         cells = []
@@ -125,7 +127,10 @@ def local_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Seq
     """Table III: local accuracy, mean ± std over clients (each averaged over seeds), both readings."""
     probes = sorted({r.get("local_model_global_docs", 0) for run in runs for r in run.rows
                      if "local_model_global_acc_mean" in r})  # 0: runs that scored the whole set
-    scope = " / ".join("all of it" if n == 0 else f"{n} documents, 10 per class" for n in probes) or "not measured"
+    classes = sorted({n for run in runs if (n := len(label_names(run)))})
+    of_classes = f" of {' / '.join(map(str, classes))} classes" if classes else ""
+    scope = " / ".join("all of it" if n == 0 else f"{n} documents{of_classes}, stratified" for n in probes) \
+        or "not measured"
     table = ReportTable(
         "table3_local_accuracy", "Table III: local accuracy (mean ± std over clients)",
         "deployed: each client's deployed model (FedAvg / FedMoE: the global model; FC-MoE: θ + λr_i; PFL-MoE: "
@@ -180,28 +185,52 @@ MECHANISM_ROWS = (("conflict_rate_per_layer", "conflict rate"), ("mean_cosine_pe
                   ("retention_ratio_per_layer", "retention ratio"))
 
 
+TRAINING_ROWS = (("train_loss", ("train loss", 1.0)), ("bytes_up", ("MB up per round", 1e-6)),
+                 ("bytes_down", ("MB down per round", 1e-6)))
+
+
+def label_names(run: RunResult) -> list[str]:
+    """The run's classes (``partition.json``); ``[]`` when it has none."""
+    try:
+        return list(json.loads((run.path / "partition.json").read_text()).get("label_names", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequence[str],
                   ablation: Sequence[str], folder: Path) -> list[tuple[str, Path]]:
     """Every figure the runs have data for, as (caption, path)."""
     figures = []
 
-    def lines(methods: Sequence[str], alpha: float, key: str) -> dict[str, plots.Curve]:
+    def lines(methods: Sequence[str], alpha: float, key: str, scale: float = 1.0) -> dict[str, plots.Curve]:
         out = {}
         for m in methods:
             rounds, stats = curve(runs, m, alpha, key)
             if rounds:
-                out[display_name(m)] = (rounds, [s.mean for s in stats], [s.std for s in stats])
+                out[display_name(m)] = (rounds, [s.mean * scale for s in stats], [s.std * scale for s in stats])
         return out
 
+    classes = {len(label_names(r)) for r in runs} - {0}
+    chance = 1.0 / classes.pop() if len(classes) == 1 else None
     for name, methods, caption in (("convergence", main, "Convergence: global and mean local accuracy per round "
-                                                         "(line: mean over seeds, band: ± std)"),
+                                                         "(line: mean over seeds, band: ± std; y from 0 to 1"
+                                                         + (f", dashed: chance = 1/{round(1 / chance)}" if chance
+                                                            else "") + ")"),
                                    ("ablation_convergence", [m.partition("/")[0] for m in ablation[:1]]
                                     + list(ablation), "Ablation convergence")):
         if not methods:
             continue
         panels = [[(f"α = {a:g}", lines(methods, a, key)) for a in alphas] for key in ("global_acc", "local_acc_mean")]
         figures.append((caption, plots.curve_grid(panels, ["global accuracy", "local accuracy"],
-                                                  folder / f"{name}.png")))
+                                                  folder / f"{name}.png", ylims=[(0.0, 1.0)] * 2,
+                                                  chance=[chance] * 2)))
+    training = [(key, label) for key, label in TRAINING_ROWS if any(key in r for run in runs for r in run.rows)]
+    if training:
+        panels = [[(f"α = {a:g}", lines(main, a, key, scale)) for a in alphas] for key, (_, scale) in training]
+        figures.append(("Training: mean train loss of the accepted updates, and megabytes sent per round "
+                        "(uploads: every accepted update; downloads: the model and any per-client message)",
+                        plots.curve_grid(panels, [label for _, (label, _) in training], folder / "training.png",
+                                         ylims=[None if key == "train_loss" else (0.0, None) for key, _ in training])))
     conflict_method = "fcmoe" if "fcmoe" in main else None
     keys = [(key, label) for key, label in MECHANISM_ROWS
             if conflict_method and any(r.get(key) for run in runs for r in run.method_rows(conflict_method))]

@@ -49,10 +49,12 @@ def partition_heatmap(counts: np.ndarray, label_names: Sequence[str], path: Path
 
 
 Curve = tuple[Sequence[int], Sequence[float], Sequence[float]]  # rounds, mean, std (over seeds)
+MARKERS, LINE_STYLES = "osD^v<>Xp*", ("-", "--", ":", "-.")  # a line stays visible when others lie on it
 
 
 def curve_grid(panels: Sequence[Sequence[tuple[str, dict[str, Curve]]]], row_labels: Sequence[str], path: Path,
-               title: str = "") -> Path:
+               title: str = "", ylims: Sequence[tuple[float, float] | None] = (),
+               chance: Sequence[float | None] = ()) -> Path:
     """A grid of line plots, each line its mean over seeds with a ±std band.
 
     Parameters
@@ -61,16 +63,31 @@ def curve_grid(panels: Sequence[Sequence[tuple[str, dict[str, Curve]]]], row_lab
         ``panels[r][c] = (panel title, {line label: (rounds, mean, std)})``; every row has the same length.
     row_labels
         The y-axis label of each row (e.g. "global accuracy").
+    ylims
+        Per row, fixed y limits (accuracy: (0, 1), so a one-document difference looks like one; ``None`` in a pair
+        leaves that end free), or ``None``.
+    chance
+        Per row, a chance level drawn as a dashed grey line (accuracy: 1 / classes), or ``None``.
     """
     rows, cols = len(panels), max(len(row) for row in panels)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for r, row in enumerate(panels):
         for c, (panel_title, lines) in enumerate(row):
             ax = axes[r][c]
-            for label, (rounds, mean, std) in lines.items():
+            for i, (label, (rounds, mean, std)) in enumerate(lines.items()):
                 mean_a, std_a = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
-                (line,) = ax.plot(rounds, mean_a, marker="o", markersize=3, label=label)
-                ax.fill_between(rounds, mean_a - std_a, mean_a + std_a, color=line.get_color(), alpha=0.18)
+                (line,) = ax.plot(rounds, mean_a, marker=MARKERS[i % len(MARKERS)], markersize=4, label=label,
+                                  linestyle=LINE_STYLES[i % len(LINE_STYLES)], markerfacecolor="none")
+                ax.fill_between(rounds, mean_a - std_a, mean_a + std_a, color=line.get_color(), alpha=0.15)
+            level = chance[r] if r < len(chance) else None
+            if level is not None:
+                ax.axhline(level, color="grey", linestyle="--", linewidth=0.9, label=f"chance ({level:.3g})")
+            if r < len(ylims) and ylims[r] is not None:
+                low, high = ylims[r]
+                ax.set_ylim(low, high)
+                if high is None:  # room above the highest line, which would otherwise sit on the frame
+                    ax.set_ylim(top=ax.get_ylim()[1] * 1.1)
+            ax.ticklabel_format(axis="y", useOffset=False)  # an offset makes a 1e-5 difference look like a jump
             ax.set_title(panel_title, fontsize=10)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")
@@ -127,7 +144,7 @@ def errorbar_panels(panels: Sequence[tuple[str, str, dict[str, Points]]], path: 
     panels
         ``(panel title, y-axis label, {series label: (x, mean, std)})`` per panel.
     """
-    markers, styles = "osD^v<>", ("-", "--", ":", "-.")
+    markers, styles = MARKERS, LINE_STYLES
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
     for ax, (panel_title, ylabel, series) in zip(axes[0], panels):
         for i, (label, (x, mean, std)) in enumerate(series.items()):

@@ -37,6 +37,7 @@ class RunResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
     config: dict[str, Any] = field(default_factory=dict)  # config.toml as read
     unfinished: list[str] = field(default_factory=list)  # methods of its config without a summary (interrupted)
+    initial: dict[str, float] = field(default_factory=dict)  # round 0: the initial model's scores (summary.json)
 
     def method_rows(self, method: str) -> list[dict[str, Any]]:
         return sorted((r for r in self.rows if r.get("method") == method), key=lambda r: r["round"])
@@ -119,18 +120,20 @@ def load_run(folder: Path) -> RunResult:
     except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         raise ReportError(f"cannot read {config_path}: {_reason(err)}") from None
     summaries: dict[str, Any] = {}
+    initial: dict[str, float] = {}
     if summary_path.is_file():
         try:
-            summaries = json.loads(summary_path.read_text(encoding="utf-8"))["methods"]
-            if not isinstance(summaries, dict):
-                raise TypeError("'methods' is not a table")
+            content = json.loads(summary_path.read_text(encoding="utf-8"))
+            summaries, initial = content["methods"], content.get("initial", {})
+            if not isinstance(summaries, dict) or not isinstance(initial, dict):
+                raise TypeError("'methods' or 'initial' is not a table")
         except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ReportError(f"cannot read {summary_path}: {_reason(err)}") from None
     rows = read_jsonl(folder / "metrics.jsonl")
     finished = set(summaries)
     rows = [r for r in rows if r.get("method") in finished]  # rows of an interrupted method are not results
     unfinished = [m for m in config.get("methods", []) if m not in finished]
-    return RunResult(folder, alpha, seed, summaries, rows, config, unfinished)
+    return RunResult(folder, alpha, seed, summaries, rows, config, unfinished, initial)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -196,11 +199,14 @@ def stat(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> Stat
 
 
 def curve(runs: Sequence[RunResult], method: str, alpha: float, key: str) -> tuple[list[int], list[Stat]]:
-    """Per round, mean ± std over seeds of a ``metrics.jsonl`` value; rounds no seed has a value for (not scored:
-    ``eval.every``) are left out, so a curve joins the scored rounds."""
+    """Per round, mean ± std over seeds of a ``metrics.jsonl`` value, from round 0 (the initial model, where
+    ``summary.json`` has it); rounds no seed has a value for (not scored: ``eval.every``) are left out, so a curve
+    joins the scored rounds."""
     by_round: dict[int, list[float]] = {}
     for run in runs:
         if run.alpha == alpha:
+            if key in run.initial and method in run.summaries:  # round 0: the initial model, shared by every method
+                by_round.setdefault(0, []).append(float(run.initial[key]))
             for row in run.method_rows(method):
                 value = row.get(key)
                 by_round.setdefault(int(row["round"]), []).append(math.nan if value is None else float(value))
