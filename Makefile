@@ -44,6 +44,7 @@ bench: assets
 	$(BIN)/python bench/routing_overhead.py
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/end_to_end.py
+	$(BIN)/python bench/deployment.py --model tiny
 
 # On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch.
 bench-gpu: assets

@@ -208,6 +208,9 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
     except (AssetError, ValueError, FileNotFoundError) as err:
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"fcmoe: interrupted; sweep folder {sweep_dir}: rerun the same command to resume", file=sys.stderr)
+        return 130
     print(f"sweep folder: {sweep_dir} (rerun the same command to resume or extend it)")
     return 0 if args.no_report else _report([str(sweep_dir)], None, None)
 
@@ -230,6 +233,9 @@ def _study(args: argparse.Namespace) -> int:
     except (AssetError, ReportError, ValueError, FileNotFoundError) as err:
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"fcmoe: interrupted; study folder {study_dir}: rerun the same command to resume", file=sys.stderr)
+        return 130
     print(f"study report: {path} (rerun the same command to resume or extend the study)")
     return 0
 

@@ -104,6 +104,10 @@ CASES = [
     Case("ctrl-c-while-preparing", lambda t, m: (m.setattr("fcmoe.runner.prepare_experiment", _interrupt),
                                                  [*RUN, "--out", str(t / "out")])[1],
          130, r"^fcmoe: interrupted; nothing was written$"),
+    Case("ctrl-c-in-a-sweep", lambda t, m: (m.setattr("fcmoe.runner.prepare_experiment", _interrupt),
+                                            ["sweep", "--quiet", *SETS, "--out", str(t / "sweep")])[1],
+         130, r"^fcmoe: interrupted; sweep folder .*sweep: rerun the same command to resume$",
+         lambda t: not any((t / "sweep").glob("*/summary.json"))),
     Case("resume-both-checkpoints-damaged", lambda t, m: (
         (run := _interrupted_run(t, m)), _truncate_newest_state(run),
         (run / "checkpoint" / "state-r1.safetensors").write_bytes(b"\0" * 9), ["run", "--resume", str(run)])[-1],

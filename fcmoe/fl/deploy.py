@@ -10,6 +10,9 @@ whatever happens):
    ``--node-config "partition-id=i num-partitions=N"`` and its own ClientAppIO port;
 5. ``flwr run <repo> fcmoe-local --stream`` with the experiment overrides, then the run's real status from
    ``flwr ls --format json`` (``flwr run`` exits 0 even when the ServerApp failed).
+The SuperLink keeps its state in memory: with its SQLite database (``--database``), 10 SuperNodes featurising at
+once on 2 cores made it answer "database is locked" (HTTP 500) to pushed replies and to its own SuperExec, which
+exited, and the run waited for replies that never came. fcmoe's own state (checkpoints, node state) is on disk.
 Across machines the same steps apply with real addresses: see the README's deployment section.
 """
 
@@ -166,7 +169,7 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
     try:
         start("superlink", [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile",
                             str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
-                            "--host", "127.0.0.1", "--port", str(link), "--database", str(work / "state.db")])
+                            "--host", "127.0.0.1", "--port", str(link)])  # state in memory: see below
         _wait_for_port(link, 60, processes[0], logs["superlink"])
         (work / "flwr-home").mkdir(exist_ok=True)
         (work / "flwr-home" / "config.toml").write_text(
