@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fcmoe.cli import main
 from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
-from fcmoe.fl.deploy import _register_node, make_certificates
+from fcmoe.fl.deploy import _register_node, make_certificates, make_node_keys
 from fcmoe.sim.engine import run_method
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
@@ -32,6 +32,8 @@ def test_certificates_chain_to_the_ca(tmp_path: Path) -> None:
     cert.verify_directly_issued_by(ca)
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in names.get_values_for_type(x509.DNSName)
+    private, _ = make_node_keys(tmp_path, 0)
+    assert {(tmp_path / "server.key").stat().st_mode & 0o777, private.stat().st_mode & 0o777} == {0o600}
 
 
 def test_node_registration_waits_for_a_superlink_that_is_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,8 +34,13 @@ def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> No
     in_process = {m: run_method(exp, m, tmp_path / "in-process.jsonl")[1] for m in config.methods}
     flower_dir = tmp_path / "flower"
     flower_dir.mkdir()
-    summaries = run_experiment(dataclasses.replace(config, engine="flower"), flower_dir, show_progress=False)
+    progress: list[tuple[str, int, int]] = []
+    summaries = run_experiment(dataclasses.replace(config, engine="flower"), flower_dir, show_progress=False,
+                               on_progress=lambda *step: progress.append(step))
     assert [s.method for s in summaries] == list(config.methods)
+    assert all(s.device == "cpu" for s in summaries)  # the simulated clients train on this machine
+    assert {(m, t) for m, t, c in progress if c == exp.num_clients} == {
+        (m, t) for m in config.methods for t in range(1, config.rounds + 1)}  # the bar moves every round
     for method, expected in in_process.items():
         got = load_file(str(flower_dir / f"model-{method.replace('/', '_')}.safetensors"))
         assert set(got) == set(expected)
