@@ -114,14 +114,22 @@ def test_a_supernode_restarted_mid_round_keeps_its_client_state_and_equals_in_pr
     ends equal to the in-process run, deployed residuals included."""
     from fcmoe.fl.deploy import deploy_local
 
-    out, app = tmp_path / "runs", Path(__file__).resolve().parents[2]
+    app = Path(__file__).resolve().parents[2]
     overrides = [*TINY, "partition.num_clients=4", "partition.alpha=0.1", "rounds=3"]
-    run_config = f'overrides="{";".join(overrides)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
-    result = deploy_local(app, 4, run_config, base_port=39700, timeout_s=600, restart_after_train=(3, 2),
-                          node_options=f"state-dir='{tmp_path / 'nodes'}'")
-    assert result.status == "finished:completed"
-    assert result.logs["supernode_3"].read_text().count("SuperNode ID") == 2  # restarted, and connected again
-    (run_dir,) = out.iterdir()
+    for attempt in range(2):
+        out, nodes = tmp_path / f"attempt{attempt}" / "runs", tmp_path / f"attempt{attempt}" / "nodes"
+        run_config = f'overrides="{";".join(overrides)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
+        result = deploy_local(app, 4, run_config, base_port=39700, timeout_s=600, restart_after_train=(3, 2),
+                              node_options=f"state-dir='{nodes}'")
+        assert result.status == "finished:completed"
+        assert result.logs["supernode_3"].read_text().count("SuperNode ID") == 2  # restarted, and connected again
+        (run_dir,) = out.iterdir()
+        rejected = [reason for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                    for reason in json.loads(line)["rejected"]]
+        # Seen once in a full `make test-slow` on 2 cores: Flower declared one of the nodes whose ClientApp was
+        # frozen "Node Unavailable" (a heartbeat flake, not the restarted node); one fresh attempt then
+        if not any("Node Unavailable" in reason for reason in rejected):
+            break
     assert_equals_in_process(run_dir, overrides, tmp_path)
 
 
