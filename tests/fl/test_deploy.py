@@ -116,18 +116,19 @@ def test_a_supernode_restarted_mid_round_keeps_its_client_state_and_equals_in_pr
 
     app = Path(__file__).resolve().parents[2]
     overrides = [*TINY, "partition.num_clients=4", "partition.alpha=0.1", "rounds=3"]
-    for attempt in range(2):
+    for attempt in range(3):
         out, nodes = tmp_path / f"attempt{attempt}" / "runs", tmp_path / f"attempt{attempt}" / "nodes"
         run_config = f'overrides="{";".join(overrides)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
-        result = deploy_local(app, 4, run_config, base_port=39700, timeout_s=600, restart_after_train=(3, 2),
+        result = deploy_local(app, 4, run_config, base_port=39700 + 50 * attempt, timeout_s=600,
+                              restart_after_train=(3, 2),
                               node_options=f"state-dir='{nodes}'")
         assert result.status == "finished:completed"
         assert result.logs["supernode_3"].read_text().count("SuperNode ID") == 2  # restarted, and connected again
         (run_dir,) = out.iterdir()
         rejected = [reason for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                     for reason in json.loads(line)["rejected"]]
-        # Seen once in a full `make test-slow` on 2 cores: Flower declared one of the nodes whose ClientApp was
-        # frozen "Node Unavailable" (a heartbeat flake, not the restarted node); one fresh attempt then
+        # Seen in 2 of 4 runs on 2 cores: Flower declared a node whose ClientApp was frozen (never the restarted
+        # one) "Node Unavailable" in round 2, though its reply went through; a fresh attempt then (3 at most)
         if not any("Node Unavailable" in reason for reason in rejected):
             break
     assert_equals_in_process(run_dir, overrides, tmp_path)
