@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fcmoe.core import Tree
+from fcmoe.errors import first_line
 from fcmoe.files import atomic_write
 
 PROGRESS = "progress.json"
@@ -150,7 +151,7 @@ def _unreadable(path: Path) -> Exception | None:
 
 def _damaged(path: Path, err: Exception) -> str:
     run_dir = path.parent.parent
-    return (f"the checkpoint file {path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return (f"the checkpoint file {path} is damaged ({first_line(err)})"
             f"; delete {path.parent} to restart the interrupted method from round 1 (finished methods are kept), "
             f"then fcmoe run --resume {run_dir}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fcmoe.checkpoint import CheckpointError, checkpointed_round
 from fcmoe.config import ConfigError
+from fcmoe.errors import first_line
 
 DEBUG_VARIABLE = "FCMOE_DEBUG"
 
@@ -31,8 +32,8 @@ def explain(err: BaseException) -> tuple[str, int]:
     if isinstance(err, OSError) or _disk_full(err):
         return f"fcmoe: error: {describe_os_error(err)}", 1
     if isinstance(err, (ValueError, FileNotFoundError, LookupError)):
-        return f"fcmoe: error: {_first_line(err)}", 1
-    return (f"fcmoe: internal error: {type(err).__name__}: {_first_line(err)} (rerun with {DEBUG_VARIABLE}=1 for "
+        return f"fcmoe: error: {first_line(err)}", 1
+    return (f"fcmoe: internal error: {type(err).__name__}: {first_line(err)} (rerun with {DEBUG_VARIABLE}=1 for "
             "the traceback, and please report it)"), 1
 
 
@@ -49,7 +50,7 @@ def describe_os_error(err: BaseException) -> str:
         return f"no such file or folder:{where or ' (unnamed)'}"
     if code == errno.EISDIR:
         return f"{path} is a folder where a file was expected"
-    reason = getattr(err, "strerror", None) or _first_line(err)
+    reason = getattr(err, "strerror", None) or first_line(err)
     return f"could not read or write{where}: {reason}"
 
 
@@ -73,8 +74,3 @@ def progress_line(run_dir: Path) -> str:
 
 def _disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

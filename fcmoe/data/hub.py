@@ -14,6 +14,7 @@ import datasets
 
 from fcmoe.data.corpus import DataError, TextCorpus, encode_labels
 from fcmoe.data.mmlu import MMLU_CHOICES, MMLUQuestion, mmlu_corpus, subject_key
+from fcmoe.errors import first_line
 
 
 AGNEWS_ID = "fancyzhx/ag_news"
@@ -29,7 +30,7 @@ def _load(source: str, config_name: str | None, offline_hint: str) -> Any:
             return datasets.load_dataset(str(local))
         return datasets.load_dataset(source, config_name)
     except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError…)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise DataError(f"cannot load dataset {source!r} ({reason}); {offline_hint}") from None
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fcmoe.data.corpus import DataError, TextCorpus, encode_labels, hold_out
+from fcmoe.errors import first_line
 
 LOCAL_FORMATS = ("csv", "jsonl", "parquet")
 
@@ -53,7 +54,7 @@ def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
                         f"{err.start}; Latin-1 or Windows-1252?); save it as UTF-8, e.g. "
                         f"iconv -f latin1 -t utf-8 {file.name} > utf8-{file.name}") from None
     except Exception as err:  # pandas / pyarrow raise many parser error types
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise DataError(f"data file {str(file)!r} is not valid {fmt} ({reason}); fix the file or data.name") from None
     if frame.empty:
         raise DataError(f"data file {str(file)!r} has no rows")

@@ -19,6 +19,7 @@ from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer
 
+from fcmoe.errors import first_line
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import DEFAULT_PATHS, base_family
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
@@ -117,7 +118,7 @@ def pretrained_source(name: str, source: str) -> Iterator[None]:
     try:
         yield
     except (OSError, HFValidationError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise ModelLoadError(
             f"model.name = {name!r}: cannot load {source!r} ({reason[:200]}); without hub access a hub model must "
             "already be in the local Hugging Face cache, or set model.path to a local folder holding its "

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fcmoe.errors import first_line
+
 
 class ReportError(ValueError):
     """Nothing to report, or a run folder that cannot be read."""
@@ -163,8 +165,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _reason(err: BaseException) -> str:
     if isinstance(err, KeyError):
         return f"it has no {err.args[0]!r}"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
 
 
 def shifted_clients(run: RunResult) -> list[int]:
