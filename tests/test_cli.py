@@ -48,6 +48,11 @@ def _interrupted_run(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return run_dir
 
 
+def _damage_summary(run_dir: Path) -> Path:
+    (run_dir / "summary.json").write_text("{")
+    return run_dir
+
+
 def _truncate_newest_state(run_dir: Path) -> Path:
     newest = run_dir / "checkpoint" / json.loads((run_dir / "checkpoint" / "progress.json").read_text())["state"]
     newest.write_bytes(newest.read_bytes()[:100])
@@ -113,6 +118,9 @@ CASES = [
         (run / "checkpoint" / "state-r1.safetensors").write_bytes(b"\0" * 9), ["run", "--resume", str(run)])[-1],
          1, r"error: the checkpoint file .*state-r2.safetensors is damaged .*; delete .*checkpoint to restart the "
             r"interrupted method", lambda t: True),
+    Case("report-of-an-unreadable-run", lambda t, m: ["report", str(_damage_summary(_interrupted_run(t, m))),
+                                                      "--out", str(t / "out")],
+         1, r"error: no finished run .*; left out: cannot read .*summary.json: Expecting property name"),
     Case("deploy-port", lambda t, m: ["deploy-local", "--port", "99999", "--out", str(t / "out")],
          2, r"config error: --port 99999: .*choose a first port from 1024 to"),
     Case("empty-methods", lambda t, m: ["run", "--methods", "", "--out", str(t / "out")],

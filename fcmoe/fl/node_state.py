@@ -67,9 +67,16 @@ def use_warm_folder(root: Path, digest: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     os.utime(folder)
     others = [p for p in folder.parent.iterdir() if p.is_dir() and p != folder]
-    for old in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)[WARM_KEEP - 1:]:
+    for old in sorted(others, key=_last_used, reverse=True)[WARM_KEEP - 1:]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _last_used(folder: Path) -> float:
+    try:
+        return folder.stat().st_mtime
+    except FileNotFoundError:  # another node on this machine pruned it a moment ago
+        return 0.0
 
 
 class PhaseClock:

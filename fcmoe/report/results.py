@@ -92,7 +92,9 @@ def find_runs(paths: Iterable[Path], drop_repeats: bool = True, problems: list[s
             log.warning("left out of the report: %s", err)
             problems.append(str(err))
     if not any(run.summaries for run in runs):
-        raise ReportError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}")
+        unreadable = f"; left out: {problems[0]}" if problems else ""
+        raise ReportError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}"
+                          + unreadable)
     if drop_repeats:
         drop_repeated_methods(runs)
     return sorted(runs, key=lambda r: (r.alpha, r.seed, str(r.path)))

@@ -114,3 +114,25 @@ def test_a_node_keeps_the_feature_caches_of_its_last_few_experiments(tmp_path: P
     use_warm_folder(tmp_path, "old2")  # used again: it is recent now, so old1 is the least recently used
     use_warm_folder(tmp_path, "newer")
     assert sorted(p.name for p in (tmp_path / "warm").iterdir()) == ["new", "newer", "old0", "old2"]
+
+
+def test_pruning_tolerates_a_cache_another_node_deletes_meanwhile(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcmoe.fl import node_state
+
+    for name in ("a", "b", "c", "d", "e"):
+        (tmp_path / "warm" / name).mkdir(parents=True)
+    real_stat, seen = Path.stat, []
+
+    def vanishing(self: Path, *args: object, **kwargs: object) -> object:
+        if self.name == "c":  # listed as a folder, then removed by another node before its time is read
+            seen.append(self)
+            if len(seen) > 1:
+                raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    folder = node_state.use_warm_folder(tmp_path, "new")
+    monkeypatch.undo()
+    assert len(seen) == 2  # its time was asked for, and it was gone
+    assert folder.is_dir() and not (tmp_path / "warm" / "c").exists()  # counted as the oldest: pruned
