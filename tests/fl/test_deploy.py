@@ -127,7 +127,7 @@ def test_a_supernode_restarted_mid_round_keeps_its_client_state_and_equals_in_pr
         (run_dir,) = out.iterdir()
         rejected = [reason for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                     for reason in json.loads(line)["rejected"]]
-        # Seen in 2 of 4 runs on 2 cores: Flower declared a node whose ClientApp was frozen (never the restarted
+        # Seen in 2 of 5 deployments on 2 cores: Flower declared a node whose ClientApp was frozen (never the restarted
         # one) "Node Unavailable" in round 2, though its reply went through; a fresh attempt then (3 at most)
         if not any("Node Unavailable" in reason for reason in rejected):
             break
