@@ -1,22 +1,24 @@
-"""Where a deployed round's time goes, with and without warm clients, against Flower's simulation of the same run.
+"""Where a deployed round's time goes — cold, with warm caches, with a warm worker — against Flower's simulation.
 
-Usage: ``python bench/deployment.py [--model tiny|default] [--rounds 2] [--method fcmoe] [--client-threads 1]``.
-It runs, one after another on this machine:
+Usage: ``python bench/deployment.py [--model tiny|default] [--rounds 2] [--method fcmoe] [--client-threads 1]
+[--variants cold,cache,worker]``. It runs, one after another on this machine:
 
-1. ``deploy_local`` (TLS, authenticated SuperNodes, one per client) with node config ``warm-cache=false``: every
-   ClientApp process — Flower starts one per message — rebuilds the experiment, featurising included (what every
-   message did before warm clients);
-2. the same deployment with ``warm-cache=true`` (the default) and a fresh state folder: the first process of a
-   config writes its frozen features to the node's disk, later ones read them;
-3. Flower's simulation runtime of the same experiment (``fcmoe run --engine flower``: one Ray actor with every
+1. ``cold``: ``deploy_local`` (TLS, authenticated SuperNodes, one per client) with node config
+   ``warm-cache=false warm-worker=false``: every ClientApp process — Flower starts one per message — imports
+   everything and rebuilds the experiment, featurising included (what every message did before warm clients);
+2. ``cache``: ``warm-cache=true warm-worker=false``: the first process of a config writes its frozen features to
+   the node's disk, later ones read them, but each still imports and rebuilds the rest;
+3. ``worker``: ``warm-cache=true warm-worker=true`` (the deployment default): each ClientApp process forwards its
+   message to the node's long-lived worker, which holds the prepared experiment;
+4. Flower's simulation runtime of the same experiment (``fcmoe run --engine flower``: one Ray actor with every
    core, clients one after another).
 
-Deployed ClientApps get ``train.threads = --client-threads`` (default 1: N SuperNodes share this machine's cores);
+Deployed clients get ``train.threads = --client-threads`` (default 1: N SuperNodes share this machine's cores);
 the simulation keeps torch's default, one thread per core. Sums over other thread counts differ in the last bits.
 
 It prints each message's phases (``phases.jsonl`` of every node: process start to the first fcmoe import,
-imports, set-up, work, reply) as means per message kind and round, the round wall times (``metrics.jsonl``'s
-``wall_s``) of all three, and the deployed / simulated ratio of the warm rounds (every round after the first).
+imports, reaching the worker, set-up, work, reply) as means per message kind and round, the round wall times
+(``metrics.jsonl``'s ``wall_s``), and the deployed / simulated ratio of the rounds after the first.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ MODELS = {
              "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6"],
     "default": [],
 }
-PHASES = ("start", "imports", "setup", "work", "reply")
+PHASES = ("start", "imports", "worker", "setup", "work", "reply")
+VARIANTS = {"cold": "warm-cache=false warm-worker=false", "cache": "warm-cache=true warm-worker=false",
+            "worker": "warm-cache=true warm-worker=true"}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -58,15 +62,15 @@ def phase_table(state_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
             for key, rows in sorted(grouped.items(), key=lambda item: (item[0][1], item[0][0]))}
 
 
-def deployed(overrides: list[str], method: str, work: Path, warm: bool, port: int) -> tuple[list[float], dict]:
+def deployed(overrides: list[str], method: str, work: Path, variant: str, port: int) -> tuple[list[float], dict]:
     """One deployment: (round wall times, phase table)."""
     out, state_dir = work / "runs", work / "nodes"
     run_config = RunSettings("", tuple(overrides), method, str(out), 3600.0).to_run_config()
     result = deploy_local(Path(__file__).resolve().parents[1], load_config(overrides=overrides).partition.num_clients,
                           run_config, base_port=port, timeout_s=6 * 3600, workdir=work / "flower",
-                          node_options=f"state-dir='{state_dir}' warm-cache={str(warm).lower()}")
+                          node_options=f"state-dir='{state_dir}' {VARIANTS[variant]}")
     if result.status != "finished:completed":
-        raise SystemExit(f"deployment (warm-cache={warm}) ended {result.status}; logs in {result.workdir}")
+        raise SystemExit(f"deployment ({variant}) ended {result.status}; logs in {result.workdir}")
     (run_dir,) = out.iterdir()
     return [r["wall_s"] for r in _rows(run_dir / "metrics.jsonl")], phase_table(state_dir)
 
@@ -86,32 +90,37 @@ def main() -> None:
     parser.add_argument("--method", default="fcmoe")
     parser.add_argument("--port", type=int, default=39800)
     parser.add_argument("--client-threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="deployments to run, of " + ",".join(VARIANTS))
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants {args.variants!r}: choose from {','.join(VARIANTS)}")
     overrides = [*MODELS[args.model], f"rounds={args.rounds}"]
     on_nodes = [*overrides, f"train.threads={args.client_threads}"]
+    rounds, phases = {}, {}
     with tempfile.TemporaryDirectory(prefix="fcmoe-bench-deploy-") as tmp:
         work = Path(tmp)
-        cold_rounds, cold_phases = deployed(on_nodes, args.method, work / "cold", False, args.port)
-        warm_rounds, warm_phases = deployed(on_nodes, args.method, work / "warm", True, args.port + 100)
-        sim_rounds = simulated(overrides, args.method, work)
+        for i, variant in enumerate(variants):
+            rounds[variant], phases[variant] = deployed(on_nodes, args.method, work / variant, variant,
+                                                        args.port + 100 * i)
+        rounds["Flower simulation"] = simulated(overrides, args.method, work)
     print(f"deployment phases, {args.model} model, {args.method}, {args.rounds} rounds, {args.client_threads} "
-          "thread(s) per ClientApp (mean seconds per message; start = process creation to the first fcmoe import)")
-    print(f"{'warm-cache':<11}{'message':<9}{'round':>5}{'n':>4}" + "".join(f"{p:>9}" for p in PHASES)
-          + f"{'total':>9}")
-    for label, table in (("false", cold_phases), ("true", warm_phases)):
+          "thread(s) per client (mean seconds per message; start = process creation to the first fcmoe import)")
+    print(f"{'variant':<9}{'message':<9}{'round':>5}{'n':>4}" + "".join(f"{p:>9}" for p in PHASES) + f"{'total':>9}")
+    for variant, table in phases.items():
         for (kind, round_index), cell in table.items():
             total = sum(cell[p] for p in PHASES)
-            print(f"{label:<11}{kind:<9}{round_index:>5}{cell['n']:>4}"
+            print(f"{variant:<9}{kind:<9}{round_index:>5}{cell['n']:>4}"
                   + "".join(f"{cell[p]:>9.2f}" for p in PHASES) + f"{total:>9.2f}")
     print("\nround wall time (s)")
-    print(f"{'round':<6}{'deployed, cold':>16}{'deployed, warm':>16}{'Flower simulation':>19}")
-    for i, (cold, warm, sim) in enumerate(zip(cold_rounds, warm_rounds, sim_rounds, strict=True), start=1):
-        print(f"{i:<6}{cold:>16.1f}{warm:>16.1f}{sim:>19.1f}")
+    print(f"{'round':<6}" + "".join(f"{name:>19}" for name in rounds))
+    for i, times in enumerate(zip(*rounds.values(), strict=True), start=1):
+        print(f"{i:<6}" + "".join(f"{t:>19.1f}" for t in times))
     later = slice(1, None) if args.rounds > 1 else slice(None)
-    ratio_cold = sum(cold_rounds[later]) / sum(sim_rounds[later])
-    ratio_warm = sum(warm_rounds[later]) / sum(sim_rounds[later])
-    print(f"deployed / simulated, rounds {'2+' if args.rounds > 1 else '1'}: cold {ratio_cold:.2f}x, "
-          f"warm {ratio_warm:.2f}x (target: warm <= 1.5x)")
+    simulated_s = sum(rounds["Flower simulation"][later])
+    print(f"deployed / simulated, rounds {'2+' if args.rounds > 1 else '1'}: "
+          + ", ".join(f"{v} {sum(rounds[v][later]) / simulated_s:.2f}x" for v in variants)
+          + " (target: the default deployment, worker, <= 1.5x)")
 
 
 if __name__ == "__main__":

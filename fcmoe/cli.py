@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import fcmoe
 from fcmoe.cli_errors import debugging, explain, progress_line
 from fcmoe.config import ConfigError, ExperimentConfig, load_config
+from fcmoe.errors import first_line
 
 log = logging.getLogger("fcmoe")
 
@@ -319,10 +321,30 @@ def _deploy_local(args: argparse.Namespace) -> int:
         print(f"fcmoe: error: deploy-local runs the Flower app of a source checkout; {app_dir} has no "
               "pyproject.toml (install fcmoe with pip install -e from its repository)", file=sys.stderr)
         return 2
-    result = deploy_local(app_dir, config.partition.num_clients, run_config, base_port=args.port)
+    existing = set(out.iterdir()) if out.is_dir() else set()
+    workdir = Path(tempfile.mkdtemp(prefix="fcmoe-deploy-"))
+    try:
+        result = deploy_local(app_dir, config.partition.num_clients, run_config, base_port=args.port, workdir=workdir)
+    except (KeyboardInterrupt, RuntimeError, TimeoutError) as err:  # every process it started is stopped by now
+        if debugging() and not isinstance(err, KeyboardInterrupt):
+            raise
+        run_dir = resume or _new_run_dir(out, existing)
+        where = (f"; {progress_line(run_dir, 'fcmoe deploy-local')}" if run_dir is not None
+                 else "; no run folder was made, nothing to resume")
+        if isinstance(err, KeyboardInterrupt):
+            print(f"fcmoe: interrupted; the deployment was stopped{where}", file=sys.stderr)
+            return 130
+        print(f"fcmoe: error: the deployment stopped: {first_line(err)} (logs in {workdir}){where}", file=sys.stderr)
+        return 1
     print(f"status {result.status}; start-up {result.startup_s:.1f} s, run {result.run_s:.1f} s; "
           f"logs in {result.workdir}; run folder under {out}")
     return 0 if result.status == "finished:completed" else 1
+
+
+def _new_run_dir(out: Path, existing: set[Path]) -> Path | None:
+    """The run folder a deployment's ServerApp made under ``out`` (not in ``existing``), if it made one."""
+    made = [d for d in out.iterdir() if d not in existing and (d / "config.toml").is_file()] if out.is_dir() else []
+    return max(made, key=lambda d: d.stat().st_mtime, default=None)
 
 
 def _resume(args: argparse.Namespace) -> int:

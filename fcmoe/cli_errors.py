@@ -54,8 +54,8 @@ def describe_os_error(err: BaseException) -> str:
     return f"could not read or write{where}: {reason}"
 
 
-def progress_line(run_dir: Path) -> str:
-    """How far the run in ``run_dir`` got, and the command that continues it."""
+def progress_line(run_dir: Path, command: str = "fcmoe run") -> str:
+    """How far the run in ``run_dir`` got, and the command (``command --resume``) that continues it."""
     from fcmoe.runs import load_summaries  # the run-folder reader, only when there is a folder to read
 
     try:
@@ -69,7 +69,7 @@ def progress_line(run_dir: Path) -> str:
     if checkpoint:
         parts.append(f"{checkpoint[0]} checkpointed after round {checkpoint[1]}")
     where = f" ({'; '.join(parts)})" if parts else ""
-    return f"run folder {run_dir}{where}; continue with: fcmoe run --resume {run_dir}"
+    return f"run folder {run_dir}{where}; continue with: {command} --resume {run_dir}"
 
 
 def _disk_full(err: BaseException) -> bool:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from fcmoe.config import ExperimentConfig, load_config
 from fcmoe.core import Tree
+from fcmoe.errors import first_line
 from fcmoe.experiment import Experiment
 from fcmoe.report.plots import partition_heatmap
 
@@ -71,19 +72,51 @@ def append_row(metrics_path: Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
+class RunFolderError(ValueError):
+    """A file of a run folder that cannot be read; the message names it (and the line, in a JSON Lines file)."""
+
+
+def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every non-empty line of a JSON Lines file (``[]`` if there is none); a damaged line is a
+    :class:`RunFolderError` naming the file and the line."""
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"cannot read {path}: {first_line(err)}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunFolderError(f"{path} line {number} is not JSON ({err.msg} at column {err.colno}); delete that "
+                                 "line or rerun the method") from None
+        if not isinstance(row, dict):
+            raise RunFolderError(f"{path} line {number} is not a metrics row (a JSON object)")
+        rows.append((line, row))
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file (``[]`` if there is none); see :func:`jsonl_lines`."""
+    return [row for _, row in jsonl_lines(path)]
+
+
 def keep_rows(metrics_path: Path, methods: set[str], checkpointed: tuple[str, int] | None = None) -> None:
     """Drop the ``metrics.jsonl`` rows of methods not in ``methods`` (left by an interrupted run), except those of
-    the ``checkpointed`` (method, round) up to that round, from which the method resumes."""
-    if not metrics_path.is_file():
-        return
-
+    the ``checkpointed`` (method, round) up to that round, from which the method resumes. A damaged row is a
+    :class:`RunFolderError` naming its line."""
     def keep(row: dict) -> bool:
         if row.get("method") in methods:
             return True
-        return checkpointed is not None and row.get("method") == checkpointed[0] and row["round"] <= checkpointed[1]
+        return (checkpointed is not None and row.get("method") == checkpointed[0]
+                and row.get("round", 0) <= checkpointed[1])
 
-    lines = metrics_path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+    lines = jsonl_lines(metrics_path)
+    kept = [line for line, row in lines if keep(row)]
     if len(kept) != len(lines):
         log.info("%s: dropping %d rows of interrupted methods", metrics_path, len(lines) - len(kept))
         metrics_path.write_text("".join(line + "\n" for line in kept))

@@ -118,9 +118,24 @@ CASES = [
         (run / "checkpoint" / "state-r1.safetensors").write_bytes(b"\0" * 9), ["run", "--resume", str(run)])[-1],
          1, r"error: the checkpoint file .*state-r2.safetensors is damaged .*; delete .*checkpoint to restart the "
             r"interrupted method", lambda t: True),
+    Case("resume-damaged-metrics-row", lambda t, m: (
+        (run := _interrupted_run(t, m)), (run / "metrics.jsonl").open("a").write('{"method": "fcmoe", "rou\n'),
+        ["run", "--resume", str(run)])[-1],
+         1, r"error: .*metrics.jsonl line 6 is not JSON \(Unterminated string .*\); delete that line or rerun",
+         lambda t: True),
     Case("report-of-an-unreadable-run", lambda t, m: ["report", str(_damage_summary(_interrupted_run(t, m))),
                                                       "--out", str(t / "out")],
          1, r"error: no finished run .*; left out: cannot read .*summary.json: Expecting property name"),
+    Case("sweep-out-not-writable", lambda t, m: ["sweep", "--quiet", *SETS, "--out", str(t / "out"), *_deny_writes(m)],
+         1, r"error: cannot write .*out.*: permission denied; choose a folder you can write \(--out DIR\)"),
+    Case("ctrl-c-in-a-deployment", lambda t, m: _fake_deployment(t, m, KeyboardInterrupt(), make_run=True),
+         130, r"^fcmoe: interrupted; the deployment was stopped; run folder .*runs/r1; continue with: fcmoe "
+              r"deploy-local --resume .*runs/r1$", lambda t: (t / "runs" / "r1").is_dir()),
+    Case("deployment-fails", lambda t, m: _fake_deployment(t, m, RuntimeError("flower-superlink exited with code 1: "
+                                                                               "address already in use")),
+         1, r"^fcmoe: error: the deployment stopped: flower-superlink exited with code 1: address already in use "
+            r"\(logs in .*fcmoe-deploy-.*\); no run folder was made, nothing to resume$",
+         lambda t: not any((t / "runs").iterdir())),
     Case("deploy-port", lambda t, m: ["deploy-local", "--port", "99999", "--out", str(t / "out")],
          2, r"config error: --port 99999: .*choose a first port from 1024 to"),
     Case("empty-methods", lambda t, m: ["run", "--methods", "", "--out", str(t / "out")],
@@ -147,6 +162,21 @@ def _deny_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(Path, "mkdir", denied)
     return []
+
+
+def _fake_deployment(tmp: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                     make_run: bool = False) -> list[str]:
+    """``deploy-local`` whose deployment stops with ``error``, after its ServerApp made a run folder if
+    ``make_run`` (the real one is in ``make test-slow``)."""
+    def stopped(app_dir: Path, num_nodes: int, run_config: str, **kwargs: object) -> None:
+        if make_run:
+            (tmp / "runs" / "r1").mkdir()
+            (tmp / "runs" / "r1" / "config.toml").write_text("rounds = 2\n")
+        raise error
+
+    (tmp / "runs").mkdir()
+    monkeypatch.setattr("fcmoe.fl.deploy.deploy_local", stopped)
+    return ["deploy-local", *SETS, "--out", str(tmp / "runs")]
 
 
 def _interrupt(*args: object, **kwargs: object) -> None:

@@ -40,9 +40,7 @@ CLIENT_ID, NUM_EXAMPLES, LOCAL_ACC = "client_id", "num-examples", "local_acc"  #
 DEPLOYED_GLOBAL_ACC = "deployed_global_acc"  # evaluate reply, optional: the deployed model on the global test set
 ROUND, METHOD, EXPERIMENT, TRAINED, SCORE = "server-round", "method", "fcmoe-config", "trained", "score"
 VALID_UPDATES, REJECTED, LOCAL_ACC_MEAN, GLOBAL_ACC = "valid_updates", "rejected", "local_acc_mean", "global_acc"
-NODE_STATE = "node-state"  # context.state: where this node keeps its client's state (small metadata only)
 STATE_KEY = "state-key"  # instruction: the run's key for node-local client state (run folder and method)
-PARTITION_ID = "partition-id"  # node config: which client a SuperNode is (``--node-config "partition-id=3"``)
 BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
 
@@ -257,20 +255,6 @@ def decode_evaluation(content: RecordDict) -> tuple[int, float]:
     if not isinstance(metrics, MetricRecord) or CLIENT_ID not in metrics or LOCAL_ACC not in metrics:
         raise MalformedReply("evaluation reply has no client id or local accuracy")
     return int(metrics[CLIENT_ID]), float(metrics[LOCAL_ACC])
-
-
-def node_config(client_id: int, num_clients: int) -> str:
-    """A SuperNode's ``--node-config`` for client ``client_id`` of ``num_clients``."""
-    return f"{PARTITION_ID}={client_id} num-partitions={num_clients}"
-
-
-def partition_id(node_config: Mapping[str, Any]) -> int:
-    """The client a node is, from its node config (Flower's simulation sets it; a SuperNode is started with
-    ``--node-config "partition-id=N"``)."""
-    if PARTITION_ID not in node_config:
-        raise ValueError(f"this node has no {PARTITION_ID!r} in its node config: start the SuperNode with "
-                         f'--node-config "{PARTITION_ID}=N"')
-    return int(node_config[PARTITION_ID])
 
 
 def round_counts(valid_updates: int, rejected: int) -> MetricRecord:

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fcmoe.fl.codec import node_config
+from fcmoe.fl.node_settings import node_config
 
 log = logging.getLogger(__name__)
 

@@ -28,36 +28,21 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fcmoe.cache import cache_dir
 from fcmoe.checkpoint import join_client_state, split_client_state, unshared
 from fcmoe.core import Tree
 from fcmoe.files import atomic_write
+from fcmoe.fl.node_settings import node_root
 
-STATE_DIR = "state-dir"  # node config: the folder this node keeps its clients' state in
-WARM_CACHE = "warm-cache"  # node config: false = rebuild the experiment's features in every ClientApp process
 WARM_KEEP = 4  # experiments whose frozen features a node keeps (each the size of its pool's features)
 _STATE, _TRAINED_FROM = "state/", "trained-from/"
 _FILE = re.compile(r"r(\d+)(-train)?\.safetensors")
-
-
-def node_root(node_config: Mapping[str, Any]) -> Path:
-    """The node's state folder: node config ``state-dir``, else ``<fcmoe cache>/node-state``."""
-    return Path(str(node_config.get(STATE_DIR) or cache_dir() / "node-state"))
-
-
-def warm_cache_enabled(node_config: Mapping[str, Any]) -> bool:
-    """Whether this node caches the experiment's frozen features (node config ``warm-cache``, default true)."""
-    value = node_config.get(WARM_CACHE, True)
-    return value if isinstance(value, bool) else str(value).strip().lower() not in {"false", "0", "no", "off"}
 
 
 def use_warm_folder(root: Path, digest: str) -> Path:
@@ -77,35 +62,6 @@ def _last_used(folder: Path) -> float:
         return folder.stat().st_mtime
     except FileNotFoundError:  # another node on this machine pruned it a moment ago
         return 0.0
-
-
-class PhaseClock:
-    """Seconds per phase of one ClientApp message.
-
-    ``start`` (process creation to the first fcmoe import) and ``imports`` are counted on a process's first
-    message only; ``begin``/``mark``/``finish`` time the rest.
-    """
-
-    def __init__(self, imported_at: float, ready_at: float) -> None:
-        self._pending = {"start": max(imported_at - _process_started_at(), 0.0), "imports": ready_at - imported_at}
-        self._phases: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def begin(self) -> None:
-        self._phases, self._pending = self._pending, {"start": 0.0, "imports": 0.0}
-        self._last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        now = time.perf_counter()
-        self._phases[phase] = now - self._last
-        self._last = now
-
-    def finish(self) -> dict[str, float]:
-        return dict(self._phases)
-
-
-def _process_started_at() -> float:
-    return psutil.Process().create_time()
 
 
 def run_state_folder(root: Path, key: str) -> Path:

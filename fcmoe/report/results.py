@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fcmoe.errors import first_line
+from fcmoe.runs import RunFolderError, read_jsonl
 
 
 class ReportError(ValueError):
@@ -133,35 +134,14 @@ def load_run(folder: Path) -> RunResult:
                 raise TypeError("'methods' or 'initial' is not a table")
         except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ReportError(f"cannot read {summary_path}: {_reason(err)}") from None
-    rows = read_jsonl(folder / "metrics.jsonl")
+    try:
+        rows = read_jsonl(folder / "metrics.jsonl")
+    except RunFolderError as err:
+        raise ReportError(str(err)) from None
     finished = set(summaries)
     rows = [r for r in rows if r.get("method") in finished]  # rows of an interrupted method are not results
     unfinished = [m for m in config.get("methods", []) if m not in finished]
     return RunResult(folder, alpha, seed, summaries, rows, config, unfinished, initial)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON Lines file (``[]`` if there is none); a damaged line is a :class:`ReportError` naming the
-    file and the line."""
-    if not path.is_file():
-        return []
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"cannot read {path}: {_reason(err)}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{path} line {number} is not JSON ({err.msg} at column {err.colno}); delete that "
-                              "line or rerun the method") from None
-        if not isinstance(row, dict):
-            raise ReportError(f"{path} line {number} is not a metrics row (a JSON object)")
-        rows.append(row)
-    return rows
 
 
 def _reason(err: BaseException) -> str:

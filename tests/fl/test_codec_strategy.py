@@ -267,3 +267,30 @@ def test_run_settings_round_trip_through_the_run_config_string() -> None:
     parsed = tomllib.loads("\n".join(settings.to_run_config().replace('" ', '"\n').splitlines()))
     assert RunSettings.from_run_config(parsed) == settings
     assert RunSettings.from_run_config({}) == RunSettings()
+
+
+class SlowGrid:
+    """Replies arrive over several pulls: ``arrivals[k]`` are the message ids answered at pull k."""
+
+    def __init__(self, arrivals: list[list[str]]) -> None:
+        self.arrivals, self.pulls = arrivals, 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        return ["a", "b"]
+
+    def pull_messages(self, ids: set[str]) -> list[SimpleNamespace]:
+        answered = self.arrivals[self.pulls] if self.pulls < len(self.arrivals) else []
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in answered if i in ids]
+
+
+def test_replies_are_collected_as_they_arrive_and_late_ones_are_left_out() -> None:
+    from fcmoe.fl.strategy import REPLY_POLL_S, send_and_receive
+
+    grid = SlowGrid([["a"], [], ["b"], ["a"]])
+    replies = send_and_receive(grid, [], timeout=60.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"] and grid.pulls == 3
+    started = time.monotonic()
+    late = send_and_receive(SlowGrid([["b"]]), [], timeout=0.5)
+    assert [r.metadata.reply_to_message_id for r in late] == ["b"]
+    assert 0.5 <= time.monotonic() - started < 10 + REPLY_POLL_S  # the timeout, not a hang

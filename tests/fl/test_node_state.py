@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from fcmoe.fl.node_state import STATE_DIR, NodeStateStore
+from fcmoe.fl.node_settings import STATE_DIR
+from fcmoe.fl.node_state import NodeStateStore
 
 
 def test_state_round_trips_and_training_starts_from_the_last_finished_round(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ import torch
 
 import fcmoe.experiment as experiment
 from fcmoe.config import load_config
-from fcmoe.fl import client_app
-from fcmoe.fl.node_state import STATE_DIR, WARM_CACHE, NodeStateStore, PhaseClock
+from fcmoe.fl import client_work
+from fcmoe.fl.node_settings import STATE_DIR, WARM_CACHE, PhaseClock
+from fcmoe.fl.node_state import NodeStateStore
 from tests.sim.test_engine import TINY
 
 
@@ -31,8 +32,8 @@ def featurize_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _new_process_experiment(config_text: str, node_config: dict) -> experiment.Experiment:
-    client_app._experiment.cache_clear()  # what a fresh ClientApp process starts with
-    return client_app._experiment(config_text, client_app.warm_folder(node_config, config_text))
+    client_work._experiment.cache_clear()  # what a fresh ClientApp process starts with
+    return client_work._experiment(config_text, client_work.warm_folder(node_config, config_text))
 
 
 def test_the_second_message_of_a_client_does_not_rebuild_its_features(tmp_path: Path,
@@ -52,21 +53,21 @@ def test_the_second_message_of_a_client_does_not_rebuild_its_features(tmp_path: 
     assert len(featurize_calls) == 4  # another experiment has its own cache
     _new_process_experiment(config_text, {**node, WARM_CACHE: False})
     assert len(featurize_calls) == 6  # warm-cache = false: every process featurises
-    client_app._experiment.cache_clear()
+    client_work._experiment.cache_clear()
 
 
 def test_a_damaged_feature_cache_is_recomputed_and_replaced(tmp_path: Path, featurize_calls: list[int]) -> None:
     config_text = tomli_w.dumps(load_config(overrides=TINY).to_dict())
     node = {STATE_DIR: str(tmp_path)}
     good = _new_process_experiment(config_text, node)
-    cached = client_app.warm_folder(node, config_text) / "pool.safetensors"
+    cached = client_work.warm_folder(node, config_text) / "pool.safetensors"
     cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk
     again = _new_process_experiment(config_text, node)
     assert len(featurize_calls) == 3 and torch.equal(again.client_train[0].features, good.client_train[0].features)
     _new_process_experiment(config_text, node)
     assert len(featurize_calls) == 3  # the rewritten file is good again
     assert sorted(p.name for p in cached.parent.iterdir()) == ["global-test.safetensors", "pool.safetensors"]
-    client_app._experiment.cache_clear()
+    client_work._experiment.cache_clear()
 
 
 def test_phase_times_are_recorded_per_message(tmp_path: Path) -> None:
@@ -94,8 +95,8 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_message(tmp_path
     node = {STATE_DIR: str(tmp_path)}
     exp = _new_process_experiment(config_text, node)
     assert len(featurize_calls) == 2 and len(exp.client_train) == 4
-    assert list(client_app.warm_folder(node, config_text).iterdir()) == []  # no file, no temporary left behind
-    client_app._experiment.cache_clear()
+    assert list(client_work.warm_folder(node, config_text).iterdir()) == []  # no file, no temporary left behind
+    client_work._experiment.cache_clear()
 
 
 def test_a_node_keeps_the_feature_caches_of_its_last_few_experiments(tmp_path: Path) -> None:
