@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from collections import defaultdict
@@ -98,12 +99,11 @@ def main() -> None:
     overrides = [*MODELS[args.model], f"rounds={args.rounds}"]
     on_nodes = [*overrides, f"train.threads={args.client_threads}"]
     rounds, phases = {}, {}
-    with tempfile.TemporaryDirectory(prefix="fcmoe-bench-deploy-") as tmp:
-        work = Path(tmp)
-        for i, variant in enumerate(variants):
-            rounds[variant], phases[variant] = deployed(on_nodes, args.method, work / variant, variant,
-                                                        args.port + 100 * i)
-        rounds["Flower simulation"] = simulated(overrides, args.method, work)
+    work = Path(tempfile.mkdtemp(prefix="fcmoe-bench-deploy-"))  # a failed deployment's logs stay there
+    for i, variant in enumerate(variants):
+        rounds[variant], phases[variant] = deployed(on_nodes, args.method, work / variant, variant, args.port + 100 * i)
+    rounds["Flower simulation"] = simulated(overrides, args.method, work)
+    shutil.rmtree(work)
     print(f"deployment phases, {args.model} model, {args.method}, {args.rounds} rounds, {args.client_threads} "
           "thread(s) per client (mean seconds per message; start = process creation to the first fcmoe import)")
     print(f"{'variant':<9}{'message':<9}{'round':>5}{'n':>4}" + "".join(f"{p:>9}" for p in PHASES) + f"{'total':>9}")

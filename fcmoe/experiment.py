@@ -76,8 +76,8 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
                         label_names=pool.label_names)
     trainer = LocalTrainer(built.model, built.layout, config.train)  # moves the model to train.device
-    pool_features = _featurize(built, pool, feature_cache and feature_cache / "pool.safetensors")
-    global_test = _featurize(built, test, feature_cache and feature_cache / "global-test.safetensors")
+    pool_features = _featurize(built, pool, feature_cache and feature_cache / FEATURE_FILES[0])
+    global_test = _featurize(built, test, feature_cache and feature_cache / FEATURE_FILES[1])
     client_train = [_client_view(pool_features, partition, cid, c.train) for cid, c in enumerate(partition.clients)]
     client_test = [_client_view(pool_features, partition, cid, c.test) for cid, c in enumerate(partition.clients)]
     if partition.label_maps:
@@ -88,6 +88,8 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
     return Experiment(config, built, trainer, pool, partition, client_train, client_test, global_test,
                       tree_clone(built.model.trainable_state()), setup_s, stratified_head(global_test, PROBE_PER_CLASS))
 
+
+FEATURE_FILES = ("pool.safetensors", "global-test.safetensors")  # in a feature cache folder: pool, global test
 
 # DESIGN §2's second local reading scores every client's local model on the global test set in the final round:
 # on all 800 documents of the default that made each method's final round ~25 s longer (10 clients × 800 forwards).

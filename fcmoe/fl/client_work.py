@@ -32,7 +32,7 @@ from fcmoe.fl import IMPORTED_AT
 from fcmoe.fl.codec import (ARRAYS, MESSAGE, Instruction, decode_instruction, decode_message, encode_evaluation,
                             encode_identity, encode_update, record_to_tree)
 from fcmoe.fl.node_settings import PhaseClock, node_root, partition_id, warm_cache_enabled
-from fcmoe.fl.node_state import NodeStateStore, use_warm_folder
+from fcmoe.fl.node_state import NodeStateStore, one_featurises, use_warm_folder
 from fcmoe.rounds import client_step, deployed_global_accuracy, finish_client, initial_client_state, local_accuracy
 
 KINDS = ("query", "train", "evaluate")  # the Flower message types the ClientApp answers
@@ -41,7 +41,8 @@ _clock = PhaseClock(IMPORTED_AT, time.time())
 
 @functools.lru_cache(maxsize=2)
 def _experiment(config_text: str, feature_cache: Path | None) -> Experiment:
-    return prepare_experiment(build_config(tomllib.loads(config_text)), feature_cache)
+    with one_featurises(feature_cache):
+        return prepare_experiment(build_config(tomllib.loads(config_text)), feature_cache)
 
 
 def experiments_prepared() -> int:

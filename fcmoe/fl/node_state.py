@@ -24,19 +24,26 @@ ones deleted), and ``phases.jsonl`` in each client folder, one line per message 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: nodes on one machine featurise side by side
+    fcntl = None
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fcmoe.checkpoint import join_client_state, split_client_state, unshared
 from fcmoe.core import Tree
+from fcmoe.experiment import FEATURE_FILES
 from fcmoe.files import atomic_write
 from fcmoe.fl.node_settings import node_root
 
@@ -55,6 +62,19 @@ def use_warm_folder(root: Path, digest: str) -> Path:
     for old in sorted(others, key=_last_used, reverse=True)[WARM_KEEP - 1:]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+@contextlib.contextmanager
+def one_featurises(folder: Path | None) -> Iterator[None]:
+    """Around preparing an experiment whose features are cached in ``folder``: while the cache is incomplete,
+    nodes on one machine take turns (``<folder>/.lock``), so the first featurises and writes it and the others
+    read it, instead of every node featurising at once on the same cores. A complete cache needs no turn."""
+    if folder is None or fcntl is None or all((folder / name).is_file() for name in FEATURE_FILES):
+        yield
+        return
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _last_used(folder: Path) -> float:

@@ -11,7 +11,7 @@ with mode 0600) under ``<state-dir>/workers/``; a message's content and its repl
 protobuf serialisation, so nothing is unpickled. The socket's name is a digest of fcmoe's version, the code's
 folder (a new app version from ``flwr run`` gets a new worker) and the SuperNode's process (pid and start time,
 so a restarted SuperNode gets a new worker). The worker exits when its SuperNode does, after ``worker-idle-s``
-without a message, or on SIGTERM; a message it was answering is answered first. Every handler is idempotent
+without a message, or on SIGTERM (once the message in hand is answered). Every handler is idempotent
 (state is read from and written to the node's disk per round), so a message whose worker vanished is sent once
 more to a fresh worker.
 """
@@ -45,10 +45,11 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 import fcmoe
 from fcmoe.fl.node_settings import node_root, worker_idle_s
+from fcmoe.process_memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 900.0  # a worker's imports took 36 s with 10 SuperNodes on 2 cores
+START_TIMEOUT_S = 900.0  # generous: with many SuperNodes sharing a few cores, imports alone take a minute
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 108 bytes on Linux, 104 on macOS
 
 
@@ -103,7 +104,6 @@ def forward(kind: str, content: RecordDict, node_config: Mapping[str, Any], run_
     started = time.perf_counter()
     owner = supernode_pid() if owner_pid is None else owner_pid
     address = WorkerAddress.of(node_config, owner)
-    payload = to_bytes(content)
     attempts_left = 2
     while True:
         conn = _connect_or_start(address, node_config, owner)
@@ -112,7 +112,7 @@ def forward(kind: str, content: RecordDict, node_config: Mapping[str, Any], run_
         try:
             with conn:
                 conn.send_bytes(json.dumps(request).encode())
-                conn.send_bytes(payload)
+                conn.send_bytes(to_bytes(content))  # not kept: a model's size less while the worker works
                 header = json.loads(conn.recv_bytes())
                 if not header["ok"]:
                     raise WorkerError(f"the node's worker failed: {header['error']} (its log: {address.log})")
@@ -170,8 +170,9 @@ def _connect_or_start(address: WorkerAddress, node_config: Mapping[str, Any], ow
 
 
 class _Watch:
-    """When the worker may exit: its SuperNode is gone, it was told to stop (SIGTERM), or no message came for
-    ``idle_s``; never mid-message."""
+    """When the worker exits: at once when its SuperNode is gone (its answer could reach no one, and the state
+    files are written atomically); once the message in hand is answered when told to stop (SIGTERM); after
+    ``idle_s`` without a message."""
 
     def __init__(self, owner: psutil.Process, idle_s: float) -> None:
         self.owner, self.idle_s = owner, idle_s
@@ -179,12 +180,12 @@ class _Watch:
         self.busy, self.stopping, self.failures, self.last = False, False, 0, time.monotonic()
 
     def reason_to_exit(self) -> str | None:
+        if not self._owner_alive():
+            return "its SuperNode is gone"
         if self.busy:
             return None
         if self.stopping:
             return "SIGTERM"
-        if not self._owner_alive():
-            return "its SuperNode is gone"
         return "idle" if time.monotonic() - self.last > self.idle_s else None
 
     def _owner_alive(self) -> bool:
@@ -218,7 +219,7 @@ def serve(address: WorkerAddress, owner_pid: int, idle_s: float) -> None:
                 if reason:
                     log.info("exiting: %s", reason)
                     kept = [address.log] if watch.failures else []  # a log worth reading stays
-                    for path in {address.socket, address.key, address.log} - set(kept):
+                    for path in {address.socket, address.key, address.lock, address.log} - set(kept):
                         path.unlink(missing_ok=True)
                     os._exit(0)  # the main thread's accept() would otherwise block the exit
 
@@ -242,6 +243,7 @@ def serve(address: WorkerAddress, owner_pid: int, idle_s: float) -> None:
                     watch.failures += 1
             except (EOFError, OSError) as err:
                 log.warning("the ClientApp went away mid-message: %r", err)
+            release_freed_memory()  # a message's temporaries, kept by glibc, would stay with the worker for good
 
 
 def _answer(conn: Connection, client_work: Any) -> bool:  # noqa: ANN401 - the module imported in serve

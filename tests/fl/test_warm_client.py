@@ -66,7 +66,7 @@ def test_a_damaged_feature_cache_is_recomputed_and_replaced(tmp_path: Path, feat
     assert len(featurize_calls) == 3 and torch.equal(again.client_train[0].features, good.client_train[0].features)
     _new_process_experiment(config_text, node)
     assert len(featurize_calls) == 3  # the rewritten file is good again
-    assert sorted(p.name for p in cached.parent.iterdir()) == ["global-test.safetensors", "pool.safetensors"]
+    assert sorted(p.name for p in cached.parent.iterdir()) == [".lock", "global-test.safetensors", "pool.safetensors"]
     client_work._experiment.cache_clear()
 
 
@@ -95,7 +95,7 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_message(tmp_path
     node = {STATE_DIR: str(tmp_path)}
     exp = _new_process_experiment(config_text, node)
     assert len(featurize_calls) == 2 and len(exp.client_train) == 4
-    assert list(client_work.warm_folder(node, config_text).iterdir()) == []  # no file, no temporary left behind
+    assert [p.name for p in client_work.warm_folder(node, config_text).iterdir()] == [".lock"]  # no temporary
     client_work._experiment.cache_clear()
 
 
@@ -137,3 +137,32 @@ def test_pruning_tolerates_a_cache_another_node_deletes_meanwhile(tmp_path: Path
     monkeypatch.undo()
     assert len(seen) == 2  # its time was asked for, and it was gone
     assert folder.is_dir() and not (tmp_path / "warm" / "c").exists()  # counted as the oldest: pruned
+
+
+def test_nodes_take_turns_to_featurise_until_the_cache_is_complete(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    from fcmoe.experiment import FEATURE_FILES
+    from fcmoe.fl.node_state import one_featurises
+
+    entered = threading.Event()
+
+    def prepare() -> None:
+        with one_featurises(tmp_path):
+            entered.set()
+
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another node is featurising
+        waiting = threading.Thread(target=prepare)
+        waiting.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(30)  # its turn once the other is done
+    waiting.join()
+    for name in FEATURE_FILES:
+        (tmp_path / name).write_bytes(b"features")
+    entered.clear()
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        prepare()  # a complete cache: no turn to wait for
+    assert entered.is_set()
