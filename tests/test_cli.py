@@ -313,3 +313,20 @@ def test_curves_start_at_round_0_with_the_initial_model(tmp_path: Path, monkeypa
     assert initial["global_acc"] == global_accuracy(exp.trainer, exp.initial_state, exp.global_test)
     rounds, stats = curve(find_runs([run_dir]), "fedavg", 0.1, "local_acc_mean")
     assert rounds == [0, 1, 2, 3] and stats[0].mean == initial["local_acc_mean"]
+
+
+def test_a_flower_simulation_prints_fcmoe_lines_only(tmp_path: Path) -> None:
+    """Flower's deprecation notice for ``run_simulation``, Ray's GPU tip and alembic's set-up lines stay off the
+    terminal. A process of its own: the alembic lines come once per process, when Flower is first imported."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fcmoe.cli", "run", "--engine", "flower", "--methods", "fedavg",
+                           *SETS[:-2], "--set", "rounds=1", "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    noise = [line for line in (done.stdout + done.stderr).splitlines()
+             if any(word in line for word in ("alembic", "DEPRECATED", "Tip: In future", "warnings.warn"))]
+    assert noise == []
+    assert "[ROUND 1/1]" in done.stderr

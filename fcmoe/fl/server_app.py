@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,19 +115,31 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
                                   device)
 
 
+class _NotOurConcern(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``: fcmoe calls it on
+    purpose (``flwr run .`` is offered too), and a user of ``fcmoe run`` can do nothing about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
+
+
 def run_flower_method(exp: Experiment, method: str, run_dir: Path, on_round: Callable[[int], None] | None = None,
                       ) -> MethodSummary:
     """``method`` in Flower's simulation runtime: one virtual SuperNode per client, the ClientApp in Ray;
     ``on_round(t)`` after each round's row. Flower's, Ray's and alembic's routine lines are kept off the terminal
     (warnings and errors still show) unless fcmoe logs at DEBUG."""
+    verbose = logging.getLogger("fcmoe").isEnabledFor(logging.DEBUG)
+    for name in ("flwr", "alembic", "ray"):  # before the import: importing Flower's state sets up alembic, noisily
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     from flwr.simulation import run_simulation
 
     from fcmoe.fl.client_app import app as client_app
 
-    verbose = logging.getLogger("fcmoe").isEnabledFor(logging.DEBUG)
-    for name in ("flwr", "alembic", "ray"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; don't print every line twice
+    flower = logging.getLogger("flwr")
+    flower.propagate = False  # Flower logs through its own handler; don't print every line twice
+    if not verbose and not any(isinstance(f, _NotOurConcern) for f in flower.filters):
+        flower.addFilter(_NotOurConcern())
     summaries: list[MethodSummary] = []
     server_app = ServerApp()
 
@@ -138,9 +151,12 @@ def run_flower_method(exp: Experiment, method: str, run_dir: Path, on_round: Cal
     resources = {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0}
     ray_init = {"include_dashboard": False, "logging_level": logging.DEBUG if verbose else logging.ERROR,
                 "log_to_driver": verbose}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_clients,
-                   backend_config={"client_resources": resources, "init_args": ray_init},
-                   verbose_logging=verbose)
+    with warnings.catch_warnings():
+        if not verbose:  # Ray's advice on a GPU setting this run does not use
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_clients,
+                       backend_config={"client_resources": resources, "init_args": ray_init},
+                       verbose_logging=verbose)
     if not summaries:
         raise RuntimeError(f"the Flower simulation of {method!r} ended without a result; see the log above")
     # the simulated nodes share this machine's default state folder: a finished run's client state goes with it
