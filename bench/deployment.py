@@ -1,7 +1,7 @@
 """Where a deployed round's time goes — cold, with warm caches, with a warm worker — against Flower's simulation.
 
 Usage: ``python bench/deployment.py [--model tiny|default] [--rounds 2] [--method fcmoe] [--client-threads 1]
-[--variants cold,cache,worker]``. It runs, one after another on this machine:
+[--variants cold,cache,worker] [--set KEY=VALUE ...]``. It runs, one after another on this machine:
 
 1. ``cold``: ``deploy_local`` (TLS, authenticated SuperNodes, one per client) with node config
    ``warm-cache=false warm-worker=false``: every ClientApp process — Flower starts one per message — imports
@@ -91,12 +91,14 @@ def main() -> None:
     parser.add_argument("--method", default="fcmoe")
     parser.add_argument("--port", type=int, default=39800)
     parser.add_argument("--client-threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an experiment override on top of --model's (e.g. partition.num_clients=10)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="deployments to run, of " + ",".join(VARIANTS))
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS):
         raise SystemExit(f"--variants {args.variants!r}: choose from {','.join(VARIANTS)}")
-    overrides = [*MODELS[args.model], f"rounds={args.rounds}"]
+    overrides = [*MODELS[args.model], *args.set, f"rounds={args.rounds}"]
     on_nodes = [*overrides, f"train.threads={args.client_threads}"]
     rounds, phases = {}, {}
     work = Path(tempfile.mkdtemp(prefix="fcmoe-bench-deploy-"))  # a failed deployment's logs stay there
