@@ -1,4 +1,5 @@
-"""Writing a file so that a reader never sees it half-written, whoever else writes it at the same time."""
+"""Writing files safely: so that a reader never sees one half-written, whoever else writes it at the same time, and
+secrets so that only their owner can read them."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret (a private key, an authentication key) readable by its owner only: mode 0600 from the
+    moment the file exists, whatever the umask."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        fh.write(data)

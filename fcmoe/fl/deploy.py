@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fcmoe.files import write_private
 from fcmoe.fl.node_settings import node_config
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,17 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths[2], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    write_private(paths[2], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
     return paths
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """A private key, readable by its owner only (mode 0600 from the start, whatever the umask)."""
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-        fh.write(data)
 
 
 def make_node_keys(folder: Path, index: int) -> tuple[Path, Path]:
     """(private, public) EC P-384 key files of SuperNode ``index``, OpenSSH format."""
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / f"node_{index}", folder / f"node_{index}.pub"
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
+    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                             serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH))
     return private, public

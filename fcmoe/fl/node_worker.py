@@ -44,6 +44,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 import fcmoe
+from fcmoe.files import write_private
 from fcmoe.fl.node_settings import node_root, worker_idle_s
 from fcmoe.process_memory import release_freed_memory
 
@@ -147,8 +148,7 @@ def _connect_or_start(address: WorkerAddress, node_config: Mapping[str, Any], ow
         if conn is not None:
             return conn
         address.socket.unlink(missing_ok=True)  # a worker killed outright leaves its socket file
-        with os.fdopen(os.open(address.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-            fh.write(secrets.token_bytes(32))
+        write_private(address.key, secrets.token_bytes(32))
         code_root = str(Path(fcmoe.__file__).resolve().parents[1])  # the app Flower installed, not another fcmoe
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
         with open(address.log, "ab") as out:
