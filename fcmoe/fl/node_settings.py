@@ -52,7 +52,7 @@ def partition_id(node_config: Mapping[str, Any]) -> int:
     if PARTITION_ID not in node_config:
         raise ValueError(f"this node has no {PARTITION_ID!r} in its node config: start the SuperNode with "
                          f'--node-config "{PARTITION_ID}=N"')
-    return int(node_config[PARTITION_ID])
+    return _number(node_config, PARTITION_ID, int, "a client index, e.g. partition-id=0")
 
 
 def node_root(node_config: Mapping[str, Any]) -> Path:
@@ -78,7 +78,17 @@ def warm_worker_enabled(node_config: Mapping[str, Any]) -> bool:
 
 def worker_idle_s(node_config: Mapping[str, Any]) -> float:
     """Seconds without a message after which the node's worker exits (node config ``worker-idle-s``)."""
-    return float(node_config.get(WORKER_IDLE_S, DEFAULT_WORKER_IDLE_S))
+    return _number({WORKER_IDLE_S: DEFAULT_WORKER_IDLE_S, **node_config}, WORKER_IDLE_S, float,
+                   "seconds, e.g. worker-idle-s=1800")
+
+
+def _number(node_config: Mapping[str, Any], key: str, kind: type, expected: str) -> Any:  # noqa: ANN401 - kind
+    """``kind(node_config[key])``; a value that is not one is a ValueError naming the key and what it takes."""
+    value = node_config[key]
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node config {key} = {value!r}: expected {expected}") from None
 
 
 class PhaseClock:

@@ -36,3 +36,15 @@ def test_the_node_config_names_the_state_folder(tmp_path: Path, monkeypatch) -> 
     assert NodeStateStore.for_node({STATE_DIR: str(tmp_path)}, "k", 0).folder == tmp_path / "k" / "client-0"
     monkeypatch.setenv("FCMOE_CACHE", str(tmp_path / "cache"))
     assert NodeStateStore.for_node({}, "k", 1).folder == tmp_path / "cache" / "node-state" / "k" / "client-1"
+
+
+def test_a_bad_node_config_value_is_named_with_what_it_takes() -> None:
+    import pytest
+
+    from fcmoe.fl.node_settings import partition_id, worker_idle_s
+
+    assert partition_id({"partition-id": 3}) == 3 and worker_idle_s({}) == 1800.0
+    with pytest.raises(ValueError, match=r"^node config partition-id = 'x': expected a client index"):
+        partition_id({"partition-id": "x"})
+    with pytest.raises(ValueError, match=r"^node config worker-idle-s = 'abc': expected seconds, e\.g\. "):
+        worker_idle_s({"worker-idle-s": "abc"})
