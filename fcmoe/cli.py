@@ -328,7 +328,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, RuntimeError, TimeoutError) as err:  # every process it started is stopped by now
         if debugging() and not isinstance(err, KeyboardInterrupt):
             raise
-        run_dir = resume or _new_run_dir(out, existing)
+        run_dir = resume or _run_dir_made(out, existing)
         where = (f"; {progress_line(run_dir, 'fcmoe deploy-local')}" if run_dir is not None
                  else "; no run folder was made, nothing to resume")
         if isinstance(err, KeyboardInterrupt):
@@ -341,7 +341,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
     return 0 if result.status == "finished:completed" else 1
 
 
-def _new_run_dir(out: Path, existing: set[Path]) -> Path | None:
+def _run_dir_made(out: Path, existing: set[Path]) -> Path | None:
     """The run folder a deployment's ServerApp made under ``out`` (not in ``existing``), if it made one."""
     made = [d for d in out.iterdir() if d not in existing and (d / "config.toml").is_file()] if out.is_dir() else []
     return max(made, key=lambda d: d.stat().st_mtime, default=None)

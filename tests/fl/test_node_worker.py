@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fcmoe.config import load_config
 from fcmoe.experiment import Experiment, prepare_experiment
-from fcmoe.fl import client_app, client_work, node_worker
+from fcmoe.fl import client_app, node_worker
 from fcmoe.fl.codec import (Instruction, decode_evaluation, decode_identity, decode_update, encode_instruction,
                             tree_to_record)
 from fcmoe.fl.node_settings import NODE_STATE, STATE_DIR, WARM_WORKER, WORKER_IDLE_S
@@ -121,4 +121,4 @@ def test_work_in_process_needs_no_worker(tmp_path: Path, exp: Experiment) -> Non
     node = Context(run_id=1, node_id=1, node_config={"partition-id": 1, STATE_DIR: str(tmp_path)}, state=RecordDict(),
                    run_config={})
     client_app.train(_message(exp, "train", 1), node)
-    assert not (tmp_path / "workers").exists() and client_work.experiments_prepared() >= 1
+    assert not (tmp_path / "workers").exists() and "worker-pid" not in node.state[NODE_STATE]
