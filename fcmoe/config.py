@@ -21,7 +21,7 @@ import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
 from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
-                                   SweepConfig, TrackingConfig, _positive)
+                                   SweepConfig, TrackingConfig, TrainConfig, _positive)
 from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 
@@ -134,49 +134,6 @@ class ModelConfig:
             raise ConfigError(f"model.trainable_layers = {self.trainable_layers}: must be >= 1")
         if not self.router_init_std >= 0:
             raise ConfigError(f"model.router_init_std = {self.router_init_std}: must be >= 0")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training, identical for every method."""
-
-    local_epochs: int = 1
-    # a fixed number of optimizer steps per round, cycling through the client's data in fresh shuffles (0 = use
-    # local_epochs): the drift of a client's update then does not depend on how much data it holds
-    local_steps: int = 0
-    batch_size: int = 16
-    lr: float = 1e-4
-    router_lr: float = 1e-3  # fresh routers learn faster than pretrained weights need to move
-    weight_decay: float = 0.01
-    aux_loss_coef: float = 0.1  # Switch load-balancing loss weight
-    max_grad_norm: float = 1.0
-    # Where local training runs: auto = the first CUDA GPU when one is visible, else the CPU. Trees, aggregation and
-    # evaluation outputs stay on the CPU either way (a client's tree of the default is ~75 MB: ~10 ms each way).
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast; the weights and the exchanged trees stay fp32)
-    # torch's CPU threads for a `fcmoe` command (0 = torch's default, one per core). Part of the experiment: sums
-    # over another thread count differ in the last bits, so a resumed run keeps the count it started with
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ConfigError(f"train.threads = {self.threads}: must be >= 0 (0 = one per core, e.g. 1 on a shared "
-                              "machine)")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"train.device = {self.device!r}: choose auto, cpu, cuda or cuda:N (default auto)")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision = {self.precision!r}: choose fp32 or bf16 (default fp32)")
-        _positive("train.local_epochs", self.local_epochs)
-        if self.local_steps < 0:
-            raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "
-                              "0 = train.local_epochs passes over the data)")
-        _positive("train.batch_size", self.batch_size)
-        for key in ("lr", "router_lr"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be > 0 (default 1e-4 / 1e-3)")
-        for key in ("weight_decay", "aux_loss_coef", "max_grad_norm"):
-            if not getattr(self, key) >= 0:
-                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be >= 0")
 
 
 @dataclass(frozen=True)

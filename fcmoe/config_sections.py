@@ -1,4 +1,5 @@
-"""The sections of an experiment about how the federation runs: robustness, participation, attacks, sweeps.
+"""The sections of an experiment about how it trains and how the federation runs: local training, robustness,
+participation, attacks, evaluation, tracking, sweeps.
 
 Split from :mod:`fcmoe.config` (which holds data, partition, model, training and the experiment itself); the same
 rules apply: frozen dataclasses, validated on construction, one-line :class:`ConfigError` naming key, value, fix.
@@ -6,6 +7,7 @@ rules apply: frozen dataclasses, validated on construction, one-line :class:`Con
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -170,3 +172,51 @@ class SweepConfig:
                 raise ConfigError(f"sweep.alphas: α = {alpha} must be > 0 (e.g. alphas = [0.1, 0.5, 1.0])")
         if not self.seeds:
             raise ConfigError("sweep.seeds is empty: list at least one seed, e.g. seeds = [0, 1, 2]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training, identical for every method."""
+
+    local_epochs: int = 1
+    # a fixed number of optimizer steps per round, cycling through the client's data in fresh shuffles (0 = use
+    # local_epochs): the drift of a client's update then does not depend on how much data it holds
+    local_steps: int = 0
+    batch_size: int = 16
+    lr: float = 1e-4
+    router_lr: float = 1e-3  # fresh routers learn faster than pretrained weights need to move
+    weight_decay: float = 0.01
+    aux_loss_coef: float = 0.1  # Switch load-balancing loss weight
+    max_grad_norm: float = 1.0
+    # Where local training runs: auto = the first CUDA GPU when one is visible, else the CPU. Trees, aggregation and
+    # evaluation outputs stay on the CPU either way (a client's tree of the default is ~75 MB: ~10 ms each way).
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto = the checkpoint's: bf16 compute for a bf16 / fp16 checkpoint, fp32 for an fp32 one; fp32 | bf16 to choose
+    # (fcmoe.models.precision: what each weight is kept in). The exchanged trees are fp32 whatever this says
+    precision: str = "auto"  # auto | fp32 | bf16
+    # under bf16 compute, keep fp32 master copies of the trainable weights (off: pure bf16, half their memory)
+    master_weights: bool = True
+    # torch's CPU threads for a `fcmoe` command (0 = torch's default, one per core). Part of the experiment: sums
+    # over another thread count differ in the last bits, so a resumed run keeps the count it started with
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"train.threads = {self.threads}: must be >= 0 (0 = one per core, e.g. 1 on a shared "
+                              "machine)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device = {self.device!r}: choose auto, cpu, cuda or cuda:N (default auto)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision = {self.precision!r}: choose auto, fp32 or bf16 (default auto: the "
+                              "checkpoint's own)")
+        _positive("train.local_epochs", self.local_epochs)
+        if self.local_steps < 0:
+            raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "
+                              "0 = train.local_epochs passes over the data)")
+        _positive("train.batch_size", self.batch_size)
+        for key in ("lr", "router_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be > 0 (default 1e-4 / 1e-3)")
+        for key in ("weight_decay", "aux_loss_coef", "max_grad_norm"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be >= 0")

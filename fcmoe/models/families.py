@@ -17,12 +17,13 @@ import torch
 import transformers
 from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from fcmoe.errors import first_line
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import DEFAULT_PATHS, base_family
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
+from fcmoe.models.precision import PrecisionPlan, plan_precision, stored_dtype
 
 
 @dataclass(frozen=True)
@@ -72,18 +73,17 @@ LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 
 
 def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int,
-                     max_length: int) -> tuple[BackboneClassifier, ExpertLayout, Any]:
-    """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family."""
+                     max_length: int, plan: PrecisionPlan) -> tuple[BackboneClassifier, ExpertLayout, Any]:
+    """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family; pretrained
+    weights are loaded straight into ``plan.frozen``'s dtype."""
     family = FAMILIES[base_family(name)]
     if name.endswith("-tiny"):
         config = getattr(transformers, family.config_class)(**family.tiny)
         backbone = _from_config(name, config)
         tokenize = hashing_tokenize(config.vocab_size, max_length)
     else:
-        source = path or DEFAULT_PATHS.get(name, "")
-        if not source:
-            raise ValueError(f"model.path is empty: {name!r} needs a local folder or hub id of its weights")
-        backbone = _from_pretrained(name, source)
+        source = pretrained_path(name, path)
+        backbone = _from_pretrained(name, source, plan.frozen)
         tokenize = hf_tokenize(source, max_length)
         config = backbone.config
     embeddings = backbone.get_input_embeddings()
@@ -125,11 +125,26 @@ def pretrained_source(name: str, source: str) -> Iterator[None]:
             "config.json, weights and tokenizer") from None
 
 
-def _from_pretrained(name: str, source: str) -> Any:
+def _from_pretrained(name: str, source: str, dtype: torch.dtype) -> Any:
     with pretrained_source(name, source):
         if base_family(name) == "switch":
-            return transformers.SwitchTransformersEncoderModel.from_pretrained(source)
-        return AutoModel.from_pretrained(source)
+            return transformers.SwitchTransformersEncoderModel.from_pretrained(source, dtype=dtype)
+        return AutoModel.from_pretrained(source, dtype=dtype)
+
+
+def pretrained_path(name: str, path: str) -> str:
+    """``model.path``, or the family's default hub id; raises ``ValueError`` when there is neither."""
+    source = path or DEFAULT_PATHS.get(base_family(name), "")
+    if not source:
+        raise ValueError(f"model.path is empty: {name!r} needs a local folder or hub id of its weights")
+    return source
+
+
+def pretrained_plan(name: str, source: str, precision: str, master_weights: bool) -> PrecisionPlan:
+    """The precision plan of the checkpoint at ``source``, read from its config before any weight is loaded."""
+    with pretrained_source(name, source):
+        config = AutoConfig.from_pretrained(source)
+    return plan_precision(stored_dtype(config), precision, master_weights)
 
 
 def load_tokenizer(source: str) -> Any:

@@ -92,9 +92,9 @@ def _decoder_start_id(model: nn.Module) -> int:
 
 
 def build_text_to_text(name: str, label_names: Sequence[str], *, path: str, max_length: int,
-                       ) -> tuple[TextToTextClassifier, SwitchLayout, Any]:
-    """``switch-t2t`` (pretrained: ``model.path`` or ``google/switch-base-16``) or ``switch-t2t-tiny`` (random,
-    the ``switch-tiny`` configuration with its decoder, hashing tokenizer)."""
+                       dtype: torch.dtype = torch.float32) -> tuple[TextToTextClassifier, SwitchLayout, Any]:
+    """``switch-t2t`` (pretrained: ``model.path`` or ``google/switch-base-16``, loaded in ``dtype``) or
+    ``switch-t2t-tiny`` (random, the ``switch-tiny`` configuration with its decoder, hashing tokenizer)."""
     if name.endswith("-tiny"):
         config = transformers.SwitchTransformersConfig(**FAMILIES["switch"].tiny)
         model = transformers.SwitchTransformersForConditionalGeneration(config)
@@ -103,7 +103,7 @@ def build_text_to_text(name: str, label_names: Sequence[str], *, path: str, max_
     else:
         source = path or DEFAULT_PATHS["switch"]
         with pretrained_source(name, source):
-            model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(source)
+            model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(source, dtype=dtype)
         tokenizer = load_tokenizer(source)
         tokenize = tokenize_with(tokenizer, max_length)
         token_ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in label_names]

@@ -22,6 +22,7 @@ from fcmoe.core import Tree
 from fcmoe.models.classifier import EncoderClassifier
 from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
+from fcmoe.models.precision import PrecisionPlan, check_device
 from fcmoe.models.routing import RoutingRecorder, masked_routing
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,22 @@ class LocalTrainer:
         Its expert layout (router parameters get ``router_lr``; routing is recorded through it).
     config
         Optimiser and loss settings; ``config.device`` is where ``model`` is moved and every batch runs.
+    precision
+        The model's precision plan (:attr:`~fcmoe.models.build.BuiltModel.precision`): its compute dtype is the
+        autocast dtype. ``None``: bf16 autocast when ``config.precision = "bf16"``, else none.
 
     Features and trees live on the CPU; each batch and each start tree is copied to the device, and every result
     (end tree, routing counts, logits) comes back to the CPU, so the engines and the server never see a GPU tensor.
     """
 
-    def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig) -> None:
+    def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig,
+                 precision: PrecisionPlan | None = None) -> None:
         self.device = resolve_device(config.device)
+        if precision is not None:
+            check_device(precision, self.device)
+            self.compute_dtype = precision.compute
+        else:
+            self.compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         self.model = model.to(self.device)
         self.layout = layout
         self.config = config
@@ -179,8 +189,8 @@ class LocalTrainer:
         return tuple(t.to(self.device, non_blocking=True) for t in (batch.features, batch.mask, batch.labels))
 
     def _autocast(self) -> torch.autocast:
-        """bf16 autocast when ``train.precision = "bf16"``, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        """Autocast to the compute dtype when it is not fp32, else a no-op context."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
