@@ -14,7 +14,8 @@ its least used; if its next participation is not better, the change is reverted 
 Our choices where the paper leaves room: p and the accuracy are measured on the client's train split after local
 training (no extra held-out split, so FedMoE trains on the same documents as every other method; many clients
 hold only 10–20 documents at α = 0.1); stage 1 is one participation; the budget rounds down and keeps one expert
-per layer. The variant ``fedmoe/agg`` (FedMoE-Agg) has no sub-models: its holders are the clients that routed at
+per layer — k on a top-k model, whose router chooses k distinct experts per token (the fused families route
+top-2 to top-8; their routers re-do their own choice with the mask, ``fcmoe.models.masked_routers``). The variant ``fedmoe/agg`` (FedMoE-Agg) has no sub-models: its holders are the clients that routed at
 least one token to the expert.
 """
 
@@ -99,13 +100,10 @@ class FedMoE(Algorithm):
 
     def __init__(self, config: FedMoEConfig, layout: Any) -> None:
         super().__init__(config, layout)
-        fused = [layer.name for layer in layout.layers if layer.logits_module is None]
-        if config.sub_models and fused:  # refused here, before stage 1 trains, rather than when masks arrive
-            raise ValueError(f"fedmoe: {fused[0]} computes router logits and top-k in one module, so a sub-MoE "
-                             "mask cannot be applied; use a per-expert-module model (switch, upcycled) or fedmoe/agg")
         self.clients: dict[int, _Structure] = {}
         total = sum(layer.num_experts for layer in layout.layers)
-        self.budget = max(len(layout.layers), int(config.budget * total))
+        self.least = layout.top_k  # experts a sub-MoE holds per layer at least
+        self.budget = max(self.least * len(layout.layers), int(config.budget * total))
 
     # ------------------------------------------------------------------ client half
     def client_expert_mask(self, client_state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
@@ -182,7 +180,7 @@ class FedMoE(Algorithm):
             known = self.clients.get(update.client_id)
             acc = float(update.statistics[VAL_ACC]) if VAL_ACC in update.statistics else float("nan")
             if known is None:
-                self.clients[update.client_id] = _Structure(largest_threshold(p, self.budget)[1], p, acc)
+                self.clients[update.client_id] = _Structure(largest_threshold(p, self.budget, self.least)[1], p, acc)
                 events["sub_moes_assigned"] += 1
                 continue
             known.p = p
@@ -204,7 +202,8 @@ class FedMoE(Algorithm):
             others = [c for cid, c in sorted(self.clients.items()) if cid != update.client_id]
             new = recommend_experts(known.mask, known.p, torch.stack([c.p for c in others]) if others
                                     else torch.zeros(0, *known.p.shape),
-                                    torch.tensor([int(c.mask.sum()) for c in others]), self.config.similar_clients)
+                                    torch.tensor([int(c.mask.sum()) for c in others]), self.config.similar_clients,
+                                    self.least)
             known.stale = 0
             if not torch.equal(new, known.mask):
                 known.previous, known.before, known.mask = known.mask, known.best, new

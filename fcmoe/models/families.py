@@ -96,7 +96,8 @@ def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lo
         backbone = get_peft_model(backbone, lora)
     model = BackboneClassifier(backbone, embeddings, num_labels, family.pooling)
     layout_class = LoRAExpertLayout if finetune == "lora" else family.layout
-    layout = layout_class.from_tree(model.trainable_state(), num_experts, family.router_attr)
+    top_k = int(getattr(config, "num_experts_per_tok", 1))  # Switch: top-1
+    layout = layout_class.from_tree(model.trainable_state(), num_experts, family.router_attr, top_k)
     if not layout.layers:
         raise ValueError(f"{name}: no MoE layer found in the trainable parameters")
     return model, layout, tokenize

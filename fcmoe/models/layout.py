@@ -96,7 +96,8 @@ class MoELayerSpec:
     @property
     def logits_module(self) -> str | None:
         """The module whose output is this layer's raw router logits ``[..., E]`` (where a sub-MoE mask is added),
-        or ``None`` when the router computes its logits and top-k inside one module (the fused families)."""
+        or ``None`` when the router computes its logits and top-k inside one module (the fused families: the mask
+        re-does the family's choice, :mod:`fcmoe.models.masked_routers`)."""
         if self.router_output == "logits":
             return self.router_module
         return f"{self.router_module}.classifier" if self.router_output == "switch" else None
@@ -117,10 +118,11 @@ class ExpertLayout:
     storage: str = ""
 
     def __init__(self, shapes: Mapping[str, torch.Size], num_experts: int | None = None,
-                 router_attr: str = "gate") -> None:
+                 router_attr: str = "gate", top_k: int = 1) -> None:
         self.shapes = {k: torch.Size(v) for k, v in shapes.items()}
         self.num_experts_hint = num_experts
         self.router_attr = router_attr  # fused families: the router module's attribute name (GPT-OSS: "router")
+        self.top_k = top_k  # experts each token is routed to (a sub-MoE must hold at least this many per layer)
         self.layers: tuple[MoELayerSpec, ...] = self._parse(self.shapes)
         self.expert_keys: tuple[str, ...] = tuple(k for spec in self.layers for k in spec.keys)
         self.router_keys: tuple[str, ...] = tuple(k for spec in self.layers for k in spec.router_keys)
@@ -129,8 +131,8 @@ class ExpertLayout:
 
     @classmethod
     def from_tree(cls, tree: Mapping[str, torch.Tensor], num_experts: int | None = None,
-                  router_attr: str = "gate") -> ExpertLayout:
-        return cls({k: v.shape for k, v in tree.items()}, num_experts, router_attr)
+                  router_attr: str = "gate", top_k: int = 1) -> ExpertLayout:
+        return cls({k: v.shape for k, v in tree.items()}, num_experts, router_attr, top_k)
 
     def _router_keys(self, shapes: Mapping[str, torch.Size], layer: str) -> tuple[str, ...]:
         """Trainable tensors of ``<layer>.<router_attr>`` (weight, bias): row k belongs to expert k."""

@@ -16,7 +16,9 @@ router probability of each expert over real tokens, and the mean and max over ba
 Cost: an argmax, a bincount, a softmax and a few scatter-adds per layer per batch, summed on the router's device.
 
 :func:`masked_routing` adds −∞ to the logits of experts outside a client's sub-MoE (FedMoE) before anything reads
-them, so those experts are never chosen and get no gradient; it runs before the recorder's hook.
+them, so those experts are never chosen and get no gradient; it runs before the recorder's hook. Routers that choose
+inside their own forward (the fused families) re-do their family's choice with the mask
+(:mod:`fcmoe.models.masked_routers`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from fcmoe.models.layout import ExpertLayout, MoELayerSpec
+from fcmoe.models.masked_routers import masked_rule
 
 
 def read_router_output(kind: str, output: Any, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,25 +190,33 @@ class RoutingRecorder:
 def masked_routing(model: nn.Module, layout: ExpertLayout, mask: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
     """Inside the block, experts outside ``mask`` (layer name → ``[E]``, nonzero = the client holds it) are masked
     out of routing: −∞ is added to their router logits before top-k, so they are never chosen and get no gradient
-    (FedMoE's sub-MoE, in training and in the deployed model). ``None`` or ``{}`` masks nothing."""
+    (FedMoE's sub-MoE, in training and in the deployed model). ``None`` or ``{}`` masks nothing. A top-k router
+    needs at least k held experts per layer (``ValueError`` otherwise)."""
     handles = []
     try:
         for spec in layout.layers if mask else ():
             if spec.name not in mask:
                 continue
-            if spec.logits_module is None:
-                raise ValueError(f"{spec.name}: its router computes logits and top-k in one module, so a sub-MoE "
-                                 "mask cannot be applied; use a per-expert-module model or fedmoe/agg")
             held = mask[spec.name].bool()
-            if not held.any():
-                raise ValueError(f"{spec.name}: a sub-MoE must hold at least one expert")
+            if int(held.sum()) < layout.top_k:
+                raise ValueError(f"{spec.name}: a sub-MoE of a top-{layout.top_k} router must hold at least "
+                                 f"{layout.top_k} experts, got {int(held.sum())}")
             bias = torch.zeros(spec.num_experts).masked_fill(~held, float("-inf"))  # [E]
+            if spec.logits_module is not None:
+                def add_bias(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor,
+                             bias: torch.Tensor = bias) -> torch.Tensor:
+                    return output + bias.to(output.device, output.dtype)
 
-            def add_bias(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor,
-                         bias: torch.Tensor = bias) -> torch.Tensor:
-                return output + bias.to(output.device, output.dtype)
+                hooked, hook = spec.logits_module, add_bias
+            else:  # the router chooses inside its forward: re-do its choice with the mask (masked_routers)
+                hooked = spec.router_module
+                rule = masked_rule(model.get_submodule(hooked), spec.name)
 
-            handles.append(model.get_submodule(spec.logits_module).register_forward_hook(add_bias, prepend=True))
+                def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any, bias: torch.Tensor = bias,
+                         rule: Any = rule) -> Any:
+                    return rule(module, inputs[0], bias.to(inputs[0].device))
+
+            handles.append(model.get_submodule(hooked).register_forward_hook(hook, prepend=True))
         yield
     finally:
         for handle in handles:

@@ -148,13 +148,19 @@ def test_recommendation_reverts_and_freezes_when_the_next_participation_is_not_b
         assert torch.equal(twin.mask, record.mask) and twin.frozen == record.frozen and twin.stale == record.stale
 
 
-def test_fedmoe_refuses_a_fused_router_before_training() -> None:
+def test_fedmoe_on_a_top2_model_gives_every_sub_moe_two_experts_per_layer() -> None:
+    """Budget 0.25 of 8 experts would be 2 (one per layer); a top-2 router needs 2 per layer: 4, one of each
+    client's most used experts and the next in its p."""
     from tests.models.test_families import build
 
-    fused = build("qwen3_moe-tiny", "full").layout
-    with pytest.raises(ValueError, match="fedmoe/agg"):
-        FedMoE(FedMoEConfig(), fused)
-    FedMoE(FedMoEConfig(sub_models=False), fused)  # FedMoE-Agg needs no mask
+    fused = build("qwen3_moe-tiny", "full")
+    state = fused.model.trainable_state()
+    algo = FedMoE(FedMoEConfig(recommend=False), fused.layout)
+    assert algo.budget == 4
+    counts = [torch.tensor([9, 1, 0, 0]), torch.tensor([0, 1, 9, 0])]
+    first = _fedmoe_round(algo, fused, state, [random_delta(state, 0), random_delta(state, 1)], counts)
+    layer = fused.layout.layers[0].name
+    assert [first.messages[c][layer].tolist() for c in (0, 1)] == [[1, 1, 0, 0], [0, 1, 1, 0]]
 
 
 def test_the_client_trains_and_deploys_its_sub_moe(tiny: BuiltModel) -> None:

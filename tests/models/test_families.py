@@ -167,14 +167,16 @@ def test_balance_loss_has_gradient_to_the_routers(case: tuple[BuiltModel, type])
 
 
 @pytest.mark.parametrize(("name", "finetune"), [case[:2] for case in LAYOUT_CASES], ids=CASE_IDS)
-def test_two_client_two_round_federation_is_finite(name: str, finetune: str, tmp_path: Path) -> None:
+def test_the_default_methods_federate_two_clients_for_two_rounds(name: str, finetune: str, tmp_path: Path) -> None:
+    """The default method list (FedMoE's sub-MoEs from round 2 included) on every family and fine-tuning mode."""
     config = load_config(overrides=[f"model.name={name}", f"model.finetune={finetune}", "model.lora_rank=2",
                                     "model.num_experts=4", "data.train_per_class=2", "data.test_per_class=1",
                                     "data.max_length=16", "partition.num_clients=2", "partition.min_partition_size=4",
-                                    "rounds=2", "methods=['fedavg','fcmoe']"])
+                                    "rounds=2"])
+    assert config.methods == ("fedavg", "fedmoe", "pflmoe", "fcmoe")
     summaries = run_experiment(config, tmp_path, show_progress=False)
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 4 and all(math.isfinite(s.global_acc) for s in summaries)
+    assert len(rows) == 8 and all(math.isfinite(s.global_acc) for s in summaries)
     assert all('"train_loss": NaN' not in row for row in rows)
 
 
