@@ -196,6 +196,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     # under bf16 compute, keep fp32 master copies of the trainable weights (off: pure bf16, half their memory)
     master_weights: bool = True
+    # recompute each layer's activations in the backward pass instead of keeping them (same gradients, ~1 more
+    # forward): auto = on for the hub families (switch*, the fused decoders), off for fcmoe's upcycled models
+    gradient_checkpointing: str = "auto"  # auto | on | off
     # torch's CPU threads for a `fcmoe` command (0 = torch's default, one per core). Part of the experiment: sums
     # over another thread count differ in the last bits, so a resumed run keeps the count it started with
     threads: int = 0
@@ -209,6 +212,9 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision = {self.precision!r}: choose auto, fp32 or bf16 (default auto: the "
                               "checkpoint's own)")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError(f"train.gradient_checkpointing = {self.gradient_checkpointing!r}: choose auto, on or off "
+                              "(auto = on for hub families)")
         _positive("train.local_epochs", self.local_epochs)
         if self.local_steps < 0:
             raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "

@@ -22,7 +22,7 @@ from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.data.corpus import TextCorpus, subsample_per_class
 from fcmoe.data.sources import load_source
 from fcmoe.files import atomic_write
-from fcmoe.models.build import BuiltModel, build_model
+from fcmoe.models.build import BuiltModel, build_model, checkpointing
 from fcmoe.training.local import FeatureSet, LocalTrainer, featurize, resolve_device
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         label_names=pool.label_names, precision=config.train.precision,
                         master_weights=config.train.master_weights)
     log.info("precision: %s", built.precision.describe())
+    if checkpointing(model_cfg.name, config.train.gradient_checkpointing):
+        built.model.enable_gradient_checkpointing()
     trainer = LocalTrainer(built.model, built.layout, config.train, built.precision)  # moves it to train.device
     pool_features = _featurize(built, pool, feature_cache and feature_cache / FEATURE_FILES[0])
     global_test = _featurize(built, test, feature_cache and feature_cache / FEATURE_FILES[1])

@@ -12,7 +12,7 @@ import transformers
 from transformers import BertModel
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
+from fcmoe.models.catalog import FAMILY_NAMES, HUB, base_family, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
 from fcmoe.models.families import build_hub_family, hashing_tokenize, hf_tokenize, pretrained_path, pretrained_plan
@@ -65,6 +65,11 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                    lora_rank=lora_rank, label_names=label_names, plan=plan)
     apply_precision(built.model, plan)
     return built
+
+
+def checkpointing(name: str, setting: str) -> bool:
+    """Whether ``train.gradient_checkpointing`` (auto | on | off) turns it on for ``name``: auto = the hub families."""
+    return setting == "on" or (setting == "auto" and base_family(name) in HUB)
 
 
 def _precision_plan(name: str, path: str, precision: str, master_weights: bool) -> PrecisionPlan:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig, BertModel, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from fcmoe.models.moe import MoEEncoderLayer
@@ -30,6 +31,20 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 class TrainableTree(nn.Module):
     """Base of the classifiers: the trainable parameters as the tree that clients exchange."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each transformer layer's input in training and recompute the rest in the backward pass
+        (transformers' activation checkpointing, non-reentrant): activation memory of one layer instead of all,
+        for about one more forward pass. The gradients are the same."""
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+                enable = getattr(module, "activation_checkpointing_enable", None)
+                if enable is not None:
+                    enable({"use_reentrant": False})
+                else:  # transformers before activation_checkpointing_enable
+                    module.gradient_checkpointing_enable({"use_reentrant": False})
+                return
+        raise ValueError(f"{type(self).__name__} holds no transformers model that supports gradient checkpointing")
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached fp32 CPU copies of the trainable parameters, wherever and in whatever dtype the model holds them:
@@ -93,8 +108,13 @@ class EncoderClassifier(TrainableTree):
         self.layers = nn.ModuleList(layers[frozen_layers:])
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
         self.frozen_layers = frozen_layers
+        self.checkpointing = False
         for p in [*self.embeddings.parameters(), *self.frozen.parameters()]:
             p.requires_grad_(False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each trainable layer in the backward pass instead of keeping its activations."""
+        self.checkpointing = True
 
     # ------------------------------------------------------------------ frozen part
     @torch.no_grad()
@@ -115,7 +135,10 @@ class EncoderClassifier(TrainableTree):
         mask = self._mask(features, attention_mask)
         hidden = features
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, mask)
         return mean_pool(hidden, attention_mask)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

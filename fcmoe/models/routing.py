@@ -72,7 +72,7 @@ class RoutingRecorder:
         # per layer: [4, E] sum of router probabilities over real tokens, sum and max over batches of the batch mean
         # probability, and in row 3 the batch and real-token counts; only while gradients flow (training)
         self._scores: dict[str, torch.Tensor] = {}
-        self._losses: list[torch.Tensor] = []
+        self._losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (router logits [n, E], frac [E]) per layer
         self._token_mask: torch.Tensor | None = None
         self._enabled = False
         self.counting = True  # False: only the balance loss (what any MoE training step computes), no statistics
@@ -92,11 +92,12 @@ class RoutingRecorder:
             real = (mask[:, None] if mask is not None and mask.numel() == choices.shape[0]
                     else torch.ones_like(kept[:, :1]))
             if torch.is_grad_enabled() and logits.requires_grad:
-                # over every token, padding included, as transformers' Switch computes it
+                # over every token, padding included, as transformers' Switch computes it; the differentiable part
+                # waits for balance_loss(), outside the layer: under gradient checkpointing the layer re-runs in the
+                # backward pass with the recorder off, and must save the same tensors for backward both times
                 frac = torch.bincount(choices.reshape(-1), minlength=e).to(torch.float32)
-                probs = torch.softmax(logits.float(), dim=-1)  # [n, E]
-                self._losses.append(e * (frac / frac.sum() * probs.mean(dim=0)).sum())
-                self._add_scores(spec, probs.detach(), real)
+                self._losses.append((logits, frac))
+                self._add_scores(spec, torch.softmax(logits.detach().float(), dim=-1), real)
             if not self.counting:
                 return
             stats = self._stats.get(spec.name)
@@ -135,8 +136,11 @@ class RoutingRecorder:
             self._token_mask = None
 
     def balance_loss(self) -> torch.Tensor:
-        """Sum over MoE layers of the Switch load-balancing loss of the last recorded forward."""
-        return torch.stack(self._losses).sum() if self._losses else torch.zeros(())
+        """Sum over MoE layers of the Switch load-balancing loss E · Σ_k frac_k · mean_prob_k of the last recorded
+        forward."""
+        losses = [logits.shape[-1] * (frac / frac.sum() * torch.softmax(logits.float(), dim=-1).mean(dim=0)).sum()
+                  for logits, frac in self._losses]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def reset(self) -> None:
         self._stats = {}

@@ -146,13 +146,14 @@ class LocalTrainer:
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         for rows in batch_rows(len(data), cfg.batch_size, cfg.local_epochs, cfg.local_steps, generator):
             features, mask, labels = self._to_device(data.subset(rows))
-            with self._autocast(), masked_routing(model, self.layout, expert_mask), \
-                    self.recorder.recording(mask):
-                logits = model(features, mask)  # [B, C]
-                balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
-            loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            # the backward pass stays inside the mask: gradient checkpointing re-runs the routers there
+            with masked_routing(model, self.layout, expert_mask):
+                with self._autocast(), self.recorder.recording(mask):
+                    logits = model(features, mask)  # [B, C]
+                    balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
+                loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
             if cfg.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
             optimiser.step()
