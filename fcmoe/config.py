@@ -23,7 +23,7 @@ from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
 from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
                                    SweepConfig, TrackingConfig, TrainConfig, _positive)
 from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
-from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
+from fcmoe.models.catalog import FAMILY_NAMES, HUB, supports_lora
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,11 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = (-2, -1)  # layer indices to upcycle; negative counts from the top
     trainable_layers: int = 2  # the top layers trained; the embeddings and all lower layers are frozen and cached
     router_init_std: float = 0.02
+    # pretrained = the weights in model.path (or the family's hub default); random = a hub family's published shape
+    # (model.path = its hub id, or empty for the family's default; fcmoe.models.shapes) or a folder's config.json,
+    # with random weights made on the training device: real sizes without the hub
+    init: str = "pretrained"  # pretrained | random
+    num_layers: int = 0  # init = random: keep only the first N layers (0 = all)
 
     def __post_init__(self) -> None:
         if self.name not in FAMILY_NAMES:
@@ -134,6 +139,14 @@ class ModelConfig:
             raise ConfigError(f"model.trainable_layers = {self.trainable_layers}: must be >= 1")
         if not self.router_init_std >= 0:
             raise ConfigError(f"model.router_init_std = {self.router_init_std}: must be >= 0")
+        if self.init not in ("pretrained", "random"):
+            raise ConfigError(f"model.init = {self.init!r}: choose 'pretrained' or 'random'")
+        if self.init == "random" and (self.name not in HUB or self.name == "switch-t2t"):
+            raise ConfigError(f"model.init = 'random' builds a hub family's published shape; {self.name!r} is not one: "
+                              f"use one of {', '.join(n for n in HUB if n != 'switch-t2t')}")
+        if self.num_layers < 0 or (self.num_layers and self.init != "random"):
+            raise ConfigError(f"model.num_layers = {self.num_layers}: a layer count >= 1 for model.init = 'random' "
+                              "(0 = every layer of the shape)")
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
         skipped). A ClientApp process starts afresh for every message, and featurising is most of its set-up.
     """
     started = time.perf_counter()
-    resolve_device(config.train.device)  # a GPU asked for but absent stops here, before any data is read
+    device = resolve_device(config.train.device)  # a GPU asked for but absent stops here, before any data is read
     data, model_cfg = config.data, config.model
     train_corpus, test_corpus = load_source(data, config.seed)
     pool = subsample_per_class(train_corpus, data.train_per_class, config.seed)
@@ -75,7 +75,8 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         router_init_std=model_cfg.router_init_std, max_length=data.max_length, seed=config.seed,
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
                         label_names=pool.label_names, precision=config.train.precision,
-                        master_weights=config.train.master_weights)
+                        master_weights=config.train.master_weights, init=model_cfg.init,
+                        num_layers=model_cfg.num_layers, device=device)
     log.info("precision: %s", built.precision.describe())
     if checkpointing(model_cfg.name, config.train.gradient_checkpointing):
         built.model.enable_gradient_checkpointing()

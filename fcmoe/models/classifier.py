@@ -43,6 +43,9 @@ class TrainableTree(nn.Module):
                     enable({"use_reentrant": False})
                 else:  # transformers before activation_checkpointing_enable
                     module.gradient_checkpointing_enable({"use_reentrant": False})
+                # transformers also makes the input embeddings' output require grad (for reentrant checkpointing);
+                # fcmoe caches that output as its features, which must stay plain tensors outside any graph
+                module.disable_input_require_grads()
                 return
         raise ValueError(f"{type(self).__name__} holds no transformers model that supports gradient checkpointing")
 

@@ -11,6 +11,7 @@ import contextlib
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import DEFAULT_PATHS, base_family
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
 from fcmoe.models.precision import PrecisionPlan, plan_precision, stored_dtype
+from fcmoe.models.shapes import materialise, shape_config
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ FAMILIES: dict[str, Family] = {
                                                    q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
                                                    qk_nope_head_dim=8, v_head_dim=16), "last",
                           FusedExpertLayout, "n_routed_experts"),
+    "deepseek_v2": Family("DeepseekV2Config", dict(_DECODER, num_key_value_heads=4, moe_intermediate_size=32,
+                                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                                   first_k_dense_replace=0, n_group=1, topk_group=1,
+                                                   topk_method="greedy", q_lora_rank=None, kv_lora_rank=16,
+                                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), "last",
+                          FusedExpertLayout, "n_routed_experts"),
     "gpt_oss": Family("GptOssConfig", dict(_DECODER, intermediate_size=32, head_dim=16, num_local_experts=4,
                                            num_experts_per_tok=2, rope_parameters=None), "last",
                       FusedExpertLayout, "num_local_experts", router_attr="router"),
@@ -72,18 +80,28 @@ LORA_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 
 
-def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int,
-                     max_length: int, plan: PrecisionPlan) -> tuple[BackboneClassifier, ExpertLayout, Any]:
-    """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family; pretrained
-    weights are loaded straight into ``plan.frozen``'s dtype."""
+def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int, max_length: int,
+                     plan: PrecisionPlan, init: str = "pretrained", num_layers: int = 0,
+                     device: torch.device | str = "cpu") -> tuple[BackboneClassifier, ExpertLayout, Any]:
+    """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family.
+
+    Pretrained weights are loaded straight onto ``device`` in ``plan.frozen``'s dtype; ``init = "random"`` builds a
+    published shape (:mod:`fcmoe.models.shapes`) there with random weights, tokenised by the folder's tokenizer
+    when ``path`` has one, else by the hashing tokenizer over the shape's vocabulary.
+    """
     family = FAMILIES[base_family(name)]
     if name.endswith("-tiny"):
         config = getattr(transformers, family.config_class)(**family.tiny)
         backbone = _from_config(name, config)
         tokenize = hashing_tokenize(config.vocab_size, max_length)
+    elif init == "random":
+        config = shape_config(name, family.config_class, path, num_layers)
+        backbone = materialise(lambda c: _from_config(name, c), config, torch.device(device), plan.frozen)
+        tokenize = (hf_tokenize(path, max_length) if _has_tokenizer(path)
+                    else hashing_tokenize(config.vocab_size, max_length))
     else:
         source = pretrained_path(name, path)
-        backbone = _from_pretrained(name, source, plan.frozen)
+        backbone = _from_pretrained(name, source, plan.frozen, torch.device(device))
         tokenize = hf_tokenize(source, max_length)
         config = backbone.config
     embeddings = backbone.get_input_embeddings()
@@ -126,11 +144,16 @@ def pretrained_source(name: str, source: str) -> Iterator[None]:
             "config.json, weights and tokenizer") from None
 
 
-def _from_pretrained(name: str, source: str, dtype: torch.dtype) -> Any:
+def _from_pretrained(name: str, source: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """The checkpoint's weights, read straight onto ``device`` in ``dtype`` (no host copy of a GPU model)."""
     with pretrained_source(name, source):
         if base_family(name) == "switch":
-            return transformers.SwitchTransformersEncoderModel.from_pretrained(source, dtype=dtype)
-        return AutoModel.from_pretrained(source, dtype=dtype)
+            return transformers.SwitchTransformersEncoderModel.from_pretrained(source, dtype=dtype, device_map=device)
+        return AutoModel.from_pretrained(source, dtype=dtype, device_map=device)
+
+
+def _has_tokenizer(path: str) -> bool:
+    return bool(path) and any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def pretrained_path(name: str, path: str) -> str:
@@ -139,6 +162,12 @@ def pretrained_path(name: str, path: str) -> str:
     if not source:
         raise ValueError(f"model.path is empty: {name!r} needs a local folder or hub id of its weights")
     return source
+
+
+def random_plan(name: str, path: str, num_layers: int, precision: str, master_weights: bool) -> PrecisionPlan:
+    """The precision plan of a published shape built with random weights: its checkpoint's dtype."""
+    config = shape_config(name, FAMILIES[base_family(name)].config_class, path, num_layers)
+    return plan_precision(stored_dtype(config), precision, master_weights)
 
 
 def pretrained_plan(name: str, source: str, precision: str, master_weights: bool) -> PrecisionPlan:

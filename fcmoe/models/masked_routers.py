@@ -12,6 +12,7 @@ the family makes its choice. With nothing masked it returns what the module itse
   where the family renormalises;
 - sigmoid with a score-correction bias and group-limited top-k (DeepSeek-V3): the mask joins the correction
   bias in the scores used for the choice; the weights stay the chosen experts' sigmoid scores;
+- softmax, then greedy or group-limited top-k (DeepSeek-V2);
 - top-k on the biased logits, softmax over the k chosen (GPT-OSS).
 
 A masked expert therefore gets no token, and no gradient through the router's choice: its router row's logit is
@@ -75,6 +76,28 @@ def deepseek_v3(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> 
     return logits + bias, weights * router.routed_scaling_factor, indices  # masked logits: for the balance loss
 
 
+def deepseek_v2(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> RouterOutput:
+    """DeepSeek-V2: softmax scores; greedy top-k, or top-k within the groups of the best expert scores."""
+    hidden = hidden.view(-1, router.hidden_dim)
+    logits = F.linear(hidden.type(torch.float32), router.weight.type(torch.float32)) + bias  # [n, E]
+    scores = logits.softmax(dim=-1, dtype=torch.float32)  # masked experts: 0
+    if router.topk_method == "group_limited_greedy":
+        groups, per_group = router.num_group, router.num_experts // router.num_group
+        group_scores = scores.view(-1, groups, per_group).max(dim=-1).values  # [n, G]
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, per_group).reshape(-1, router.num_experts)
+        restricted = scores.masked_fill(~score_mask.bool(), 0.0)
+        weights, indices = torch.topk(restricted, k=router.top_k, dim=-1, sorted=False)
+        # where the chosen groups hold fewer than k of the client's experts, choose among all it holds
+        short = (restricted > 0).sum(dim=-1, keepdim=True) < router.top_k  # [n, 1]
+        any_weights, any_indices = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
+        weights, indices = torch.where(short, any_weights, weights), torch.where(short, any_indices, indices)
+    else:
+        weights, indices = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
+    return logits, weights * router.routed_scaling_factor, indices
+
+
 def gpt_oss(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> RouterOutput:
     """GPT-OSS: top-k of the biased logits, softmax over the k chosen."""
     logits = F.linear(hidden, router.weight, router.bias) + bias.to(hidden.dtype)  # [n, E]
@@ -85,7 +108,8 @@ def gpt_oss(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> Rout
 # transformers' router class → its rule with a mask
 MASKED_RULES: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], RouterOutput]] = {
     "Qwen2MoeTopKRouter": qwen_olmoe, "Qwen3MoeTopKRouter": qwen_olmoe, "OlmoeTopKRouter": qwen_olmoe,
-    "MixtralTopKRouter": mixtral, "DeepseekV3TopkRouter": deepseek_v3, "GptOssTopKRouter": gpt_oss,
+    "MixtralTopKRouter": mixtral, "DeepseekV2TopkRouter": deepseek_v2, "DeepseekV3TopkRouter": deepseek_v3,
+    "GptOssTopKRouter": gpt_oss,
 }
 
 

@@ -15,21 +15,25 @@ from tests.models.test_families import TEXTS, build
 CASES = [(f"{family}-tiny", finetune) for family in FUSED for finetune in ("full", "lora")]
 
 
-def _grouped_deepseek() -> BuiltModel:
-    """DeepSeek-V3 with 2 groups of 2 experts, 1 group chosen per token: the group-limited choice is exercised."""
+GROUPED = ["deepseek_v2-grouped", "deepseek_v3-grouped"]
+
+
+def _grouped_deepseek(family: str) -> BuiltModel:
+    """DeepSeek with 2 groups of 2 experts, 1 group chosen per token: the group-limited choice is exercised."""
     from fcmoe.models import families
 
-    spec = families.FAMILIES["deepseek_v3"]
-    grouped = families.Family(**{**spec.__dict__, "tiny": {**spec.tiny, "n_group": 2, "topk_group": 1}})
-    families.FAMILIES["deepseek_v3"] = grouped
+    spec = families.FAMILIES[family]
+    extra = {"topk_method": "group_limited_greedy"} if family == "deepseek_v2" else {}
+    grouped = families.Family(**{**spec.__dict__, "tiny": {**spec.tiny, "n_group": 2, "topk_group": 1, **extra}})
+    families.FAMILIES[family] = grouped
     try:
-        return build("deepseek_v3-tiny", "full")
+        return build(f"{family}-tiny", "full")
     finally:
-        families.FAMILIES["deepseek_v3"] = spec
+        families.FAMILIES[family] = spec
 
 
 def _model(name: str, finetune: str) -> BuiltModel:
-    return _grouped_deepseek() if name == "deepseek_v3-grouped" else build(name, finetune)
+    return _grouped_deepseek(name.removesuffix("-grouped")) if name in GROUPED else build(name, finetune)
 
 
 def _inputs(built: BuiltModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +41,7 @@ def _inputs(built: BuiltModel) -> tuple[torch.Tensor, torch.Tensor]:
     return built.model.featurize(ids, mask), mask
 
 
-@pytest.mark.parametrize("name", [f"{family}-tiny" for family in FUSED] + ["deepseek_v3-grouped"])
+@pytest.mark.parametrize("name", [f"{family}-tiny" for family in FUSED] + GROUPED)
 def test_nothing_masked_is_the_familys_own_routing(name: str) -> None:
     built = _model(name, "full")
     features, mask = _inputs(built)
@@ -50,8 +54,8 @@ def test_nothing_masked_is_the_familys_own_routing(name: str) -> None:
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize(("name", "finetune"), CASES + [("deepseek_v3-grouped", "full")],
-                         ids=[f"{n}-{f}" for n, f in CASES] + ["deepseek_v3-grouped-full"])
+@pytest.mark.parametrize(("name", "finetune"), CASES + [(name, "full") for name in GROUPED],
+                         ids=[f"{n}-{f}" for n, f in CASES] + GROUPED)
 def test_a_masked_expert_is_never_chosen_and_gets_no_gradient(name: str, finetune: str) -> None:
     built = _model(name, finetune)
     model, layout = built.model, built.layout

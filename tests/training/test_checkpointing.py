@@ -27,6 +27,7 @@ def _train(name: str, finetune: str, on: bool) -> tuple[dict[str, torch.Tensor],
     trainer = LocalTrainer(built.model, built.layout, TrainConfig(batch_size=3, device="cpu", lr=1e-2))
     ids, mask = built.tokenize(TEXTS * 3)
     data = featurize(built.model, ids, mask, torch.tensor([0, 1, 2] * 3))
+    assert not data.features.requires_grad  # cached features stay outside every graph (steps reuse them)
     held = {spec.name: torch.tensor([1.0, 0.0, 1.0, 1.0]) for spec in built.layout.layers}
     start = built.model.trainable_state()
     end = trainer.train(start, data, seed=0, expert_mask=held).state
