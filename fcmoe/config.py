@@ -109,6 +109,9 @@ class ModelConfig:
     path: str = ""  # a local Hugging Face folder (or hub id) instead of the offline asset / family default
     finetune: str = "full"  # full | lora (LoRA on fused experts + attention; fused families only)
     lora_rank: int = 8
+    # LoRA on fused experts: factored = x·W_e + s·(x·A_e)·B_e per routed expert (fcmoe.models.expert_lora); merged =
+    # PEFT's W + s·B·A, a full copy of every adapted expert stack kept for the backward pass (same results)
+    expert_lora: str = "factored"  # factored | merged
     num_experts: int = 8
     moe_layers: tuple[int, ...] = (-2, -1)  # layer indices to upcycle; negative counts from the top
     trainable_layers: int = 2  # the top layers trained; the embeddings and all lower layers are frozen and cached
@@ -131,6 +134,9 @@ class ModelConfig:
         if self.finetune == "lora" and not supports_lora(self.name):
             raise ConfigError(f"model.finetune = 'lora' with model.name = {self.name!r}: LoRA on experts needs fused "
                               f"expert tensors; use one of {', '.join(n for n in FAMILY_NAMES if supports_lora(n))}")
+        if self.expert_lora not in ("factored", "merged"):
+            raise ConfigError(f"model.expert_lora = {self.expert_lora!r}: choose 'factored' (default) or 'merged' "
+                              "(PEFT's)")
         if self.lora_rank < 1:
             raise ConfigError(f"model.lora_rank = {self.lora_rank}: must be >= 1 (e.g. 8)")
         if self.num_experts < 1:

