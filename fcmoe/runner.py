@@ -16,6 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from fcmoe.config import ExperimentConfig
 from fcmoe.experiment import prepare_experiment
+from fcmoe.plan import check_fits
 from fcmoe.rounds import initial_scores
 from fcmoe.runs import (MethodSummary, check_same_experiment, keep_rows, load_summaries, save_final_model,
                         save_partition, save_summaries)
@@ -41,6 +42,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show_progress: bool 
     todo = [m for m in config.methods if m not in done]
     if not todo:
         return [done[m] for m in config.methods]
+    check_fits(config)  # a step that cannot fit its device stops here, before any weight is loaded
     exp = prepare_experiment(config)
     initial = initial_scores(exp)
     tracker = make_tracker(config.tracking, run_dir)

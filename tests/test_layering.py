@@ -31,8 +31,9 @@ LAYERS: dict[str, int] = {
     "fcmoe.runs": 8, "fcmoe.checkpoint": 8,  # run-folder I/O and checkpoints, below both engines
     "fcmoe.sim": 9, "fcmoe.fl": 9,  # the engines
     "fcmoe.tracking": 9,  # metrics.jsonl rows mirrored to TensorBoard
+    "fcmoe.plan": 9,  # fcmoe plan: counts and memory from shapes, before loading
     "fcmoe.runner": 10, "fcmoe.sweep": 11, "fcmoe.study": 12, "fcmoe.report": 12, "fcmoe.cli": 13,
-    "fcmoe.cli_errors": 12,
+    "fcmoe.cli_errors": 12, "fcmoe.listing": 12,
 }
 LEAVES = {name for name, rank in LAYERS.items() if rank == 0 and name != "fcmoe.core"}
 FORBIDDEN = {("fcmoe.fl", "fcmoe.sim"), ("fcmoe.sim", "fcmoe.fl"), ("fcmoe.sim", "fcmoe.report"),

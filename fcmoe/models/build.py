@@ -15,8 +15,8 @@ from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import FAMILY_NAMES, HUB, base_family, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
-from fcmoe.models.families import (build_hub_family, hashing_tokenize, hf_tokenize, pretrained_path, pretrained_plan,
-                                   hub_plan)
+from fcmoe.models.families import (FAMILIES, build_hub_family, hashing_tokenize, hf_tokenize, hub_plan,
+                                   meta_hub_family, pretrained_path, pretrained_plan)
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
 from fcmoe.models.seq2seq import TextToTextClassifier, build_text_to_text
@@ -78,6 +78,28 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                        device=device, expert_lora=expert_lora)
     apply_precision(built.model, plan)
     return built
+
+
+def meta_model(name: str, *, path: str, finetune: str, lora_rank: int, init: str, num_layers: int, precision: str,
+               master_weights: bool, expert_lora: str, num_experts: int, moe_layers: tuple[int, ...],
+               trainable_layers: int) -> BuiltModel:
+    """The model :func:`build_model` builds, for its shapes and dtypes: a Switch or fused family on the ``meta``
+    device (no weight read, no memory: a pretrained checkpoint's ``config.json`` only); fcmoe's small upcycled
+    models and ``switch-t2t`` are built for real."""
+    family = base_family(name)
+    if family not in FAMILIES:
+        return build_model(name, 2, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+                           router_init_std=0.02, max_length=16, seed=0, path=path, finetune=finetune,
+                           lora_rank=lora_rank, precision=precision, master_weights=master_weights)
+    plan = hub_plan(name, path, init, num_layers, precision, master_weights)
+    model, layout = meta_hub_family(name, 2, path=path, finetune=finetune, lora_rank=lora_rank, init=init,
+                                    num_layers=num_layers, dtype=plan.frozen, expert_lora=expert_lora)
+    apply_precision(model, plan)
+    return BuiltModel(model, layout, _no_tokenizer, plan)
+
+
+def _no_tokenizer(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("a meta model has no tokenizer: build the model with build_model to tokenise")
 
 
 def checkpointing(name: str, setting: str) -> bool:

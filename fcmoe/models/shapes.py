@@ -19,6 +19,7 @@ import transformers
 from torch import nn
 
 from fcmoe.models.catalog import base_family
+from fcmoe.models.memory import idle_expert_parameters
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,6 @@ def count_parameters(shape: PublishedShape, num_layers: int = 0) -> tuple[int, i
         model = (transformers.SwitchTransformersForConditionalGeneration(config) if shape.family == "switch"
                  else transformers.AutoModelForCausalLM.from_config(config))
     total = sum(p.numel() for p in model.parameters())
-    experts = int(getattr(config, family.experts_attribute))
-    top_k = int(getattr(config, "num_experts_per_tok", 1))
-    idle = 0
-    for name, module in model.named_modules():
-        if name.endswith(".experts"):
-            per_expert = sum(p.numel() for p in module.parameters()) // experts
-            idle += (experts - top_k) * per_expert
+    idle = idle_expert_parameters(model, int(getattr(config, "num_experts_per_tok", 1)))
     embedding = 0 if shape.active_counts_embedding else model.get_input_embeddings().weight.numel()
     return total, total - idle - embedding

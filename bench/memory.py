@@ -1,0 +1,149 @@
+"""Peak memory of one local training step at real MoE widths, each configuration in a fresh process.
+
+Usage: ``python bench/memory.py [--shapes all|KEY,…] [--layers 1,2] [--batch 2] [--length 256] [--device cpu]
+[--variants lora-merged,lora-factored,…] [--out results/memory-measured.jsonl]``.
+
+Each shape of :data:`fcmoe.models.shapes.SHAPES` is built with random weights at its real width and cut to each of
+``--layers`` layers (``model.init = "random"``, bf16 weights as published, fp32 master copies of the trainable
+ones), then one client takes one local step (``LocalTrainer.train``, AdamW, the balance loss, routing statistics)
+on ``--batch`` × ``--length`` tokens. A fresh process per configuration measures, above what the process held
+after its imports:
+- ``weights_mb``: after the model is built;
+- ``peak_mb``: the peak during the step (CPU: the process's peak RSS; CUDA: ``torch.cuda.max_memory_allocated``);
+- ``saved_mb``: what autograd kept for the backward pass (unique storages other than parameters).
+
+From two depths the script separates a per-layer cost from the rest and extrapolates to the shape's full depth with
+the printed formula ``full = m(1) + (L − 1) · (m(2) − m(1))`` (Switch: per pair of layers, since every other layer
+is an MoE one). Variants: ``lora-merged`` (PEFT's W + s·B·A forward), ``lora-factored`` (fcmoe's), ``full``; each
+with ``-ckpt`` for gradient checkpointing. CPU figures show the relative sizes; a GPU's kernels keep other tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("lora-merged", "lora-factored", "lora-merged-ckpt", "lora-factored-ckpt")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, device: str) -> dict:
+    """One configuration, in this process (run by :func:`main` in a child of its own)."""
+    import torch
+
+    from fcmoe.config import TrainConfig
+    from fcmoe.models.build import build_model
+    from fcmoe.models.shapes import SHAPES
+    from fcmoe.training.local import FeatureSet, LocalTrainer
+
+    base = _rss_mb()
+    finetune = "full" if variant.startswith("full") else "lora"
+    expert_lora = "merged" if "merged" in variant else "factored"
+    started = time.perf_counter()
+    built = build_model(SHAPES[shape].family, 4, num_experts=0, moe_layers=(), trainable_layers=1,
+                        router_init_std=0.0, max_length=length, seed=0, path=shape, init="random",
+                        num_layers=layers, finetune=finetune, lora_rank=8, expert_lora=expert_lora, device=device)
+    if variant.endswith("-ckpt"):
+        built.model.enable_gradient_checkpointing()
+    cuda = torch.device(device).type == "cuda"
+    weights = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb() - base
+    trainer = LocalTrainer(built.model, built.layout, TrainConfig(batch_size=batch, device=device, local_steps=1),
+                           built.precision)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 30000, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    data = FeatureSet(built.model.featurize(ids.to(device), mask.to(device)).cpu(), mask, torch.zeros(batch).long())
+    params = {p.untyped_storage().data_ptr() for p in built.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_started = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        trainer.train(built.model.trainable_state(), data, seed=0)
+    step_s = time.perf_counter() - step_started
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    return dict(shape=shape, layers=layers, variant=variant, batch=batch, length=length, device=device,
+                weights_mb=round(weights), peak_mb=round(peak), saved_mb=round(sum(saved.values()) / 2**20),
+                build_s=round(step_started - started, 1), step_s=round(step_s, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="all", help="comma-separated keys of fcmoe.models.shapes.SHAPES, or all")
+    parser.add_argument("--layers", default="1,2", help="two depths, e.g. 1,2 (Switch: 2,4)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default="", help="append each measurement as a JSON line to this file")
+    parser.add_argument("--one", nargs=3, metavar=("SHAPE", "LAYERS", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        shape, layers, variant = args.one
+        print(json.dumps(measure_one(shape, int(layers), variant, args.batch, args.length, args.device)))
+        return
+    from fcmoe.models.shapes import SHAPES
+
+    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    depths = [int(n) for n in args.layers.split(",")]
+    for shape in shapes:
+        family_depths = [2 * n for n in depths] if SHAPES[shape].family == "switch" else depths
+        for variant in args.variants.split(","):
+            rows = []
+            for layers in family_depths:
+                command = [sys.executable, __file__, "--one", shape, str(layers), variant, "--batch", str(args.batch),
+                           "--length", str(args.length), "--device", args.device]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{shape} {variant} L={layers}: failed: {done.stderr.strip().splitlines()[-1:]}")
+                    break
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                if args.out:
+                    with Path(args.out).open("a") as out:
+                        out.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+            if len(rows) == 2:
+                _extrapolate(shape, variant, rows)
+
+
+def _extrapolate(shape: str, variant: str, rows: list[dict]) -> None:
+    from fcmoe.models.shapes import SHAPES, shape_config
+
+    shallow, deep = rows
+    unit = deep["layers"] - shallow["layers"]
+    depth = shape_config(SHAPES[shape].family, _config_class(shape), shape).to_dict()
+    full = depth.get("num_hidden_layers") or depth["num_layers"]
+    for key in ("peak_mb", "weights_mb", "saved_mb"):
+        per = (deep[key] - shallow[key]) / unit
+        estimate = shallow[key] + (full - shallow["layers"]) * per
+        print(f"  {shape} {variant} {key}: {shallow[key]} + ({full} − {shallow['layers']}) × {per:.0f} = "
+              f"{estimate / 1024:.1f} GiB at full depth")
+
+
+def _config_class(shape: str) -> str:
+    from fcmoe.models.families import FAMILIES
+    from fcmoe.models.shapes import SHAPES
+
+    return FAMILIES[SHAPES[shape].family].config_class
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""``fcmoe list``: every name the configuration accepts, one line each."""
+
+from __future__ import annotations
+
+
+def print_names() -> int:
+    """Every name the config accepts for a method, model, dataset and offline asset, one line each."""
+    from fcmoe.data.assets import ASSETS
+    from fcmoe.data.catalog import FILE_SOURCES, HUB_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS
+    from fcmoe.models.catalog import FAMILY_NAMES
+    from fcmoe.registry import ALGORITHMS
+
+    methods = [f"{name}{''.join(f', {name}/{v}' for v in ALGORITHMS.get(name).variants)}"
+               for name in ALGORITHMS.names()]
+    print(f"methods (--methods): {', '.join(methods)}")
+    print(f"models (model.name): {', '.join(FAMILY_NAMES)}")
+    print(f"datasets (data.name): offline {', '.join(OFFLINE_SOURCES)}; hub {', '.join(HUB_SOURCES)}; "
+          f"your file {', '.join(FILE_SOURCES)} (data.path)")
+    print(f"partitions (partition.kind): {', '.join(PARTITION_KINDS)}")
+    print(f"offline assets (fcmoe fetch): {', '.join(f'{a.dist}=={a.version}' for a in ASSETS.values())}")
+    print("engines (--engine): inprocess, flower; fcmoe deploy-local for a local TLS deployment")
+    return 0
