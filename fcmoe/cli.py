@@ -201,7 +201,6 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
     from fcmoe.data.assets import AssetError
     from fcmoe.sweep import run_sweep, sweep_cells
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         alphas = _numbers(args.alphas, float, "--alphas") if args.alphas is not None else list(config.sweep.alphas)
         seeds = _numbers(args.seeds, int, "--seeds") if args.seeds is not None else list(config.sweep.seeds)
@@ -233,7 +232,6 @@ def _study(args: argparse.Namespace) -> int:
     from fcmoe.report.study import build_study_report
     from fcmoe.study import run_study
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     study_dir = Path(args.out)
     try:
         if not args.report_only:
@@ -360,7 +358,6 @@ def _run(config: ExperimentConfig, show_progress: bool, run_dir: Path | None = N
     from fcmoe.runner import run_experiment
     from fcmoe.runs import new_run_dir
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _set_threads(config.train.threads)
     started = time.perf_counter()
     fresh = run_dir is None

@@ -82,7 +82,8 @@ CASES = [
     Case("config-folder", lambda t, m: ["run", "--config", str(t), "--out", str(t / "out")],
          2, r"config error: config file .* is a folder; pass a TOML file"),
     Case("hub-model-offline", lambda t, m: ["run", "--set", "model.name=switch", "--out", str(t / "out")],
-         1, r"error: model.name = 'switch': cannot load 'google/switch-base-16' .*model.path.*; nothing was written"),
+         1, r"error: model.name = 'switch': cannot load 'google/switch-base-16': not in the local Hugging Face cache, "
+            r"and hub access is off .*model.path.*; nothing was written"),
     Case("model-path-missing", lambda t, m: ["run", "--set", "model.name=qwen3_moe", "--set",
                                              "model.path=/nonexistent", "--out", str(t / "out")],
          2, r"config error: model.path = '/nonexistent': no such folder"),

@@ -14,7 +14,7 @@ import datasets
 
 from fcmoe.data.corpus import DataError, TextCorpus, encode_labels
 from fcmoe.data.mmlu import MMLU_CHOICES, MMLUQuestion, mmlu_corpus, subject_key
-from fcmoe.errors import first_line
+from fcmoe.errors import first_line, why_hub_failed
 
 
 AGNEWS_ID = "fancyzhx/ag_news"
@@ -30,8 +30,8 @@ def _load(source: str, config_name: str | None, offline_hint: str) -> Any:
             return datasets.load_dataset(str(local))
         return datasets.load_dataset(source, config_name)
     except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError…)
-        reason = first_line(err)
-        raise DataError(f"cannot load dataset {source!r} ({reason}); {offline_hint}") from None
+        reason = first_line(err) if local.exists() else why_hub_failed(err)
+        raise DataError(f"cannot load dataset {source!r}: {reason}; or {offline_hint}") from None
 
 
 def _split(dataset: Any, name: str, source: str) -> Any:

@@ -20,7 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from fcmoe.errors import first_line
+from fcmoe.errors import first_line, why_hub_failed
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import DEFAULT_PATHS, base_family
 from fcmoe.models.expert_lora import use_factored_expert_lora
@@ -177,11 +177,11 @@ def pretrained_source(name: str, source: str) -> Iterator[None]:
     try:
         yield
     except (OSError, HFValidationError) as err:
-        reason = first_line(err)
+        local = Path(source).expanduser().is_dir()
+        reason = first_line(err)[:200] if local or isinstance(err, HFValidationError) else why_hub_failed(err)
         raise ModelLoadError(
-            f"model.name = {name!r}: cannot load {source!r} ({reason[:200]}); without hub access a hub model must "
-            "already be in the local Hugging Face cache, or set model.path to a local folder holding its "
-            "config.json, weights and tokenizer") from None
+            f"model.name = {name!r}: cannot load {source!r}: {reason}; or set model.path to a local folder holding "
+            "its config.json, weights and tokenizer") from None
 
 
 def _from_pretrained(name: str, source: str, dtype: torch.dtype, device: torch.device) -> Any:
