@@ -194,6 +194,9 @@ class TrainConfig:
     # auto = the checkpoint's: bf16 compute for a bf16 / fp16 checkpoint, fp32 for an fp32 one; fp32 | bf16 to choose
     # (fcmoe.models.precision: what each weight is kept in). The exchanged trees are fp32 whatever this says
     precision: str = "auto"  # auto | fp32 | bf16
+    # Flower's simulation: the share of a GPU each client's Ray actor asks for (-1 = one GPU when train.device is a
+    # GPU, else none; an actor given none trains on the CPU)
+    client_gpus: float = -1.0
     # under bf16 compute, keep fp32 master copies of the trainable weights (off: pure bf16, half their memory)
     master_weights: bool = True
     # recompute each layer's activations in the backward pass instead of keeping them (same gradients, ~1 more
@@ -215,6 +218,9 @@ class TrainConfig:
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise ConfigError(f"train.gradient_checkpointing = {self.gradient_checkpointing!r}: choose auto, on or off "
                               "(auto = on for hub families)")
+        if not (self.client_gpus == -1 or 0 <= self.client_gpus):
+            raise ConfigError(f"train.client_gpus = {self.client_gpus}: a GPU share >= 0 (e.g. 0.5), or -1 (one GPU "
+                              "when training on a GPU)")
         _positive("train.local_epochs", self.local_epochs)
         if self.local_steps < 0:
             raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "

@@ -103,7 +103,7 @@ def _train(exp: Experiment, algo: Algorithm, cid: int, store: NodeStateStore, in
     update = client_step(exp, algo, cid, round_index, global_state, state)
     store.save_trained(round_index, state, global_state)
     _clock.mark("work")
-    reply = encode_update(update, algo.layout)
+    reply = encode_update(update, algo.layout, exp.trainer.device_name)
     _clock.mark("reply")
     return reply
 

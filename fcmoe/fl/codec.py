@@ -43,6 +43,7 @@ VALID_UPDATES, REJECTED, LOCAL_ACC_MEAN, GLOBAL_ACC = "valid_updates", "rejected
 STATE_KEY = "state-key"  # instruction: the run's key for node-local client state (run folder and method)
 BF16_SUFFIX = "@bfloat16"  # array key suffix: int16 bits of a bfloat16 tensor
 SPARSE = "sparse"  # update metric: the reply carries only the experts that saw a token
+WHERE, DEVICE = "where", "device"  # train reply, optional: where the client trained ("cpu" or the GPU's name)
 
 
 class MalformedReply(ValueError):
@@ -98,8 +99,8 @@ def _view(array: Any) -> torch.Tensor:
         return torch.from_numpy(values)
 
 
-def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> RecordDict:
-    """A train reply: Δ_i, routing counts, and (client id, n_i, metrics).
+def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None, device: str = "") -> RecordDict:
+    """A train reply: Δ_i, routing counts, and (client id, n_i, metrics); with ``device``, where it trained.
 
     A sparse update (``update.sparse``, which needs ``layout``) carries only the experts that saw a token, packed
     per MoE layer by :meth:`~fcmoe.models.layout.ExpertLayout.pack_experts`; the routing counts say which.
@@ -118,7 +119,15 @@ def encode_update(update: ClientUpdate, layout: ExpertLayout | None = None) -> R
     records = {DELTA: delta, ROUTING: routing, UPDATE: metrics}
     if update.statistics:
         records[STATISTICS] = tree_to_record(update.statistics)
+    if device:
+        records[WHERE] = ConfigRecord({DEVICE: device})
     return RecordDict(records)
+
+
+def decode_device(content: RecordDict) -> str:
+    """Where a train reply's client trained ("" when it does not say)."""
+    where = content.get(WHERE)
+    return str(where.get(DEVICE, "")) if isinstance(where, ConfigRecord) else ""
 
 
 def decode_update(content: RecordDict, layout: ExpertLayout | None = None) -> ClientUpdate:

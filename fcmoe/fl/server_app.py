@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import torch
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -111,8 +112,17 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     final = strategy.run_rounds(grid, tree_to_record(start_state), first_round, cfg.rounds, round_timeout_s,
                                 evaluate)
     save_final_model(run_dir, method, record_to_tree(final))
+    trained_on = ", ".join(sorted(strategy.client_devices)) or device  # what the clients said, else the caller's
     return MethodSummary.from_row({"method": method, **last}, cfg.rounds, time.perf_counter() - clock["start"],
-                                  device)
+                                  trained_on)
+
+
+def client_resources(client_gpus: float, device: torch.device) -> dict[str, float]:
+    """What each simulated client's Ray actor asks for: every core (clients train one after another, as in-process:
+    deterministic, no oversubscription) and ``train.client_gpus`` of a GPU (−1: a whole one when local training
+    runs on a GPU, else none). An actor given no GPU sees none, and would train on the CPU."""
+    gpus = (1.0 if device.type == "cuda" else 0.0) if client_gpus < 0 else client_gpus
+    return {"num_cpus": os.cpu_count() or 1, "num_gpus": gpus}
 
 
 class _NotOurConcern(logging.Filter):
@@ -147,8 +157,7 @@ def run_flower_method(exp: Experiment, method: str, run_dir: Path, on_round: Cal
     def main(grid: Grid, context: Context) -> None:
         summaries.append(serve(grid, exp, method, run_dir, device=exp.trainer.device_name, on_round=on_round))
 
-    # one actor with every core: clients train one after another, as in-process (deterministic, no oversubscription)
-    resources = {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0}
+    resources = client_resources(exp.config.train.client_gpus, exp.trainer.device)
     ray_init = {"include_dashboard": False, "logging_level": logging.DEBUG if verbose else logging.ERROR,
                 "log_to_driver": verbose}
     with warnings.catch_warnings():

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree
-from fcmoe.fl.codec import (Instruction, MalformedReply, decode_evaluation, decode_identity, decode_update,
+from fcmoe.fl.codec import (Instruction, MalformedReply, decode_device, decode_evaluation, decode_identity, decode_update,
                             deployed_global_of, encode_instruction, mean_local_accuracy, record_to_tree, round_counts,
                             tree_to_record)
 from fcmoe.rounds import RoundDraw, ServerStep, server_step
@@ -100,6 +100,7 @@ class AlgorithmStrategy(Strategy):
         self.state_key = state_key
         self.node_wait_s = node_wait_s
         self._waited = False  # the initial wait for num_nodes happens once
+        self.client_devices: set[str] = set()  # where the accepted replies say their clients trained
         self.global_tree: Tree = {}
         self.client_of_node: dict[int, int] = {}
         self.round_state = RoundState()
@@ -151,6 +152,7 @@ class AlgorithmStrategy(Strategy):
                                 f"client {update.client_id}")
                 continue
             arrived.append(update)
+            self.client_devices.add(decode_device(reply.content) or "not recorded")
         step = server_step(self.server, self.global_tree, arrived, rejected, label=f"round {server_round}")
         self.round_state.step = step
         counts = round_counts(len(step.accepted), len(step.rejected))
