@@ -116,6 +116,18 @@ def _client_view(features: FeatureSet, partition: Partition, client: int, rows: 
     return view
 
 
+def _same_kind(built: BuiltModel, found: FeatureSet, corpus: TextCorpus) -> bool:
+    """Whether a cached feature file holds what this model caches (token ids, or frozen-layer outputs of its
+    width), judged against its features of one document."""
+    ids, mask = built.tokenize(corpus.texts[:1])
+    probe = built.model.featurize(ids.to(_model_device(built)), mask.to(_model_device(built)))
+    return found.features.dtype == probe.dtype and found.features.shape[2:] == probe.shape[2:]
+
+
+def _model_device(built: BuiltModel) -> torch.device:
+    return next(built.model.parameters()).device
+
+
 def _featurize(built: BuiltModel, corpus: TextCorpus, cached: Path | None) -> FeatureSet:
     labels = torch.from_numpy(np.asarray(corpus.labels))
     if cached is not None and cached.is_file():
@@ -124,10 +136,12 @@ def _featurize(built: BuiltModel, corpus: TextCorpus, cached: Path | None) -> Fe
         except (OSError, SafetensorError, TypeError) as err:  # damaged, or not a feature file: compute it again
             log.warning("ignoring the feature cache %s (%s); computing the features again", cached, err)
         else:
-            if torch.equal(found.labels, labels) and len(found.features) == len(labels):
+            if torch.equal(found.labels, labels) and len(found.features) == len(labels) and _same_kind(built, found,
+                                                                                                     corpus):
                 log.info("frozen features read from %s", cached)
                 return found
-            log.warning("the feature cache %s is for other documents; computing the features again", cached)
+            log.warning("the feature cache %s is for other documents or of another kind; computing the features "
+                        "again", cached)
     ids, mask = built.tokenize(corpus.texts)
     features = featurize(built.model, ids, mask, labels)
     if cached is not None:

@@ -66,12 +66,14 @@ class TextToTextClassifier(TrainableTree):
 
     @torch.no_grad()
     def featurize(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Frozen embedding lookup: ``[B, T]`` → ``[B, T, H]``."""
-        return self.model.get_input_embeddings()(input_ids)
+        """What is cached of a document: its token ids ``[B, T]`` (the embedding lookup is cheap; its output is not)."""
+        return input_ids
 
     def encode(self, features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encoder over the document, one decoder step from the start token: ``[B, T, H]`` → ``[B, H]``."""
-        encoded = self.model.encoder(inputs_embeds=features, attention_mask=attention_mask).last_hidden_state
+        """Encoder over the document, one decoder step from the start token: ``[B, T]`` ids → ``[B, H]``."""
+        with torch.no_grad():
+            embedded = self.model.get_input_embeddings()(features)  # [B, T, H]
+        encoded = self.model.encoder(inputs_embeds=embedded, attention_mask=attention_mask).last_hidden_state
         start = torch.full((features.shape[0], 1), self.start_id, dtype=torch.long, device=features.device)
         decoded = self.model.decoder(input_ids=start, encoder_hidden_states=encoded,
                                      encoder_attention_mask=attention_mask).last_hidden_state  # [B, 1, H]

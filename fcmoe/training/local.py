@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FeatureSet:
-    """Cached frozen-layer features of some documents."""
+    """What is cached of some documents: the frozen layers' output (fcmoe's upcycled encoder, ``[n, T, H]``) or the
+    token ids (the hub families and the upcycled decoder, ``[n, T]``), right-padded."""
 
-    features: torch.Tensor  # [n, T, H]
+    features: torch.Tensor  # [n, T, H] or [n, T]
     mask: torch.Tensor  # [n, T] 1 = real token
     labels: torch.Tensor  # [n]
 
@@ -41,6 +42,16 @@ class FeatureSet:
 
     def subset(self, rows: torch.Tensor) -> FeatureSet:
         return FeatureSet(self.features[rows], self.mask[rows], self.labels[rows])
+
+    def trimmed(self) -> FeatureSet:
+        """The same documents padded only to their own longest: right padding past it is cut (nothing reads it)."""
+        length = max(int(self.mask.sum(dim=1).max()), 1) if len(self) else self.mask.shape[1]
+        return FeatureSet(self.features[:, :length], self.mask[:, :length], self.labels)
+
+    @property
+    def padding_share(self) -> float:
+        """The share of the cached positions that are padding."""
+        return 1.0 - float(self.mask.sum()) / max(self.mask.numel(), 1)
 
 
 @dataclass
@@ -114,6 +125,7 @@ class LocalTrainer:
         else:
             self.compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         self.model = model.to(self.device)
+        self._loaded: Mapping[str, torch.Tensor] | None = None  # the tree the model holds, while untouched
         self.layout = layout
         self.config = config
         self.recorder = RoutingRecorder(model, layout)
@@ -133,6 +145,7 @@ class LocalTrainer:
         """
         cfg, model = self.config, self.model
         model.load_trainable_state(dict(start))
+        self._loaded = None  # training changes the weights: the next predict loads its tree
         model.train()
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator().manual_seed(seed)
@@ -145,7 +158,7 @@ class LocalTrainer:
         self.recorder.reset()
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         for rows in batch_rows(len(data), cfg.batch_size, cfg.local_epochs, cfg.local_steps, generator):
-            features, mask, labels = self._to_device(data.subset(rows))
+            features, mask, labels = self._to_device(data.subset(rows).trimmed())  # padded to its own longest
             # the backward pass stays inside the mask: gradient checkpointing re-runs the routers there
             with masked_routing(model, self.layout, expert_mask):
                 with self._autocast(), self.recorder.recording(mask):
@@ -171,16 +184,23 @@ class LocalTrainer:
         """Logits and pooled vectors of the model with trainable tree ``state`` on ``data`` (eval mode), routed
         within ``expert_mask`` if given; with ``record_routing`` also the routing counts (layer → ``[E]``)."""
         model = self.model
-        model.load_trainable_state(dict(state))
+        if state is not self._loaded:  # the clients scored on one global model load it once
+            model.load_trainable_state(dict(state))
+            self._loaded = state
         model.eval()
         self.recorder.reset()
         pooled = []
+        # length-bucketed: documents in length order, each batch padded only to its own longest
+        order = data.mask.sum(dim=1).argsort(stable=True)  # [n]
         with self._autocast(), masked_routing(model, self.layout, expert_mask):
-            for i in range(0, len(data), batch_size):
-                mask = data.mask[i:i + batch_size].to(self.device)
+            for rows in order.split(batch_size):
+                batch = data.subset(rows).trimmed()
+                mask = batch.mask.to(self.device)
                 with self.recorder.recording(mask) if record_routing else contextlib.nullcontext():
-                    pooled.append(model.encode(data.features[i:i + batch_size].to(self.device), mask))  # [b, H]
-            pooled_all = torch.cat(pooled)  # [n, H]
+                    pooled.append(model.encode(batch.features.to(self.device), mask))  # [b, H]
+            in_order = torch.cat(pooled)  # [n, H]
+            pooled_all = torch.empty_like(in_order)
+            pooled_all[order.to(self.device)] = in_order  # back to the documents' order
             logits = model.head(pooled_all)  # [n, C]
         return Prediction(logits=logits.float().cpu(), pooled=pooled_all.float().cpu(), labels=data.labels,
                           routing_counts=self.recorder.snapshot() if record_routing else {})

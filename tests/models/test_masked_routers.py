@@ -44,10 +44,9 @@ def _inputs(built: BuiltModel) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", [f"{family}-tiny" for family in FUSED] + GROUPED)
 def test_nothing_masked_is_the_familys_own_routing(name: str) -> None:
     built = _model(name, "full")
-    features, mask = _inputs(built)
     for spec in built.layout.layers:
         router = built.model.get_submodule(spec.router_module)
-        hidden = torch.randn(37, features.shape[-1], generator=torch.Generator().manual_seed(1))
+        hidden = torch.randn(37, router.weight.shape[1], generator=torch.Generator().manual_seed(1))
         own = router(hidden)
         again = masked_rule(router, spec.name)(router, hidden, torch.zeros(spec.num_experts))
         for a, b in zip(own, again, strict=True):
