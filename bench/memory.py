@@ -14,7 +14,8 @@ after its imports:
 
 From two depths the script separates a per-layer cost from the rest and extrapolates to the shape's full depth with
 the printed formula ``full = m(1) + (L − 1) · (m(2) − m(1))`` (Switch: per pair of layers, since every other layer
-is an MoE one). Variants: ``lora-merged`` (PEFT's W + s·B·A forward), ``lora-factored`` (fcmoe's), ``full``; each
+is an MoE one; DeepSeek-V2-Lite from depths 2 and 3, its first layer being dense), and prints ``fcmoe plan``'s
+estimate of the same step beside it. Variants: ``lora-merged`` (PEFT's W + s·B·A forward), ``lora-factored`` (fcmoe's), ``full``; each
 with ``-ckpt`` for gradient checkpointing. CPU figures show the relative sizes; a GPU's kernels keep other tensors.
 """
 
@@ -104,7 +105,10 @@ def main() -> None:
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     depths = [int(n) for n in args.layers.split(",")]
     for shape in shapes:
-        family_depths = [2 * n for n in depths] if SHAPES[shape].family == "switch" else depths
+        family = SHAPES[shape].family
+        # Switch: every other layer is an MoE one; DeepSeek-V2-Lite's first layer is dense
+        family_depths = ([2 * n for n in depths] if family == "switch" else
+                         [n + SHAPES[shape].config.get("first_k_dense_replace", 0) for n in depths])
         for variant in args.variants.split(","):
             rows = []
             for layers in family_depths:
@@ -125,24 +129,40 @@ def main() -> None:
 
 
 def _extrapolate(shape: str, variant: str, rows: list[dict]) -> None:
+    """Full-depth figures from two depths, beside fcmoe plan's estimate of the same step."""
+    from fcmoe.models.families import FAMILIES
     from fcmoe.models.shapes import SHAPES, shape_config
 
     shallow, deep = rows
     unit = deep["layers"] - shallow["layers"]
-    depth = shape_config(SHAPES[shape].family, _config_class(shape), shape).to_dict()
-    full = depth.get("num_hidden_layers") or depth["num_layers"]
+    config = shape_config(SHAPES[shape].family, FAMILIES[SHAPES[shape].family].config_class, shape)
+    full = getattr(config, "num_hidden_layers", None) or config.num_layers
+    measured = {}
     for key in ("peak_mb", "weights_mb", "saved_mb"):
         per = (deep[key] - shallow[key]) / unit
-        estimate = shallow[key] + (full - shallow["layers"]) * per
+        measured[key] = shallow[key] + (full - shallow["layers"]) * per
         print(f"  {shape} {variant} {key}: {shallow[key]} + ({full} − {shallow['layers']}) × {per:.0f} = "
-              f"{estimate / 1024:.1f} GiB at full depth")
+              f"{measured[key] / 1024:.1f} GiB at full depth")
+    estimate = plan_estimate(shape, variant, deep["batch"] * deep["length"])
+    print(f"  {shape} {variant}: fcmoe plan {estimate / 2**30:.1f} GiB (with the step's two host trees) vs measured "
+          f"{measured['peak_mb'] / 1024:.1f} GiB: {estimate / 2**20 / measured['peak_mb'] - 1:+.0%}")
 
 
-def _config_class(shape: str) -> str:
-    from fcmoe.models.families import FAMILIES
+def plan_estimate(shape: str, variant: str, tokens: int, layers: int = 0) -> float:
+    """fcmoe plan's bytes for this step (``layers`` = 0: full depth), plus the start and end trees a CPU step
+    keeps beside the model (fp32, on the host: on a GPU run they are not in the device's figure)."""
+    from fcmoe.models.build import meta_model
+    from fcmoe.models.memory import estimate_step
     from fcmoe.models.shapes import SHAPES
 
-    return FAMILIES[SHAPES[shape].family].config_class
+    finetune = "full" if variant.startswith("full") else "lora"
+    expert_lora = "merged" if "merged" in variant else "factored"
+    built = meta_model(SHAPES[shape].family, path=shape, finetune=finetune, lora_rank=8, init="random",
+                       num_layers=layers, precision="auto", master_weights=True, expert_lora=expert_lora,
+                       num_experts=0, moe_layers=(), trainable_layers=1)
+    step = estimate_step(built.model, built.layout, built.precision, tokens=tokens,
+                         checkpointing=variant.endswith("-ckpt"), expert_lora=expert_lora, lora_rank=8)
+    return step.total + 2 * step.trainable * 4
 
 
 if __name__ == "__main__":
