@@ -15,7 +15,8 @@ after its imports:
 From two depths the script separates a per-layer cost from the rest and extrapolates to the shape's full depth with
 the printed formula ``full = m(1) + (L − 1) · (m(2) − m(1))`` (Switch: per pair of layers, since every other layer
 is an MoE one; DeepSeek-V2-Lite from depths 2 and 3, its first layer being dense), and prints ``fcmoe plan``'s
-estimate of the same step beside it. Variants: ``lora-merged`` (PEFT's W + s·B·A forward), ``lora-factored`` (fcmoe's), ``full``; each
+estimate of the same step beside it. Variants: ``lora-merged`` (PEFT's W + s·B·A forward), ``lora-factored``
+(fcmoe's), ``full``; each
 with ``-ckpt`` for gradient checkpointing. CPU figures show the relative sizes; a GPU's kernels keep other tensors.
 """
 

@@ -8,7 +8,6 @@ value and the fix, before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 import types
 import typing

@@ -184,9 +184,12 @@ class TrainConfig:
     local_steps: int = 0
     batch_size: int = 16
     lr: float = 1e-4
-    router_lr: float = 1e-3  # fresh routers learn faster than pretrained weights need to move
+    # -1 = auto: 10 × lr for fcmoe's freshly upcycled routers, lr for a pretrained family's own (fcmoe.models.build)
+    router_lr: float = -1.0
     weight_decay: float = 0.01
-    aux_loss_coef: float = 0.1  # Switch load-balancing loss weight
+    # Switch load-balancing loss weight, summed over MoE layers; -1 = auto: 0.1 for fcmoe's upcycled routers, a
+    # pretrained family's own coefficient (transformers applies it to the mean over layers: coef / MoE layers here)
+    aux_loss_coef: float = -1.0
     max_grad_norm: float = 1.0
     # Where local training runs: auto = the first CUDA GPU when one is visible, else the CPU. Trees, aggregation and
     # evaluation outputs stay on the CPU either way (a client's tree of the default is ~75 MB: ~10 ms each way).
@@ -226,9 +229,14 @@ class TrainConfig:
             raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "
                               "0 = train.local_epochs passes over the data)")
         _positive("train.batch_size", self.batch_size)
-        for key in ("lr", "router_lr"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be > 0 (default 1e-4 / 1e-3)")
-        for key in ("weight_decay", "aux_loss_coef", "max_grad_norm"):
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr = {self.lr}: must be > 0 (default 1e-4)")
+        if not (self.router_lr > 0 or self.router_lr == -1):
+            raise ConfigError(f"train.router_lr = {self.router_lr}: must be > 0, or -1 (auto: 10 × lr for upcycled "
+                              "routers, lr for pretrained ones)")
+        if not (self.aux_loss_coef >= 0 or self.aux_loss_coef == -1):
+            raise ConfigError(f"train.aux_loss_coef = {self.aux_loss_coef}: must be >= 0, or -1 (auto: the model's "
+                              "own)")
+        for key in ("weight_decay", "max_grad_norm"):
             if not getattr(self, key) >= 0:
                 raise ConfigError(f"train.{key} = {getattr(self, key)}: must be >= 0")

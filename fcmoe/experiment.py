@@ -80,7 +80,9 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
     log.info("precision: %s", built.precision.describe())
     if checkpointing(model_cfg.name, config.train.gradient_checkpointing):
         built.model.enable_gradient_checkpointing()
-    trainer = LocalTrainer(built.model, built.layout, config.train, built.precision)  # moves it to train.device
+    trainer = LocalTrainer(built.model, built.layout, config.train, built.precision,  # moves it to train.device
+                           built.router_defaults)
+    log.info("router lr %.3g, balance-loss weight %.3g per MoE layer", trainer.router_lr, trainer.aux_loss_coef)
     pool_features = _featurize(built, pool, feature_cache and feature_cache / FEATURE_FILES[0])
     global_test = _featurize(built, test, feature_cache and feature_cache / FEATURE_FILES[1])
     client_train = [_client_view(pool_features, partition, cid, c.train) for cid, c in enumerate(partition.clients)]

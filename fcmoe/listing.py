@@ -14,6 +14,14 @@ def print_names() -> int:
                for name in ALGORITHMS.names()]
     print(f"methods (--methods): {', '.join(methods)}")
     print(f"models (model.name): {', '.join(FAMILY_NAMES)}")
+    from fcmoe.models.families import FAMILIES, LORA_TARGET_PARAMETERS
+
+    targets = "; ".join(f"{name} {', '.join(family.lora_targets)}" for name, family in FAMILIES.items()
+                        if name != "switch")
+    print(f"LoRA targets (model.finetune = lora): {', '.join(LORA_TARGET_PARAMETERS)} and attention: {targets}")
+    from fcmoe.models.shapes import SHAPES
+
+    print(f"published shapes (model.init = random, model.path): {', '.join(SHAPES)}")
     print(f"datasets (data.name): offline {', '.join(OFFLINE_SOURCES)}; hub {', '.join(HUB_SOURCES)}; "
           f"your file {', '.join(FILE_SOURCES)} (data.path)")
     print(f"partitions (partition.kind): {', '.join(PARTITION_KINDS)}")

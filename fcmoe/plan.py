@@ -69,7 +69,8 @@ def describe(plan: RunPlan, config: ExperimentConfig) -> list[str]:
     """The lines ``fcmoe plan`` prints."""
     model_cfg, train = config.model, config.train
     step = plan.step
-    tuning = f"LoRA r={model_cfg.lora_rank} ({model_cfg.expert_lora} experts)" if model_cfg.finetune == "lora" else "full"
+    tuning = (f"LoRA r={model_cfg.lora_rank} ({model_cfg.expert_lora} experts)" if model_cfg.finetune == "lora"
+              else "full")
     where = (f"{torch.cuda.get_device_name(plan.device)}, {plan.capacity / GIB:.1f} GiB" if plan.device.type == "cuda"
              else f"the CPU, {plan.capacity / GIB:.1f} GiB of RAM")
     verdict = "fits" if plan.fits else "does NOT fit"

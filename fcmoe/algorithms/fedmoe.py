@@ -15,8 +15,9 @@ Our choices where the paper leaves room: p and the accuracy are measured on the 
 training (no extra held-out split, so FedMoE trains on the same documents as every other method; many clients
 hold only 10–20 documents at α = 0.1); stage 1 is one participation; the budget rounds down and keeps one expert
 per layer — k on a top-k model, whose router chooses k distinct experts per token (the fused families route
-top-2 to top-8; their routers re-do their own choice with the mask, ``fcmoe.models.masked_routers``). The variant ``fedmoe/agg`` (FedMoE-Agg) has no sub-models: its holders are the clients that routed at
-least one token to the expert.
+top-2 to top-8; their routers re-do their own choice with the mask, ``fcmoe.models.masked_routers``). The
+variant ``fedmoe/agg`` (FedMoE-Agg) has no sub-models: its holders are the clients that routed at least one
+token to the expert.
 """
 
 from __future__ import annotations

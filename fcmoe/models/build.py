@@ -15,9 +15,11 @@ from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import FAMILY_NAMES, HUB, base_family, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
-from fcmoe.models.families import (FAMILIES, build_hub_family, hashing_tokenize, hf_tokenize, hub_plan,
+from fcmoe.models.families import (FAMILIES, balance_coefficient, build_hub_family, hashing_tokenize, hf_tokenize,
+                                   hub_plan,
                                    meta_hub_family, pretrained_path, pretrained_plan)
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
+from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
 from fcmoe.models.seq2seq import TextToTextClassifier, build_text_to_text
 
@@ -36,6 +38,9 @@ class BuiltModel:
     layout: ExpertLayout
     tokenize: Tokenize
     precision: PrecisionPlan  # the dtypes its weights are kept and computed in
+    # (router lr / lr, balance-loss weight per MoE layer) for train.router_lr / aux_loss_coef = -1: fcmoe's fresh
+    # upcycled routers learn 10x faster under a strong balance loss; a pretrained family's keep its own settings
+    router_defaults: tuple[float, float] = (10.0, 0.1)
 
 
 def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[int, ...],
@@ -77,6 +82,9 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                        path=path, finetune=finetune, lora_rank=lora_rank, label_names=label_names, plan=plan,
                        device=device, expert_lora=expert_lora)
     apply_precision(built.model, plan)
+    if name in HUB and init == "pretrained":  # pretrained routers: the family's own settings
+        family = "switch" if name == "switch-t2t" else name
+        built.router_defaults = (1.0, balance_coefficient(family, text_config(built.model), len(built.layout.layers)))
     return built
 
 

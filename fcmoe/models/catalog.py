@@ -7,7 +7,8 @@ offline); ``<family>-tiny`` is a random 2-layer, d = 64, 4-expert configuration 
 from __future__ import annotations
 
 UPCYCLED = ("minilm-moe", "tiny-bert-moe", "smollm2-moe", "smollm2-moe-tiny")  # dense models upcycled by fcmoe
-FUSED = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")  # experts as fused [E, …] tensors
+# experts as fused [E, …] tensors
+FUSED = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 HUB = ("switch", "switch-t2t", *FUSED)  # switch: encoder + head; switch-t2t: encoder-decoder, label generated
 FAMILY_NAMES: tuple[str, ...] = (*UPCYCLED, *HUB, *(f"{name}-tiny" for name in HUB))
 DEFAULT_PATHS = {"switch": "google/switch-base-16", "switch-t2t": "google/switch-base-16"}

@@ -39,7 +39,14 @@ class Family:
     layout: type[ExpertLayout]
     experts_attribute: str  # config attribute holding the number of routed experts
     router_attr: str = "gate"  # attribute of the router module inside each MoE block
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # attention modules LoRA adapts besides the experts
+    balance_coef: float | None = None  # the family's balance-loss coefficient (None: its config's router_aux_loss_coef)
 
+
+# DeepSeek's multi-head latent attention has no v_proj: queries (q_proj, or q_b_proj under a query LoRA rank) and the
+# up-projection of the compressed keys and values (kv_b_proj). Balance coefficients: DeepSeek-V2's aux_loss_alpha;
+# DeepSeek-V3 balances through its routing bias and keeps a sequence-wise loss of weight 0.0001
+MLA_TARGETS = ("q_proj", "q_b_proj", "kv_b_proj")
 
 _DECODER = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128)
@@ -65,20 +72,19 @@ FAMILIES: dict[str, Family] = {
                                                    first_k_dense_replace=0, n_group=1, topk_group=1,
                                                    q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
                                                    qk_nope_head_dim=8, v_head_dim=16), "last",
-                          FusedExpertLayout, "n_routed_experts"),
+                          FusedExpertLayout, "n_routed_experts", lora_targets=MLA_TARGETS, balance_coef=0.0001),
     "deepseek_v2": Family("DeepseekV2Config", dict(_DECODER, num_key_value_heads=4, moe_intermediate_size=32,
                                                    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                                                    first_k_dense_replace=0, n_group=1, topk_group=1,
                                                    topk_method="greedy", q_lora_rank=None, kv_lora_rank=16,
                                                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), "last",
-                          FusedExpertLayout, "n_routed_experts"),
+                          FusedExpertLayout, "n_routed_experts", lora_targets=MLA_TARGETS, balance_coef=0.001),
     "gpt_oss": Family("GptOssConfig", dict(_DECODER, intermediate_size=32, head_dim=16, num_local_experts=4,
                                            num_experts_per_tok=2, rope_parameters=None), "last",
                       FusedExpertLayout, "num_local_experts", router_attr="router"),
 }
 
 LORA_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
-LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 
 
 def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int, max_length: int,
@@ -147,7 +153,7 @@ def _classifier(name: str, backbone: Any, num_labels: int, finetune: str, lora_r
         for p in backbone.parameters():
             p.requires_grad_(False)
         lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                          target_modules=LORA_TARGET_MODULES, target_parameters=LORA_TARGET_PARAMETERS)
+                          target_modules=list(family.lora_targets), target_parameters=LORA_TARGET_PARAMETERS)
         backbone = get_peft_model(backbone, lora)
         if expert_lora == "factored":
             use_factored_expert_lora(backbone)
@@ -159,6 +165,14 @@ def _classifier(name: str, backbone: Any, num_labels: int, finetune: str, lora_r
     if not layout.layers:
         raise ValueError(f"{name}: no MoE layer found in the trainable parameters")
     return model, layout
+
+
+def balance_coefficient(name: str, config: Any, moe_layers: int) -> float:
+    """A pretrained family's own balance-loss weight, per MoE layer: transformers applies it to the mean over layers,
+    fcmoe sums the layers' losses."""
+    family = FAMILIES[base_family(name)]
+    coef = family.balance_coef if family.balance_coef is not None else getattr(config, "router_aux_loss_coef", 0.001)
+    return float(coef) / max(moe_layers, 1)
 
 
 def _from_config(name: str, config: Any) -> Any:
@@ -185,11 +199,23 @@ def pretrained_source(name: str, source: str) -> Iterator[None]:
 
 
 def _from_pretrained(name: str, source: str, dtype: torch.dtype, device: torch.device) -> Any:
-    """The checkpoint's weights, read straight onto ``device`` in ``dtype`` (no host copy of a GPU model)."""
+    """The checkpoint's weights, read straight onto ``device`` in ``dtype`` (no host copy of a GPU model). GPT-OSS
+    ships its experts in MXFP4 (uint8 blocks, untrainable), which transformers keeps where the ``kernels`` package
+    is installed: they are de-quantised to ``dtype`` here, whatever is installed."""
     with pretrained_source(name, source):
         if base_family(name) == "switch":
             return transformers.SwitchTransformersEncoderModel.from_pretrained(source, dtype=dtype, device_map=device)
-        return AutoModel.from_pretrained(source, dtype=dtype, device_map=device)
+        extra = _dequantised(source) if base_family(name) == "gpt_oss" else {}
+        return AutoModel.from_pretrained(source, dtype=dtype, device_map=device, **extra)
+
+
+def _dequantised(source: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that de-quantise an MXFP4 checkpoint (none for one saved unquantised)."""
+    config = AutoConfig.from_pretrained(source)
+    quantisation = getattr(config, "quantization_config", None) or {}
+    method = quantisation.get("quant_method") if isinstance(quantisation, dict) else getattr(quantisation,
+                                                                                             "quant_method", None)
+    return {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if method == "mxfp4" else {}
 
 
 def _has_tokenizer(path: str) -> bool:

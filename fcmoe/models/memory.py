@@ -66,7 +66,7 @@ def estimate_step(model: nn.Module, layout: ExpertLayout, plan: PrecisionPlan, *
     trained_bytes = trainable * _bytes(plan.trainable)
     device = {"weights": frozen * _bytes(plan.frozen) + trained_bytes, "gradients": trained_bytes,
               "optimizer": 2 * trained_bytes}
-    config = _text_config(model)
+    config = text_config(model)
     compute = _bytes(plan.compute)
     if layout.storage == "lora" and expert_lora == "merged":
         stacks = [sum(_base_numel(model, part.keys[0]) for part in layer.parts if part.kind == "lora_a")
@@ -81,7 +81,8 @@ def estimate_step(model: nn.Module, layout: ExpertLayout, plan: PrecisionPlan, *
     return StepMemory(frozen + trainable, trainable, device)
 
 
-def _text_config(model: nn.Module) -> Any:
+def text_config(model: nn.Module) -> Any:
+    """The transformers config of the model inside ``model`` (under heads and PEFT's wrappers)."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_dict"):

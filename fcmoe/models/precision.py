@@ -76,7 +76,8 @@ def plan_precision(checkpoint: torch.dtype, precision: str, master_weights: bool
 def check_device(plan: PrecisionPlan, device: torch.device) -> None:
     """Refuse bf16 compute on a GPU without bf16 support, before any work."""
     if plan.autocast and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PrecisionError(f"train.precision: bf16 compute ({plan.describe()}) but {torch.cuda.get_device_name(device)}"
+        gpu = torch.cuda.get_device_name(device)
+        raise PrecisionError(f"train.precision: bf16 compute ({plan.describe()}) but {gpu}"
                              " has no bf16 support; set train.precision = 'fp32' (the weights are then up-cast)")
 
 

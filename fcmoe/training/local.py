@@ -111,14 +111,20 @@ class LocalTrainer:
     precision
         The model's precision plan (:attr:`~fcmoe.models.build.BuiltModel.precision`): its compute dtype is the
         autocast dtype. ``None``: bf16 autocast when ``config.precision = "bf16"``, else none.
+    router_defaults
+        (router lr / lr, balance-loss weight) where ``config`` says -1 (auto):
+        :attr:`~fcmoe.models.build.BuiltModel.router_defaults`; fcmoe's upcycled routers' by default.
 
     Features and trees live on the CPU; each batch and each start tree is copied to the device, and every result
     (end tree, routing counts, logits) comes back to the CPU, so the engines and the server never see a GPU tensor.
     """
 
     def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig,
-                 precision: PrecisionPlan | None = None) -> None:
+                 precision: PrecisionPlan | None = None, router_defaults: tuple[float, float] = (10.0, 0.1)) -> None:
         self.device = resolve_device(config.device)
+        # train.router_lr / aux_loss_coef = -1: the model's own (BuiltModel.router_defaults)
+        self.router_lr = config.router_lr if config.router_lr > 0 else router_defaults[0] * config.lr
+        self.aux_loss_coef = config.aux_loss_coef if config.aux_loss_coef >= 0 else router_defaults[1]
         if precision is not None:
             check_device(precision, self.device)
             self.compute_dtype = precision.compute
@@ -153,7 +159,7 @@ class LocalTrainer:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(
             [{"params": [p for n, p in params if n not in router_keys], "lr": cfg.lr},
-             {"params": [p for n, p in params if n in router_keys], "lr": cfg.router_lr}],
+             {"params": [p for n, p in params if n in router_keys], "lr": self.router_lr}],
             weight_decay=cfg.weight_decay, fused=True)  # fused: 5x faster than the per-tensor loop on CPU
         self.recorder.reset()
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
@@ -164,7 +170,7 @@ class LocalTrainer:
                 with self._autocast(), self.recorder.recording(mask):
                     logits = model(features, mask)  # [B, C]
                     balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
-                loss = nn.functional.cross_entropy(logits.float(), labels) + cfg.aux_loss_coef * balance.float()
+                loss = nn.functional.cross_entropy(logits.float(), labels) + self.aux_loss_coef * balance.float()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
             if cfg.max_grad_norm > 0:

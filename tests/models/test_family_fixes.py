@@ -1,0 +1,56 @@
+"""Family fixes: pretrained routers keep their family's settings (router lr = lr, the family's own balance-loss
+weight, per layer as fcmoe sums the layers' losses) while fcmoe's upcycled routers keep 10 × lr and 0.1; LoRA
+targets per family (MLA included); GPT-OSS's MXFP4 experts de-quantised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fcmoe.config import ConfigError, TrainConfig, load_config
+from fcmoe.models.build import build_model
+from fcmoe.models.families import FAMILIES
+from fcmoe.training.local import LocalTrainer
+from tests.conftest import save_tiny_checkpoint, tiny_model
+
+
+def test_a_pretrained_family_gets_its_own_router_settings(tmp_path: Path) -> None:
+    folder = save_tiny_checkpoint("olmoe", tmp_path / "olmoe")
+    built = build_model("olmoe", 3, num_experts=4, moe_layers=(0,), trainable_layers=2, router_init_std=0.02,
+                        max_length=16, seed=0, path=str(folder))
+    assert built.router_defaults == (1.0, pytest.approx(0.01 / 2))  # OLMoE's 0.01, over its 2 MoE layers
+    trainer = LocalTrainer(built.model, built.layout, TrainConfig(lr=2e-4, device="cpu"), None, built.router_defaults)
+    assert (trainer.router_lr, trainer.aux_loss_coef) == (2e-4, pytest.approx(0.005))
+
+
+def test_upcycled_routers_and_explicit_values_keep_their_settings() -> None:
+    built = tiny_model()
+    trainer = LocalTrainer(built.model, built.layout, TrainConfig(lr=1e-4, device="cpu"), None,
+                           built.router_defaults)
+    assert (trainer.router_lr, trainer.aux_loss_coef) == (pytest.approx(1e-3), 0.1)  # today's defaults
+    explicit = LocalTrainer(built.model, built.layout, TrainConfig(router_lr=5e-3, aux_loss_coef=0.0, device="cpu"))
+    assert (explicit.router_lr, explicit.aux_loss_coef) == (5e-3, 0.0)
+    with pytest.raises(ConfigError, match="train.router_lr = -2.0: must be > 0, or -1"):
+        load_config(overrides=["train.router_lr=-2"])
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_lora_reaches_deepseeks_latent_attention(family: str) -> None:
+    built = build_model(f"{family}-tiny", 3, num_experts=4, moe_layers=(0,), trainable_layers=2,
+                        router_init_std=0.02, max_length=16, seed=0, finetune="lora", lora_rank=2)
+    adapted = {key.split(".lora_A")[0].rsplit(".", 1)[-1] for key in built.model.trainable_state() if ".lora_A" in key}
+    assert {"q_proj", "kv_b_proj"} <= adapted  # MLA has no v_proj: its values come out of kv_b_proj
+    assert FAMILIES[family].lora_targets != FAMILIES["qwen3_moe"].lora_targets
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_is_dequantised_for_training(tmp_path: Path) -> None:
+    import json
+
+    from fcmoe.models.families import _dequantised
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss", **FAMILIES["gpt_oss"].tiny,
+                                                      "quantization_config": {"quant_method": "mxfp4"}}))
+    assert _dequantised(str(tmp_path))["quantization_config"].dequantize is True
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss", **FAMILIES["gpt_oss"].tiny}))
+    assert _dequantised(str(tmp_path)) == {}
