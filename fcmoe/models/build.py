@@ -156,7 +156,8 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
     elif name in FAMILY_NAMES:
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
                                                        lora_rank=lora_rank, max_length=max_length, plan=plan,
-                                                       device=device, expert_lora=expert_lora)
+                                                       device=device, expert_lora=expert_lora,
+                                                       label_names=label_names or ())
         return BuiltModel(hub_model, layout, tokenize, plan)
     else:
         raise ValueError(f"model.name = {name!r}: choose one of {', '.join(FAMILY_NAMES)}")

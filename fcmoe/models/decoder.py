@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.families import hashing_tokenize, tokenize_with
+from fcmoe.models.families import hashing_tokenize, single_token_ids, tokenize_with
 from fcmoe.models.layout import PerExpertModuleLayout
 from fcmoe.models.moe import SwitchMoE
 
@@ -46,7 +46,7 @@ def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts
         tokenizer = _quiet(lambda: AutoTokenizer.from_pretrained(str(folder), **gguf))
         causal_lm = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **gguf))
         tokenize = _left_truncating(tokenizer, max_length)
-        choice_ids = _single_token_ids(tokenizer, label_names)
+        choice_ids = single_token_ids(tokenizer, label_names)
     body = causal_lm.model
     layers = body.layers
     n = len(layers)
@@ -78,12 +78,6 @@ def _quiet(load: Callable[[], Any]) -> Any:
         return load()
     finally:
         transformers.logging.enable_progress_bar()
-
-
-def _single_token_ids(tokenizer: Any, label_names: Sequence[str]) -> list[int] | None:
-    """Token ids of " A", " B", … when each label is exactly one token; else None (use a fresh head)."""
-    ids = [tokenizer.encode(" " + label, add_special_tokens=False) for label in label_names]
-    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
 
 
 def _left_truncating(tokenizer: Any, max_length: int) -> Any:

@@ -8,8 +8,9 @@ folder, or a hub id when the hub is reachable).
 from __future__ import annotations
 
 import contextlib
+import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import torch
 import transformers
 from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import cached_file
 
 from fcmoe.errors import first_line, why_hub_failed
 from fcmoe.models.backbone import BackboneClassifier
@@ -90,14 +93,19 @@ LORA_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int, max_length: int,
                      plan: PrecisionPlan, init: str = "pretrained", num_layers: int = 0,
                      device: torch.device | str = "cpu", expert_lora: str = "factored",
-                     ) -> tuple[BackboneClassifier, ExpertLayout, Any]:
+                     label_names: Sequence[str] = ()) -> tuple[BackboneClassifier, ExpertLayout, Any]:
     """Backbone classifier, its layout and a tokenize function for a Switch or fused-expert family.
 
     Pretrained weights are loaded straight onto ``device`` in ``plan.frozen``'s dtype; ``init = "random"`` builds a
     published shape (:mod:`fcmoe.models.shapes`) there with random weights, tokenised by the folder's tokenizer
     when ``path`` has one, else by the hashing tokenizer over the shape's vocabulary. ``expert_lora``: "factored"
     (:mod:`fcmoe.models.expert_lora`) or PEFT's "merged" forward.
+
+    A pretrained decoder reads its prompts' ends (the tokenizer truncates on the left: the last-token pooling reads
+    the ``Answer:`` cue), and when every label name is one token with a leading space its classification head starts
+    as those rows of its LM head: the classifier then *is* next-token scoring of the label words (as smollm2-moe's).
     """
+    head_rows = None
     if name.endswith("-tiny") or init == "random":
         config = hub_config(name, path, init, num_layers)
         if name.endswith("-tiny"):
@@ -109,8 +117,43 @@ def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lo
     else:
         source = pretrained_path(name, path)
         backbone = _from_pretrained(name, source, plan.frozen, torch.device(device))
-        tokenize = hf_tokenize(source, max_length)
-    return (*_classifier(name, backbone, num_labels, finetune, lora_rank, expert_lora), tokenize)
+        tokenizer = load_tokenizer(source)
+        if FAMILIES[base_family(name)].pooling == "last":
+            tokenizer.truncation_side = "left"
+            choice_ids = single_token_ids(tokenizer, label_names)
+            head_rows = lm_head_rows(source, choice_ids, backbone) if choice_ids else None
+        tokenize = tokenize_with(tokenizer, max_length)
+    model, layout = _classifier(name, backbone, num_labels, finetune, lora_rank, expert_lora)
+    if head_rows is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(head_rows)
+            model.head.bias.zero_()
+    return model, layout, tokenize
+
+
+def single_token_ids(tokenizer: Any, label_names: Sequence[str]) -> list[int] | None:
+    """Token ids of " A", " B", … when each label is exactly one token; else None (a fresh head)."""
+    ids = [tokenizer.encode(" " + label, add_special_tokens=False) for label in label_names]
+    return [i[0] for i in ids] if ids and all(len(i) == 1 for i in ids) else None
+
+
+def lm_head_rows(source: str, token_ids: Sequence[int], backbone: Any) -> torch.Tensor | None:
+    """Rows ``token_ids`` of the checkpoint's LM head ``[C, H]``, read from its safetensors file alone (the head is
+    not loaded); its input embeddings' rows when the two are tied; None when neither can be read."""
+    if getattr(backbone.config, "tie_word_embeddings", False):
+        return backbone.get_input_embeddings().weight[list(token_ids)].detach().float()
+    with pretrained_source("lm head", source):
+        index = cached_file(source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        shard = (json.loads(Path(index).read_text())["weight_map"].get("lm_head.weight") if index
+                 else "model.safetensors")
+        weights = cached_file(source, shard, _raise_exceptions_for_missing_entries=False) if shard else None
+    if weights is None:
+        return None
+    with safe_open(weights, framework="pt") as file:
+        if "lm_head.weight" not in file.keys():
+            return None
+        rows = file.get_slice("lm_head.weight")
+        return torch.stack([rows[i] for i in token_ids]).float()
 
 
 def meta_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lora_rank: int, init: str,

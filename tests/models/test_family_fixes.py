@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fcmoe.config import ConfigError, TrainConfig, load_config
 from fcmoe.models.build import build_model
@@ -54,3 +55,23 @@ def test_an_mxfp4_gpt_oss_checkpoint_is_dequantised_for_training(tmp_path: Path)
     assert _dequantised(str(tmp_path))["quantization_config"].dequantize is True
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss", **FAMILIES["gpt_oss"].tiny}))
     assert _dequantised(str(tmp_path)) == {}
+
+
+def test_a_pretrained_decoder_scores_label_words_with_its_lm_head_and_keeps_the_prompts_end(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = save_tiny_checkpoint("qwen3_moe", tmp_path / "qwen3", causal=True, tie_word_embeddings=False)
+    lm_head = load_file(str(folder / "model.safetensors"))["lm_head.weight"]
+    built = build_model("qwen3_moe", 4, num_experts=4, moe_layers=(0,), trainable_layers=2, router_init_std=0.02,
+                        max_length=8, seed=0, path=str(folder), label_names=["A", "B", "C", "D"])
+    ids, _ = built.tokenize(["one two three four five six seven eight nine ten Answer:"])
+    letters = [ids for ids in (built.tokenize([f" {c}"])[0][0, 1].item() for c in "abcd")]
+    assert torch.equal(built.model.head.weight.detach(), lm_head[letters].float())  # next-token scores of " A".." D"
+    assert not built.model.head.bias.any()
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(str(folder)).convert_ids_to_tokens(ids[0].tolist())
+    assert "answer" in tokens and ":" in tokens and "one" not in tokens  # truncated on the left: the cue is kept
+    words = build_model("qwen3_moe", 2, num_experts=4, moe_layers=(0,), trainable_layers=2, router_init_std=0.02,
+                        max_length=8, seed=0, path=str(folder), label_names=["world news", "sports"])
+    assert not torch.equal(words.model.head.weight.detach(), lm_head[letters[:2]].float())  # a fresh head
