@@ -44,6 +44,7 @@ def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, 
 
     from fcmoe.config import TrainConfig
     from fcmoe.models.build import build_model
+    from fcmoe.models.memory import kept_for_backward
     from fcmoe.models.shapes import SHAPES
     from fcmoe.training.local import FeatureSet, LocalTrainer
 
@@ -64,19 +65,10 @@ def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, 
     ids = torch.randint(10, 30000, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.long)
     data = FeatureSet(built.model.featurize(ids.to(device), mask.to(device)).cpu(), mask, torch.zeros(batch).long())
-    params = {p.untyped_storage().data_ptr() for p in built.model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
-
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_started = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+    with kept_for_backward(built.model) as saved:
         trainer.train(built.model.trainable_state(), data, seed=0)
     step_s = time.perf_counter() - step_started
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda

@@ -24,6 +24,8 @@ prints how far these figures are from it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,3 +143,21 @@ def idle_expert_parameters(model: nn.Module, top_k: int) -> int:
         numel = sum(p.numel() for key, p in base.named_parameters() if "lora_" not in key)
         idle += (experts - top_k) * numel // experts
     return idle
+
+
+@contextmanager
+def kept_for_backward(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Inside the block, count what autograd saves for the backward pass: bytes of each unique storage other than
+    ``model``'s parameters (what a step keeps besides its weights; the measurement ``estimate_step`` is checked
+    against)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        yield saved

@@ -9,7 +9,7 @@ import torch
 
 from fcmoe.cli import main
 from fcmoe.models.build import build_model, meta_model
-from fcmoe.models.memory import estimate_step
+from fcmoe.models.memory import estimate_step, kept_for_backward
 from fcmoe.models.routing import RoutingRecorder
 from tests.conftest import save_tiny_checkpoint
 
@@ -18,20 +18,11 @@ def _saved_bytes(built, tokens: int) -> int:  # noqa: ANN001 - a BuiltModel
     """What autograd keeps for the backward pass of one training forward (parameters excluded)."""
     ids, mask = torch.randint(5, 900, (4, tokens // 4)), torch.ones(4, tokens // 4, dtype=torch.long)
     features = built.model.featurize(ids, mask)
-    params = {p.untyped_storage().data_ptr() for p in built.model.parameters()}
-    seen: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
-
     recorder = RoutingRecorder(built.model, built.layout)
     built.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), recorder.recording(mask):
+    with kept_for_backward(built.model) as saved, recorder.recording(mask):
         built.model(features, mask).sum() + recorder.balance_loss()
-    return sum(seen.values())
+    return sum(saved.values())
 
 
 def test_weights_gradients_and_optimizer_are_the_models_own_bytes(tmp_path: Path) -> None:
