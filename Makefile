@@ -46,10 +46,18 @@ bench: assets
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/deployment.py --model tiny
 
-# On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch.
+# On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch; then
+# real MoE LLM shapes at full depth with random weights (peak memory, tokens/s against a plain PyTorch loop) and a
+# 2-client, 1-round fcmoe run on OLMoE-1B-7B's shape.
 bench-gpu: assets
 	for args in "--precision fp32" "--precision bf16" "--precision fp32 --batch 128" "--precision bf16 --batch 128"; do \
 		$(BIN)/python bench/routing_overhead.py --device cuda $$args || exit 1; done
+	$(BIN)/python bench/memory.py --device cuda --full-depth --shapes allenai/OLMoE-1B-7B-0924,Qwen/Qwen3-30B-A3B \
+		--variants lora-factored-ckpt,lora-merged-ckpt --batch 8 --length 512 --throughput 5
+	$(BIN)/fcmoe run --methods fcmoe --out /tmp/fcmoe-bench-gpu --set model.name=olmoe --set model.init=random \
+		--set model.finetune=lora --set data.name=20ng4 --set data.train_per_class=16 --set data.test_per_class=4 \
+		--set data.max_length=512 --set partition.kind=iid --set partition.num_clients=2 --set rounds=1 \
+		--set train.batch_size=8 --set train.local_steps=4 --set train.device=cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -38,8 +38,11 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, device: str) -> dict:
-    """One configuration, in this process (run by :func:`main` in a child of its own)."""
+def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, device: str,
+                throughput: int = 0) -> dict:
+    """One configuration, in this process (run by :func:`main` in a child of its own); with ``throughput`` > 0
+    also the tokens a second of that many fcmoe local steps and of a plain PyTorch loop over the same model and
+    batch (forward under the same autocast, cross-entropy, backward, fused AdamW; no routing statistics)."""
     import torch
 
     from fcmoe.config import TrainConfig
@@ -73,9 +76,47 @@ def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, 
     step_s = time.perf_counter() - step_started
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-    return dict(shape=shape, layers=layers, variant=variant, batch=batch, length=length, device=device,
-                weights_mb=round(weights), peak_mb=round(peak), saved_mb=round(sum(saved.values()) / 2**20),
-                build_s=round(step_started - started, 1), step_s=round(step_s, 1))
+    row = dict(shape=shape, layers=layers, variant=variant, batch=batch, length=length, device=device,
+               weights_mb=round(weights), peak_mb=round(peak), saved_mb=round(sum(saved.values()) / 2**20),
+               build_s=round(step_started - started, 1), step_s=round(step_s, 1))
+    if throughput:
+        steps = TrainConfig(batch_size=batch, device=device, local_steps=throughput)
+        trainer = LocalTrainer(built.model, built.layout, steps, built.precision)
+        state = built.model.trainable_state()
+        fcmoe_s = _timed(lambda: trainer.train(state, data, seed=0), cuda)
+        plain_s = _timed(lambda: _plain_steps(built.model, data, throughput, trainer), cuda)
+        row.update(fcmoe_tokens_s=round(throughput * batch * length / fcmoe_s),
+                   plain_tokens_s=round(throughput * batch * length / plain_s))
+    return row
+
+
+def _timed(work: object, cuda: bool) -> float:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    work()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _plain_steps(model: object, data: object, steps: int, trainer: object) -> None:
+    """The same model and batch in a plain loop: what a bare PyTorch step of it costs."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    features, mask, labels = (t.to(trainer.device) for t in (data.features, data.mask, data.labels))
+    model.train()
+    for _ in range(steps):
+        with trainer.autocast():
+            logits = model(features, mask)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
 
 
 def main() -> None:
@@ -87,11 +128,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default="", help="append each measurement as a JSON line to this file")
+    parser.add_argument("--full-depth", action="store_true", help="one measurement at each shape's full depth "
+                                                                  "(a GPU's), no extrapolation")
+    parser.add_argument("--throughput", type=int, default=0, metavar="STEPS",
+                        help="also time STEPS fcmoe local steps against a plain PyTorch loop (tokens/s)")
     parser.add_argument("--one", nargs=3, metavar=("SHAPE", "LAYERS", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         shape, layers, variant = args.one
-        print(json.dumps(measure_one(shape, int(layers), variant, args.batch, args.length, args.device)))
+        print(json.dumps(measure_one(shape, int(layers), variant, args.batch, args.length, args.device,
+                                     args.throughput)))
         return
     from fcmoe.models.shapes import SHAPES
 
@@ -102,11 +148,14 @@ def main() -> None:
         # Switch: every other layer is an MoE one; DeepSeek-V2-Lite's first layer is dense
         family_depths = ([2 * n for n in depths] if family == "switch" else
                          [n + SHAPES[shape].config.get("first_k_dense_replace", 0) for n in depths])
+        if args.full_depth:
+            family_depths = [SHAPES[shape].config.get("num_hidden_layers") or SHAPES[shape].config["num_layers"]]
         for variant in args.variants.split(","):
             rows = []
             for layers in family_depths:
                 command = [sys.executable, __file__, "--one", shape, str(layers), variant, "--batch", str(args.batch),
-                           "--length", str(args.length), "--device", args.device]
+                           "--length", str(args.length), "--device", args.device, "--throughput",
+                           str(args.throughput)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{shape} {variant} L={layers}: failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -117,7 +166,7 @@ def main() -> None:
                     with Path(args.out).open("a") as out:
                         out.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-            if len(rows) == 2:
+            if len(rows) == 2 and not args.full_depth:
                 _extrapolate(shape, variant, rows)
 
 

@@ -167,7 +167,7 @@ class LocalTrainer:
             features, mask, labels = self._to_device(data.subset(rows).trimmed())  # padded to its own longest
             # the backward pass stays inside the mask: gradient checkpointing re-runs the routers there
             with masked_routing(model, self.layout, expert_mask):
-                with self._autocast(), self.recorder.recording(mask):
+                with self.autocast(), self.recorder.recording(mask):
                     logits = model(features, mask)  # [B, C]
                     balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
                 loss = nn.functional.cross_entropy(logits.float(), labels) + self.aux_loss_coef * balance.float()
@@ -198,7 +198,7 @@ class LocalTrainer:
         pooled = []
         # length-bucketed: documents in length order, each batch padded only to its own longest
         order = data.mask.sum(dim=1).argsort(stable=True)  # [n]
-        with self._autocast(), masked_routing(model, self.layout, expert_mask):
+        with self.autocast(), masked_routing(model, self.layout, expert_mask):
             for rows in order.split(batch_size):
                 batch = data.subset(rows).trimmed()
                 mask = batch.mask.to(self.device)
@@ -215,7 +215,7 @@ class LocalTrainer:
         """(features, mask, labels) of ``batch`` on the training device."""
         return tuple(t.to(self.device, non_blocking=True) for t in (batch.features, batch.mask, batch.labels))
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         """Autocast to the compute dtype when it is not fp32, else a no-op context."""
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
