@@ -221,9 +221,13 @@ class TrainConfig:
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise ConfigError(f"train.gradient_checkpointing = {self.gradient_checkpointing!r}: choose auto, on or off "
                               "(auto = on for hub families)")
-        if not (self.client_gpus == -1 or 0 <= self.client_gpus):
-            raise ConfigError(f"train.client_gpus = {self.client_gpus}: a GPU share >= 0 (e.g. 0.5), or -1 (one GPU "
-                              "when training on a GPU)")
+        if not (self.client_gpus == -1 or 0 <= self.client_gpus <= 1
+                or self.client_gpus > 1 and float(self.client_gpus).is_integer()):
+            raise ConfigError(f"train.client_gpus = {self.client_gpus}: a GPU share in [0, 1] (e.g. 0.5), a whole "
+                              "number of GPUs, or -1 (one GPU when training on a GPU)")
+        if self.client_gpus == 0 and self.device.startswith("cuda"):
+            raise ConfigError(f"train.client_gpus = 0 with train.device = {self.device!r}: a Flower client given no "
+                              "GPU sees none; give it a share (e.g. 0.5) or -1")
         _positive("train.local_epochs", self.local_epochs)
         if self.local_steps < 0:
             raise ConfigError(f"train.local_steps = {self.local_steps}: must be >= 0 (optimizer steps per round; "

@@ -12,20 +12,21 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def hub_offline() -> bool:
-    """Whether hub access is off: ``HF_HUB_OFFLINE`` (or, for data sets, ``HF_DATASETS_OFFLINE``) as the user, the
-    environment or ``make`` set it. fcmoe never sets them, so every child process (sweep workers, Ray actors,
-    deployed nodes) inherits the same decision."""
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def hub_offline() -> str:
+    """The variable that turns hub access off (``HF_HUB_OFFLINE``, or for data sets ``HF_DATASETS_OFFLINE``) as the
+    user, the environment or ``make`` set it, or "" when access is on. fcmoe never sets them, so every child
+    process (sweep workers, Ray actors, deployed nodes) inherits the same decision."""
+    return next((name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}), "")
 
 
 def why_hub_failed(err: BaseException) -> str:
     """Why loading from the hub failed, in words that tell "not cached and offline" from "hub unreachable"."""
     reason = first_line(err)
-    if hub_offline():
-        return ("not in the local Hugging Face cache, and hub access is off (HF_HUB_OFFLINE is set): unset "
-                "HF_HUB_OFFLINE to download it")
+    offline = hub_offline()
+    if offline:
+        return (f"not in the local Hugging Face cache, and hub access is off ({offline} is set): unset {offline} "
+                f"to download it ({reason[:120]})")
     chain = [err, err.__cause__, err.__context__]
     if "connect" in reason.lower() or any(type(e).__name__ in _CONNECTION_ERRORS for e in chain if e is not None):
         return f"the hub is unreachable ({reason[:160]}): check the network or proxy, or set HF_HUB_OFFLINE=1"

@@ -40,9 +40,13 @@ class RunPlan:
     checkpointing: bool
 
     @property
+    def needed(self) -> float:
+        """Bytes the training device must hold: the step, and on the CPU the engine's trees beside it."""
+        return self.step.total + (self.host_trees if self.device.type == "cpu" else 0)
+
+    @property
     def fits(self) -> bool:
-        device = self.step.total + (self.host_trees if self.device.type == "cpu" else 0)
-        return device <= self.capacity
+        return self.needed <= self.capacity
 
 
 def plan_run(config: ExperimentConfig) -> RunPlan:
@@ -112,8 +116,9 @@ def check_fits(config: ExperimentConfig) -> None:
     if config.model.expert_lora == "merged" and config.model.finetune == "lora":
         fixes.append("model.expert_lora = 'factored'")
     fixes += ["a smaller train.batch_size or data.max_length", "a larger GPU"]
+    trees = f" and the engine's trees {plan.host_trees / GIB:.1f} GiB" if plan.device.type == "cpu" else ""
     raise DoesNotFit(f"{config.model.name}: one client's step needs about {plan.step.total / GIB:.1f} GiB "
-                     f"({plan.step.describe()}) but {plan.device} has {plan.capacity / GIB:.1f} GiB; try "
+                     f"({plan.step.describe()}){trees} but {plan.device} has {plan.capacity / GIB:.1f} GiB; try "
                      f"{', '.join(fixes)} (fcmoe plan shows the estimate)")
 
 

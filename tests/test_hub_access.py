@@ -38,4 +38,7 @@ def test_unreachable_and_offline_are_told_apart(monkeypatch: pytest.MonkeyPatch)
     other = OSError("someorg/model is not a valid model identifier")
     assert why_hub_failed(other) == "someorg/model is not a valid model identifier"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub_offline() and why_hub_failed(refused).startswith("not in the local Hugging Face cache")
+    assert hub_offline() == "HF_HUB_OFFLINE"
+    assert why_hub_failed(refused).startswith("not in the local Hugging Face cache, and hub access is off "
+                                              "(HF_HUB_OFFLINE is set)")
+    assert why_hub_failed(refused).endswith("(We couldn't connect to 'https://huggingface.co' to load the files)")

@@ -12,7 +12,7 @@ import transformers
 from transformers import BertModel
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.catalog import FAMILY_NAMES, HUB, base_family, supports_lora
+from fcmoe.models.catalog import FAMILY_NAMES, FUSED, HUB, base_family, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
 from fcmoe.models.families import (FAMILIES, balance_coefficient, build_hub_family, hashing_tokenize, hf_tokenize,
@@ -67,7 +67,7 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     """
     if finetune == "lora" and not supports_lora(name):
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
-                         "finetune = 'full' or a fused family (qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3)")
+                         f"finetune = 'full' or a fused family ({', '.join(FUSED)})")
     torch.manual_seed(seed)
     if init == "random":
         plan = hub_plan(name, path, init, num_layers, precision, master_weights)
@@ -84,7 +84,8 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     apply_precision(built.model, plan)
     if name in HUB and init == "pretrained":  # pretrained routers: the family's own settings
         family = "switch" if name == "switch-t2t" else name
-        built.router_defaults = (1.0, balance_coefficient(family, text_config(built.model), len(built.layout.layers)))
+        built.router_defaults = (1.0, balance_coefficient(family, text_config(built.model), len(built.layout.layers),
+                                                          built.layout.top_k))
     return built
 
 

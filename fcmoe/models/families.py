@@ -210,12 +210,13 @@ def _classifier(name: str, backbone: Any, num_labels: int, finetune: str, lora_r
     return model, layout
 
 
-def balance_coefficient(name: str, config: Any, moe_layers: int) -> float:
-    """A pretrained family's own balance-loss weight, per MoE layer: transformers applies it to the mean over layers,
-    fcmoe sums the layers' losses."""
+def balance_coefficient(name: str, config: Any, moe_layers: int, top_k: int) -> float:
+    """A pretrained family's own balance-loss weight in fcmoe's terms: transformers applies it to the mean over
+    layers (fcmoe sums them: ÷ layers) of E · Σ_e (assignments_e / tokens) · prob_e, whose fractions sum to k
+    (fcmoe's sum to 1: × k)."""
     family = FAMILIES[base_family(name)]
     coef = family.balance_coef if family.balance_coef is not None else getattr(config, "router_aux_loss_coef", 0.001)
-    return float(coef) / max(moe_layers, 1)
+    return float(coef) * top_k / max(moe_layers, 1)
 
 
 def _from_config(name: str, config: Any) -> Any:

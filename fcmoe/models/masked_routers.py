@@ -33,7 +33,8 @@ RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits [n, E],
 def _softmax_top_k(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, normalise: bool,
                    cast_back: bool) -> RouterOutput:
     hidden = hidden.reshape(-1, router.hidden_dim)
-    logits = F.linear(hidden, router.weight) + bias.to(hidden.dtype)  # [n, E], −∞ for masked experts
+    logits = F.linear(hidden, router.weight)
+    logits = logits + bias.to(logits.dtype)  # [n, E], −∞ for masked experts
     probs = torch.softmax(logits, dtype=torch.float, dim=-1)
     top, indices = torch.topk(probs, router.top_k, dim=-1)  # [n, k]
     if normalise:
@@ -100,7 +101,8 @@ def deepseek_v2(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> 
 
 def gpt_oss(router: nn.Module, hidden: torch.Tensor, bias: torch.Tensor) -> RouterOutput:
     """GPT-OSS: top-k of the biased logits, softmax over the k chosen."""
-    logits = F.linear(hidden, router.weight, router.bias) + bias.to(hidden.dtype)  # [n, E]
+    logits = F.linear(hidden, router.weight, router.bias)
+    logits = logits + bias.to(logits.dtype)  # [n, E]
     top, indices = torch.topk(logits, router.top_k, dim=-1)
     return logits, torch.softmax(top, dim=1, dtype=top.dtype), indices
 

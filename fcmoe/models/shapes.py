@@ -125,11 +125,13 @@ def shape_config(name: str, config_class: str, path: str, num_layers: int = 0) -
 
 def cut_layers(config: Any, num_layers: int) -> Any:
     """``config`` with its first ``num_layers`` layers (Switch: encoder and decoder each), per-layer lists cut too."""
-    if hasattr(config, "num_decoder_layers"):  # Switch
+    switch = hasattr(config, "num_decoder_layers")  # Switch: a count per stack, encoder and decoder
+    depth = config.num_layers if switch else config.num_hidden_layers
+    if num_layers > depth:
+        raise ValueError(f"model.num_layers = {num_layers}: the shape has only {depth} layers")
+    if switch:
         config.num_layers = config.num_decoder_layers = num_layers
         return config
-    if num_layers > config.num_hidden_layers:
-        raise ValueError(f"model.num_layers = {num_layers}: the shape has only {config.num_hidden_layers} layers")
     config.num_hidden_layers = num_layers
     for key in ("layer_types", "mlp_layer_types"):
         if isinstance(getattr(config, key, None), list):

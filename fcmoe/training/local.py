@@ -128,8 +128,10 @@ class LocalTrainer:
         if precision is not None:
             check_device(precision, self.device)
             self.compute_dtype = precision.compute
-        else:
-            self.compute_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        else:  # no plan: bf16 when asked, or when "auto" finds half-precision weights
+            half = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+            self.compute_dtype = (torch.bfloat16 if config.precision == "bf16" or config.precision == "auto" and half
+                                  else torch.float32)
         self.model = model.to(self.device)
         self._loaded: Mapping[str, torch.Tensor] | None = None  # the tree the model holds, while untouched
         self.layout = layout
@@ -164,7 +166,10 @@ class LocalTrainer:
         self.recorder.reset()
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         for rows in batch_rows(len(data), cfg.batch_size, cfg.local_epochs, cfg.local_steps, generator):
-            features, mask, labels = self._to_device(data.subset(rows).trimmed())  # padded to its own longest
+            batch = data.subset(rows)
+            # token ids: padded only to the batch's own longest document. Not the upcycled encoder's cached
+            # features: the balance loss counts padding positions, so trimming them would change its results
+            features, mask, labels = self._to_device(batch.trimmed() if batch.features.dim() == 2 else batch)
             # the backward pass stays inside the mask: gradient checkpointing re-runs the routers there
             with masked_routing(model, self.layout, expert_mask):
                 with self.autocast(), self.recorder.recording(mask):
@@ -191,6 +196,7 @@ class LocalTrainer:
         within ``expert_mask`` if given; with ``record_routing`` also the routing counts (layer → ``[E]``)."""
         model = self.model
         if state is not self._loaded:  # the clients scored on one global model load it once
+            self._loaded = None  # a load that fails half-way leaves no tree named
             model.load_trainable_state(dict(state))
             self._loaded = state
         model.eval()

@@ -17,8 +17,12 @@ def test_a_gpu_run_gives_each_client_actor_a_gpu() -> None:
     assert client_resources(-1, torch.device("cpu"))["num_gpus"] == 0.0
     assert client_resources(0.5, torch.device("cuda"))["num_gpus"] == 0.5  # two clients share a GPU
     assert client_resources(0.25, torch.device("cpu"))["num_cpus"] >= 1
-    with pytest.raises(ConfigError, match="train.client_gpus = -2.0: a GPU share >= 0"):
+    with pytest.raises(ConfigError, match="train.client_gpus = -2.0: a GPU share in"):
         load_config(overrides=["train.client_gpus=-2"])
+    with pytest.raises(ConfigError, match="train.client_gpus = 1.5"):
+        load_config(overrides=["train.client_gpus=1.5"])
+    with pytest.raises(ConfigError, match="a Flower client given no GPU sees none"):
+        load_config(overrides=["train.client_gpus=0", "train.device=cuda"])
 
 
 def test_a_train_reply_says_where_its_client_trained() -> None:
