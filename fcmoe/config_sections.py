@@ -188,7 +188,7 @@ class TrainConfig:
     router_lr: float = -1.0
     weight_decay: float = 0.01
     # Switch load-balancing loss weight, summed over MoE layers; -1 = auto: 0.1 for fcmoe's upcycled routers, a
-    # pretrained family's own coefficient (transformers applies it to the mean over layers: coef / MoE layers here)
+    # pretrained family's own coefficient in fcmoe's terms (coef · k / MoE layers: fcmoe.models.families)
     aux_loss_coef: float = -1.0
     max_grad_norm: float = 1.0
     # Where local training runs: auto = the first CUDA GPU when one is visible, else the CPU. Trees, aggregation and

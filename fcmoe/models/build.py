@@ -16,8 +16,7 @@ from fcmoe.models.catalog import FAMILY_NAMES, FUSED, HUB, base_family, supports
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
 from fcmoe.models.families import (FAMILIES, balance_coefficient, build_hub_family, hashing_tokenize, hf_tokenize,
-                                   hub_plan,
-                                   meta_hub_family, pretrained_path, pretrained_plan)
+                                   hub_plan, meta_hub_family, pretrained_path, pretrained_plan)
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
@@ -69,18 +68,12 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
                          f"finetune = 'full' or a fused family ({', '.join(FUSED)})")
     torch.manual_seed(seed)
-    if init == "random":
-        plan = hub_plan(name, path, init, num_layers, precision, master_weights)
-        hub_model, layout, tokenize = build_hub_family(
-            name, num_labels, path=path, finetune=finetune, lora_rank=lora_rank, max_length=max_length, plan=plan,
-            init=init, num_layers=num_layers, device=device, expert_lora=expert_lora)
-        built = BuiltModel(hub_model, layout, tokenize, plan)
-    else:
-        plan = _precision_plan(name, path, precision, master_weights)
-        built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers,
-                       trainable_layers=trainable_layers, router_init_std=router_init_std, max_length=max_length,
-                       path=path, finetune=finetune, lora_rank=lora_rank, label_names=label_names, plan=plan,
-                       device=device, expert_lora=expert_lora)
+    plan = (hub_plan(name, path, init, num_layers, precision, master_weights) if init == "random"
+            else _precision_plan(name, path, precision, master_weights))
+    built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+                   router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
+                   lora_rank=lora_rank, label_names=label_names, plan=plan, device=device, expert_lora=expert_lora,
+                   init=init, num_layers=num_layers)
     apply_precision(built.model, plan)
     if name in HUB and init == "pretrained":  # pretrained routers: the family's own settings
         family = "switch" if name == "switch-t2t" else name
@@ -134,7 +127,7 @@ def _precision_plan(name: str, path: str, precision: str, master_weights: bool) 
 def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[int, ...], trainable_layers: int,
            router_init_std: float, max_length: int, path: str, finetune: str, lora_rank: int,
            label_names: Sequence[str] | None, plan: PrecisionPlan, device: torch.device | str,
-           expert_lora: str) -> BuiltModel:
+           expert_lora: str, init: str, num_layers: int) -> BuiltModel:
     if name == "minilm-moe":
         folder = Path(path) if path else _minilm_folder()
         encoder = _quiet_load(folder, plan.frozen)
@@ -158,7 +151,8 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
                                                        lora_rank=lora_rank, max_length=max_length, plan=plan,
                                                        device=device, expert_lora=expert_lora,
-                                                       label_names=label_names or ())
+                                                       label_names=label_names or (), init=init,
+                                                       num_layers=num_layers)
         return BuiltModel(hub_model, layout, tokenize, plan)
     else:
         raise ValueError(f"model.name = {name!r}: choose one of {', '.join(FAMILY_NAMES)}")

@@ -29,7 +29,7 @@ from fcmoe.models.catalog import DEFAULT_PATHS, base_family
 from fcmoe.models.expert_lora import use_factored_expert_lora
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
 from fcmoe.models.precision import PrecisionPlan, plan_precision, stored_dtype
-from fcmoe.models.shapes import materialise, shape_config
+from fcmoe.models.shapes import materialise, on_meta, shape_config
 
 
 @dataclass(frozen=True)
@@ -162,14 +162,8 @@ def meta_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lor
     """The classifier :func:`build_hub_family` builds, on the ``meta`` device: every shape, no memory, no weights
     read (a pretrained checkpoint's ``config.json`` only)."""
     config = hub_config(name, path, init, num_layers)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            backbone = _from_config(name, config)
-            return _classifier(name, backbone, num_labels, finetune, lora_rank, expert_lora)
-    finally:
-        torch.set_default_dtype(default)
+    with on_meta(dtype):
+        return _classifier(name, _from_config(name, config), num_labels, finetune, lora_rank, expert_lora)
 
 
 def hub_config(name: str, path: str, init: str = "pretrained", num_layers: int = 0) -> Any:
@@ -180,7 +174,12 @@ def hub_config(name: str, path: str, init: str = "pretrained", num_layers: int =
         return getattr(transformers, family.config_class)(**family.tiny)
     if init == "random":
         return shape_config(name, family.config_class, path, num_layers)
-    source = pretrained_path(name, path)
+    return checkpoint_config(name, pretrained_path(name, path))
+
+
+def checkpoint_config(name: str, source: str) -> Any:
+    """The ``config.json`` of the checkpoint at ``source`` (hub id or folder), read before any weight; a failure is
+    one :class:`ModelLoadError` line."""
     with pretrained_source(name, source):
         return AutoConfig.from_pretrained(source)
 
@@ -282,9 +281,7 @@ def hub_plan(name: str, path: str, init: str, num_layers: int, precision: str,
 
 def pretrained_plan(name: str, source: str, precision: str, master_weights: bool) -> PrecisionPlan:
     """The precision plan of the checkpoint at ``source``, read from its config before any weight is loaded."""
-    with pretrained_source(name, source):
-        config = AutoConfig.from_pretrained(source)
-    return plan_precision(stored_dtype(config), precision, master_weights)
+    return plan_precision(stored_dtype(checkpoint_config(name, source)), precision, master_weights)
 
 
 def load_tokenizer(source: str) -> Any:

@@ -10,6 +10,8 @@ which :func:`count_parameters` reproduces from the shape (tested).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,16 +141,23 @@ def cut_layers(config: Any, num_layers: int) -> Any:
     return config
 
 
-def materialise(build: Any, config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``build(config)`` created on the ``meta`` device (no memory), then allocated on ``device`` in ``dtype`` and
-    initialised there by transformers' own weight initialisation: no host copy of the weights."""
+@contextmanager
+def on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block, modules are created on the ``meta`` device (shapes only, no memory) in ``dtype``."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = build(config)
+            yield
     finally:
         torch.set_default_dtype(default)
+
+
+def materialise(build: Any, config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``build(config)`` created on the ``meta`` device (no memory), then allocated on ``device`` in ``dtype`` and
+    initialised there by transformers' own weight initialisation: no host copy of the weights."""
+    with on_meta(dtype):
+        model = build(config)
     model.to_empty(device=device)
     model.initialize_weights()
     return model

@@ -48,11 +48,6 @@ class FeatureSet:
         length = max(int(self.mask.sum(dim=1).max()), 1) if len(self) else self.mask.shape[1]
         return FeatureSet(self.features[:, :length], self.mask[:, :length], self.labels)
 
-    @property
-    def padding_share(self) -> float:
-        """The share of the cached positions that are padding."""
-        return 1.0 - float(self.mask.sum()) / max(self.mask.numel(), 1)
-
 
 @dataclass
 class LocalResult:
@@ -110,7 +105,8 @@ class LocalTrainer:
         Optimiser and loss settings; ``config.device`` is where ``model`` is moved and every batch runs.
     precision
         The model's precision plan (:attr:`~fcmoe.models.build.BuiltModel.precision`): its compute dtype is the
-        autocast dtype. ``None``: bf16 autocast when ``config.precision = "bf16"``, else none.
+        autocast dtype. ``None``: bf16 autocast when ``config.precision`` is "bf16", or "auto" with half-precision
+        weights in the model; else none.
     router_defaults
         (router lr / lr, balance-loss weight) where ``config`` says -1 (auto):
         :attr:`~fcmoe.models.build.BuiltModel.router_defaults`; fcmoe's upcycled routers' by default.
