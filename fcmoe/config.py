@@ -21,90 +21,18 @@ import tomli_w
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
 from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
                                    SweepConfig, TrackingConfig, TrainConfig, _positive)
-from fcmoe.data.catalog import FILE_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS, SOURCE_NAMES
-from fcmoe.models.catalog import FAMILY_NAMES, HUB, supports_lora
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which corpus, how much of it, and how it is tokenised (sources: :mod:`fcmoe.data.sources`)."""
-
-    name: str = "20ng"  # 20ng | 20ng4 | reuters8 | bbc4 | mmlu-offline | agnews | mmlu | csv | jsonl | parquet
-    path: str = ""  # csv/jsonl/parquet: the training file; agnews/mmlu: another hub id or a local copy (folder)
-    test_path: str = ""  # csv/jsonl/parquet: the global test file; empty = hold out holdout_fraction per class
-    text_column: str = "text"  # local files: column mapping
-    label_column: str = "label"
-    group_column: str = ""  # local files: the column natural partitions split by (partition.by = "group")
-    labels: tuple[str, ...] = ()  # local files: the class set and order (empty = the sorted training labels)
-    holdout_fraction: float = 0.2  # share of each class held out as the test set where a source has none
-    train_per_class: int = 100  # documents per class drawn from the training split (0 = all)
-    test_per_class: int = 40  # documents per class drawn from the test split (0 = all)
-    max_length: int = 64  # tokens per document
-    local_test_fraction: float = 0.2  # each client's data is split train / test 80 / 20
-
-    def __post_init__(self) -> None:
-        if self.name not in SOURCE_NAMES:
-            raise ConfigError(f"data.name = {self.name!r}: choose one of {', '.join(SOURCE_NAMES)}")
-        if self.name in FILE_SOURCES and not self.path:
-            raise ConfigError(f"data.path is empty: data.name = {self.name!r} reads your own file, e.g. "
-                              f"--set data.path=train.{self.name}")
-        if self.name in OFFLINE_SOURCES and self.path:
-            raise ConfigError(f"data.path = {self.path!r} does not apply to the offline source {self.name!r}; for your "
-                              "own file use data.name = 'csv', 'jsonl' or 'parquet'")
-        if self.name not in FILE_SOURCES and (self.test_path or self.group_column or self.labels):
-            raise ConfigError(f"data.test_path / group_column / labels apply to local files only (data.name = "
-                              f"{', '.join(FILE_SOURCES)}), not to {self.name!r}")
-        if not self.text_column or not self.label_column:
-            raise ConfigError("data.text_column and data.label_column must name columns, e.g. 'text' and 'label'")
-        if len(set(self.labels)) != len(self.labels):
-            raise ConfigError(f"data.labels = {list(self.labels)} lists a class twice")
-        if self.train_per_class < 0 or self.test_per_class < 0:
-            raise ConfigError(f"data.train_per_class = {self.train_per_class}, test_per_class = "
-                              f"{self.test_per_class}: must be >= 0 (0 = every document)")
-        if not 8 <= self.max_length <= 512:
-            raise ConfigError(f"data.max_length = {self.max_length}: must be in [8, 512] tokens (default 64)")
-        for key in ("local_test_fraction", "holdout_fraction"):
-            if not 0.0 < getattr(self, key) < 1.0:
-                raise ConfigError(f"data.{key} = {getattr(self, key)}: must be in (0, 1), e.g. 0.2")
-
-
-@dataclass(frozen=True)
-class PartitionConfig:
-    """How the training pool is split over clients (flwr-datasets partitioners, :mod:`fcmoe.data.partition`)."""
-
-    kind: str = "dirichlet"  # dirichlet | iid | pathological | natural
-    num_clients: int = 10
-    alpha: float = 0.1  # dirichlet: concentration over labels, small = more skewed
-    min_partition_size: int = 10  # dirichlet: redraw until every client has this many documents
-    classes_per_client: int = 2  # pathological: exactly this many classes per client
-    by: str = ""  # natural: the group column, e.g. "subject" or "category" (MMLU), "group" (local files)
-    # feature–label conflict: this share of the clients (seeded) sees a permutation of the labels it holds, in its
-    # train and local test splits alike; the global test set keeps the canonical labels
-    concept_shift: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in PARTITION_KINDS:
-            raise ConfigError(f"partition.kind = {self.kind!r}: choose one of {', '.join(PARTITION_KINDS)}")
-        _positive("partition.num_clients", self.num_clients)
-        if not self.alpha > 0:
-            raise ConfigError(f"partition.alpha = {self.alpha}: the Dirichlet concentration must be > 0, e.g. 0.1")
-        if self.min_partition_size < 2:
-            raise ConfigError(f"partition.min_partition_size = {self.min_partition_size}: must be >= 2 "
-                              "(each client needs a train and a test example)")
-        _positive("partition.classes_per_client", self.classes_per_client)
-        if not 0 <= self.concept_shift < 1:
-            raise ConfigError(f"partition.concept_shift = {self.concept_shift}: must be in [0, 1) (the share of "
-                              "clients whose labels are permuted; 0 = off)")
-        if self.kind == "natural" and not self.by:
-            raise ConfigError("partition.by is empty: a natural partition needs a group column, e.g. "
-                              "--set partition.by=subject (MMLU) or partition.by=group (local files)")
+from fcmoe.data.catalog import FILE_SOURCES, INSTRUCT_SOURCES
+from fcmoe.data.config import DataConfig, PartitionConfig
+from fcmoe.models.catalog import DEFAULT_MODEL, FAMILY_NAMES, HUB, SFT_MODELS, supports_lora
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which backbone, and how it is made sparse."""
 
-    name: str = "minilm-moe"  # a family of fcmoe.models.catalog.FAMILY_NAMES; "<family>-tiny" = random, for tests
+    # a family of fcmoe.models.catalog.FAMILY_NAMES ("<family>-tiny" = random, for tests); "" = the task's default
+    # (minilm-moe to classify, smollm2-moe for sft)
+    name: str = ""
     path: str = ""  # a local Hugging Face folder (or hub id) instead of the offline asset / family default
     finetune: str = "full"  # full | lora (LoRA on fused experts + attention; fused families only)
     lora_rank: int = 8
@@ -122,7 +50,7 @@ class ModelConfig:
     num_layers: int = 0  # init = random: keep only the first N layers (0 = all)
 
     def __post_init__(self) -> None:
-        if self.name not in FAMILY_NAMES:
+        if self.name and self.name not in FAMILY_NAMES:
             raise ConfigError(f"model.name = {self.name!r}: choose one of {', '.join(FAMILY_NAMES)}")
         local = self.path.startswith(("/", ".", "~")) or "\\" in self.path
         if local and not Path(self.path).expanduser().is_dir():
@@ -159,6 +87,8 @@ class ExperimentConfig:
     """One experiment: every listed method on the same data, partition, model initialisation and budget."""
 
     methods: tuple[str, ...] = ("fedavg", "fedmoe", "pflmoe", "fcmoe")
+    # classify (a head over C classes) | sft (a causal LM's response-token loss) | auto = sft for instruction data
+    task: str = "auto"
     rounds: int = 5
     seed: int = 0
     out_dir: str = "runs"
@@ -192,9 +122,28 @@ class ExperimentConfig:
                               f"(partition.num_clients = {self.partition.num_clients})")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine = {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        self._resolve_task()
         full = {name: self.algorithms.get(name) or ALGORITHMS.get(name).config_class()
                 for name in ALGORITHMS.names()}
         object.__setattr__(self, "algorithms", types.MappingProxyType(full))
+
+    def _resolve_task(self) -> None:
+        """``task = "auto"`` and ``model.name = ""`` become the data's task and that task's default model; a
+        model or data source the task cannot use is refused."""
+        instruct = self.data.name in INSTRUCT_SOURCES
+        task = ("sft" if instruct else "classify") if self.task == "auto" else self.task
+        if task not in TASKS:
+            raise ConfigError(f"task = {self.task!r}: choose one of auto, {', '.join(TASKS)}")
+        if instruct != (task == "sft"):
+            raise ConfigError(f"task = {task!r} with data.name = {self.data.name!r}: " + (
+                "instruction data trains task = 'sft'" if instruct else
+                f"task = 'sft' reads prompt/response data: data.name = {', '.join(INSTRUCT_SOURCES)}"))
+        object.__setattr__(self, "task", task)
+        if not self.model.name:
+            object.__setattr__(self, "model", dataclasses.replace(self.model, name=DEFAULT_MODEL[task]))
+        if task == "sft" and self.model.name not in SFT_MODELS:
+            raise ConfigError(f"task = 'sft' trains a causal LM: model.name = {self.model.name!r} is not one; choose "
+                              f"one of {', '.join(SFT_MODELS)}")
 
     def algorithm_config(self, method: str) -> AlgorithmConfig:
         """The config of ``method`` ("name" or "name/variant": the named switches applied to ``[name]``)."""
@@ -226,6 +175,8 @@ class ExperimentConfig:
 
 
 ENGINES = ("inprocess", "flower")
+TASKS = ("classify", "sft")
+LOCAL_FILE_SOURCES = (*FILE_SOURCES, "instruct-file")  # data.path is a file (else maybe a hub id)
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -241,7 +192,7 @@ def split_method(method: str) -> tuple[str, str]:
         known = ", ".join(f"{name}/{v}" for v in variants) or "none"
         raise ConfigError(f"methods: unknown variant {method!r}; {name}'s variants: {known}")
     return name, variant
-_TOP_LEVEL = ("methods", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
+_TOP_LEVEL = ("methods", "task", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "robust": RobustConfig,
                               "participation": ParticipationConfig, "attack": AttackConfig, "eval": EvalConfig,
@@ -303,7 +254,7 @@ def _absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
             return value
         return str(local.resolve())
 
-    data = dataclasses.replace(config.data, path=absolute(config.data.path, config.data.name not in FILE_SOURCES),
+    data = dataclasses.replace(config.data, path=absolute(config.data.path, config.data.name not in LOCAL_FILE_SOURCES),
                                test_path=absolute(config.data.test_path))
     model = dataclasses.replace(config.model, path=absolute(config.model.path, must_exist=True))  # else a hub id
     return dataclasses.replace(config, data=data, model=model)

@@ -124,12 +124,23 @@ class EvalConfig:
         every round). Evaluation is most of what a round costs besides training; the rows of the rounds in between
         carry no accuracy (NaN / null) and the curves join the scored rounds. PFL-MoE fits its personal head and
         gate when its deployed model is scored, so with k > 1 it gets those extra epochs in scored rounds only.
+    max_new_tokens
+        ``task = "sft"``: the greedy continuation scored per held-out prompt is at most this many tokens.
+    mmlu_questions
+        ``task = "sft"``: MMLU knowledge retention, zero-shot, on this many of MMLU's test questions (a fixed
+        subset stratified by subject), for the model before training and each method's final global model
+        (0 = off).
     """
 
     every: int = 1
+    max_new_tokens: int = 24
+    mmlu_questions: int = 200
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        if self.mmlu_questions < 0:
+            raise ConfigError(f"eval.mmlu_questions = {self.mmlu_questions}: must be >= 0 (0 = no MMLU score)")
 
     def scores(self, round_index: int, rounds: int) -> bool:
         """Whether ``round_index`` of ``rounds`` is scored."""

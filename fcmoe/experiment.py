@@ -20,9 +20,12 @@ from fcmoe.config import ExperimentConfig
 from fcmoe.core import Tree, tree_clone
 from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.data.corpus import TextCorpus, subsample_per_class
+from fcmoe.data.mmlu import MMLU_CHOICES, mmlu_zero_shot, stratified_questions
+from fcmoe.data.offline import mmlu_offline_questions
 from fcmoe.data.sources import load_source
 from fcmoe.files import atomic_write
 from fcmoe.models.build import BuiltModel, build_model, checkpointing
+from fcmoe.models.causal_lm import encode_pairs, encode_plain, single_tokens
 from fcmoe.training.local import FeatureSet, LocalTrainer, featurize, resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,9 @@ class Experiment:
     initial_state: Tree
     setup_s: float
     probe_test: FeatureSet  # ≤ PROBE_PER_CLASS documents per class of global_test: each local model's score
-
+    # task = "sft": MMLU's zero-shot questions (labels: the answer's index) and the tokens of " A" … " D"
+    mmlu: FeatureSet | None = None
+    letter_ids: tuple[int, ...] = ()
 
     @property
     def num_clients(self) -> int:
@@ -76,15 +81,16 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         path=model_cfg.path, finetune=model_cfg.finetune, lora_rank=model_cfg.lora_rank,
                         label_names=pool.label_names, precision=config.train.precision,
                         master_weights=config.train.master_weights, init=model_cfg.init,
-                        num_layers=model_cfg.num_layers, device=device, expert_lora=model_cfg.expert_lora)
+                        num_layers=model_cfg.num_layers, device=device, expert_lora=model_cfg.expert_lora,
+                        task=config.task)
     log.info("precision: %s", built.precision.describe())
     if checkpointing(model_cfg.name, config.train.gradient_checkpointing):
         built.model.enable_gradient_checkpointing()
     trainer = LocalTrainer(built.model, built.layout, config.train, built.precision,  # moves it to train.device
-                           built.router_defaults)
+                           built.router_defaults, config.eval.max_new_tokens)
     log.info("router lr %.3g, balance-loss weight %.3g per MoE layer", trainer.router_lr, trainer.aux_loss_coef)
-    pool_features = _featurize(built, pool, feature_cache and feature_cache / FEATURE_FILES[0])
-    global_test = _featurize(built, test, feature_cache and feature_cache / FEATURE_FILES[1])
+    pool_features = _featurize(built, pool, data.max_length, feature_cache and feature_cache / FEATURE_FILES[0])
+    global_test = _featurize(built, test, data.max_length, feature_cache and feature_cache / FEATURE_FILES[1])
     client_train = [_client_view(pool_features, partition, cid, c.train) for cid, c in enumerate(partition.clients)]
     client_test = [_client_view(pool_features, partition, cid, c.test) for cid, c in enumerate(partition.clients)]
     if partition.label_maps:
@@ -92,11 +98,15 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
     setup_s = time.perf_counter() - started
     log.info("setup: %d pool docs, %d global test docs, %d clients, %.1f s", len(pool.texts), len(test.texts),
              part.num_clients, setup_s)
+    mmlu, letters = (_mmlu(built, config.eval.mmlu_questions, data.max_length, feature_cache) if config.task == "sft"
+                     else (None, ()))
     return Experiment(config, built, trainer, pool, partition, client_train, client_test, global_test,
-                      tree_clone(built.model.trainable_state()), setup_s, stratified_head(global_test, PROBE_PER_CLASS))
+                      tree_clone(built.model.trainable_state()), setup_s, stratified_head(global_test, PROBE_PER_CLASS),
+                      mmlu, letters)
 
 
-FEATURE_FILES = ("pool.safetensors", "global-test.safetensors")  # in a feature cache folder: pool, global test
+# in a feature cache folder: pool, global test, MMLU (sft)
+FEATURE_FILES = ("pool.safetensors", "global-test.safetensors", "mmlu.safetensors")
 
 # DESIGN §2's second local reading scores every client's local model on the global test set in the final round:
 # on all 800 documents of the default that made each method's final round ~25 s longer (10 clients × 800 forwards).
@@ -118,19 +128,31 @@ def _client_view(features: FeatureSet, partition: Partition, client: int, rows: 
     return view
 
 
-def _same_kind(built: BuiltModel, found: FeatureSet, corpus: TextCorpus) -> bool:
+def _same_kind(built: BuiltModel, found: FeatureSet, corpus: TextCorpus, max_length: int) -> bool:
     """Whether a cached feature file holds what this model caches (token ids, or frozen-layer outputs of its
     width), judged against its features of one document."""
-    ids, mask = built.tokenize(corpus.texts[:1])
-    probe = built.model.featurize(ids.to(_model_device(built)), mask.to(_model_device(built)))
-    return found.features.dtype == probe.dtype and found.features.shape[2:] == probe.shape[2:]
+    probe = _features(built, corpus.subset(np.arange(1)), max_length)
+    return found.features.dtype == probe.features.dtype and found.features.shape[2:] == probe.features.shape[2:]
 
 
 def _model_device(built: BuiltModel) -> torch.device:
     return next(built.model.parameters()).device
 
 
-def _featurize(built: BuiltModel, corpus: TextCorpus, cached: Path | None) -> FeatureSet:
+def _features(built: BuiltModel, corpus: TextCorpus, max_length: int) -> FeatureSet:
+    """What the model caches of ``corpus``: classification documents, or prompt/response pairs (instruction data)."""
+    labels = torch.from_numpy(np.asarray(corpus.labels))
+    if corpus.responses is None:
+        ids, mask = built.tokenize(corpus.texts)
+        return featurize(built.model, ids, mask, labels)
+    pairs = encode_pairs(built.model.codec, corpus.texts, corpus.responses, max_length)
+    features = featurize(built.model, pairs.ids, pairs.mask, labels)
+    exact = torch.from_numpy(np.asarray(corpus.groups["metric"]) == "exact")
+    return FeatureSet(features.features, pairs.mask, labels, pairs.targets, exact,
+                      None if features.features.dim() == 2 else pairs.ids)
+
+
+def _featurize(built: BuiltModel, corpus: TextCorpus, max_length: int, cached: Path | None) -> FeatureSet:
     labels = torch.from_numpy(np.asarray(corpus.labels))
     if cached is not None and cached.is_file():
         try:
@@ -138,20 +160,46 @@ def _featurize(built: BuiltModel, corpus: TextCorpus, cached: Path | None) -> Fe
         except (OSError, SafetensorError, TypeError) as err:  # damaged, or not a feature file: compute it again
             log.warning("ignoring the feature cache %s (%s); computing the features again", cached, err)
         else:
-            if torch.equal(found.labels, labels) and len(found.features) == len(labels) and _same_kind(built, found,
-                                                                                                     corpus):
+            if (torch.equal(found.labels, labels) and len(found.features) == len(labels)
+                    and (found.targets is None) == (corpus.responses is None)
+                    and _same_kind(built, found, corpus, max_length)):
                 log.info("frozen features read from %s", cached)
                 return found
             log.warning("the feature cache %s is for other documents or of another kind; computing the features "
                         "again", cached)
-    ids, mask = built.tokenize(corpus.texts)
-    features = featurize(built.model, ids, mask, labels)
+    features = _features(built, corpus, max_length)
     if cached is not None:
-        tensors = {"features": features.features, "mask": features.mask, "labels": features.labels}
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cached, lambda tmp: save_file(tensors, str(tmp)))
-        except (OSError, SafetensorError) as err:  # a full disk costs the cache, not the message
-            log.warning("could not write the feature cache %s (%s); the next process computes it again", cached, err)
+        _write_cache(cached, features)
     return features
 
+
+def _write_cache(cached: Path, features: FeatureSet) -> None:
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, lambda tmp: save_file(features.tensors(), str(tmp)))
+    except (OSError, SafetensorError) as err:  # a full disk costs the cache, not the message
+        log.warning("could not write the feature cache %s (%s); the next process computes it again", cached, err)
+
+
+def _mmlu(built: BuiltModel, count: int, max_length: int, feature_cache: Path | None,
+          ) -> tuple[FeatureSet | None, tuple[int, ...]]:
+    """MMLU's zero-shot questions for a causal LM (:func:`fcmoe.data.mmlu.stratified_questions`), and the answer
+    letters' tokens; (None, ()) when ``count`` is 0 or the letters are not single tokens of the model."""
+    letters = single_tokens(built.model.codec, MMLU_CHOICES)
+    if not count or letters is None:
+        if count:
+            log.warning("MMLU is not scored: the answer letters are not single tokens of this model's tokenizer")
+        return None, ()
+    cached = feature_cache and feature_cache / FEATURE_FILES[2]
+    if cached is not None and cached.is_file():
+        try:
+            return FeatureSet(**load_file(str(cached))), tuple(letters)
+        except (OSError, SafetensorError, TypeError) as err:
+            log.warning("ignoring the feature cache %s (%s)", cached, err)
+    questions = stratified_questions(mmlu_offline_questions(), count)
+    ids, mask = encode_plain(built.model.codec, [mmlu_zero_shot(q) for q in questions], max(max_length, 512))
+    answers = torch.tensor([MMLU_CHOICES.index(q.answer) for q in questions])
+    mmlu = FeatureSet(ids, mask, answers)
+    if cached is not None:
+        _write_cache(cached, mmlu)
+    return mmlu, tuple(letters)

@@ -27,7 +27,7 @@ from fcmoe.core import Tree, tree_num_bytes, tree_sub
 from fcmoe.experiment import Experiment
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.process_memory import release_freed_memory
-from fcmoe.training.local import FeatureSet, LocalTrainer, accuracy
+from fcmoe.training.local import FeatureSet, LocalTrainer
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,10 @@ def server_step(server: RobustAggregation, global_state: Tree, arrived: Sequence
 
 def local_accuracy(exp: Experiment, algo: Algorithm, client_id: int, client_state: dict[str, Any],
                    global_state: Tree) -> float:
-    """Accuracy of the client's deployed (personalised) model on its own test split."""
-    test = exp.client_test[client_id]
-    logits = algo.personalised_logits(exp.trainer, client_state, global_state, exp.client_train[client_id], test)
-    return accuracy(logits, test.labels)
+    """Accuracy (instruction tuning: mean generation score) of the client's deployed (personalised) model on its own
+    test split."""
+    train, test = exp.client_train[client_id], exp.client_test[client_id]
+    return algo.personalised_prediction(exp.trainer, client_state, global_state, train, test).score()
 
 
 def deployed_global_accuracy(exp: Experiment, algo: Algorithm, client_state: dict[str, Any], global_state: Tree,
@@ -135,21 +135,37 @@ def deployed_global_accuracy(exp: Experiment, algo: Algorithm, client_state: dic
     "global accuracy" that way (:attr:`Algorithm.scores_deployed_on_global_test`, PFL-MoE); else ``None``."""
     if not algo.scores_deployed_on_global_test or round_index != exp.config.rounds:
         return None
-    test = exp.global_test
-    return accuracy(algo.deployed_logits(exp.trainer, client_state, global_state, test), test.labels)
+    return algo.deployed_prediction(exp.trainer, client_state, global_state, exp.global_test).score()
 
 
 def global_accuracy(trainer: LocalTrainer, global_state: Tree, test: FeatureSet) -> float:
-    """Accuracy of the global model on the global held-out test set."""
-    return accuracy(trainer.predict(global_state, test).logits, test.labels)
+    """Accuracy (instruction tuning: mean generation score) of the global model on ``test``."""
+    return trainer.predict(global_state, test).score()
 
 
-def initial_scores(exp: Experiment) -> dict[str, float]:
+def global_scores(exp: Experiment, global_state: Tree, round_index: int) -> dict[str, Any]:
+    """The global model on the global test set: ``global_acc`` (accuracy, or the mean generation score over held-out
+    prompts); instruction tuning adds each task's score (``task_scores``), the mean response-token loss
+    (``global_loss``) and, in the final round (and round 0), MMLU's zero-shot accuracy (``mmlu_acc``)."""
+    seen = exp.trainer.predict(global_state, exp.global_test)
+    scores: dict[str, Any] = {"global_acc": seen.score()}
+    if seen.scores is None:
+        return scores
+    names = exp.pool.label_names
+    correct = seen.correct()
+    scores["task_scores"] = {names[t]: correct[seen.labels == t].mean().item() for t in seen.labels.unique().tolist()}
+    scores["global_loss"] = seen.losses.double().mean().item()
+    if exp.mmlu is not None and round_index in (0, exp.config.rounds):
+        scores["mmlu_acc"] = exp.trainer.letter_accuracy(global_state, exp.mmlu, list(exp.letter_ids))
+    return scores
+
+
+def initial_scores(exp: Experiment) -> dict[str, Any]:
     """Round 0: the initial model on the global test set and on every client's test split (every method's
     deployed model before any round is this one), so curves start where training did."""
     local = torch.tensor([global_accuracy(exp.trainer, exp.initial_state, test) for test in exp.client_test],
                          dtype=torch.float64)
-    return {"global_acc": global_accuracy(exp.trainer, exp.initial_state, exp.global_test),
+    return {**global_scores(exp, exp.initial_state, 0),
             "local_acc_mean": local.mean().item(), "local_acc_std": local.std(unbiased=False).item()}
 
 
@@ -173,21 +189,22 @@ def upload_bytes(update: ClientUpdate) -> int:
     return delta_bytes + tree_num_bytes(update.routing_counts) + tree_num_bytes(update.statistics) + 8
 
 
-def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDraw, global_acc: float,
+def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDraw, scores: Mapping[str, Any],
                   local_acc: Sequence[float | None], model_bytes: int, wall_s: float,
                   eval_s: float = 0.0, deployed_global: Sequence[float] = ()) -> dict[str, Any]:
     """One ``metrics.jsonl`` row: accuracies, loss, utilisation, bytes up / down, who took part, wall time (of it,
     ``eval_s`` scoring the models), and the server's metrics.
 
-    ``local_acc`` is ordered by client id; ``None`` marks a client that did not report (mean and std are over the
-    others; all ``None`` and a NaN ``global_acc`` in a round that ``eval.every`` does not score).
+    ``scores``: the global model's (:func:`global_scores`; ``{"global_acc": NaN}`` in a round that ``eval.every``
+    does not score). ``local_acc`` is ordered by client id; ``None`` marks a client that did not report (mean and std
+    are over the others; all ``None`` in a round that is not scored).
     ``step.accepted`` may be empty (a round whose updates were all rejected). ``deployed_global``: each client's
     deployed model on the global test set (:func:`deployed_global_accuracy`), when measured.
     """
     updates, messages = step.accepted, step.result.messages
     reported = torch.tensor([a for a in local_acc if a is not None], dtype=torch.float64)
     nan = float("nan")
-    row = {"global_acc": global_acc, "local_acc": list(local_acc),
+    row = {**scores, "local_acc": list(local_acc),
            "local_acc_mean": reported.mean().item() if reported.numel() else nan,
            "local_acc_std": reported.std(unbiased=False).item() if reported.numel() else nan,
            "method": method, "round": round_index,

@@ -42,6 +42,9 @@ class MethodSummary:
     local_model_global_acc_std: float = float("nan")
     device: str = ""  # where local training ran: "cpu" or the GPU's name ("" = not recorded: Flower clients)
     deployed_global_acc_mean: float = float("nan")  # PFL-MoE: the clients' mixtures on the global test set
+    # instruction tuning: MMLU zero-shot accuracy of the final global model, and its score per task
+    mmlu_acc: float = float("nan")
+    task_scores: dict[str, float] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float, device: str = "") -> MethodSummary:
@@ -49,7 +52,8 @@ class MethodSummary:
         nan = float("nan")
         return cls(row["method"], row.get("global_acc", nan), row.get("local_acc_mean", nan),
                    row.get("local_acc_std", nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
-                   row.get("local_model_global_acc_std", nan), device, row.get("deployed_global_acc_mean", nan))
+                   row.get("local_model_global_acc_std", nan), device, row.get("deployed_global_acc_mean", nan),
+                   row.get("mmlu_acc", nan), row.get("task_scores"))
 
 
 def new_run_dir(out_dir: str | Path) -> Path:

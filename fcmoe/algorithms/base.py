@@ -8,7 +8,7 @@ One object per method holds both halves; the engines (in-process ``fcmoe.sim`` a
     update = algo.prepare_upload(client_state, update, trained)   # + client_statistics; local experts: no experts
     result = algo.aggregate(global, [ClientUpdate…])              # server
     algo.client_finish(client_state, global, result.state, result.messages[i])   # client, after the round
-    logits = algo.personalised_logits(runtime, client_state, result.state, train_i, test_i)
+    scored = algo.personalised_prediction(runtime, client_state, result.state, train_i, test_i)
 
 Client state is a plain dict that never leaves the client (FC-MoE residual, PFL-MoE head and gate, FedMoE mask,
 local experts' own experts): trees of tensors or scalars.
@@ -74,7 +74,8 @@ class ServerResult:
 class ClientRuntime(Protocol):
     """What a client half may ask of the local model (implemented in ``fcmoe.training``)."""
 
-    head_keys: tuple[str, str]
+    head_keys: tuple[str, ...]  # the classification head's weight and bias (none for a causal LM)
+    task: str  # "classify" | "sft"
 
     def predict(self, state: Mapping[str, torch.Tensor], data: Any, batch_size: int = 128,
                 expert_mask: Mapping[str, torch.Tensor] | None = None, record_routing: bool = False,
@@ -126,21 +127,21 @@ class Algorithm:
         """The parameters a client's Δ_i holds (default: every trainable one); the server screens against them."""
         return list(global_state)
 
-    def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                        data: Any) -> torch.Tensor:
-        """Logits of the client's deployed model as it stands (no local fitting) on ``data``; default the global
-        model. Also read on the global test set for :attr:`scores_deployed_on_global_test`."""
-        return runtime.predict(global_state, data).logits
+    def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                            data: Any) -> Prediction:
+        """The client's deployed model as it stands (no local fitting) on ``data``; default the global model. Also
+        read on the global test set for :attr:`scores_deployed_on_global_test`."""
+        return runtime.predict(global_state, data)
 
     def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
                       message: Mapping[str, torch.Tensor] | None) -> None:
         """Update private client state from the server's per-client message (default: nothing)."""
 
-    def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            train: Any, test: Any) -> torch.Tensor:
-        """Logits of the client's deployed model on its test split: :meth:`deployed_logits`, unless the method
-        fits something locally first (PFL-MoE's head and gate)."""
-        return self.deployed_logits(runtime, client_state, global_state, test)
+    def personalised_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                                train: Any, test: Any) -> Prediction:
+        """The client's deployed model on its test split: :meth:`deployed_prediction`, unless the method fits
+        something locally first (PFL-MoE's head and gate)."""
+        return self.deployed_prediction(runtime, client_state, global_state, test)
 
     # ------------------------------------------------------------------ server half
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],

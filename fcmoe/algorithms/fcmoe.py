@@ -29,6 +29,7 @@ from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, Serv
 from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ConsensusCoefficients, MeanRule, Tree,
                         consensus_coefficients, expert_norms, importance_weights, join_experts, normalise_columns,
                         pairwise_project, tree_add)
+from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
@@ -168,10 +169,10 @@ class FCMoE(Algorithm):
         else:
             client_state.pop(RESIDUAL, None)
 
-    def deployed_logits(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
-                        data: Any) -> torch.Tensor:
+    def deployed_prediction(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
+                            data: Any) -> Prediction:
         """The personalised model θ + λ·r_i."""
-        return runtime.predict(self.client_start(global_state, client_state), data).logits
+        return runtime.predict(self.client_start(global_state, client_state), data)
 
     # ------------------------------------------------------------------ server half
     def _weighted_units(self, updates: Sequence[ClientUpdate], layer: Any,

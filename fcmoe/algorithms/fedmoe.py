@@ -33,6 +33,7 @@ from fcmoe.algorithms.base import (Algorithm, AlgorithmConfig, ClientRuntime, Cl
                                    routing_frequencies)
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, holder_weights
 from fcmoe.core.submoe import largest_threshold, recommend_experts
+from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
 MASK = "fedmoe_mask"  # client state and server message: layer → [E] float, 1 = held
@@ -117,7 +118,7 @@ class FedMoE(Algorithm):
             return {}
         seen = runtime.predict(trained.state, data, expert_mask=self.client_expert_mask(client_state),
                                record_routing=True)
-        correct = (seen.logits.argmax(dim=-1) == seen.labels).double()
+        correct = seen.correct()  # [n] right or wrong (a causal LM: each response's generation score)
         return {VAL_ACC: correct.mean() if correct.numel() else torch.tensor(0.0, dtype=torch.float64),
                 **{VAL_COUNTS + layer: counts for layer, counts in seen.routing_counts.items()}}
 
@@ -126,10 +127,10 @@ class FedMoE(Algorithm):
         if message:
             client_state[MASK] = {layer.name: message[layer.name].clone() for layer in self.layout.layers}
 
-    def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                        data: Any) -> torch.Tensor:
+    def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                            data: Any) -> Prediction:
         """The global model routed within the client's sub-MoE."""
-        return runtime.predict(global_state, data, expert_mask=self.client_expert_mask(client_state)).logits
+        return runtime.predict(global_state, data, expert_mask=self.client_expert_mask(client_state))
 
     # ------------------------------------------------------------------ server half
     def _holders(self, update: ClientUpdate, index: int, layer: Any) -> torch.Tensor:

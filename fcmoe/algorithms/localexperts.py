@@ -16,6 +16,7 @@ import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
+from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
 PRIVATE = "local_experts"  # client state: the client's own experts and router rows
@@ -44,9 +45,9 @@ class LocalExperts(Algorithm):
         shared = set(self.upload_keys(update.delta))
         return dataclasses.replace(update, delta={k: v for k, v in update.delta.items() if k in shared})
 
-    def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                        data: Any) -> torch.Tensor:
-        return runtime.predict(self.client_start(global_state, client_state), data).logits
+    def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                            data: Any) -> Prediction:
+        return runtime.predict(self.client_start(global_state, client_state), data)
 
     # ------------------------------------------------------------------ server half
     def upload_keys(self, global_state: Tree) -> list[str]:

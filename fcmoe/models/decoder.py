@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fcmoe.models.backbone import BackboneClassifier
@@ -36,18 +37,37 @@ def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts
                            ) -> tuple[BackboneClassifier, PerExpertModuleLayout, Any]:
     """SmolLM2-MoE (``smollm2-moe``) or its random tiny twin (``smollm2-moe-tiny``) as a classifier; pretrained
     weights are loaded in ``dtype``."""
-    if name == "smollm2-moe-tiny":
-        causal_lm = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-        tokenize = hashing_tokenize(TINY_LLAMA["vocab_size"], max_length)
-        choice_ids = None
+    causal_lm, tokenizer = load_smollm2(name, path, dtype)
+    if tokenizer is None:
+        tokenize, choice_ids = hashing_tokenize(TINY_LLAMA["vocab_size"], max_length), None
     else:
-        folder = Path(path) if path else _smollm2_folder()
-        gguf = {"gguf_file": SMOLLM2_GGUF} if (folder / SMOLLM2_GGUF).is_file() else {}
-        tokenizer = _quiet(lambda: AutoTokenizer.from_pretrained(str(folder), **gguf))
-        causal_lm = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **gguf))
-        tokenize = _left_truncating(tokenizer, max_length)
-        choice_ids = single_token_ids(tokenizer, label_names)
+        tokenize, choice_ids = _left_truncating(tokenizer, max_length), single_token_ids(tokenizer, label_names)
     body = causal_lm.model
+    upcycle_top(body, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
+                router_init_std=router_init_std)
+    model = BackboneClassifier(body, body.get_input_embeddings(), len(label_names), pooling="last")
+    if choice_ids is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(causal_lm.lm_head.weight[choice_ids])
+            model.head.bias.zero_()
+    return model, PerExpertModuleLayout.from_tree(model.trainable_state()), tokenize
+
+
+def load_smollm2(name: str, path: str, dtype: torch.dtype) -> tuple[LlamaForCausalLM, Any]:
+    """(causal LM, tokenizer) of SmolLM2-135M-Instruct (``model.path`` or the offline GGUF, in ``dtype``), or a
+    random tiny Llama and no tokenizer for ``smollm2-moe-tiny``."""
+    if name.endswith("-tiny"):
+        return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)), None
+    folder = Path(path) if path else _smollm2_folder()
+    gguf = {"gguf_file": SMOLLM2_GGUF} if (folder / SMOLLM2_GGUF).is_file() else {}
+    tokenizer = _quiet(lambda: AutoTokenizer.from_pretrained(str(folder), **gguf))
+    return _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **gguf)), tokenizer
+
+
+def upcycle_top(body: nn.Module, *, num_experts: int, moe_layers: Sequence[int], trainable_layers: int,
+                router_init_std: float) -> int:
+    """Upcycle ``moe_layers`` of a Llama decoder stack into :class:`SwitchMoE` blocks of copies and freeze every layer
+    below the top ``trainable_layers``; returns the number of frozen layers."""
     layers = body.layers
     n = len(layers)
     chosen = sorted({i % n for i in moe_layers})
@@ -58,12 +78,7 @@ def build_upcycled_decoder(name: str, label_names: Sequence[str], *, num_experts
         layers[i].mlp = SwitchMoE.upcycle(layers[i].mlp, body.config.hidden_size, num_experts, router_init_std)
     for layer in layers[: n - trainable_layers]:
         layer.requires_grad_(False)
-    model = BackboneClassifier(body, body.get_input_embeddings(), len(label_names), pooling="last")
-    if choice_ids is not None:
-        with torch.no_grad():
-            model.head.weight.copy_(causal_lm.lm_head.weight[choice_ids])
-            model.head.bias.zero_()
-    return model, PerExpertModuleLayout.from_tree(model.trainable_state()), tokenize
+    return n - trainable_layers
 
 
 def _smollm2_folder() -> Path:

@@ -20,7 +20,7 @@ import transformers
 from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import cached_file
 
 from fcmoe.errors import first_line, why_hub_failed
@@ -109,14 +109,14 @@ def build_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lo
     if name.endswith("-tiny") or init == "random":
         config = hub_config(name, path, init, num_layers)
         if name.endswith("-tiny"):
-            backbone = _from_config(name, config)
+            backbone = from_config(name, config)
         else:
-            backbone = materialise(lambda c: _from_config(name, c), config, torch.device(device), plan.frozen)
-        tokenize = (hf_tokenize(path, max_length) if _has_tokenizer(path)
+            backbone = materialise(lambda c: from_config(name, c), config, torch.device(device), plan.frozen)
+        tokenize = (hf_tokenize(path, max_length) if has_tokenizer(path)
                     else hashing_tokenize(config.vocab_size, max_length))
     else:
         source = pretrained_path(name, path)
-        backbone = _from_pretrained(name, source, plan.frozen, torch.device(device))
+        backbone = from_pretrained(name, source, plan.frozen, torch.device(device))
         tokenizer = load_tokenizer(source)
         if FAMILIES[base_family(name)].pooling == "last":
             tokenizer.truncation_side = "left"
@@ -163,7 +163,7 @@ def meta_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lor
     read (a pretrained checkpoint's ``config.json`` only)."""
     config = hub_config(name, path, init, num_layers)
     with on_meta(dtype):
-        return _classifier(name, _from_config(name, config), num_labels, finetune, lora_rank, expert_lora)
+        return _classifier(name, from_config(name, config), num_labels, finetune, lora_rank, expert_lora)
 
 
 def hub_config(name: str, path: str, init: str = "pretrained", num_layers: int = 0) -> Any:
@@ -187,26 +187,39 @@ def checkpoint_config(name: str, source: str) -> Any:
 def _classifier(name: str, backbone: Any, num_labels: int, finetune: str, lora_rank: int,
                 expert_lora: str) -> tuple[BackboneClassifier, ExpertLayout]:
     """LoRA (when asked) and the classification head on ``backbone``, and the layout of the trainable tree."""
-    family = FAMILIES[base_family(name)]
-    config = backbone.config
     embeddings = backbone.get_input_embeddings()
+    model = BackboneClassifier(adapt(name, backbone, finetune, lora_rank, expert_lora), embeddings, num_labels,
+                               FAMILIES[base_family(name)].pooling)
+    return model, expert_layout(name, model, backbone.config, finetune)
+
+
+def adapt(name: str, model: Any, finetune: str, lora_rank: int, expert_lora: str) -> Any:
+    """``model`` itself (full fine-tuning), or wrapped by PEFT with LoRA on its experts and attention (everything
+    else frozen); ``expert_lora`` = "factored" swaps in :mod:`fcmoe.models.expert_lora`'s forward."""
+    if finetune != "lora":
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                      target_modules=list(FAMILIES[base_family(name)].lora_targets),
+                      target_parameters=LORA_TARGET_PARAMETERS)
+    model = get_peft_model(model, lora)
+    if expert_lora == "factored":
+        use_factored_expert_lora(model)
+    return model
+
+
+def expert_layout(name: str, model: Any, config: Any, finetune: str) -> ExpertLayout:
+    """The layout of ``model``'s trainable tree (a family built by this module, full or LoRA)."""
+    family = FAMILIES[base_family(name)]
     num_experts = int(getattr(config, family.experts_attribute))
-    if finetune == "lora":
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                          target_modules=list(family.lora_targets), target_parameters=LORA_TARGET_PARAMETERS)
-        backbone = get_peft_model(backbone, lora)
-        if expert_lora == "factored":
-            use_factored_expert_lora(backbone)
-    model = BackboneClassifier(backbone, embeddings, num_labels, family.pooling)
     layout_class = LoRAExpertLayout if finetune == "lora" else family.layout
     top_k = int(getattr(config, "num_experts_per_tok", 1))  # Switch: top-1
     shapes = {key: p.shape for key, p in model.named_parameters() if p.requires_grad}  # the trainable tree's
     layout = layout_class(shapes, num_experts, family.router_attr, top_k)
     if not layout.layers:
         raise ValueError(f"{name}: no MoE layer found in the trainable parameters")
-    return model, layout
+    return layout
 
 
 def balance_coefficient(name: str, config: Any, moe_layers: int, top_k: int) -> float:
@@ -218,10 +231,11 @@ def balance_coefficient(name: str, config: Any, moe_layers: int, top_k: int) -> 
     return float(coef) * top_k / max(moe_layers, 1)
 
 
-def _from_config(name: str, config: Any) -> Any:
+def from_config(name: str, config: Any, causal: bool = False) -> Any:
+    """A family's model with random weights: the backbone, or (``causal``) a decoder with its LM head."""
     if base_family(name) == "switch":
         return transformers.SwitchTransformersEncoderModel(config)
-    return AutoModel.from_config(config)
+    return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
 
 
 class ModelLoadError(ValueError):
@@ -241,15 +255,16 @@ def pretrained_source(name: str, source: str) -> Iterator[None]:
             "its config.json, weights and tokenizer") from None
 
 
-def _from_pretrained(name: str, source: str, dtype: torch.dtype, device: torch.device) -> Any:
+def from_pretrained(name: str, source: str, dtype: torch.dtype, device: torch.device, causal: bool = False) -> Any:
     """The checkpoint's weights, read straight onto ``device`` in ``dtype`` (no host copy of a GPU model). GPT-OSS
     ships its experts in MXFP4 (uint8 blocks, untrainable), which transformers keeps where the ``kernels`` package
-    is installed: they are de-quantised to ``dtype`` here, whatever is installed."""
+    is installed: they are de-quantised to ``dtype`` here, whatever is installed. ``causal``: with the LM head."""
     with pretrained_source(name, source):
         if base_family(name) == "switch":
             return transformers.SwitchTransformersEncoderModel.from_pretrained(source, dtype=dtype, device_map=device)
         extra = _dequantised(source) if base_family(name) == "gpt_oss" else {}
-        return AutoModel.from_pretrained(source, dtype=dtype, device_map=device, **extra)
+        return (AutoModelForCausalLM if causal else AutoModel).from_pretrained(source, dtype=dtype, device_map=device,
+                                                                               **extra)
 
 
 def _dequantised(source: str) -> dict[str, Any]:
@@ -261,7 +276,7 @@ def _dequantised(source: str) -> dict[str, Any]:
     return {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if method == "mxfp4" else {}
 
 
-def _has_tokenizer(path: str) -> bool:
+def has_tokenizer(path: str) -> bool:
     return bool(path) and any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 

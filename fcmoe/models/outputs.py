@@ -11,7 +11,19 @@ import torch
 class Prediction:
     """Model outputs on a dataset."""
 
-    logits: torch.Tensor  # [n, C]
-    pooled: torch.Tensor  # [n, H] sentence vectors before the head
-    labels: torch.Tensor  # [n]
+    logits: torch.Tensor  # [n, C] (a causal LM: [n, 0])
+    pooled: torch.Tensor  # [n, H] sentence vectors before the head (a causal LM: [n, 0])
+    labels: torch.Tensor  # [n] classes (a causal LM: tasks)
     routing_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [E], when asked for
+    scores: torch.Tensor | None = None  # [n] a causal LM: each response's generation score in [0, 1]
+    losses: torch.Tensor | None = None  # [n] a causal LM: each response's mean token loss
+
+    def correct(self) -> torch.Tensor:
+        """``[n]`` float64 per-document score: 1/0 for the top class, or a causal LM's generation score."""
+        if self.scores is not None:
+            return self.scores.double()
+        return (self.logits.argmax(dim=-1) == self.labels).double()
+
+    def score(self) -> float:
+        """Accuracy (classification) or the mean generation score (instruction tuning); NaN on no document."""
+        return self.correct().mean().item() if self.labels.numel() else float("nan")

@@ -16,7 +16,7 @@ from typing import Any
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
-from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, global_accuracy, initial_client_state,
+from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, global_scores, initial_client_state,
                           local_accuracy, round_metrics, server_step, start_round)
 from fcmoe.runs import MethodSummary, append_row
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -82,11 +82,11 @@ def run_round(exp: Experiment, server: RobustAggregation, method: str, round_ind
     eval_started = time.perf_counter()
     if exp.config.eval.scores(round_index, exp.config.rounds):
         local = [local_accuracy(exp, algo, cid, client_states[cid], new_state) for cid in range(exp.num_clients)]
-        global_acc = global_accuracy(exp.trainer, new_state, exp.global_test)
+        scores = global_scores(exp, new_state, round_index)
         deployed = [deployed_global_accuracy(exp, algo, state, new_state, round_index) for state in client_states]
     else:  # eval.every: not scored this round
-        local, global_acc, deployed = [None] * exp.num_clients, float("nan"), []
-    row = round_metrics(method, round_index, step, draw, global_acc, local, tree_num_bytes(global_state),
+        local, scores, deployed = [None] * exp.num_clients, {"global_acc": float("nan")}, []
+    row = round_metrics(method, round_index, step, draw, scores, local, tree_num_bytes(global_state),
                         time.perf_counter() - round_started, time.perf_counter() - eval_started,
                         [a for a in deployed if a is not None])
     return new_state, row

@@ -19,11 +19,13 @@ from torch import nn
 from fcmoe.config import TrainConfig
 from fcmoe.config_sections import ConfigError
 from fcmoe.core import Tree
+from fcmoe.models.causal_lm import CausalLM
 from fcmoe.models.classifier import EncoderClassifier
 from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.models.precision import PrecisionPlan, check_device
 from fcmoe.models.routing import RoutingRecorder, masked_routing
+from fcmoe.training.sft import generation_scores, letter_accuracy, response_losses
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +33,40 @@ log = logging.getLogger(__name__)
 @dataclass
 class FeatureSet:
     """What is cached of some documents: the frozen layers' output (fcmoe's upcycled encoder, ``[n, T, H]``) or the
-    token ids (the hub families and the upcycled decoder, ``[n, T]``), right-padded."""
+    token ids (the hub families and the upcycled decoder, ``[n, T]``), right-padded.
+
+    Instruction data (``task = "sft"``) also has the next-token ``targets`` (−100 off the response), whether each
+    row's task is scored by exact match (else ROUGE-L), and its token ``ids`` when the features are hidden states;
+    its labels are the tasks.
+    """
 
     features: torch.Tensor  # [n, T, H] or [n, T]
     mask: torch.Tensor  # [n, T] 1 = real token
     labels: torch.Tensor  # [n]
+    targets: torch.Tensor | None = None  # [n, T] sft: the token at t + 1 where it is a response token, else -100
+    exact: torch.Tensor | None = None  # [n] bool, sft: scored by exact match (label words), else ROUGE-L
+    ids: torch.Tensor | None = None  # [n, T] sft: the token ids, when the features are not they
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """``[n, T]`` token ids (the features themselves unless they are hidden states)."""
+        return self.features if self.ids is None else self.ids
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name (what a feature cache file holds)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
     def subset(self, rows: torch.Tensor) -> FeatureSet:
-        return FeatureSet(self.features[rows], self.mask[rows], self.labels[rows])
+        return FeatureSet(**{name: value[rows] for name, value in self.tensors().items()})
 
     def trimmed(self) -> FeatureSet:
         """The same documents padded only to their own longest: right padding past it is cut (nothing reads it)."""
         length = max(int(self.mask.sum(dim=1).max()), 1) if len(self) else self.mask.shape[1]
-        return FeatureSet(self.features[:, :length], self.mask[:, :length], self.labels)
+        return FeatureSet(**{name: value if name in ("labels", "exact") else value[:, :length]
+                             for name, value in self.tensors().items()})
 
 
 @dataclass
@@ -110,13 +130,16 @@ class LocalTrainer:
     router_defaults
         (router lr / lr, balance-loss weight) where ``config`` says -1 (auto):
         :attr:`~fcmoe.models.build.BuiltModel.router_defaults`; fcmoe's upcycled routers' by default.
+    max_new_tokens
+        A causal LM's generation budget per held-out prompt (``eval.max_new_tokens``).
 
     Features and trees live on the CPU; each batch and each start tree is copied to the device, and every result
     (end tree, routing counts, logits) comes back to the CPU, so the engines and the server never see a GPU tensor.
     """
 
     def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig,
-                 precision: PrecisionPlan | None = None, router_defaults: tuple[float, float] = (10.0, 0.1)) -> None:
+                 precision: PrecisionPlan | None = None, router_defaults: tuple[float, float] = (10.0, 0.1),
+                 max_new_tokens: int = 16) -> None:
         self.device = resolve_device(config.device)
         # train.router_lr / aux_loss_coef = -1: the model's own (BuiltModel.router_defaults)
         self.router_lr = config.router_lr if config.router_lr > 0 else router_defaults[0] * config.lr
@@ -134,6 +157,8 @@ class LocalTrainer:
         self.config = config
         self.recorder = RoutingRecorder(model, layout)
         self.head_keys = model.head_keys
+        self.max_new_tokens = max_new_tokens
+        self.task = "sft" if isinstance(model, CausalLM) else "classify"
 
     @property
     def device_name(self) -> str:
@@ -163,15 +188,20 @@ class LocalTrainer:
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         for rows in batch_rows(len(data), cfg.batch_size, cfg.local_epochs, cfg.local_steps, generator):
             batch = data.subset(rows)
-            # token ids: padded only to the batch's own longest document. Not the upcycled encoder's cached
-            # features: the balance loss counts padding positions, so trimming them would change its results
-            features, mask, labels = self._to_device(batch.trimmed() if batch.features.dim() == 2 else batch)
+            # token ids and instruction data: padded only to the batch's own longest document. Not the upcycled
+            # encoder's cached features: the balance loss counts padding positions, so trimming would change results
+            batch = batch.trimmed() if batch.features.dim() == 2 or batch.targets is not None else batch
+            features, mask, labels = self._to_device(batch)
             # the backward pass stays inside the mask: gradient checkpointing re-runs the routers there
             with masked_routing(model, self.layout, expert_mask):
                 with self.autocast(), self.recorder.recording(mask):
-                    logits = model(features, mask)  # [B, C]
+                    if batch.targets is None:
+                        task_loss = nn.functional.cross_entropy(model(features, mask).float(), labels)  # [B, C]
+                    else:  # the token-mean response loss of the batch (TRL's completion-only loss)
+                        sums, counts = model.response_loss(features, mask, batch.targets.to(self.device))
+                        task_loss = sums.sum() / counts.sum().clamp_min(1)
                     balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
-                loss = nn.functional.cross_entropy(logits.float(), labels) + self.aux_loss_coef * balance.float()
+                loss = task_loss + self.aux_loss_coef * balance.float()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
             if cfg.max_grad_norm > 0:
@@ -191,12 +221,11 @@ class LocalTrainer:
         """Logits and pooled vectors of the model with trainable tree ``state`` on ``data`` (eval mode), routed
         within ``expert_mask`` if given; with ``record_routing`` also the routing counts (layer → ``[E]``)."""
         model = self.model
-        if state is not self._loaded:  # the clients scored on one global model load it once
-            self._loaded = None  # a load that fails half-way leaves no tree named
-            model.load_trainable_state(dict(state))
-            self._loaded = state
+        self._load(state)
         model.eval()
         self.recorder.reset()
+        if data.targets is not None:
+            return self._predict_responses(data, batch_size, expert_mask, record_routing)
         pooled = []
         # length-bucketed: documents in length order, each batch padded only to its own longest
         order = data.mask.sum(dim=1).argsort(stable=True)  # [n]
@@ -212,6 +241,47 @@ class LocalTrainer:
             logits = model.head(pooled_all)  # [n, C]
         return Prediction(logits=logits.float().cpu(), pooled=pooled_all.float().cpu(), labels=data.labels,
                           routing_counts=self.recorder.snapshot() if record_routing else {})
+
+    def _predict_responses(self, data: FeatureSet, batch_size: int, expert_mask: Mapping[str, torch.Tensor] | None,
+                           record_routing: bool) -> Prediction:
+        """A causal LM on instruction data: each row's response loss and generation score (routing counted on the
+        teacher-forced pass), in length-bucketed batches."""
+        losses, scores = torch.zeros(len(data)), torch.zeros(len(data), dtype=torch.float64)
+        order = data.mask.sum(dim=1).argsort(stable=True)  # [n]
+        with self.autocast(), masked_routing(self.model, self.layout, expert_mask):
+            for rows in order.split(batch_size):
+                batch = data.subset(rows).trimmed()
+                mask, targets = batch.mask.to(self.device), batch.targets.to(self.device)
+                with self.recorder.recording(mask) if record_routing else contextlib.nullcontext():
+                    losses[rows] = response_losses(self.model, batch.features.to(self.device), mask, targets).cpu()
+                scores[rows] = generation_scores(self.model, batch.token_ids.to(self.device), mask, targets,
+                                                 batch.exact, self.max_new_tokens)
+        empty = torch.zeros(len(data), 0)
+        return Prediction(logits=empty, pooled=empty, labels=data.labels, scores=scores, losses=losses,
+                          routing_counts=self.recorder.snapshot() if record_routing else {})
+
+    @torch.no_grad()
+    def letter_accuracy(self, state: Mapping[str, torch.Tensor], data: FeatureSet, letter_ids: list[int],
+                        batch_size: int = 64) -> float:
+        """A causal LM with trainable tree ``state``: the share of ``data``'s questions (``labels``: the answer's
+        index in ``letter_ids``) whose answer letter scores highest after the prompt (MMLU, zero-shot)."""
+        self._load(state)
+        self.model.eval()
+        right = []
+        with self.autocast():
+            for rows in data.mask.sum(dim=1).argsort(stable=True).split(batch_size):
+                batch = data.subset(rows).trimmed()
+                right.append(letter_accuracy(self.model, batch.features.to(self.device), batch.mask.to(self.device),
+                                             batch.labels, letter_ids))
+        return torch.cat(right).mean().item() if right else float("nan")
+
+    def _load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put ``state`` into the model unless it holds it already (the clients scored on one global model load it
+        once)."""
+        if state is not self._loaded:
+            self._loaded = None  # a load that fails half-way leaves no tree named
+            self.model.load_trainable_state(dict(state))
+            self._loaded = state
 
     def _to_device(self, batch: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, mask, labels) of ``batch`` on the training device."""
