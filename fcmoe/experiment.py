@@ -131,8 +131,18 @@ def _client_view(features: FeatureSet, partition: Partition, client: int, rows: 
 def _same_kind(built: BuiltModel, found: FeatureSet, corpus: TextCorpus, max_length: int) -> bool:
     """Whether a cached feature file holds what this model caches (token ids, or frozen-layer outputs of its
     width), judged against its features of one document."""
-    probe = _features(built, corpus.subset(np.arange(1)), max_length)
-    return found.features.dtype == probe.features.dtype and found.features.shape[2:] == probe.features.shape[2:]
+    ids, mask = _tokenized(built, corpus.subset(np.arange(1)), max_length)[:2]
+    probe = built.model.featurize(ids.to(_model_device(built)), mask.to(_model_device(built)))
+    return found.features.dtype == probe.dtype and found.features.shape[2:] == probe.shape[2:]
+
+
+def _tokenized(built: BuiltModel, corpus: TextCorpus, max_length: int,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Ids and mask ``[n, T]`` of the documents (instruction data: prompt/response pairs, with their targets)."""
+    if corpus.responses is None:
+        return (*built.tokenize(corpus.texts), None)
+    pairs = encode_pairs(built.model.codec, corpus.texts, corpus.responses, max_length)
+    return pairs.ids, pairs.mask, pairs.targets
 
 
 def _model_device(built: BuiltModel) -> torch.device:
@@ -142,14 +152,12 @@ def _model_device(built: BuiltModel) -> torch.device:
 def _features(built: BuiltModel, corpus: TextCorpus, max_length: int) -> FeatureSet:
     """What the model caches of ``corpus``: classification documents, or prompt/response pairs (instruction data)."""
     labels = torch.from_numpy(np.asarray(corpus.labels))
-    if corpus.responses is None:
-        ids, mask = built.tokenize(corpus.texts)
-        return featurize(built.model, ids, mask, labels)
-    pairs = encode_pairs(built.model.codec, corpus.texts, corpus.responses, max_length)
-    features = featurize(built.model, pairs.ids, pairs.mask, labels)
+    ids, mask, targets = _tokenized(built, corpus, max_length)
+    features = featurize(built.model, ids, mask, labels)
+    if targets is None:
+        return features
     exact = torch.from_numpy(np.asarray(corpus.groups["metric"]) == "exact")
-    return FeatureSet(features.features, pairs.mask, labels, pairs.targets, exact,
-                      None if features.features.dim() == 2 else pairs.ids)
+    return FeatureSet(features.features, mask, labels, targets, exact, None if features.features.dim() == 2 else ids)
 
 
 def _featurize(built: BuiltModel, corpus: TextCorpus, max_length: int, cached: Path | None) -> FeatureSet:

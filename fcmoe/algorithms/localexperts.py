@@ -12,8 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
 from fcmoe.models.outputs import Prediction

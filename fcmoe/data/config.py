@@ -59,7 +59,7 @@ class DataConfig:
             raise ConfigError(f"data.path = {self.path!r} does not apply to the offline source {self.name!r}; for your "
                               "own file use data.name = 'csv', 'jsonl' or 'parquet'")
         if self.name not in FILE_SOURCES and (self.group_column or self.labels):
-            raise ConfigError(f"data.group_column / labels apply to local labelled files only (data.name = "
+            raise ConfigError(f"data.group_column / labels apply to local files only (data.name = "
                               f"{', '.join(FILE_SOURCES)}), not to {self.name!r}")
         if self.test_path and self.name not in (*FILE_SOURCES, "instruct-file"):
             raise ConfigError(f"data.test_path applies to local files only (data.name = {', '.join(FILE_SOURCES)}, "

@@ -37,7 +37,9 @@ INSTRUCT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def record_fields(record: Mapping[str, Any], where: str) -> tuple[str, str, str, str]:
-    """(prompt, response, task, metric) of one record in any of the three formats; ``where`` names it in errors."""
+    """(prompt, response, task, metric) of one record in any of the three formats; ``where`` names it in errors.
+    A field that is null counts as absent (a dataset's rows carry every column)."""
+    record = {key: value for key, value in record.items() if value is not None}
     if "messages" in record:
         prompt, response = _chat(record["messages"], where)
     elif "instruction" in record or "output" in record:
@@ -105,7 +107,8 @@ def read_records(path: str | Path) -> tuple[list[Any], Callable[[int], str]]:
 
             frame = read_table(file, suffix[1:])
             where = file_line(suffix[1:])
-            records = [{k: v for k, v in row.items() if not _missing(v)} for row in frame.to_dict("records")]
+            # a table has every column in every row: a record holds only its non-empty cells
+            records = [{k: v for k, v in row.items() if _optional(v)} for row in frame.to_dict("records")]
             for number, record in enumerate(records):
                 if isinstance(record.get("messages"), str):
                     record["messages"] = _json_cell(record["messages"], f"{file} {where(number)}")

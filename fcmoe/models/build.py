@@ -16,9 +16,9 @@ from fcmoe.models.catalog import FAMILY_NAMES, FUSED, HUB, SFT_MODELS, base_fami
 from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.causal_lm import CausalLM, HFCodec, TextCodec, WordCodec
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder, load_smollm2, upcycle_top
-from fcmoe.models.families import (FAMILIES, has_tokenizer, adapt, balance_coefficient, build_hub_family, expert_layout, from_config,
-                                   from_pretrained, hashing_tokenize, hf_tokenize, hub_config, hub_plan,
-                                   load_tokenizer, meta_hub_family, pretrained_path, pretrained_plan)
+from fcmoe.models.families import (FAMILIES, adapt, balance_coefficient, build_hub_family, expert_layout, from_config,
+                                   from_pretrained, has_tokenizer, hashing_tokenize, hf_tokenize, hub_config,
+                                   hub_plan, load_tokenizer, meta_hub_family, pretrained_path, pretrained_plan)
 from fcmoe.models.shapes import materialise
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
@@ -82,8 +82,8 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                               router_init_std=router_init_std, path=path, finetune=finetune, lora_rank=lora_rank,
                               plan=plan, device=device, expert_lora=expert_lora, init=init, num_layers=num_layers)
     else:
-        built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
-                       router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
+        built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers,
+                       trainable_layers=trainable_layers, router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
                        lora_rank=lora_rank, label_names=label_names, plan=plan, device=device, expert_lora=expert_lora,
                        init=init, num_layers=num_layers)
     apply_precision(built.model, plan)
@@ -176,7 +176,7 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
 def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], trainable_layers: int,
                   router_init_std: float, path: str, finetune: str, lora_rank: int, plan: PrecisionPlan,
                   device: torch.device | str, expert_lora: str, init: str, num_layers: int) -> BuiltModel:
-    """The causal LM of ``name`` for ``task = "sft"`` (tokenize: the codec's pairs; see :mod:`fcmoe.models.causal_lm`)."""
+    """The causal LM of ``name`` for ``task = "sft"`` (:mod:`fcmoe.models.causal_lm`; its codec tokenises)."""
     if name not in SFT_MODELS:
         raise ValueError(f"task = 'sft' needs a causal LM: model.name = {name!r} is not one; choose one of "
                          f"{', '.join(SFT_MODELS)}")

