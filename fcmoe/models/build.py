@@ -83,9 +83,9 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                               plan=plan, device=device, expert_lora=expert_lora, init=init, num_layers=num_layers)
     else:
         built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers,
-                       trainable_layers=trainable_layers, router_init_std=router_init_std, max_length=max_length, path=path, finetune=finetune,
-                       lora_rank=lora_rank, label_names=label_names, plan=plan, device=device, expert_lora=expert_lora,
-                       init=init, num_layers=num_layers)
+                       trainable_layers=trainable_layers, router_init_std=router_init_std, max_length=max_length,
+                       path=path, finetune=finetune, lora_rank=lora_rank, label_names=label_names, plan=plan,
+                       device=device, expert_lora=expert_lora, init=init, num_layers=num_layers)
     apply_precision(built.model, plan)
     if name in HUB and init == "pretrained":  # pretrained routers: the family's own settings
         family = "switch" if name == "switch-t2t" else name
