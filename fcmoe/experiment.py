@@ -45,7 +45,7 @@ class Experiment:
     global_test: FeatureSet
     initial_state: Tree
     setup_s: float
-    probe_test: FeatureSet  # ≤ PROBE_PER_CLASS documents per class of global_test: each local model's score
+    probe_test: FeatureSet  # ≤ PROBE_PER_CLASS (PROBE_PER_TASK) documents a class of global_test: local models'
     # task = "sft": MMLU's zero-shot questions (labels: the answer's index) and the tokens of " A" … " D"
     mmlu: FeatureSet | None = None
     letter_ids: tuple[int, ...] = ()
@@ -100,9 +100,9 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
              part.num_clients, setup_s)
     mmlu, letters = (_mmlu(built, config.eval.mmlu_questions, data.max_length, feature_cache) if config.task == "sft"
                      else (None, ()))
+    probe = stratified_head(global_test, PROBE_PER_CLASS if config.task == "classify" else PROBE_PER_TASK)
     return Experiment(config, built, trainer, pool, partition, client_train, client_test, global_test,
-                      tree_clone(built.model.trainable_state()), setup_s, stratified_head(global_test, PROBE_PER_CLASS),
-                      mmlu, letters)
+                      tree_clone(built.model.trainable_state()), setup_s, probe, mmlu, letters)
 
 
 # in a feature cache folder: pool, global test, MMLU (sft)
@@ -111,6 +111,9 @@ FEATURE_FILES = ("pool.safetensors", "global-test.safetensors", "mmlu.safetensor
 # DESIGN §2's second local reading scores every client's local model on the global test set in the final round:
 # on all 800 documents of the default that made each method's final round ~25 s longer (10 clients × 800 forwards).
 PROBE_PER_CLASS = 10
+# instruction tuning: a held-out prompt costs a generation (a forward pass per new token, tens of classification
+# forwards), so each client's local model reads 2 prompts a task
+PROBE_PER_TASK = 2
 
 
 def stratified_head(data: FeatureSet, per_class: int) -> FeatureSet:
@@ -153,7 +156,7 @@ def _features(built: BuiltModel, corpus: TextCorpus, max_length: int) -> Feature
     """What the model caches of ``corpus``: classification documents, or prompt/response pairs (instruction data)."""
     labels = torch.from_numpy(np.asarray(corpus.labels))
     ids, mask, targets = _tokenized(built, corpus, max_length)
-    features = featurize(built.model, ids, mask, labels)
+    features = featurize(built.model, ids, mask, labels, bucketed=targets is not None)
     if targets is None:
         return features
     exact = torch.from_numpy(np.asarray(corpus.groups["metric"]) == "exact")

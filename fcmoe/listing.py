@@ -7,7 +7,8 @@ def print_names() -> int:
     """Every name the config accepts for a method, model, dataset and offline asset, one line each."""
     from fcmoe.data.assets import ASSETS
     from fcmoe.data.catalog import FILE_SOURCES, HUB_SOURCES, OFFLINE_SOURCES, PARTITION_KINDS
-    from fcmoe.models.catalog import FAMILY_NAMES
+    from fcmoe.data.instruct import INSTRUCT_SUFFIXES, METRICS
+    from fcmoe.models.catalog import FAMILY_NAMES, SFT_MODELS
     from fcmoe.registry import ALGORITHMS
 
     methods = [f"{name}{''.join(f', {name}/{v}' for v in ALGORITHMS.get(name).variants)}"
@@ -22,8 +23,14 @@ def print_names() -> int:
     from fcmoe.models.shapes import SHAPES
 
     print(f"published shapes (model.init = random, model.path): {', '.join(SHAPES)}")
-    print(f"datasets (data.name): offline {', '.join(OFFLINE_SOURCES)}; hub {', '.join(HUB_SOURCES)}; "
+    print("tasks (task): classify (a head over C classes), sft (a causal LM on prompt/response pairs), auto (sft for "
+          "instruction data)")
+    print(f"causal LMs (task = sft): {', '.join(SFT_MODELS)}")
+    print(f"datasets (data.name), classify: offline {', '.join(OFFLINE_SOURCES)}; hub {', '.join(HUB_SOURCES)}; "
           f"your file {', '.join(FILE_SOURCES)} (data.path)")
+    formats = "Alpaca instruction/input/output, prompt/completion, or chat messages; optional task, metric"
+    print(f"datasets (data.name), sft: offline instruct (5 tasks); your file instruct-file "
+          f"({', '.join(INSTRUCT_SUFFIXES)}: {formats} {' | '.join(METRICS)}); hub instruct-hub (data.path = an id)")
     print(f"partitions (partition.kind): {', '.join(PARTITION_KINDS)}")
     print(f"offline assets (fcmoe fetch): {', '.join(f'{a.dist}=={a.version}' for a in ASSETS.values())}")
     print("engines (--engine): inprocess, flower; fcmoe deploy-local for a local TLS deployment")

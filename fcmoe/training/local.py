@@ -93,12 +93,28 @@ def batch_rows(size: int, batch_size: int, epochs: int, steps: int,
 
 
 def featurize(model: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-              batch_size: int = 64) -> FeatureSet:
-    """Run the frozen bottom of ``model`` once over documents (``[n, T]`` ids) and keep the features (on the CPU)."""
+              batch_size: int = 64, bucketed: bool = False) -> FeatureSet:
+    """Run the frozen bottom of ``model`` once over documents (``[n, T]`` ids) and keep the features (on the CPU).
+
+    ``bucketed``: documents in length order, each batch run at its own longest length, and hidden-state features
+    past a document's end zero (a causal decoder: right padding never changes a real position). Not for the
+    upcycled encoder, whose balance loss reads the padding positions' features.
+    """
     device = next(model.parameters()).device
-    chunks = [model.featurize(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)).cpu()
-              for i in range(0, len(ids), batch_size)]
-    return FeatureSet(torch.cat(chunks), mask.clone(), labels.clone())
+    if not bucketed:
+        chunks = [model.featurize(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)).cpu()
+                  for i in range(0, len(ids), batch_size)]
+        return FeatureSet(torch.cat(chunks), mask.clone(), labels.clone())
+    out = None
+    for rows in mask.sum(dim=1).argsort(stable=True).split(batch_size):
+        length = max(int(mask[rows].sum(dim=1).max()), 1)
+        chunk = model.featurize(ids[rows, :length].to(device), mask[rows, :length].to(device)).cpu()
+        if chunk.dim() == 3:  # hidden states: zero past each document's end, whatever its batch
+            chunk = chunk.masked_fill(~mask[rows, :length].bool()[:, :, None], 0.0)
+        if out is None:
+            out = chunk.new_zeros((len(ids), ids.shape[1], *chunk.shape[2:]))
+        out[rows, :length] = chunk
+    return FeatureSet(out if out is not None else ids.clone(), mask.clone(), labels.clone())
 
 
 def resolve_device(name: str) -> torch.device:

@@ -107,3 +107,16 @@ def test_cached_frozen_layers_give_the_full_models_loss() -> None:
     full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), enc.targets.flatten(), ignore_index=IGNORE,
                                              reduction="sum")
     torch.testing.assert_close(sums.sum(), full, rtol=1e-4, atol=1e-4)
+
+
+def test_length_bucketed_featurize_equals_the_padded_one_on_real_tokens() -> None:
+    from fcmoe.training.local import featurize
+
+    model = tiny_sft().model
+    enc = encode_pairs(model.codec, [*PROMPTS, "a much longer prompt " * 5], [*RESPONSES, "x"], 64)
+    labels = torch.zeros(3, dtype=torch.long)
+    padded = featurize(model, enc.ids, enc.mask, labels, batch_size=2)
+    bucketed = featurize(model, enc.ids, enc.mask, labels, batch_size=2, bucketed=True)
+    real = enc.mask.bool()
+    torch.testing.assert_close(bucketed.features[real], padded.features[real])
+    assert bucketed.features[~real].abs().sum() == 0

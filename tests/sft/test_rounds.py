@@ -93,3 +93,30 @@ def test_flower_sft_equals_in_process(tmp_path: Path) -> None:
         for field in ("global_acc", "task_scores", "local_acc", "train_loss", "mmlu_acc"):
             assert row.get(field) == reference[key].get(field), (key, field)
         assert row["global_loss"] == pytest.approx(reference[key]["global_loss"], rel=1e-6)
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "instruct"
+
+
+def test_the_flowertune_config_runs_on_a_tiny_twin_and_a_local_copy(tmp_path: Path) -> None:
+    """configs/instruct/flowertune-olmoe.toml as shipped, with the model and dataset swapped for a tiny twin and a
+    local copy laid out like the hub dataset, on the CPU."""
+    folder = tmp_path / "alpaca"
+    folder.mkdir()
+    rows = [{"instruction": f"Say something about item {i}.", "input": "", "output": f"item {i} is fine"}
+            for i in range(60)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(CONFIGS / "flowertune-olmoe.toml", [
+        "model.name=olmoe-tiny", "model.path=", f"data.path={folder}", "train.device=cpu", "train.precision=auto",
+        "rounds=1", "data.test_per_class=4", "data.max_length=48", "eval.mmlu_questions=4", "partition.num_clients=4",
+        "participation.fraction=0.5", "train.local_steps=2"])
+    assert config.task == "sft" and config.model.finetune == "lora" and config.model.lora_rank == 32
+    (tmp_path / "run").mkdir()
+    summaries = run_experiment(config, tmp_path / "run", show_progress=False)
+    assert [s.method for s in summaries] == ["fedavg", "fcmoe"] and all(0 <= s.mmlu_acc <= 1 for s in summaries)
+
+
+def test_the_instruct_benchmark_config_loads() -> None:
+    config = load_config(CONFIGS / "benchmark.toml")
+    assert config.task == "sft" and config.model.name == "smollm2-moe" and config.data.name == "instruct"
+    assert config.partition.kind == "natural" and config.partition.by == "task"
