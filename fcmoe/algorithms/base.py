@@ -75,7 +75,6 @@ class ClientRuntime(Protocol):
     """What a client half may ask of the local model (implemented in ``fcmoe.training``)."""
 
     head_keys: tuple[str, ...]  # the classification head's weight and bias (none for a causal LM)
-    task: str  # "classify" | "sft"
 
     def predict(self, state: Mapping[str, torch.Tensor], data: Any, batch_size: int = 128,
                 expert_mask: Mapping[str, torch.Tensor] | None = None, record_routing: bool = False,

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from fcmoe.data.corpus import DataError, TextCorpus, hold_out
+from fcmoe.data.hub import load_dataset_dict
+from fcmoe.data.local import file_line, read_table
 from fcmoe.errors import first_line
 
 METRICS = ("rouge", "exact")
@@ -103,8 +105,6 @@ def read_records(path: str | Path) -> tuple[list[Any], Callable[[int], str]]:
         if suffix == ".json":
             return _json_document(file), "record {}".format
         if suffix in (".csv", ".parquet"):
-            from fcmoe.data.local import file_line, read_table
-
             frame = read_table(file, suffix[1:])
             where = file_line(suffix[1:])
             # a table has every column in every row: a record holds only its non-empty cells
@@ -137,8 +137,6 @@ def load_instruct_files(path: str, test_path: str, holdout_fraction: float, seed
 def load_instruct_hub(source: str, holdout_fraction: float, seed: int) -> tuple[TextCorpus, TextCorpus]:
     """An instruction dataset by hub id (or a local folder laid out like one): its ``train`` split, and its
     ``test`` split when it has one (else ``holdout_fraction`` of each task held out)."""
-    from fcmoe.data.hub import load_dataset_dict
-
     if not source:
         raise DataError("data.path is empty: data.name = 'instruct-hub' reads a hub dataset, e.g. "
                         "--set data.path=vicgalle/alpaca-gpt4")

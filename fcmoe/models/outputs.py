@@ -25,5 +25,8 @@ class Prediction:
         return (self.logits.argmax(dim=-1) == self.labels).double()
 
     def score(self) -> float:
-        """Accuracy (classification) or the mean generation score (instruction tuning); NaN on no document."""
-        return self.correct().mean().item() if self.labels.numel() else float("nan")
+        """Accuracy (classification, a float32 mean as ever) or the mean generation score (instruction tuning); NaN
+        on no document."""
+        if not self.labels.numel():
+            return float("nan")
+        return self.correct().mean().item() if self.scores is not None else self.correct().float().mean().item()

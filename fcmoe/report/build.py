@@ -76,6 +76,8 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
     # Table II is always there, so the tables keep the paper's numbers (empty when no variant ran)
     tables.insert(1, ablation_table(runs, alphas, [m for b in bases for m in (b, *ablation)
                                                    if m == b or m.startswith(b + "/")]))
+    if any("task_scores" in s for run in runs for s in run.summaries.values()):  # instruction tuning
+        tables.append(instruct_table(runs, alphas, methods))
     for table in tables:
         write_csv(table, out / "tables" / f"{table.name}.csv")
     figures = write_figures(runs, alphas, main, ablation, out / "figures")
@@ -168,6 +170,31 @@ def target_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Se
                                   "n": 1 if reached is not None else 0, "target": targets[a]})
             cells.append("—" if reached is None else str(reached))
         table.rows.append([display_name(method), *cells])
+    return table
+
+
+def instruct_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequence[str]) -> ReportTable:
+    """Table V (``task = "sft"``): the final global model's generation score per task and over the held-out
+    prompts, the clients' deployed models' mean score, and MMLU, beside the model before training."""
+    tasks = list(dict.fromkeys(t for run in runs for s in [run.initial, *run.summaries.values()]
+                               for t in (s.get("task_scores") or {})))
+    table = ReportTable("table5_instruct", "Table V: instruction tuning",
+                        "Generation score of the global model on held-out prompts per task (exact match or ROUGE-L) "
+                        "and over all of them, the mean over clients of each deployed model on its own prompts "
+                        "(local), and MMLU zero-shot accuracy; mean ± std over seeds. 'before training': the initial "
+                        "model, shared by every method.",
+                        ["method", *(["α"] if len(alphas) > 1 else []), *tasks, "mean", "local", "MMLU"])
+
+    columns = [*((f"task_scores:{t}", lambda found, t=t: (found.get("task_scores") or {}).get(t)) for t in tasks),
+               *((key, lambda found, key=key: found.get(key)) for key in ("global_acc", "local_acc_mean", "mmlu_acc"))]
+    for source in [None, *methods]:  # None: the initial model (summary.json's "initial")
+        for a in alphas:
+            found = [run.initial if source is None else run.summaries[source] for run in runs
+                     if run.alpha == a and (source is None or source in run.summaries)]
+            cells = [table.add_record(source or "initial", a, metric, Stat.of([read(f) for f in found]))
+                     for metric, read in columns]
+            table.rows.append([display_name(source) if source else "before training",
+                               *([f"{a:g}"] if len(alphas) > 1 else []), *cells])
     return table
 
 

@@ -19,7 +19,6 @@ from torch import nn
 from fcmoe.config import TrainConfig
 from fcmoe.config_sections import ConfigError
 from fcmoe.core import Tree
-from fcmoe.models.causal_lm import CausalLM
 from fcmoe.models.classifier import EncoderClassifier
 from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
@@ -174,7 +173,6 @@ class LocalTrainer:
         self.recorder = RoutingRecorder(model, layout)
         self.head_keys = model.head_keys
         self.max_new_tokens = max_new_tokens
-        self.task = "sft" if isinstance(model, CausalLM) else "classify"
 
     @property
     def device_name(self) -> str:
@@ -307,7 +305,3 @@ class LocalTrainer:
         """Autocast to the compute dtype when it is not fp32, else a no-op context."""
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy."""
-    return (logits.argmax(dim=-1) == labels).float().mean().item() if labels.numel() else float("nan")
