@@ -45,10 +45,11 @@ bench: assets
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/deployment.py --model tiny
+	$(BIN)/python bench/sft_step.py --models smollm2-moe-tiny,smollm2-moe
 
 # On a machine with a CUDA GPU: the training step in fp32 and bf16 autocast, at the default and an 8x batch; then
 # real MoE LLM shapes at full depth with random weights (peak memory, tokens/s against a plain PyTorch loop) and a
-# 2-client, 1-round fcmoe run on OLMoE-1B-7B's shape.
+# 2-client, 1-round fcmoe run on OLMoE-1B-7B's shape; the sft local step against a plain PyTorch loop.
 bench-gpu: assets
 	for args in "--precision fp32" "--precision bf16" "--precision fp32 --batch 128" "--precision bf16 --batch 128"; do \
 		$(BIN)/python bench/routing_overhead.py --device cuda $$args || exit 1; done
@@ -58,6 +59,7 @@ bench-gpu: assets
 		--set model.finetune=lora --set data.name=20ng4 --set data.train_per_class=16 --set data.test_per_class=4 \
 		--set data.max_length=512 --set partition.kind=iid --set partition.num_clients=2 --set rounds=1 \
 		--set train.batch_size=8 --set train.local_steps=4 --set train.device=cuda
+	$(BIN)/python bench/sft_step.py --device cuda --models smollm2-moe-tiny,smollm2-moe --steps 22
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -76,7 +76,7 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
     # Table II is always there, so the tables keep the paper's numbers (empty when no variant ran)
     tables.insert(1, ablation_table(runs, alphas, [m for b in bases for m in (b, *ablation)
                                                    if m == b or m.startswith(b + "/")]))
-    if any("task_scores" in s for run in runs for s in run.summaries.values()):  # instruction tuning
+    if any(s.get("task_scores") for run in runs for s in run.summaries.values()):  # instruction tuning
         tables.append(instruct_table(runs, alphas, methods))
     for table in tables:
         write_csv(table, out / "tables" / f"{table.name}.csv")

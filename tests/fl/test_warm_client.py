@@ -23,9 +23,9 @@ def featurize_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = experiment.featurize
 
-    def counting(model, ids, mask, labels):  # noqa: ANN001, ANN202 - featurize's own signature
+    def counting(model, ids, mask, labels, **options):  # noqa: ANN001, ANN003, ANN202 - featurize's own signature
         calls.append(len(ids))
-        return real(model, ids, mask, labels)
+        return real(model, ids, mask, labels, **options)
 
     monkeypatch.setattr(experiment, "featurize", counting)
     return calls

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fcmoe.algorithms import ALGORITHMS
 from fcmoe.config import ExperimentConfig, load_config
 from fcmoe.experiment import prepare_experiment
+from fcmoe.report.build import build_report
 from fcmoe.runner import run_experiment
 from fcmoe.sim.engine import run_method
 
@@ -64,6 +65,15 @@ def test_every_method_and_variant_runs_sft_in_process(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["initial"]["mmlu_acc"] <= 1.0 and set(summary["initial"]["task_scores"]) == {"title", "topic"}
     assert all(0.0 <= s["mmlu_acc"] <= 1.0 for s in summary["methods"].values())
+    build_report([tmp_path / "run"])
+    table = (tmp_path / "run" / "report" / "tables" / "table5_instruct.csv").read_text().splitlines()
+    header = table[0].split(",")
+    records = [dict(zip(header, line.split(","), strict=True)) for line in table[1:]]
+    initial = {r["metric"]: float(r["mean"]) for r in records if r["method"] == "initial"}
+    assert initial["mmlu_acc"] == summary["initial"]["mmlu_acc"]
+    assert initial["task_scores:topic"] == summary["initial"]["task_scores"]["topic"]
+    fcmoe_mmlu = [float(r["mean"]) for r in records if r["method"] == "fcmoe" and r["metric"] == "mmlu_acc"]
+    assert fcmoe_mmlu == [summary["methods"]["fcmoe"]["mmlu_acc"]]
 
 
 def test_sft_trains_the_fused_family_with_lora(tmp_path: Path) -> None:
