@@ -58,7 +58,8 @@ class ModelConfig:
                               "(config.json and weights) or give a hub id such as 'Qwen/Qwen3-30B-A3B'")
         if self.finetune not in ("full", "lora"):
             raise ConfigError(f"model.finetune = {self.finetune!r}: choose 'full' or 'lora'")
-        if self.finetune == "lora" and not supports_lora(self.name):
+        # model.name = "" is the task's default, checked again once the experiment resolves it
+        if self.name and self.finetune == "lora" and not supports_lora(self.name):
             raise ConfigError(f"model.finetune = 'lora' with model.name = {self.name!r}: LoRA on experts needs fused "
                               f"expert tensors; use one of {', '.join(n for n in FAMILY_NAMES if supports_lora(n))}")
         if self.expert_lora not in ("factored", "merged"):
@@ -74,7 +75,7 @@ class ModelConfig:
             raise ConfigError(f"model.router_init_std = {self.router_init_std}: must be >= 0")
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model.init = {self.init!r}: choose 'pretrained' or 'random'")
-        if self.init == "random" and (self.name not in HUB or self.name == "switch-t2t"):
+        if self.name and self.init == "random" and (self.name not in HUB or self.name == "switch-t2t"):
             raise ConfigError(f"model.init = 'random' builds a hub family's published shape; {self.name!r} is not one: "
                               f"use one of {', '.join(n for n in HUB if n != 'switch-t2t')}")
         if self.num_layers < 0 or (self.num_layers and self.init != "random"):
@@ -144,6 +145,9 @@ class ExperimentConfig:
         if task == "sft" and self.model.name not in SFT_MODELS:
             raise ConfigError(f"task = 'sft' trains a causal LM: model.name = {self.model.name!r} is not one; choose "
                               f"one of {', '.join(SFT_MODELS)}")
+        if task == "sft" and self.partition.concept_shift > 0:
+            raise ConfigError(f"partition.concept_shift = {self.partition.concept_shift} permutes class labels; "
+                              "instruction data has none (its labels are tasks): set it to 0 with task = 'sft'")
 
     def algorithm_config(self, method: str) -> AlgorithmConfig:
         """The config of ``method`` ("name" or "name/variant": the named switches applied to ``[name]``)."""

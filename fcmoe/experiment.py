@@ -25,7 +25,7 @@ from fcmoe.data.offline import mmlu_offline_questions
 from fcmoe.data.sources import load_source
 from fcmoe.files import atomic_write
 from fcmoe.models.build import BuiltModel, build_model, checkpointing
-from fcmoe.models.causal_lm import encode_pairs, encode_plain, single_tokens
+from fcmoe.models.causal_lm import answer_tokens, encode_pairs, encode_plain
 from fcmoe.training.local import FeatureSet, LocalTrainer, featurize, resolve_device
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Experiment:
     global_test: FeatureSet
     initial_state: Tree
     setup_s: float
-    probe_test: FeatureSet  # ≤ PROBE_PER_CLASS (PROBE_PER_TASK) documents a class of global_test: local models'
+    probe_test: FeatureSet  # the first PROBE_PER_CLASS (sft: PROBE_PER_TASK) of each label of global_test
     # task = "sft": MMLU's zero-shot questions (labels: the answer's index) and the tokens of " A" … " D"
     mmlu: FeatureSet | None = None
     letter_ids: tuple[int, ...] = ()
@@ -98,15 +98,16 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
     setup_s = time.perf_counter() - started
     log.info("setup: %d pool docs, %d global test docs, %d clients, %.1f s", len(pool.texts), len(test.texts),
              part.num_clients, setup_s)
-    mmlu, letters = (_mmlu(built, config.eval.mmlu_questions, data.max_length, feature_cache) if config.task == "sft"
+    mmlu, letters = (_mmlu(built, config.eval.mmlu_questions, feature_cache) if config.task == "sft"
                      else (None, ()))
     probe = stratified_head(global_test, PROBE_PER_CLASS if config.task == "classify" else PROBE_PER_TASK)
     return Experiment(config, built, trainer, pool, partition, client_train, client_test, global_test,
                       tree_clone(built.model.trainable_state()), setup_s, probe, mmlu, letters)
 
 
-# in a feature cache folder: pool, global test, MMLU (sft)
-FEATURE_FILES = ("pool.safetensors", "global-test.safetensors", "mmlu.safetensors")
+FEATURE_FILES = ("pool.safetensors", "global-test.safetensors")  # in a feature cache folder: pool, global test
+MMLU_FILE = "mmlu.safetensors"  # beside them for sft: MMLU's tokenised questions (cheap to redo: not waited for)
+MMLU_MAX_TOKENS = 512  # an MMLU prompt is cut on the left to this many tokens
 
 # DESIGN §2's second local reading scores every client's local model on the global test set in the final round:
 # on all 800 documents of the default that made each method's final round ~25 s longer (10 clients × 800 forwards).
@@ -192,23 +193,27 @@ def _write_cache(cached: Path, features: FeatureSet) -> None:
         log.warning("could not write the feature cache %s (%s); the next process computes it again", cached, err)
 
 
-def _mmlu(built: BuiltModel, count: int, max_length: int, feature_cache: Path | None,
+def _mmlu(built: BuiltModel, count: int, feature_cache: Path | None,
           ) -> tuple[FeatureSet | None, tuple[int, ...]]:
     """MMLU's zero-shot questions for a causal LM (:func:`fcmoe.data.mmlu.stratified_questions`), and the answer
     letters' tokens; (None, ()) when ``count`` is 0 or the letters are not single tokens of the model."""
-    letters = single_tokens(built.model.codec, MMLU_CHOICES)
+    letters = answer_tokens(built.model.codec, MMLU_CHOICES)
     if not count or letters is None:
         if count:
             log.warning("MMLU is not scored: the answer letters are not single tokens of this model's tokenizer")
         return None, ()
-    cached = feature_cache and feature_cache / FEATURE_FILES[2]
+    cached = feature_cache and feature_cache / MMLU_FILE
     if cached is not None and cached.is_file():
         try:
-            return FeatureSet(**load_file(str(cached))), tuple(letters)
+            found = FeatureSet(**load_file(str(cached)))
         except (OSError, SafetensorError, TypeError) as err:
             log.warning("ignoring the feature cache %s (%s)", cached, err)
+        else:
+            if len(found) == count and found.features.dtype == torch.long:
+                return found, tuple(letters)
+            log.warning("the feature cache %s holds other questions; tokenising them again", cached)
     questions = stratified_questions(mmlu_offline_questions(), count)
-    ids, mask = encode_plain(built.model.codec, [mmlu_zero_shot(q) for q in questions], max(max_length, 512))
+    ids, mask = encode_plain(built.model.codec, [mmlu_zero_shot(q) for q in questions], MMLU_MAX_TOKENS)
     answers = torch.tensor([MMLU_CHOICES.index(q.answer) for q in questions])
     mmlu = FeatureSet(ids, mask, answers)
     if cached is not None:

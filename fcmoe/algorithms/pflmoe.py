@@ -78,7 +78,6 @@ class PFLMoE(Algorithm):
     display_name = "PFL-MoE"
     config_class = PFLMoEConfig
     config: PFLMoEConfig
-    scores_deployed_on_global_test = True  # the authors' code reports the clients' mixtures on the global test set
 
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
@@ -88,13 +87,19 @@ class PFLMoE(Algorithm):
                             {"personalisation": "none (sft)"})
 
     @property
+    def scores_deployed_on_global_test(self) -> bool:  # type: ignore[override]
+        """The authors' code reports the clients' mixtures on the global test set; on sft each client deploys the
+        global model itself, whose score is ``global_acc`` already."""
+        return self._has_head
+
+    @property
     def _has_head(self) -> bool:
         """Whether the model has a classification head to personalise (a causal LM has none)."""
         return any(key.endswith(("head.weight", "head.bias")) for key in self.layout.shared_keys)
 
     def personalised_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
                                 train: Any, test: Any) -> Prediction:
-        if not runtime.head_keys:  # a causal LM: nothing to mix (module docstring)
+        if not self._has_head:  # a causal LM: nothing to mix (module docstring)
             return runtime.predict(global_state, test)
         cfg = self.config
         mixture = self._mixture(runtime, client_state, global_state)
@@ -116,7 +121,7 @@ class PFLMoE(Algorithm):
                             data: Any) -> Prediction:
         """The client's mixture as last fitted (no further training) on ``data``."""
         seen = runtime.predict(global_state, data)
-        if not runtime.head_keys:
+        if not self._has_head:
             return seen
         return self._mixed(self._mixture(runtime, client_state, global_state), seen)
 

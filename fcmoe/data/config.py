@@ -56,8 +56,9 @@ class DataConfig:
             raise ConfigError(f"data.path is empty: data.name = {self.name!r} reads your own file, e.g. "
                               f"--set data.path={PATH_EXAMPLES.get(self.name, f'train.{self.name}')}")
         if self.name in (*OFFLINE_SOURCES, "instruct") and self.path:
+            own = "'instruct-file'" if self.name == "instruct" else "'csv', 'jsonl' or 'parquet'"
             raise ConfigError(f"data.path = {self.path!r} does not apply to the offline source {self.name!r}; for your "
-                              "own file use data.name = 'csv', 'jsonl' or 'parquet'")
+                              f"own file use data.name = {own}")
         if self.name not in FILE_SOURCES and (self.group_column or self.labels):
             raise ConfigError(f"data.group_column / labels apply to local files only (data.name = "
                               f"{', '.join(FILE_SOURCES)}), not to {self.name!r}")
@@ -108,6 +109,7 @@ class PartitionConfig:
                               "clients whose labels are permuted; 0 = off)")
         if self.kind == "natural" and not self.by:
             raise ConfigError("partition.by is empty: a natural partition needs a group column, e.g. "
-                              "--set partition.by=subject (MMLU) or partition.by=group (local files)")
+                              "--set partition.by=subject (MMLU), partition.by=group (local files) or partition.by=task "
+                              "(instruction data)")
 
 

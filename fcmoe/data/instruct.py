@@ -110,8 +110,11 @@ def read_records(path: str | Path) -> tuple[list[Any], Callable[[int], str]]:
             # a table has every column in every row: a record holds only its non-empty cells
             records = [{k: v for k, v in row.items() if _optional(v)} for row in frame.to_dict("records")]
             for number, record in enumerate(records):
-                if isinstance(record.get("messages"), str):
-                    record["messages"] = _json_cell(record["messages"], f"{file} {where(number)}")
+                messages = record.get("messages")
+                if isinstance(messages, str):  # CSV: JSON text
+                    record["messages"] = _json_cell(messages, f"{file} {where(number)}")
+                elif isinstance(messages, np.ndarray):  # Parquet's list column: an array of {role, content}
+                    record["messages"] = messages.tolist()
             return records, where
     except UnicodeDecodeError:
         raise DataError(f"data file {str(file)!r} is not UTF-8 text; save it as UTF-8") from None
@@ -122,7 +125,7 @@ def read_records(path: str | Path) -> tuple[list[Any], Callable[[int], str]]:
 def load_instruct_files(path: str, test_path: str, holdout_fraction: float, seed: int,
                         ) -> tuple[TextCorpus, TextCorpus]:
     """(train, test) instruction corpora from the user's files (test: ``test_path``, or ``holdout_fraction`` of each
-    task held out with a fixed seed)."""
+    task held out, drawn with ``seed``)."""
     if not path:
         raise DataError("data.path is empty: data.name = 'instruct-file' reads your own instruction file, e.g. "
                         "--set data.path=train.jsonl")

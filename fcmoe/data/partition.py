@@ -181,9 +181,9 @@ def _partitioner(config: PartitionConfig, labels: np.ndarray, groups: Mapping[st
 def natural_clients(values: np.ndarray, num_clients: int, seed: int) -> np.ndarray:
     """``[n]`` client of each row when clients are split by the group ``values`` (sorted distinct values g = 0…G−1).
 
-    N = G: client g holds group g. N < G: client c holds the groups g with g mod N = c (a few each). N > G: group g
+    N = G: client c holds group c. N < G: client c holds the groups g with g mod N = c (a few each). N > G: group g
     is shared by the clients c with c mod G = g, its rows dealt to them in a seeded random order (each client one
-    group, each group ⌊N/G⌋ or ⌈N/G⌉ clients).
+    group, each group ⌊N/G⌋ or ⌈N/G⌉ clients); a group with fewer than 2 rows per client is a :class:`DataError`.
     """
     distinct = sorted(set(values.tolist()))
     group = np.array([distinct.index(v) for v in values.tolist()], dtype=np.int64)  # [n] g of each row
@@ -194,5 +194,8 @@ def natural_clients(values: np.ndarray, num_clients: int, seed: int) -> np.ndarr
     for g in range(len(distinct)):
         owners = np.arange(g, num_clients, len(distinct))  # the clients of group g
         rows = rng.permutation(np.flatnonzero(group == g))
+        if rows.size < 2 * owners.size:
+            raise PartitionError(f"partition.kind = 'natural': group {distinct[g]!r} has {rows.size} document(s) for "
+                                 f"{owners.size} clients (at least 2 each); use fewer clients or more data")
         clients[rows] = owners[np.arange(rows.size) % owners.size]
     return clients

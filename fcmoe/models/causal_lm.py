@@ -2,7 +2,7 @@
 
 A :class:`CausalLM` wraps a ``*ForCausalLM`` (fcmoe's upcycled SmolLM2, or a fused-expert hub family, full or LoRA).
 It trains the next-token loss on response tokens only: ``targets[t]`` is the token at ``t + 1`` where that token
-belongs to the response (its end-of-turn token included), −100 elsewhere, and the LM head runs on those positions
+belongs to the response (the tokenizer's end-of-sequence token after it included), −100 elsewhere, and the LM head runs on those positions
 alone,
 
     loss = Σ_{t: targets[t] ≠ −100} −log softmax(W_lm · h_t)[targets[t]] / #{t: targets[t] ≠ −100}
@@ -56,6 +56,9 @@ class HFCodec:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the model's tokenizer has no end-of-sequence token, which ends each response in "
+                             "instruction tuning; use a tokenizer that defines eos_token (model.path)")
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         self.chat = bool(getattr(tokenizer, "chat_template", None))
@@ -147,10 +150,17 @@ def encode_plain(codec: TextCodec, texts: Sequence[str], max_length: int) -> tup
     return ids, mask
 
 
-def single_tokens(codec: TextCodec, words: Sequence[str]) -> list[int] | None:
-    """The token of each of ``words`` after a space (" A" … " D"), or None when one is not a single token."""
-    ids = [codec.encode(" " + word) for word in words]
-    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+def answer_tokens(codec: TextCodec, words: Sequence[str], cue: str = "Answer:") -> list[int] | None:
+    """The token each of ``words`` (" A" … " D") is after ``cue``, as the model reads "Answer: A" (SentencePiece and
+    byte-level BPE tokenizers spell the space differently); None when one is not a single token there."""
+    prefix = codec.encode(cue)
+    tokens = []
+    for word in words:
+        ids = codec.encode(f"{cue} {word}")
+        if ids[: len(prefix)] != prefix or len(ids) != len(prefix) + 1:
+            return None
+        tokens.append(ids[-1])
+    return tokens
 
 
 def prompt_lengths(targets: torch.Tensor) -> torch.Tensor:
@@ -244,7 +254,7 @@ class CausalLM(TrainableTree):
         """Logits of ``token_ids`` ``[B, K]`` at each right-padded sequence's last real token (full model)."""
         hidden = self.causal.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         last = attention_mask.long().sum(dim=1) - 1  # [B]
-        return self.token_logits(hidden[torch.arange(len(ids)), last])[:, list(token_ids)]
+        return self.token_logits(hidden[torch.arange(len(ids), device=ids.device), last])[:, list(token_ids)]
 
     def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
         """``layers`` of the decoder on hidden states ``[B, T, H]`` of right-padded sequences from position 0."""

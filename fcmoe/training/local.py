@@ -154,7 +154,7 @@ class LocalTrainer:
 
     def __init__(self, model: EncoderClassifier, layout: ExpertLayout, config: TrainConfig,
                  precision: PrecisionPlan | None = None, router_defaults: tuple[float, float] = (10.0, 0.1),
-                 max_new_tokens: int = 16) -> None:
+                 max_new_tokens: int = 24) -> None:
         self.device = resolve_device(config.device)
         # train.router_lr / aux_loss_coef = -1: the model's own (BuiltModel.router_defaults)
         self.router_lr = config.router_lr if config.router_lr > 0 else router_defaults[0] * config.lr
@@ -233,7 +233,8 @@ class LocalTrainer:
     def predict(self, state: Mapping[str, torch.Tensor], data: FeatureSet, batch_size: int = 128,
                 expert_mask: Mapping[str, torch.Tensor] | None = None, record_routing: bool = False) -> Prediction:
         """Logits and pooled vectors of the model with trainable tree ``state`` on ``data`` (eval mode), routed
-        within ``expert_mask`` if given; with ``record_routing`` also the routing counts (layer → ``[E]``)."""
+        within ``expert_mask`` if given; with ``record_routing`` also the routing counts (layer → ``[E]``).
+        Instruction data (a causal LM): each row's response loss and generation score instead (empty logits)."""
         model = self.model
         self._load(state)
         model.eval()

@@ -69,9 +69,10 @@ def generation_scores(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, ta
         prompts[row, width - start:] = ids[row, :start]
         prompt_mask[row, width - start:] = 1
     generated = model.generate(prompts, prompt_mask, max_new_tokens).tolist()
+    references = ids.tolist()  # one copy off the device, read row by row below
     scores = []
     for row, (start, end) in enumerate(zip(starts, ends, strict=True)):
-        reference = codec.decode(_until_eos(ids[row, start:end].tolist(), codec.eos_id))
+        reference = codec.decode(_until_eos(references[row][start:end], codec.eos_id))
         prediction = codec.decode(_until_eos(generated[row], codec.eos_id))
         scores.append(exact_match(prediction, reference) if exact[row] else rouge_l(prediction, reference))
     return torch.tensor(scores, dtype=torch.float64)

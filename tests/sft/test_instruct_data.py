@@ -162,3 +162,30 @@ def test_the_offline_mixture() -> None:
     test_heads = {r for r, t in zip(test.responses, test.groups["task"], strict=True) if t == "bbc-headline"}
     assert test_heads and not train_heads & test_heads
     assert load_instruct(0)[0].texts == train.texts != load_instruct(1)[0].texts  # the template choice is seeded
+
+
+def test_parquet_chat_records_in_their_native_list_column(tmp_path: Path) -> None:
+    """Parquet files exported by datasets / pandas hold messages as a list column, not JSON text."""
+    pd.DataFrame([MESSAGES, MULTI_TURN]).to_parquet(tmp_path / "chat.parquet")
+    records, where = read_records(tmp_path / "chat.parquet")
+    corpus = records_corpus(records, "chat", where)
+    assert corpus.responses == ["Hello!", "Goodbye"] and corpus.texts[0] == "Be brief.\n\nHi"
+
+
+def test_a_task_too_small_for_its_clients_is_one_line() -> None:
+    from fcmoe.data.partition import PartitionError
+
+    tasks = np.array(["a"] * 30 + ["b"] * 3, dtype=object)
+    with pytest.raises(PartitionError, match="group 'b' has 3 document"):
+        natural_clients(tasks, 4, seed=0)
+
+
+def test_sft_refuses_a_concept_shift_and_names_instruct_file_for_a_path() -> None:
+    from fcmoe.config_sections import ConfigError
+
+    with pytest.raises(ConfigError, match="instruction data has none"):
+        load_config(overrides=["data.name=instruct", "partition.concept_shift=0.2"])
+    with pytest.raises(ConfigError, match="use data.name = 'instruct-file'"):
+        load_config(overrides=["data.name=instruct", "data.path=x.jsonl"])
+    with pytest.raises(ConfigError, match="model.finetune = 'lora' with model.name = 'smollm2-moe'"):
+        load_config(overrides=["data.name=instruct", "model.finetune=lora"])

@@ -61,7 +61,8 @@ def test_every_method_and_variant_runs_sft_in_process(tmp_path: Path) -> None:
         assert len(row["local_acc"]) == 4 and row["bytes_up"] > 0
     fcmoe = [r for r in rows if r["method"] == "fcmoe"]
     assert all(0.0 <= r["conflict_rate"] <= 1.0 for r in fcmoe)  # the mechanism's metrics, as on classification
-    assert all(r["personalisation"] == "none (sft)" for r in rows if r["method"] == "pflmoe")
+    pfl = [r for r in rows if r["method"] == "pflmoe"]
+    assert all(r["personalisation"] == "none (sft)" and "deployed_global_acc" not in r for r in pfl)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["initial"]["mmlu_acc"] <= 1.0 and set(summary["initial"]["task_scores"]) == {"title", "topic"}
     assert all(0.0 <= s["mmlu_acc"] <= 1.0 for s in summary["methods"].values())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from fcmoe.models.causal_lm import IGNORE, CausalLM, WordCodec, encode_pairs, encode_plain, single_tokens
+from fcmoe.models.causal_lm import IGNORE, CausalLM, WordCodec, encode_pairs, encode_plain, answer_tokens
 from fcmoe.training.sft import exact_match, generation_scores, letter_accuracy, normalise, rouge_l
 from tests.sft.test_loss import tiny_sft
 
@@ -62,7 +62,7 @@ def test_mmlu_letter_scoring_on_a_hand_built_case() -> None:
     model: CausalLM = tiny_sft().model
     model.eval()
     codec = model.codec
-    letters = single_tokens(codec, ["A", "B", "C", "D"])
+    letters = answer_tokens(codec, ["A", "B", "C", "D"])
     ids, mask = encode_plain(codec, ["which option holds Answer:", "another question here Answer:"], 64)
     with torch.no_grad():
         hidden = model.causal.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [2, T, H]
