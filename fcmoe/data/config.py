@@ -109,7 +109,7 @@ class PartitionConfig:
                               "clients whose labels are permuted; 0 = off)")
         if self.kind == "natural" and not self.by:
             raise ConfigError("partition.by is empty: a natural partition needs a group column, e.g. "
-                              "--set partition.by=subject (MMLU), partition.by=group (local files) or partition.by=task "
-                              "(instruction data)")
+                              "--set partition.by=subject (MMLU), partition.by=group (local files) or "
+                              "partition.by=task (instruction data)")
 
 

@@ -2,8 +2,8 @@
 
 A :class:`CausalLM` wraps a ``*ForCausalLM`` (fcmoe's upcycled SmolLM2, or a fused-expert hub family, full or LoRA).
 It trains the next-token loss on response tokens only: ``targets[t]`` is the token at ``t + 1`` where that token
-belongs to the response (the tokenizer's end-of-sequence token after it included), −100 elsewhere, and the LM head runs on those positions
-alone,
+belongs to the response (the tokenizer's end-of-sequence token after it included), −100 elsewhere, and the LM head
+runs on those positions alone,
 
     loss = Σ_{t: targets[t] ≠ −100} −log softmax(W_lm · h_t)[targets[t]] / #{t: targets[t] ≠ −100}
 
