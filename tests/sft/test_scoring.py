@@ -9,7 +9,7 @@ from rouge_score import rouge_scorer
 
 from fcmoe.models.causal_lm import IGNORE, CausalLM, WordCodec, encode_pairs, encode_plain, answer_tokens
 from fcmoe.training.sft import exact_match, generation_scores, letter_accuracy, normalise, rouge_l
-from tests.sft.test_loss import tiny_sft
+from tests.conftest import tiny_sft
 
 
 @pytest.mark.parametrize(("prediction", "reference", "expected"), [
