@@ -166,23 +166,31 @@ def _features(built: BuiltModel, corpus: TextCorpus, max_length: int) -> Feature
 
 def _featurize(built: BuiltModel, corpus: TextCorpus, max_length: int, cached: Path | None) -> FeatureSet:
     labels = torch.from_numpy(np.asarray(corpus.labels))
-    if cached is not None and cached.is_file():
-        try:
-            found = FeatureSet(**load_file(str(cached)))
-        except (OSError, SafetensorError, TypeError) as err:  # damaged, or not a feature file: compute it again
-            log.warning("ignoring the feature cache %s (%s); computing the features again", cached, err)
-        else:
-            if (torch.equal(found.labels, labels) and len(found.features) == len(labels)
-                    and (found.targets is None) == (corpus.responses is None)
-                    and _same_kind(built, found, corpus, max_length)):
-                log.info("frozen features read from %s", cached)
-                return found
-            log.warning("the feature cache %s is for other documents or of another kind; computing the features "
-                        "again", cached)
+    found = _read_cache(cached)
+    if found is not None:
+        if (torch.equal(found.labels, labels) and len(found.features) == len(labels)
+                and (found.targets is None) == (corpus.responses is None)
+                and _same_kind(built, found, corpus, max_length)):
+            log.info("frozen features read from %s", cached)
+            return found
+        log.warning("the feature cache %s is for other documents or of another kind; computing the features again",
+                    cached)
     features = _features(built, corpus, max_length)
     if cached is not None:
         _write_cache(cached, features)
     return features
+
+
+def _read_cache(cached: Path | None) -> FeatureSet | None:
+    """A feature cache file, or None when there is none or it cannot be read (damaged, or not a feature file: the
+    caller computes it again)."""
+    if cached is None or not cached.is_file():
+        return None
+    try:
+        return FeatureSet(**load_file(str(cached)))
+    except (OSError, SafetensorError, TypeError) as err:
+        log.warning("ignoring the feature cache %s (%s); computing it again", cached, err)
+        return None
 
 
 def _write_cache(cached: Path, features: FeatureSet) -> None:
@@ -203,15 +211,11 @@ def _mmlu(built: BuiltModel, count: int, feature_cache: Path | None,
             log.warning("MMLU is not scored: the answer letters are not single tokens of this model's tokenizer")
         return None, ()
     cached = feature_cache and feature_cache / MMLU_FILE
-    if cached is not None and cached.is_file():
-        try:
-            found = FeatureSet(**load_file(str(cached)))
-        except (OSError, SafetensorError, TypeError) as err:
-            log.warning("ignoring the feature cache %s (%s)", cached, err)
-        else:
-            if len(found) == count and found.features.dtype == torch.long:
-                return found, tuple(letters)
-            log.warning("the feature cache %s holds other questions; tokenising them again", cached)
+    found = _read_cache(cached)
+    if found is not None:
+        if len(found) == count and found.features.dtype == torch.long:
+            return found, tuple(letters)
+        log.warning("the feature cache %s holds other questions; tokenising them again", cached)
     questions = stratified_questions(mmlu_offline_questions(), count)
     ids, mask = encode_plain(built.model.codec, [mmlu_zero_shot(q) for q in questions], MMLU_MAX_TOKENS)
     answers = torch.tensor([MMLU_CHOICES.index(q.answer) for q in questions])
