@@ -130,14 +130,24 @@ class EvalConfig:
         ``task = "sft"``: MMLU knowledge retention, zero-shot, on this many of MMLU's test questions (a fixed
         subset stratified by subject), for the model before training and each method's final global model
         (0 = off).
+    clients
+        Whose deployed model is scored in a scored round before the last: ``"participants"`` (the default: the
+        clients drawn for the round), ``"all"``, or a number k (a sample of k clients, seeded by the experiment
+        seed and the round). The last round scores every client. With every client taking part each round (the
+        default ``participation.fraction = 1``) the three agree; with a few of many clients drawn, scoring all of
+        them would cost more than the round's training. Each row says whom it scored (``scored_clients``).
     """
 
     every: int = 1
     max_new_tokens: int = 24
     mmlu_questions: int = 200
+    clients: int | str = "participants"
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every)
+        if self.clients not in EVAL_CLIENTS and not (type(self.clients) is int and self.clients > 0):
+            raise ConfigError(f"eval.clients = {self.clients!r}: choose \"participants\", \"all\" or a number of "
+                              "clients to sample (e.g. eval.clients = 100)")
         _positive("eval.max_new_tokens", self.max_new_tokens)
         if self.mmlu_questions < 0:
             raise ConfigError(f"eval.mmlu_questions = {self.mmlu_questions}: must be >= 0 (0 = no MMLU score)")
@@ -145,6 +155,9 @@ class EvalConfig:
     def scores(self, round_index: int, rounds: int) -> bool:
         """Whether ``round_index`` of ``rounds`` is scored."""
         return round_index == rounds or round_index % self.every == 0
+
+
+EVAL_CLIENTS = ("participants", "all")
 
 
 TRACKING_BACKENDS = ("none", "tensorboard")

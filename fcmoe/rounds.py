@@ -162,9 +162,11 @@ def global_scores(exp: Experiment, global_state: Tree, round_index: int) -> dict
 
 def initial_scores(exp: Experiment) -> dict[str, Any]:
     """Round 0: the initial model on the global test set and on every client's test split (every method's
-    deployed model before any round is this one), so curves start where training did."""
-    local = torch.tensor([global_accuracy(exp.trainer, exp.initial_state, test) for test in exp.client_test],
-                         dtype=torch.float64)
+    deployed model before any round is this one), so curves start where training did. The clients' splits are
+    scored in one pass over all of them: the cost of the documents, whatever their number of clients."""
+    tests = exp.client_test
+    every = exp.trainer.predict(exp.initial_state, FeatureSet.concat(tests))
+    local = torch.tensor([part.score() for part in every.split([len(test) for test in tests])], dtype=torch.float64)
     return {**global_scores(exp, exp.initial_state, 0),
             "local_acc_mean": local.mean().item(), "local_acc_std": local.std(unbiased=False).item()}
 
@@ -266,6 +268,22 @@ def start_round(exp: Experiment, round_index: int) -> RoundDraw:
     cfg = exp.config
     drawn = participants(cfg.seed, round_index, exp.num_clients, cfg.participation.fraction)
     return RoundDraw(drawn, [cid for cid in drawn if drops_out(cfg.seed, round_index, cid, cfg.participation.dropout)])
+
+
+def scored_clients(exp: Experiment, round_index: int, draw: RoundDraw) -> list[int]:
+    """The clients whose deployed model round ``round_index`` scores on their own test split (``eval.clients``),
+    sorted: none in a round ``eval.every`` skips, every client in the last round, else the round's participants,
+    everyone, or k clients drawn by (seed, round) — the same in both engines."""
+    cfg, everyone = exp.config, list(range(exp.num_clients))
+    chosen = cfg.eval.clients
+    if not cfg.eval.scores(round_index, cfg.rounds):
+        return []
+    if round_index == cfg.rounds or chosen == "all":
+        return everyone
+    if chosen == "participants":
+        return list(draw.drawn)
+    generator = torch.Generator().manual_seed(cfg.seed * 7_919 + round_index + 15_485_863)
+    return sorted(torch.randperm(exp.num_clients, generator=generator)[:int(chosen)].tolist())
 
 
 def attack(update: ClientUpdate, kind: str, factor: float) -> ClientUpdate:

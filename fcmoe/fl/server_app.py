@@ -43,7 +43,7 @@ from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, 
 from fcmoe.fl.node_state import run_state_folder
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.algorithms import ServerResult
-from fcmoe.rounds import ServerStep, global_scores, initial_scores, round_metrics, start_round
+from fcmoe.rounds import ServerStep, global_scores, initial_scores, round_metrics, scored_clients, start_round
 from fcmoe.runs import (MethodSummary, append_row, keep_rows, new_run_dir, save_final_model, save_partition,
                         save_summaries)
 
@@ -73,7 +73,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     server = RobustAggregation(cfg.make_algorithm(method, exp.built.layout), cfg.robust)
     strategy = AlgorithmStrategy(server, tomli_w.dumps(cfg.to_dict()), exp.num_clients,
                                  lambda round_index: start_round(exp, round_index), method,
-                                 scores=lambda round_index: cfg.eval.scores(round_index, cfg.rounds),
+                                 scored=lambda round_index, draw: scored_clients(exp, round_index, draw),
                                  state_key=state_key(run_dir, method))
     checkpoint_dir = run_dir / "checkpoint"
     start_state, first_round = exp.initial_state, 1

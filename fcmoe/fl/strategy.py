@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -83,20 +83,22 @@ class AlgorithmStrategy(Strategy):
         The method label clients build their half from (``"fcmoe/no-projection"`` for a variant).
     node_wait_s
         How long the first round waits for ``num_nodes`` nodes before going on with those connected.
-    scores
-        Whether a round's models are scored (``eval.every``); clients still apply their messages in the others.
+    scored
+        The clients whose deployed model a round scores, from the round and its draw (:func:`~fcmoe.rounds.
+        scored_clients`; default: every client). A round's evaluate phase reaches these and the drawn clients
+        (which apply the server's message); the others' state stands unchanged, so they are not asked.
     state_key
         The run's key for node-local client state (:mod:`fcmoe.fl.node_state`), sent with every instruction.
     """
 
     def __init__(self, server: RobustAggregation, config_text: str, num_nodes: int,
                  draw: Callable[[int], RoundDraw], method: str, node_wait_s: float = 600.0,
-                 scores: Callable[[int], bool] = lambda round_index: True, state_key: str = "") -> None:
+                 scored: Callable[[int, RoundDraw], Collection[int]] | None = None, state_key: str = "") -> None:
         self.server = server
         self.config_text = config_text
         self.num_nodes = num_nodes
         self.draw = draw
-        self.scores = scores
+        self.scored = scored or (lambda round_index, draw: range(num_nodes))
         self.method = method
         self.state_key = state_key
         self.node_wait_s = node_wait_s
@@ -166,10 +168,13 @@ class AlgorithmStrategy(Strategy):
         messages = step.result.messages if step else {}
         aggregated = {u.client_id for u in step.accepted} if step else set()
         self.round_state.evaluation_started = time.perf_counter()
-        score = self.scores(server_round)
+        scored = set(self.scored(server_round, self.round_state.draw))
+        asked = scored | set(self.round_state.draw.drawn)
         out = []
         for node, cid in self._clients(grid).items():
-            instruction = Instruction(server_round, self.method, self.config_text, cid in aggregated, score,
+            if cid not in asked:
+                continue
+            instruction = Instruction(server_round, self.method, self.config_text, cid in aggregated, cid in scored,
                                       self.state_key)
             out.append(Message(content=encode_instruction(arrays, instruction, messages.get(cid), evaluate=True),
                                dst_node_id=node, message_type=MessageType.EVALUATE))

@@ -24,6 +24,13 @@ class Prediction:
             return self.scores.double()
         return (self.logits.argmax(dim=-1) == self.labels).double()
 
+    def split(self, sizes: list[int]) -> list[Prediction]:
+        """The predictions of consecutive blocks of ``sizes`` documents (routing counts are not split)."""
+        fields = {name: getattr(self, name) for name in ("logits", "pooled", "labels", "scores", "losses")}
+        parts = {name: [None] * len(sizes) if value is None else value.split(sizes)
+                 for name, value in fields.items()}
+        return [Prediction(**{name: parts[name][i] for name in fields}) for i in range(len(sizes))]
+
     def score(self) -> float:
         """Accuracy (classification, a float32 mean as ever) or the mean generation score (instruction tuning); NaN
         on no document."""

@@ -13,8 +13,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+HEATMAP_CLIENTS = 60  # rows a partition heatmap draws: beyond that the figure is taller than any screen
+
+
 def partition_heatmap(counts: np.ndarray, label_names: Sequence[str], path: Path, title: str = "") -> Path:
-    """Clients × labels heatmap of document counts (train + test), each cell annotated when the grid is small.
+    """Clients × labels heatmap of document counts (train + test), each cell annotated when the grid is small; of
+    more than :data:`HEATMAP_CLIENTS` clients the first that many, said in the title (``partition.json`` has all).
 
     Parameters
     ----------
@@ -28,6 +32,10 @@ def partition_heatmap(counts: np.ndarray, label_names: Sequence[str], path: Path
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != len(label_names):
         raise ValueError(f"counts must be [clients, {len(label_names)} labels], got shape {counts.shape}")
+    shown = ""
+    if counts.shape[0] > HEATMAP_CLIENTS:
+        shown = f" (clients 0–{HEATMAP_CLIENTS - 1} of {counts.shape[0]})"
+        counts = counts[:HEATMAP_CLIENTS]
     clients, labels = counts.shape
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * labels + 2.5), max(3.0, 0.35 * clients + 1.5)))
     image = ax.imshow(counts, aspect="auto", cmap="viridis")
@@ -41,7 +49,7 @@ def partition_heatmap(counts: np.ndarray, label_names: Sequence[str], path: Path
                 ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
                         color="black" if counts[i, j] > threshold else "white")
     fig.colorbar(image, ax=ax, label="documents")
-    ax.set_title(title or "documents per client and label", fontsize=10)
+    ax.set_title((title or "documents per client and label") + shown, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

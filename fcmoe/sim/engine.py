@@ -17,7 +17,7 @@ from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
 from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, global_scores, initial_client_state,
-                          local_accuracy, round_metrics, server_step, start_round)
+                          local_accuracy, round_metrics, scored_clients, server_step, start_round)
 from fcmoe.runs import MethodSummary, append_row
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -80,12 +80,15 @@ def run_round(exp: Experiment, server: RobustAggregation, method: str, round_ind
         finish_client(algo, client_states[update.client_id], global_state, new_state,
                       step.result.messages.get(update.client_id))
     eval_started = time.perf_counter()
+    local: list[float | None] = [None] * exp.num_clients  # None: not scored this round (eval.every, eval.clients)
+    scores: dict[str, Any] = {"global_acc": float("nan")}
+    deployed = []
     if exp.config.eval.scores(round_index, exp.config.rounds):
-        local = [local_accuracy(exp, algo, cid, client_states[cid], new_state) for cid in range(exp.num_clients)]
+        scored = scored_clients(exp, round_index, draw)
+        for cid in scored:
+            local[cid] = local_accuracy(exp, algo, cid, client_states[cid], new_state)
         scores = global_scores(exp, new_state, round_index)
-        deployed = [deployed_global_accuracy(exp, algo, state, new_state, round_index) for state in client_states]
-    else:  # eval.every: not scored this round
-        local, scores, deployed = [None] * exp.num_clients, {"global_acc": float("nan")}, []
+        deployed = [deployed_global_accuracy(exp, algo, client_states[cid], new_state, round_index) for cid in scored]
     row = round_metrics(method, round_index, step, draw, scores, local, tree_num_bytes(global_state),
                         time.perf_counter() - round_started, time.perf_counter() - eval_started,
                         [a for a in deployed if a is not None])

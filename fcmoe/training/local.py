@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +60,12 @@ class FeatureSet:
 
     def subset(self, rows: torch.Tensor) -> FeatureSet:
         return FeatureSet(**{name: value[rows] for name, value in self.tensors().items()})
+
+    @staticmethod
+    def concat(parts: Sequence[FeatureSet]) -> FeatureSet:
+        """The rows of ``parts`` one after another (views of one pool: the same fields and padded length)."""
+        return FeatureSet(**{name: torch.cat([part.tensors()[name] for part in parts])
+                             for name in parts[0].tensors()})
 
     def trimmed(self) -> FeatureSet:
         """The same documents padded only to their own longest: right padding past it is cut (nothing reads it)."""

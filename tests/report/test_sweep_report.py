@@ -11,6 +11,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,17 @@ def test_cells_run_in_parallel_processes_equal_the_sequential_run(tmp_path: Path
         assert len(rows[0]) == len(METHODS) * config.rounds and rows[0] == rows[1]
     with pytest.raises(ConfigError, match="--jobs = 0"):
         run_sweep(config, ALPHAS, [0], tmp_path / "none", jobs=0)
+
+
+def test_partition_heatmap_of_a_large_population_draws_the_first_clients(tmp_path: Path) -> None:
+    """1,000 clients draw a figure of the first HEATMAP_CLIENTS rows (a figure of every client would be ~40,000
+    pixels tall and take seconds); 10 clients draw them all."""
+    from PIL import Image
+
+    from fcmoe.report.plots import HEATMAP_CLIENTS, partition_heatmap
+
+    counts = np.arange(1000 * 4).reshape(1000, 4) % 7
+    big = Image.open(partition_heatmap(counts, list("abcd"), tmp_path / "big.png"))
+    small = Image.open(partition_heatmap(counts[:10], list("abcd"), tmp_path / "small.png"))
+    limit = Image.open(partition_heatmap(counts[:HEATMAP_CLIENTS], list("abcd"), tmp_path / "limit.png"))
+    assert big.size == limit.size and small.size[1] < big.size[1]

@@ -139,3 +139,47 @@ def test_eval_every_scores_every_kth_round_and_the_last_and_trains_the_same(tmp_
     assert rows[0]["eval_s"] < full[0]["eval_s"]  # round 1 scored nothing: less than scoring 5 models
     assert [r["global_acc"] for r in rows[1:]] == [r["global_acc"] for r in full[1:]]
     assert all(r["eval_s"] > 0 for r in full) and every.global_acc == full[-1]["global_acc"]
+
+
+@pytest.mark.parametrize("clients", ["participants", 2, "all"])
+def test_eval_clients_scores_whom_it_says_and_everyone_in_the_last_round(tmp_path: Path, clients: object) -> None:
+    """``eval.clients`` with half the clients drawn a round: before the last round only the participants (or a
+    seeded sample of k, or all) are scored, with the same scores as scoring everyone; the last round scores all;
+    training is untouched."""
+    base = [*TINY, "methods=['fcmoe']", "rounds=3", "participation.fraction=0.5"]
+    exp = prepare_experiment(load_config(overrides=[*base, "eval.clients='all'"]))
+    _, final_all = run_method(exp, "fcmoe", tmp_path / "all.jsonl")
+    exp.config = load_config(overrides=[*base, f"eval.clients={clients!r}"])
+    _, final = run_method(exp, "fcmoe", tmp_path / "some.jsonl")
+    assert all(torch.equal(final[k], final_all[k]) for k in final)
+    every = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "some.jsonl").read_text().splitlines()]
+    samples = []
+    for row, full in zip(rows, every, strict=True):
+        scored = [cid for cid, acc in enumerate(row["local_acc"]) if acc is not None]
+        expected = {"participants": row["participants"], 2: scored, "all": [0, 1, 2, 3]}[clients]
+        assert scored == ([0, 1, 2, 3] if row["round"] == 3 else expected)
+        assert all(row["local_acc"][cid] == full["local_acc"][cid] for cid in scored)
+        samples.append(scored)
+    if clients == 2:
+        assert all(len(s) == 2 for s in samples[:-1])
+        assert samples[:-1] == [rounds.scored_clients(exp, t, rounds.RoundDraw([], [])) for t in (1, 2)]
+
+
+def test_eval_clients_rejects_a_bad_value() -> None:
+    from fcmoe.config import ConfigError
+
+    for bad in ("some", 0, -3, 1.5):
+        with pytest.raises(ConfigError, match="eval.clients"):
+            load_config(overrides=[*TINY, f"eval.clients={bad!r}"])
+
+
+def test_round_zero_scores_all_clients_in_one_pass_as_one_by_one() -> None:
+    """:func:`initial_scores` predicts every client's test split at once; the per-client scores are those of
+    scoring each split alone."""
+    exp = prepare_experiment(load_config(overrides=TINY))
+    one_by_one = torch.tensor([exp.trainer.predict(exp.initial_state, test).score() for test in exp.client_test],
+                              dtype=torch.float64)
+    scores = rounds.initial_scores(exp)
+    assert scores["local_acc_mean"] == one_by_one.mean().item()
+    assert scores["local_acc_std"] == one_by_one.std(unbiased=False).item()
