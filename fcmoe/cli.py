@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import fcmoe
-from fcmoe.cli_errors import debugging, explain, progress_line
+from fcmoe.cli_errors import debugging, explain, interruption, progress_line, stops_interrupt
 from fcmoe.config import ConfigError, ExperimentConfig, load_config
 from fcmoe.errors import first_line
 
@@ -127,10 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``fcmoe`` command; returns its exit code. Any failure is one line on stderr (``FCMOE_DEBUG=1``: the
     traceback too)."""
     try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print("fcmoe: interrupted", file=sys.stderr)
-        return 130
+        with stops_interrupt():
+            return _main(argv)
+    except KeyboardInterrupt as err:
+        message, code = interruption(err)
+        print(message, file=sys.stderr)
+        return code
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if debugging():
             raise
@@ -219,9 +220,10 @@ def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
     except (AssetError, ValueError, FileNotFoundError) as err:
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"fcmoe: interrupted; sweep folder {sweep_dir}: rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        message, code = interruption(err)
+        print(f"{message}; sweep folder {sweep_dir}: rerun the same command to resume", file=sys.stderr)
+        return code
     print(f"sweep folder: {sweep_dir} (rerun the same command to resume or extend it)")
     return 0 if args.no_report else _report([str(sweep_dir)], None, None)
 
@@ -243,9 +245,10 @@ def _study(args: argparse.Namespace) -> int:
     except (AssetError, ReportError, ValueError, FileNotFoundError) as err:
         print(f"fcmoe: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"fcmoe: interrupted; study folder {study_dir}: rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        message, code = interruption(err)
+        print(f"{message}; study folder {study_dir}: rerun the same command to resume", file=sys.stderr)
+        return code
     print(f"study report: {path} (rerun the same command to resume or extend the study)")
     return 0
 
@@ -302,9 +305,6 @@ def _deploy_local(args: argparse.Namespace) -> int:
     method = config.methods[0] if resume is not None else args.method
     run_config = RunSettings(config_file, tuple(args.set), method, str(out), args.round_timeout,
                              str(resume or "")).to_run_config()
-    # `timeout` and service managers stop with SIGTERM: exit through Python so the SuperLink and SuperNodes are
-    # stopped too (the default SIGTERM action skips every `finally`)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     app_dir = Path(__file__).resolve().parents[1]
     if not (app_dir / "pyproject.toml").is_file():
         print(f"fcmoe: error: deploy-local runs the Flower app of a source checkout; {app_dir} has no "
@@ -321,8 +321,9 @@ def _deploy_local(args: argparse.Namespace) -> int:
         where = (f"; {progress_line(run_dir, 'fcmoe deploy-local')}" if run_dir is not None
                  else "; no run folder was made, nothing to resume")
         if isinstance(err, KeyboardInterrupt):
-            print(f"fcmoe: interrupted; the deployment was stopped{where}", file=sys.stderr)
-            return 130
+            message, code = interruption(err)
+            print(f"{message}; the deployment was stopped{where}", file=sys.stderr)
+            return code
         print(f"fcmoe: error: the deployment stopped: {first_line(err)} (logs in {workdir}){where}", file=sys.stderr)
         return 1
     print(f"status {result.status}; start-up {result.startup_s:.1f} s, run {result.run_s:.1f} s; "
@@ -375,7 +376,7 @@ def _run(config: ExperimentConfig, show_progress: bool, run_dir: Path | None = N
             where = "; nothing was written"
         else:
             where = f"; {progress_line(run_dir)}"
-        message, code = ("fcmoe: interrupted", 130) if isinstance(err, KeyboardInterrupt) else explain(err)
+        message, code = interruption(err) if isinstance(err, KeyboardInterrupt) else explain(err)
         print(message + where, file=sys.stderr)
         return code
     print_summary(summaries, title=f"fcmoe run ({time.perf_counter() - started:.0f} s)")

@@ -2,14 +2,20 @@
 
 :func:`explain` turns an exception into that line and an exit code (2: the input is wrong and nothing ran; 1: the
 work stopped); :func:`progress_line` says how far a run folder got and how to continue it. ``FCMOE_DEBUG=1`` in
-the environment shows the traceback instead, for a bug report.
+the environment shows the traceback instead, for a bug report. A stop from outside (:func:`stops_interrupt`: a
+scheduler's SIGTERM) ends a command the way Ctrl-C does, and :func:`interruption` words both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from fcmoe.checkpoint import CheckpointError, checkpointed_round
 from fcmoe.config import ConfigError
@@ -21,6 +27,48 @@ DEBUG_VARIABLE = "FCMOE_DEBUG"
 def debugging() -> bool:
     """Whether the user asked for tracebacks (``FCMOE_DEBUG=1``)."""
     return os.environ.get(DEBUG_VARIABLE, "").strip() not in {"", "0", "false", "no"}
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal from outside (SLURM, Kubernetes, ``timeout`` and service managers send SIGTERM, then kill the
+    job a grace period later), raised in the main thread as Ctrl-C raises KeyboardInterrupt, and handled the same
+    way: the round in hand is dropped, the last checkpoint stands, the command says how to continue."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM,)
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    for stop in STOP_SIGNALS:  # a second signal during the clean-up would cut the one line short
+        signal.signal(stop, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stops_interrupt() -> Iterator[None]:
+    """Within: a :data:`STOP_SIGNALS` signal raises :class:`Stopped` (the main thread only: elsewhere nothing
+    changes); the previous handlers come back on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {stop: signal.signal(stop, _raise_stopped) for stop in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def interruption(err: KeyboardInterrupt) -> tuple[str, int]:
+    """(the start of the stderr line, exit code) of an interrupted command: Ctrl-C is "interrupted" (130), a stop
+    signal names itself (128 + its number: 143 for SIGTERM, as a shell reports it)."""
+    if isinstance(err, Stopped):
+        return f"fcmoe: stopped by {signal.Signals(err.signum).name}", 128 + err.signum
+    return "fcmoe: interrupted", 130
 
 
 def explain(err: BaseException) -> tuple[str, int]:

@@ -154,25 +154,36 @@ def _run_parallel(cells: Sequence[Cell], sweep_dir: Path, jobs: int, progress: P
                              initargs=(threads, events)) as pool:
         # configs travel as plain dicts (they hold read-only mappings, which do not pickle)
         pending = {pool.submit(_run_cell, cell.config.to_dict(), sweep_dir / cell.name): cell for cell in cells}
-        finished = 0
-        while pending:
-            done = [f for f in pending if f.done()]
-            for future in done:
-                cell = pending.pop(future)
-                if future.exception() is not None:  # cells not started are dropped, running ones finish
-                    pool.shutdown(cancel_futures=True)
-                    raise future.exception()
-                summaries = future.result()
-                finished += 1
-                if not summaries:
-                    continue
-                log.info("%s done: %s", cell.name, ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
-            while not events.empty():
-                progress.update(task, advance=events.get(),
-                                description=f"cells {finished}/{len(cells)} · {jobs} processes × {threads} threads")
-            time.sleep(0.2)
+        try:
+            _wait_for_cells(pool, pending, events, progress, task, jobs, threads, len(cells))
+        except KeyboardInterrupt:  # Ctrl-C reaches the workers too; a scheduler's stop may reach this process only
+            for worker in multiprocessing.active_children():
+                worker.terminate()  # its round in hand is dropped; its last checkpoint stands
+            raise
     while not events.empty():
         progress.update(task, advance=events.get())
+
+
+def _wait_for_cells(pool: ProcessPoolExecutor, pending: dict[Any, Cell], events: Any, progress: Progress,
+                    task: TaskID, jobs: int, threads: int, cells: int) -> None:
+    """Until every cell of ``pending`` (future → cell) is done: log each as it finishes, advance the bar."""
+    finished = 0
+    while pending:
+        done = [f for f in pending if f.done()]
+        for future in done:
+            cell = pending.pop(future)
+            if future.exception() is not None:  # cells not started are dropped, running ones finish
+                pool.shutdown(cancel_futures=True)
+                raise future.exception()
+            summaries = future.result()
+            finished += 1
+            if not summaries:
+                continue
+            log.info("%s done: %s", cell.name, ", ".join(f"{s.method} {s.global_acc:.4f}" for s in summaries))
+        while not events.empty():
+            progress.update(task, advance=events.get(),
+                            description=f"cells {finished}/{cells} · {jobs} processes × {threads} threads")
+        time.sleep(0.2)
 
 
 _EVENTS: Any = None  # the worker's end of the progress queue

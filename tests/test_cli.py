@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +20,9 @@ import pytest
 from safetensors import SafetensorError
 
 import fcmoe.sim.engine
+from fcmoe.checkpoint import load_checkpoint
 from fcmoe.cli import main
+from fcmoe.cli_errors import Stopped
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
         "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=3"]
@@ -114,6 +121,14 @@ CASES = [
                                             ["sweep", "--quiet", *SETS, "--out", str(t / "sweep")])[1],
          130, r"^fcmoe: interrupted; sweep folder .*sweep: rerun the same command to resume$",
          lambda t: not any((t / "sweep").glob("*/summary.json"))),
+    Case("sigterm-in-a-sweep", lambda t, m: (m.setattr("fcmoe.runner.prepare_experiment", _stop),
+                                             ["sweep", "--quiet", *SETS, "--out", str(t / "sweep")])[1],
+         143, r"^fcmoe: stopped by SIGTERM; sweep folder .*sweep: rerun the same command to resume$",
+         lambda t: not any((t / "sweep").glob("*/summary.json"))),
+    Case("sigterm-in-a-study", lambda t, m: (m.setattr("fcmoe.study.run_study", _stop),
+                                             ["study", "--quiet", "--out", str(t / "study")])[1],
+         143, r"^fcmoe: stopped by SIGTERM; study folder .*study: rerun the same command to resume$",
+         lambda t: True),
     Case("resume-both-checkpoints-damaged", lambda t, m: (
         (run := _interrupted_run(t, m)), _truncate_newest_state(run),
         (run / "checkpoint" / "state-r1.safetensors").write_bytes(b"\0" * 9), ["run", "--resume", str(run)])[-1],
@@ -131,6 +146,9 @@ CASES = [
          1, r"error: cannot write .*out.*: permission denied; choose a folder you can write \(--out DIR\)"),
     Case("ctrl-c-in-a-deployment", lambda t, m: _fake_deployment(t, m, KeyboardInterrupt(), make_run=True),
          130, r"^fcmoe: interrupted; the deployment was stopped; run folder .*runs/r1; continue with: fcmoe "
+              r"deploy-local --resume .*runs/r1$", lambda t: (t / "runs" / "r1").is_dir()),
+    Case("sigterm-in-a-deployment", lambda t, m: _fake_deployment(t, m, Stopped(signal.SIGTERM), make_run=True),
+         143, r"^fcmoe: stopped by SIGTERM; the deployment was stopped; run folder .*runs/r1; continue with: fcmoe "
               r"deploy-local --resume .*runs/r1$", lambda t: (t / "runs" / "r1").is_dir()),
     Case("deployment-fails", lambda t, m: _fake_deployment(t, m, RuntimeError("flower-superlink exited with code 1: "
                                                                                "address already in use")),
@@ -182,6 +200,10 @@ def _fake_deployment(tmp: Path, monkeypatch: pytest.MonkeyPatch, error: BaseExce
 
 def _interrupt(*args: object, **kwargs: object) -> None:
     raise KeyboardInterrupt
+
+
+def _stop(*args: object, **kwargs: object) -> None:
+    raise Stopped(signal.SIGTERM)
 
 
 def _bug(*args: object, **kwargs: object) -> None:
@@ -331,3 +353,27 @@ def test_a_flower_simulation_prints_fcmoe_lines_only(tmp_path: Path) -> None:
              if any(word in line for word in ("alembic", "DEPRECATED", "Tip: In future", "warnings.warn"))]
     assert noise == []
     assert "[ROUND 1/1]" in done.stderr
+
+
+def test_a_scheduler_stop_ends_a_run_like_ctrl_c_with_the_resume_line(tmp_path: Path) -> None:
+    """SIGTERM (SLURM, Kubernetes, ``timeout``) mid-run: exit 143, one line naming the run folder and the resume
+    command, the checkpoint readable; ``--resume`` then finishes the run."""
+    out = tmp_path / "runs"
+    args = [*RUN, "--set", "rounds=40", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", *args], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/checkpoint/progress.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    (run_dir,) = out.iterdir()
+    (line,) = [line for line in stderr.splitlines() if line.startswith("fcmoe:")]
+    assert re.match(rf"^fcmoe: stopped by SIGTERM; run folder {re.escape(str(run_dir))} \(.*checkpointed after "
+                    rf"round \d+\); continue with: fcmoe run --resume {re.escape(str(run_dir))}$", line), line
+    assert "Traceback" not in stderr
+    progress = json.loads((run_dir / "checkpoint" / "progress.json").read_text())
+    assert load_checkpoint(run_dir / "checkpoint", progress["method"]) is not None
+    assert main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    assert set(json.loads((run_dir / "summary.json").read_text())["methods"]) == {"fedavg", "fcmoe"}
