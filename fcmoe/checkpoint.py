@@ -66,9 +66,10 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
         scalars.append(plain)
     tensors["rng/torch"] = torch.get_rng_state()
     name = f"state-r{checkpoint.round}.safetensors"
-    atomic_write(folder / name, lambda tmp: save_file(unshared(tensors), str(tmp)))
+    kept, aliases = deduplicated(tensors)
+    atomic_write(folder / name, lambda tmp: save_file(kept, str(tmp)))
     progress = {"method": checkpoint.method, "round": checkpoint.round, "state": name, "clients": scalars,
-                "row": checkpoint.row}
+                "row": checkpoint.row, "aliases": aliases}
     try:
         before = _read_progress(folder)
     except CheckpointError:  # a damaged progress.json is replaced, with no previous round to fall back to
@@ -92,6 +93,7 @@ def load_checkpoint(folder: Path, method: str) -> Checkpoint | None:
     except (OSError, SafetensorError) as err:  # checked by _progress, so only a file damaged since then
         raise CheckpointError(_damaged(folder / progress["state"], err)) from None
     torch.set_rng_state(tensors.pop("rng/torch"))
+    tensors.update({key: tensors[kept] for key, kept in progress.get("aliases", {}).items()})  # one tensor again
     global_state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
     server_state = {k.removeprefix("server/"): v for k, v in tensors.items() if k.startswith("server/")}
     clients = [join_client_state(plain, tensors, f"client{cid}/") for cid, plain in enumerate(progress["clients"])]
@@ -179,6 +181,22 @@ def join_client_state(plain: Mapping[str, Any], tensors: Mapping[str, torch.Tens
         start = f"{prefix}{key}/"
         state[key] = {k.removeprefix(start): v for k, v in tensors.items() if k.startswith(start)}
     return state
+
+
+def deduplicated(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(what to write, aliases): a tensor that is another's (the same memory, shape, strides and dtype: FC-MoE's
+    round step in every residual of that round) is written once and its key maps to the key written; tensors that
+    only overlap are cloned (:func:`unshared`)."""
+    first: dict[tuple[Any, ...], str] = {}
+    kept, aliases = {}, {}
+    for key, tensor in tensors.items():
+        identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and identity in first:
+            aliases[key] = first[identity]
+            continue
+        first.setdefault(identity, key)
+        kept[key] = tensor
+    return unshared(kept), aliases
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ the model change it observes. scale = 1 − Σ_{conflicting} w_j c_j ≥ 1 becau
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,14 @@ from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
 RESIDUAL = "residual"
+# Client i's residual at rest, per MoE layer (keys "<layer name><suffix>"; a layer where r_i = 0 has none):
+#   STEP, SCALE:    r = scale[:, None] · step, step [E, P] the round's global expert step u (shared by the clients
+#                   of a round) and scale [E] the client's s_i: consensus projection with γ = 0;
+#   ROWS, EXPERTS:  r's nonzero rows [m, P] and which experts they are [m]: γ > 0, and pairwise projection (whose
+#                   messages carry ρ_i the same way).
+STEP, SCALE, ROWS, EXPERTS = "@step", "@scale", "@rows", "@experts"
 RETAINED = "retained_norm/"  # client statistic per MoE layer: ‖λ r_i‖ of the residual it trained from (a scalar)
-RHO = "rho/"  # pairwise messages: the removed part ρ_i itself, per expert parameter key
+RHO = "rho/"  # pairwise messages: the removed part ρ_i itself, "rho/<layer>@rows" and "rho/<layer>@experts"
 REFERENCES = ("consensus", "pairwise")
 
 
@@ -113,6 +120,18 @@ def retention_ratio(retained: torch.Tensor, update_norms: torch.Tensor) -> float
     return ratios.mean().item() if ratios.numel() else 0.0
 
 
+def _residual_rows(stored: Mapping[str, torch.Tensor], layer: Any) -> torch.Tensor | None:
+    """``[E, P]`` r_i of one MoE layer from its compact form (``None``: zero, not stored)."""
+    if layer.name + SCALE in stored:
+        return stored[layer.name + SCALE][:, None] * stored[layer.name + STEP]
+    rows = stored.get(layer.name + ROWS)
+    if rows is None:
+        return None
+    dense = rows.new_zeros(layer.num_experts, layer.expert_numel)
+    dense[stored[layer.name + EXPERTS]] = rows
+    return dense
+
+
 @register_algorithm("fcmoe")
 class FCMoE(Algorithm):
     """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
@@ -124,50 +143,89 @@ class FCMoE(Algorithm):
     variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
                 "no-importance": {"importance": "size"}, "pairwise": {"reference": "pairwise"}}
 
+    def __init__(self, config: FCMoEConfig, layout: Any) -> None:
+        super().__init__(config, layout)
+        # MoE layer → (weak references to the expert tensors of the last (θ_old, θ_new) pair, its step u)
+        self._steps: dict[str, tuple[list[weakref.ref[torch.Tensor]], torch.Tensor]] = {}
+
     # ------------------------------------------------------------------ client half
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
-        residual = client_state.get(RESIDUAL)
-        if residual is None or self.config.retention == 0:
+        residual = self.residual(client_state) if self.config.retention else {}
+        if not residual:
             return global_state
         return tree_add(global_state, residual, scale=self.config.retention)  # θ + λ r_i
+
+    def residual(self, client_state: Mapping[str, Any]) -> Tree:
+        """r_i as a tree of the expert keys of the layers where it is nonzero (``{}``: none), built from the
+        compact form the client keeps (:data:`STEP` … :data:`EXPERTS`)."""
+        stored = client_state.get(RESIDUAL) or {}
+        out: Tree = {}
+        for layer in self.layout.layers:
+            rows = _residual_rows(stored, layer)
+            if rows is not None:
+                out.update(self.layout.split_experts(layer, rows))
+        return out
 
     def client_statistics(self, runtime: Any, client_state: dict[str, Any], trained: Any,
                           data: Any) -> dict[str, torch.Tensor]:
         """‖λ r_i‖ per MoE layer of the residual this round started from, for the server's
         ``retention_ratio_per_layer`` (one scalar per layer; the residual itself stays on the client)."""
-        residual = client_state.get(RESIDUAL)
-        if not residual or self.config.retention == 0:
+        stored = client_state.get(RESIDUAL)
+        if not stored or self.config.retention == 0:
             return {}
-        return {RETAINED + layer.name: self.config.retention * torch.linalg.vector_norm(
-                    self.layout.gather_experts(residual, layer).double()).float().reshape(1)
-                for layer in self.layout.layers if layer.keys[0] in residual}
+        rows = {layer.name: _residual_rows(stored, layer) for layer in self.layout.layers}
+        return {RETAINED + name: self.config.retention * torch.linalg.vector_norm(r.double()).float().reshape(1)
+                for name, r in rows.items() if r is not None}
 
     def client_finish(self, client_state: dict[str, Any], old_global: Tree, new_global: Tree,
                       message: Mapping[str, torch.Tensor] | None) -> None:
-        """r_i ← γ·r_i + ρ_i per expert unit: ρ_i = s_i·(θ_new − θ_old) from the per-expert scalars s_i, or ρ_i
-        itself (pairwise projection)."""
+        """r_i ← γ·r_i + ρ_i per expert unit: ρ_i = s_i·u from the per-expert scalars s_i and the round's global
+        expert step u = θ_new − θ_old, or ρ_i itself (pairwise projection: the projected experts' rows).
+
+        Kept compact: with γ = 0 (or no earlier residual) r_i is s_i and a reference to u, one tensor per round
+        shared by every client of that round (:meth:`_global_step`); otherwise the rows of the experts where r_i is
+        nonzero. A client with one conflicting expert stores one scalar, not a copy of the layer.
+        """
         if not message:
             return
-        old_residual: Tree = client_state.get(RESIDUAL, {})
-        sent = {k.removeprefix(RHO): v for k, v in message.items() if k.startswith(RHO)}
+        old: Tree = client_state.get(RESIDUAL) or {}
         residual: Tree = {}
         for layer in self.layout.layers:
-            keep_old = self.config.decay > 0 and layer.keys[0] in old_residual
-            if layer.keys[0] in sent:
-                rho = self.layout.gather_experts(sent, layer)  # [E, P]
+            before = _residual_rows(old, layer) if self.config.decay > 0 else None  # [E, P] γ's operand
+            sent = message.get(RHO + layer.name + ROWS)
+            if sent is not None:  # pairwise: ρ_i's rows of the experts this client was projected on
+                rho = sent.new_zeros(layer.num_experts, layer.expert_numel)
+                rho[message[RHO + layer.name + EXPERTS]] = sent
             else:
                 scalars = message.get(layer.name)  # [E]; absent: no conflict in this layer (pairwise)
-                if (scalars is None or not scalars.any()) and not keep_old:
+                if (scalars is None or not scalars.any()) and before is None:
                     continue  # no conflict in this layer: its residual is zero and not stored
-                step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)
-                rho = (0.0 if scalars is None else scalars.to(torch.float32)[:, None]) * step  # ρ_i = s_i · step
-            if keep_old:
-                rho = rho + self.config.decay * self.layout.gather_experts(old_residual, layer)
-            residual.update(self.layout.split_experts(layer, rho))
+                step = self._global_step(old_global, new_global, layer)  # [E, P]  u
+                if before is None:  # r_i = ρ_i = s_i · u
+                    residual.update({layer.name + SCALE: scalars.to(torch.float32), layer.name + STEP: step})
+                    continue
+                rho = (0.0 if scalars is None else scalars.to(torch.float32)[:, None]) * step  # ρ_i = s_i · u
+            if before is not None:
+                rho = rho + self.config.decay * before
+            held = rho.ne(0).any(dim=1)  # [E]
+            if held.any():
+                residual.update({layer.name + ROWS: rho[held], layer.name + EXPERTS: held.nonzero().flatten()})
         if residual:
             client_state[RESIDUAL] = residual
         else:
             client_state.pop(RESIDUAL, None)
+
+    def _global_step(self, old_global: Tree, new_global: Tree, layer: Any) -> torch.Tensor:
+        """``[E, P]`` u = θ_new − θ_old of one MoE layer, computed once for a pair of global models: every client
+        finishing the same round gets the same tensor (in-process, one copy for all of them). The pair is known by
+        its expert tensors, held weakly, so a finished round's models are not kept alive here."""
+        pair = [t for tree in (old_global, new_global) for t in (tree[k] for k in layer.keys)]
+        memo = self._steps.get(layer.name)
+        if memo is not None and len(memo[0]) == len(pair) and all(ref() is t for ref, t in zip(memo[0], pair)):
+            return memo[1]
+        step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)
+        self._steps[layer.name] = ([weakref.ref(t) for t in pair], step)
+        return step
 
     def deployed_prediction(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
                             data: Any) -> Prediction:
@@ -216,7 +274,7 @@ class FCMoE(Algorithm):
         cfg, layout = self.config, self.layout
         weights, steps, conflicted = [], [], []
         moved, plain, squares = 0.0, 0.0, torch.zeros(len(updates), dtype=torch.float64)
-        removed = torch.zeros(len(updates), layer.num_experts, layer.expert_numel)  # [N, E, P]  ρ_{i,k}
+        removed: dict[int, dict[int, torch.Tensor]] = {}  # client index → expert k → ρ_{i,k} [P] (projected only)
         for k, (stack, norms, w) in enumerate(self._weighted_units(updates, layer, n)):
             # a client that did not upload expert k has a zero row: never in conflict, never projected
             projection = pairwise_project(stack) if cfg.projection else None
@@ -224,7 +282,8 @@ class FCMoE(Algorithm):
             step = mean.per_expert(projected[:, None, :], w)[0]  # [P]
             unprojected = step
             if projection is not None and projection.conflicted.any():
-                removed[:, k] = stack - projected
+                for i in projection.conflicted.nonzero().flatten().tolist():
+                    removed.setdefault(i, {})[k] = (stack[i] - projected[i]).float()
                 unprojected = mean.per_expert(stack[:, None, :], w)[0]  # [P]  the step without projection
             moved += (step - unprojected).double().square().sum().item()
             plain += unprojected.double().square().sum().item()
@@ -236,10 +295,9 @@ class FCMoE(Algorithm):
         state = layout.add_to_experts(state, layer, torch.stack(steps), torch.full((layer.num_experts,),
                                                                                   cfg.server_lr))
         conflicted_pairs = torch.stack(conflicted, dim=1)  # [N, E]
-        for i, update in enumerate(updates):
-            if conflicted_pairs[i].any():
-                messages[update.client_id].update({RHO + key: value for key, value in
-                                                   layout.split_experts(layer, removed[i]).items()})
+        for i, rows in removed.items():
+            messages[updates[i].client_id].update({RHO + layer.name + ROWS: torch.stack(list(rows.values())),
+                                                   RHO + layer.name + EXPERTS: torch.tensor(list(rows))})
         return (state, torch.cat(weights, dim=1), conflicted_pairs, _ratio(moved, plain) ** 0.5,
                 squares.sqrt())
 

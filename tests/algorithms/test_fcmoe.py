@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from fcmoe.algorithms.fcmoe import RESIDUAL, FCMoE, FCMoEConfig, _layer_metrics
+from fcmoe.algorithms.fcmoe import EXPERTS, RESIDUAL, ROWS, SCALE, STEP, FCMoE, FCMoEConfig, _layer_metrics
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
+from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.core import ConsensusCoefficients, tree_sub
 from fcmoe.models.build import BuiltModel
 from tests.algorithms.test_contract import make_updates, random_delta
@@ -63,7 +67,7 @@ def test_conflicting_client_gets_a_residual_equal_to_what_was_removed(tiny: Buil
     assert RESIDUAL not in states[0] and RESIDUAL not in states[2]
     # ρ_1 = Δ_1 − Δ̃_1 = ⟨Δ_1, g⟩/‖g‖² g with g = (Δ + Δ − 0.5Δ)/3 = 0.5Δ → ρ_1 = −0.5Δ = Δ_1 (fully opposed)
     key = layer.parts[0].keys[0]
-    torch.testing.assert_close(states[1][RESIDUAL][key], opposed[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(algo.residual(states[1])[key], opposed[key], rtol=1e-4, atol=1e-6)
     # re-anchoring: the next start of client 1 is θ + λ ρ_1
     start = algo.client_start(result.state, states[1])
     torch.testing.assert_close(start[key], result.state[key] + 0.5 * opposed[key], rtol=1e-4, atol=1e-6)
@@ -133,8 +137,11 @@ def test_retention_ratio_is_the_residual_next_to_the_update(tiny: BuiltModel) ->
     state = tiny.model.trainable_state()
     deltas = [random_delta(state, s) for s in range(2)]
     updates = make_updates(tiny, deltas, [10, 10])
-    expert_keys = {key for layer in tiny.layout.layers for key in layer.keys}
-    states = [{RESIDUAL: {k: 2 * v for k, v in deltas[0].items() if k in expert_keys}}, {}]
+    residual = {}  # r = 2Δ_0 on every expert, kept as rows
+    for layer in tiny.layout.layers:
+        residual[layer.name + ROWS] = 2 * tiny.layout.gather_experts(deltas[0], layer)
+        residual[layer.name + EXPERTS] = torch.arange(layer.num_experts)
+    states = [{RESIDUAL: residual}, {}]
     algo = FCMoE(FCMoEConfig(retention=0.5), tiny.layout)
     for update, client_state in zip(updates, states):
         update.statistics = algo.client_statistics(None, client_state, None, None)
@@ -145,3 +152,62 @@ def test_retention_ratio_is_the_residual_next_to_the_update(tiny: BuiltModel) ->
     assert all(v == pytest.approx(0.5, rel=1e-5) for v in ratios.values())
     silent = FCMoE(FCMoEConfig(retention=0.0), tiny.layout)
     assert silent.client_statistics(None, states[0], None, None) == {}
+
+
+def _expert_zero_opposed(tiny: BuiltModel, base: dict, factor: float) -> dict:
+    """``base`` with expert 0 of every MoE layer scaled by ``factor`` (the other experts as in ``base``)."""
+    out = dict(base)
+    for layer in tiny.layout.layers:
+        rows = tiny.layout.gather_experts(base, layer).clone()
+        rows[0] *= factor
+        out.update(tiny.layout.split_experts(layer, rows))
+    return out
+
+
+def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: BuiltModel, tmp_path: Path) -> None:
+    """Two of five clients pull against expert 0 only. With γ = 0 each keeps one scalar per expert and a reference
+    to the round's step u, the same tensor for both; r_i = s_i · u exactly. With γ > 0 the next residual keeps
+    expert 0's rows only, equal to γ·r_i + s_i·u; and a checkpoint writes u once and reads it back shared."""
+    state = tiny.model.trainable_state()
+    base = random_delta(state, 4)
+    deltas = [base, _expert_zero_opposed(tiny, base, -0.5), base, base, _expert_zero_opposed(tiny, base, -0.7)]
+    updates = make_updates(tiny, deltas, [10] * 5)
+    algo = FCMoE(FCMoEConfig(importance="size", decay=0.5), tiny.layout)
+    result = algo.aggregate(state, updates)
+    states: list[dict] = [{} for _ in range(5)]
+    for u in updates:
+        algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
+    assert [RESIDUAL in s for s in states] == [False, True, False, False, True]
+    for layer in tiny.layout.layers:
+        step = tiny.layout.gather_experts(result.state, layer) - tiny.layout.gather_experts(state, layer)  # u
+        one, four = states[1][RESIDUAL], states[4][RESIDUAL]
+        assert one[layer.name + STEP] is four[layer.name + STEP]  # u once for the round
+        assert one[layer.name + SCALE].nonzero().flatten().tolist() == [0]
+        for cid in (1, 4):
+            dense = result.messages[cid][layer.name][:, None] * step  # the dense residual of before
+            assert torch.equal(tiny.layout.gather_experts(algo.residual(states[cid]), layer), dense)
+    # a second round with γ = 0.5: r_1 ← γ r_1 + s_1 u', kept as expert 0's rows
+    before = {cid: algo.residual(states[cid]) for cid in (1, 4)}
+    second = algo.aggregate(result.state, updates)
+    for u in updates:
+        algo.client_finish(states[u.client_id], result.state, second.state, second.messages[u.client_id])
+    for layer in tiny.layout.layers:
+        step = tiny.layout.gather_experts(second.state, layer) - tiny.layout.gather_experts(result.state, layer)
+        kept = states[1][RESIDUAL]
+        assert kept[layer.name + EXPERTS].tolist() == [0] and kept[layer.name + ROWS].shape[0] == 1
+        dense = (second.messages[1][layer.name][:, None] * step
+                 + 0.5 * tiny.layout.gather_experts(before[1], layer))
+        assert torch.equal(tiny.layout.gather_experts(algo.residual(states[1]), layer), dense)
+    # a checkpoint of round-1 states: u written once, shared again when read
+    fresh, shared = FCMoE(FCMoEConfig(importance="size"), tiny.layout), [{}, {}]
+    for client_state, cid in zip(shared, (1, 4)):
+        fresh.client_finish(client_state, state, result.state, result.messages[cid])
+    save_checkpoint(tmp_path, Checkpoint("fcmoe", 1, state, shared, {}))
+    written = sum(v.numel() * v.element_size() for k, v in load_file(str(tmp_path / "state-r1.safetensors")).items()
+                  if k.startswith("client"))
+    step_bytes = sum(tiny.layout.gather_experts(state, layer).numel() * 4 for layer in tiny.layout.layers)
+    assert step_bytes <= written < 1.1 * step_bytes  # one u per layer, not one per client
+    loaded = load_checkpoint(tmp_path, "fcmoe").client_states
+    for layer in tiny.layout.layers:
+        assert loaded[0][RESIDUAL][layer.name + STEP] is loaded[1][RESIDUAL][layer.name + STEP]
+        assert torch.equal(loaded[1][RESIDUAL][layer.name + SCALE], shared[1][RESIDUAL][layer.name + SCALE])
