@@ -20,6 +20,7 @@ from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, 
                           local_accuracy, round_metrics, scored_clients, server_step, start_round)
 from fcmoe.runs import MethodSummary, append_row
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fcmoe.sim.client_states import ClientStates
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +32,28 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
     """Run ``method`` for ``config.rounds`` rounds from the shared initial state; return its summary and model.
 
     With ``checkpoint_dir`` every round is checkpointed there, and an existing checkpoint of ``method`` is resumed.
+    Client states live in memory or, with a few of many clients drawn a round, in that folder between the rounds
+    they take part in (:class:`~fcmoe.sim.client_states.ClientStates`).
     """
     cfg = exp.config
     server = RobustAggregation(cfg.make_algorithm(method, exp.built.layout), cfg.robust)
     global_state: Tree = exp.initial_state
-    client_states: list[dict[str, Any]] = [initial_client_state(cfg.seed, i) for i in range(exp.num_clients)]
+    states, files = [initial_client_state(cfg.seed, i) for i in range(exp.num_clients)], None
     first_round, row = 1, {}
     resumed = load_checkpoint(checkpoint_dir, method) if checkpoint_dir else None
     if resumed:
-        global_state, client_states, first_round, row = (resumed.global_state, resumed.client_states,
-                                                         resumed.round + 1, resumed.row)
+        global_state, states, files, first_round, row = (resumed.global_state, resumed.client_states,
+                                                         resumed.client_files, resumed.round + 1, resumed.row)
         server.algorithm.load_server_state(resumed.server_state)
         log.info("%s: resuming after round %d from %s", method, resumed.round, checkpoint_dir)
+    client_states = ClientStates(states, files, checkpoint_dir, resident=cfg.participation.fraction >= 1.0)
     started = time.perf_counter()
     for round_index in range(first_round, cfg.rounds + 1):
         global_state, row = run_round(exp, server, method, round_index, global_state, client_states, on_progress)
         append_row(metrics_path, row)
         if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, Checkpoint(method, round_index, global_state, client_states, row,
-                                                       server.algorithm.server_state()))
+            save_checkpoint(checkpoint_dir, client_states.checkpoint(Checkpoint(
+                method, round_index, global_state, [], row, server.algorithm.server_state())))
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s (evaluation %.1f s)", method,
                  round_index, row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"],
                  row["wall_s"], row["eval_s"])
@@ -58,7 +62,7 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
 
 
 def run_round(exp: Experiment, server: RobustAggregation, method: str, round_index: int, global_state: Tree,
-              client_states: list[dict[str, Any]], on_progress: RoundCallback | None = None,
+              client_states: ClientStates, on_progress: RoundCallback | None = None,
               ) -> tuple[Tree, dict[str, Any]]:
     """One round: the drawn clients train, the server screens and aggregates, every client is scored.
 
