@@ -1,0 +1,134 @@
+"""Round time and host peak against the population: the same 10 clients a round out of N (issue 31).
+
+Usage: ``python bench/scale.py [--population 10,100,1000,10000] [--methods fcmoe,fedavg] [--rounds 3]``.
+
+Every point is a fresh process (``--point N``) running ``fcmoe run``'s code on the tiny model (``tiny-bert-moe``,
+4 experts), IID, 10 documents a client (8 to train, 2 to test), ``participation.fraction = 10 / N``, checkpointed as
+``fcmoe run`` is. The documents come from a generated CSV of 4 topics (a vocabulary per topic, seeded): 20
+Newsgroups has too few documents for 10,000 clients × 10. Printed per point: set-up seconds (everything but the
+rounds: data, partition, model, round-0 scores, writing the run folder), the process's peak resident memory and,
+per method, the mean seconds of the rounds before the last (their ``metrics.jsonl`` ``wall_s`` plus the checkpoint
+written after them) and of the last round (which scores every client); then each round time and peak against
+N = 100's. Targets: N = 10,000 within 1.3× of N = 100's round time and +20 % of its peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOCS_PER_CLIENT = 10
+PARTICIPANTS = 10
+TOPICS = 4
+
+
+def write_corpus(path: Path, documents: int, seed: int = 0) -> Path:
+    """``documents`` rows of ``text,label``: 24 words each, 3 in 4 from the label's own 50-word vocabulary."""
+    rng = random.Random(seed)
+    vocabularies = [[f"{name}{i}" for i in range(50)] for name in ("alpha", "beta", "gamma", "delta")]
+    common = [f"common{i}" for i in range(200)]
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        for j in range(documents):
+            label = j % TOPICS
+            words = [rng.choice(vocabularies[label]) if rng.random() < 0.75 else rng.choice(common)
+                     for _ in range(24)]
+            writer.writerow([" ".join(words), f"topic{label}"])
+    return path
+
+
+def run_point(population: int, methods: list[str], rounds: int, folder: Path) -> dict:
+    """One population size in this process: the figures of every method (see the module docstring)."""
+    import torch
+
+    from fcmoe.config import load_config
+    from fcmoe.runner import run_experiment
+    from fcmoe.sim import engine
+
+    torch.set_num_threads(1)
+    corpus = write_corpus(folder / "corpus.csv", population * DOCS_PER_CLIENT)
+    config = load_config(overrides=[
+        "model.name=tiny-bert-moe", "model.num_experts=4", "data.name=csv", f"data.path={corpus}",
+        f"data.train_per_class={population * DOCS_PER_CLIENT // TOPICS}", "data.max_length=32",
+        "data.holdout_fraction=0.1", "partition.kind=iid", f"partition.num_clients={population}",
+        "partition.min_partition_size=2", "data.local_test_fraction=0.2",
+        f"participation.fraction={PARTICIPANTS / population}", f"rounds={rounds}", f"methods={methods!r}",
+        "train.batch_size=8", "train.threads=1", f"out_dir={folder}"])
+    checkpoint_s: dict[tuple[str, int], float] = {}
+    real = engine.save_checkpoint
+
+    def timed(where: Path, checkpoint: object) -> None:
+        started = time.perf_counter()
+        real(where, checkpoint)
+        checkpoint_s[(checkpoint.method, checkpoint.round)] = time.perf_counter() - started
+
+    engine.save_checkpoint = timed
+    started = time.perf_counter()
+    (folder / "run").mkdir()
+    run_experiment(config, folder / "run", show_progress=False)
+    total = time.perf_counter() - started
+    rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    rounds_s = sum(r["wall_s"] for r in rows) + sum(checkpoint_s.values())
+    out = {"population": population, "setup_s": total - rounds_s, "total_s": total,
+           "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "methods": {}}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        steps = [r["wall_s"] + checkpoint_s.get((method, r["round"]), 0.0) for r in mine]
+        out["methods"][method] = {"round_s": sum(steps[:-1]) / max(len(steps) - 1, 1), "last_s": steps[-1],
+                                  "checkpoint_s": sum(checkpoint_s.get((method, r["round"]), 0.0)
+                                                      for r in mine[:-1]) / max(len(mine) - 1, 1)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--population", default="10,100,1000,10000")
+    parser.add_argument("--methods", default="fcmoe,fedavg")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a point may take")
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if args.point:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(run_point(args.point, methods, args.rounds, Path(tmp))))
+        return
+    points = []
+    for population in [int(n) for n in args.population.split(",")]:
+        command = [sys.executable, __file__, "--point", str(population), "--methods", args.methods,
+                   "--rounds", str(args.rounds)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            print(f"N = {population}: did not finish in {args.timeout:.0f} s")
+            continue
+        if done.returncode != 0:
+            print(f"N = {population}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        point = json.loads(done.stdout.strip().splitlines()[-1])
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    base = next((p for p in points if p["population"] == 100), None)
+    print(f"\n| N | set-up s | peak GiB | {' | '.join(f'{m} round s | {m} last round s' for m in methods)} |")
+    print("|---" * (3 + 2 * len(methods)) + "|")
+    for p in points:
+        cells = []
+        for m in methods:
+            mine = p["methods"][m]
+            ratio = f" ({mine['round_s'] / base['methods'][m]['round_s']:.2f}×)" if base else ""
+            cells.append(f"{mine['round_s']:.2f}{ratio} | {mine['last_s']:.1f}")
+        peak = f"{p['peak_gib']:.2f}" + (f" ({p['peak_gib'] / base['peak_gib'] - 1:+.0%})" if base else "")
+        print(f"| {p['population']} | {p['setup_s']:.1f} | {peak} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
