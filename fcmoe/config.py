@@ -20,7 +20,7 @@ import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
 from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
-                                   SweepConfig, TrackingConfig, TrainConfig, _positive)
+                                   ServerConfig, SweepConfig, TrackingConfig, TrainConfig, _positive)
 from fcmoe.data.catalog import FILE_SOURCES, INSTRUCT_SOURCES
 from fcmoe.data.config import DataConfig, PartitionConfig
 from fcmoe.models.catalog import DEFAULT_MODEL, FAMILY_NAMES, HUB, SFT_MODELS, supports_lora
@@ -103,6 +103,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -199,7 +200,8 @@ def split_method(method: str) -> tuple[str, str]:
 _TOP_LEVEL = ("methods", "task", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "robust": RobustConfig,
-                              "participation": ParticipationConfig, "attack": AttackConfig, "eval": EvalConfig,
+                              "participation": ParticipationConfig, "server": ServerConfig, "attack": AttackConfig,
+                              "eval": EvalConfig,
                               "tracking": TrackingConfig,
                               "sweep": SweepConfig}
 

@@ -86,6 +86,44 @@ class ParticipationConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The server's host memory (both engines).
+
+    Attributes
+    ----------
+    memory_budget
+        Bytes of a round's client updates the server holds in memory, e.g. "8GiB", "500MB" ("" = no limit, the
+        default; "0" = none at all). An update that would go beyond it is written to disk as it arrives and read
+        back one tensor, or one expert, at a time (:mod:`fcmoe.spill`): the same result, more disk traffic.
+    """
+
+    memory_budget: str = ""
+
+    def __post_init__(self) -> None:
+        if self.memory_budget:
+            budget_bytes(self.memory_budget)
+
+    @property
+    def budget(self) -> int | None:
+        """:attr:`memory_budget` in bytes (``None``: no limit)."""
+        return budget_bytes(self.memory_budget) if self.memory_budget else None
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def budget_bytes(text: str) -> int:
+    """``"8GiB"`` → 8 · 2³⁰: a number (a decimal point allowed) and a unit of B, KB … TB or KiB … TiB."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ConfigError(f"server.memory_budget = {text!r}: give a size such as \"8GiB\", \"500MB\" or \"0\" "
+                          "(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; \"\" = no limit)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
 class AttackConfig:
     """Fault injection for robustness experiments: these clients send a corrupted update every round.
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import SafetensorError
 
 import fcmoe.sim.engine
@@ -377,3 +378,35 @@ def test_a_scheduler_stop_ends_a_run_like_ctrl_c_with_the_resume_line(tmp_path: 
     assert load_checkpoint(run_dir / "checkpoint", progress["method"]) is not None
     assert main(["run", "--quiet", "--resume", str(run_dir)]) == 0
     assert set(json.loads((run_dir / "summary.json").read_text())["methods"]) == {"fedavg", "fcmoe"}
+
+
+def test_a_disk_full_while_spilling_stops_with_one_line_and_resumes_to_the_uninterrupted_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``server.memory_budget = "0"``: every update goes to disk. The disk fills in FC-MoE's round 2: one line (the
+    spill file, the resume command), exit 1; the resumed run ends with the final models of a run that never
+    spilled."""
+    import fcmoe.spill
+    from safetensors.torch import load_file
+
+    real, calls = fcmoe.spill.save_file, []
+
+    def fills_up(tensors: dict, path: str) -> None:
+        calls.append(path)
+        if len(calls) == 2 * 2 + 3:  # fedavg: 3 rounds × 2 clients; then fcmoe round 1's two, round 2's first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    spill = [*RUN, "--set", "server.memory_budget='0'"]
+    with monkeypatch.context() as patch:
+        patch.setattr(fcmoe.spill, "save_file", fills_up)
+        assert main([*spill, "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.match(r"^fcmoe: error: no space left on the device while writing .*spill/client\d-\d.safetensors; "
+                    r".*continue with: fcmoe run --resume ", err), err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert main([*RUN, "--out", str(tmp_path / "plain")]) == 0
+    (plain,) = (tmp_path / "plain").iterdir()
+    for method in ("fedavg", "fcmoe"):
+        spilled, kept = (load_file(str(d / f"model-{method}.safetensors")) for d in (run_dir, plain))
+        assert all(torch.equal(spilled[k], kept[k]) for k in kept), method

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "fcmoe.config": 4,
     "fcmoe.training": 5,
     "fcmoe.experiment": 6,
+    "fcmoe.spill": 6,  # a round's updates beyond the server's memory budget, on disk
     "fcmoe.rounds": 7,
     "fcmoe.runs": 8, "fcmoe.checkpoint": 8,  # run-folder I/O and checkpoints, below both engines
     "fcmoe.sim": 9, "fcmoe.fl": 9,  # the engines

@@ -61,11 +61,13 @@ class ExpertPart:
         """Expert k's values as one flat tensor, in :meth:`gather`'s order (a view where the storage allows)."""
         if self.kind == "module":
             return tree[self.keys[k]].reshape(-1)
-        tensor = tree[self.keys[0]]
         if self.kind == "lora_b":  # columns k, k+E, …: [out, r]
-            return tensor[:, k::self.num_experts].reshape(-1)
-        rows = tensor.shape[0] // self.num_experts  # "index": 1 row of [E, …]; "lora_a": r rows of [E·r, in]
-        return tensor[k * rows:(k + 1) * rows].reshape(-1)
+            return tree[self.keys[0]][:, k::self.num_experts].reshape(-1)
+        rows = self.shape[0] // self.num_experts  # "index": 1 row of [E, …]; "lora_a": r rows of [E·r, in]
+        read_rows = getattr(tree, "rows", None)  # a tree on disk reads expert k's rows alone (fcmoe.spill)
+        if read_rows is not None:
+            return read_rows(self.keys[0], k * rows, (k + 1) * rows).reshape(-1)
+        return tree[self.keys[0]][k * rows:(k + 1) * rows].reshape(-1)
 
     def split(self, block: torch.Tensor) -> Tree:
         e = self.num_experts
@@ -156,7 +158,7 @@ class ExpertLayout:
         (the previous expert's stack, when shape and dtype fit) is written over instead of a fresh allocation.
         """
         n, p = len(trees), layer.expert_numel
-        dtype = trees[0][layer.keys[0]].dtype
+        dtype = layer.parts[0].row(trees[0], k).dtype
         if out is None or out.shape != (n, p) or out.dtype != dtype:
             out = torch.empty(n, p, dtype=dtype)
         offset = 0

@@ -21,6 +21,7 @@ from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, 
 from fcmoe.runs import MethodSummary, append_row
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.sim.client_states import ClientStates
+from fcmoe.spill import UpdateInbox
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
     client_states = ClientStates(states, files, checkpoint_dir, resident=cfg.participation.fraction >= 1.0)
     started = time.perf_counter()
     for round_index in range(first_round, cfg.rounds + 1):
-        global_state, row = run_round(exp, server, method, round_index, global_state, client_states, on_progress)
+        global_state, row = run_round(exp, server, method, round_index, global_state, client_states, on_progress,
+                                      checkpoint_dir and checkpoint_dir / "spill")
         append_row(metrics_path, row)
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, client_states.checkpoint(Checkpoint(
@@ -63,22 +65,23 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
 
 def run_round(exp: Experiment, server: RobustAggregation, method: str, round_index: int, global_state: Tree,
               client_states: ClientStates, on_progress: RoundCallback | None = None,
-              ) -> tuple[Tree, dict[str, Any]]:
+              spill_dir: Path | None = None) -> tuple[Tree, dict[str, Any]]:
     """One round: the drawn clients train, the server screens and aggregates, every client is scored.
 
     Returns the new global state and the round's ``metrics.jsonl`` row; ``client_states`` are updated in place.
-    The round's updates live only in this function's frame, so they are freed when it returns.
+    The round's updates live only in this function's frame, so they are freed when it returns; those beyond
+    ``server.memory_budget`` wait in ``spill_dir`` (a temporary folder when ``None``) until aggregated.
     """
     algo = server.algorithm
     round_started = time.perf_counter()
     draw = start_round(exp, round_index)
-    arrived = []
-    for done, cid in enumerate(draw.drawn, start=1):
-        if cid in draw.training:  # a client that fails mid-round sends nothing: its training is not simulated
-            arrived.append(client_step(exp, algo, cid, round_index, global_state, client_states[cid]))
-        if on_progress:
-            on_progress(method, round_index, done)
-    step = server_step(server, global_state, arrived, label=f"{method} round {round_index}")
+    with UpdateInbox(exp.config.server.budget, spill_dir) as inbox:  # beyond server.memory_budget: on disk
+        for done, cid in enumerate(draw.drawn, start=1):
+            if cid in draw.training:  # a client that fails mid-round sends nothing: its training is not simulated
+                inbox.add(client_step(exp, algo, cid, round_index, global_state, client_states[cid]))
+            if on_progress:
+                on_progress(method, round_index, done)
+        step = server_step(server, global_state, inbox.updates, label=f"{method} round {round_index}")
     new_state = step.result.state
     for update in step.accepted:
         finish_client(algo, client_states[update.client_id], global_state, new_state,
