@@ -74,7 +74,8 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
     strategy = AlgorithmStrategy(server, tomli_w.dumps(cfg.to_dict()), exp.num_clients,
                                  lambda round_index: start_round(exp, round_index), method,
                                  scored=lambda round_index, draw: scored_clients(exp, round_index, draw),
-                                 state_key=state_key(run_dir, method))
+                                 state_key=state_key(run_dir, method), memory_budget=cfg.server.budget,
+                                 spill_dir=run_dir / "checkpoint" / "spill")
     checkpoint_dir = run_dir / "checkpoint"
     start_state, first_round = exp.initial_state, 1
     resumed = load_checkpoint(checkpoint_dir, method)

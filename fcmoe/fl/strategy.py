@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -31,6 +32,7 @@ from fcmoe.fl.codec import (Instruction, MalformedReply, decode_device, decode_e
                             deployed_global_of, encode_instruction, mean_local_accuracy, record_to_tree, round_counts,
                             tree_to_record)
 from fcmoe.rounds import RoundDraw, ServerStep, server_step
+from fcmoe.spill import UpdateInbox
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +40,26 @@ QUERY_TIMEOUT_S = 600.0  # a node that has not said which client it is by then i
 REPLY_POLL_S = 0.1  # how often a phase asks the SuperLink for replies (Flower's send_and_receive: every 3 s)
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Flower's ``Grid.send_and_receive``, asking for the replies every :data:`REPLY_POLL_S` instead of every 3 s:
-    with a deployed message taking a few seconds, Flower's interval added ~1.5 s to each phase on average.
-    Replies that have not come within ``timeout`` seconds are left out, as in Flower's."""
+def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:
+    """Flower's ``Grid.send_and_receive`` as a stream: each reply is yielded as it arrives (the caller folds it in
+    and lets the message go), asking for replies every :data:`REPLY_POLL_S` instead of every 3 s (with a deployed
+    message taking a few seconds, Flower's interval added ~1.5 s to each phase on average). Replies that have not
+    come within ``timeout`` seconds are left out, as in Flower's."""
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
     while waiting:
         arrived = list(grid.pull_messages(waiting))
-        replies += arrived
         waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+        while arrived:
+            yield arrived.pop(0)
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(REPLY_POLL_S)
-    return replies
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Every reply of :func:`receive`, once they are all in (or the time is up)."""
+    return list(receive(grid, messages, timeout))
 
 
 @dataclass
@@ -89,16 +96,20 @@ class AlgorithmStrategy(Strategy):
         (which apply the server's message); the others' state stands unchanged, so they are not asked.
     state_key
         The run's key for node-local client state (:mod:`fcmoe.fl.node_state`), sent with every instruction.
+    memory_budget, spill_dir
+        ``server.memory_budget`` in bytes, and where the replies beyond it wait (:class:`~fcmoe.spill.UpdateInbox`).
     """
 
     def __init__(self, server: RobustAggregation, config_text: str, num_nodes: int,
                  draw: Callable[[int], RoundDraw], method: str, node_wait_s: float = 600.0,
-                 scored: Callable[[int, RoundDraw], Collection[int]] | None = None, state_key: str = "") -> None:
+                 scored: Callable[[int, RoundDraw], Collection[int]] | None = None, state_key: str = "",
+                 memory_budget: int | None = None, spill_dir: Path | None = None) -> None:
         self.server = server
         self.config_text = config_text
         self.num_nodes = num_nodes
         self.draw = draw
         self.scored = scored or (lambda round_index, draw: range(num_nodes))
+        self.memory_budget, self.spill_dir = memory_budget, spill_dir
         self.method = method
         self.state_key = state_key
         self.node_wait_s = node_wait_s
@@ -115,9 +126,8 @@ class AlgorithmStrategy(Strategy):
         final global arrays."""
         for server_round in range(first_round, num_rounds + 1):
             log.info("[ROUND %d/%d]", server_round, num_rounds)
-            replies = send_and_receive(grid, self.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                       timeout)
-            new_arrays, _ = self.aggregate_train(server_round, replies)
+            replies = receive(grid, self.configure_train(server_round, arrays, ConfigRecord(), grid), timeout)
+            new_arrays, _ = self.aggregate_train(server_round, replies)  # each reply folded in as it arrives
             arrays = arrays if new_arrays is None else new_arrays
             replies = send_and_receive(grid, self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                        timeout)
@@ -139,24 +149,25 @@ class AlgorithmStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrived, rejected = [], []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                rejected.append(f"node {node}: error reply ({reply.error.reason})")
-                continue
-            try:
-                update = decode_update(reply.content, self.server.algorithm.layout)
-            except MalformedReply as err:
-                rejected.append(f"node {node}: {err}")
-                continue
-            if update.client_id != self.client_of_node.get(node):  # a node answers for its own client only
-                rejected.append(f"node {node} is client {self.client_of_node.get(node)} but sent an update of "
-                                f"client {update.client_id}")
-                continue
-            arrived.append(update)
-            self.client_devices.add(decode_device(reply.content) or "not recorded")
-        step = server_step(self.server, self.global_tree, arrived, rejected, label=f"round {server_round}")
+        rejected: list[str] = []
+        with UpdateInbox(self.memory_budget, self.spill_dir) as inbox:  # beyond server.memory_budget: on disk
+            for reply in replies:
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    rejected.append(f"node {node}: error reply ({reply.error.reason})")
+                    continue
+                try:
+                    update = decode_update(reply.content, self.server.algorithm.layout)
+                except MalformedReply as err:
+                    rejected.append(f"node {node}: {err}")
+                    continue
+                if update.client_id != self.client_of_node.get(node):  # a node answers for its own client only
+                    rejected.append(f"node {node} is client {self.client_of_node.get(node)} but sent an update "
+                                    f"of client {update.client_id}")
+                    continue
+                self.client_devices.add(decode_device(reply.content) or "not recorded")
+                inbox.add(update)
+            step = server_step(self.server, self.global_tree, inbox.updates, rejected, label=f"round {server_round}")
         self.round_state.step = step
         counts = round_counts(len(step.accepted), len(step.rejected))
         return (None if step.skipped else tree_to_record(step.result.state)), counts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -294,3 +295,24 @@ def test_replies_are_collected_as_they_arrive_and_late_ones_are_left_out() -> No
     late = send_and_receive(SlowGrid([["b"]]), [], timeout=0.5)
     assert [r.metadata.reply_to_message_id for r in late] == ["b"]
     assert 0.5 <= time.monotonic() - started < 10 + REPLY_POLL_S  # the timeout, not a hang
+
+
+def test_the_strategy_folds_streamed_replies_into_a_spilling_inbox_with_the_same_result(
+        tiny: BuiltModel, tmp_path: Path) -> None:
+    """``server.memory_budget = 0``: every decoded reply goes to disk as it arrives (the replies come as a stream),
+    and the new global model and messages equal those of a strategy that holds them all."""
+    global_state = tiny.model.trainable_state()
+    arrays = tree_to_record(global_state)
+    updates = _updates(tiny, 4)
+    results = []
+    for budget in (None, 0):
+        strategy = _strategy(tiny, num_nodes=4)
+        strategy.memory_budget, strategy.spill_dir = budget, tmp_path / "spill"
+        instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+        stream = (_reply(encode_update(u), m) for u, m in zip(reversed(updates), reversed(instructions)))
+        new_arrays, _ = strategy.aggregate_train(1, stream)
+        results.append((record_to_tree(new_arrays), strategy.round_state.step.result.messages))
+        assert not (tmp_path / "spill").exists()
+    (kept, kept_messages), (spilled, spilled_messages) = results
+    assert all(torch.equal(spilled[k], kept[k]) for k in kept)
+    assert all(torch.equal(spilled_messages[c][k], v) for c, m in kept_messages.items() for k, v in m.items())
