@@ -106,11 +106,14 @@ def featurize(model: EncoderClassifier, ids: torch.Tensor, mask: torch.Tensor, l
     upcycled encoder, whose balance loss reads the padding positions' features.
     """
     device = next(model.parameters()).device
+    out = None  # filled batch by batch: the features are held once, never as a list of batches and their copy
     if not bucketed:
-        chunks = [model.featurize(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)).cpu()
-                  for i in range(0, len(ids), batch_size)]
-        return FeatureSet(torch.cat(chunks), mask.clone(), labels.clone())
-    out = None
+        for i in range(0, len(ids), batch_size):
+            chunk = model.featurize(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)).cpu()
+            if out is None:
+                out = chunk.new_empty((len(ids), *chunk.shape[1:]))
+            out[i:i + len(chunk)] = chunk
+        return FeatureSet(out if out is not None else ids.clone(), mask.clone(), labels.clone())
     for rows in mask.sum(dim=1).argsort(stable=True).split(batch_size):
         length = max(int(mask[rows].sum(dim=1).max()), 1)
         chunk = model.featurize(ids[rows, :length].to(device), mask[rows, :length].to(device)).cpu()
