@@ -13,10 +13,11 @@ the nodes, :mod:`fcmoe.fl.node_state`):
 
 Both are written to a temporary name and renamed (atomic on POSIX), the state file first: a crash at any moment
 leaves ``progress.json`` naming complete files, of this round or the one before. ``progress.json`` also
-keeps the previous round's entry, and its files stay until the next round's are written: a file that
-was damaged afterwards (truncated by a full disk, a bad copy) is detected on reading and the run continues from
-the round before, with a warning. The engine is deterministic on CPU (seeded per client and round), so continuing from
-round t's checkpoint reproduces the uninterrupted run bit for bit (tested by SIGKILL and ``fcmoe run --resume``).
+keeps the previous round's entry, and its files stay until the next round's are written: a file of the newest
+round that was damaged afterwards (truncated by a full disk, a bad copy) is detected on reading and the run
+continues from the round before, with a warning. The engine is deterministic on CPU (seeded per client and
+round), so continuing from round t's checkpoint reproduces the uninterrupted run bit for bit (tested by SIGKILL
+and ``fcmoe run --resume``).
 """
 
 from __future__ import annotations

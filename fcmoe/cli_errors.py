@@ -19,7 +19,7 @@ from types import FrameType
 
 from fcmoe.checkpoint import CheckpointError, checkpointed_round
 from fcmoe.config import ConfigError
-from fcmoe.errors import first_line
+from fcmoe.errors import Stopped, first_line
 
 DEBUG_VARIABLE = "FCMOE_DEBUG"
 
@@ -27,16 +27,6 @@ DEBUG_VARIABLE = "FCMOE_DEBUG"
 def debugging() -> bool:
     """Whether the user asked for tracebacks (``FCMOE_DEBUG=1``)."""
     return os.environ.get(DEBUG_VARIABLE, "").strip() not in {"", "0", "false", "no"}
-
-
-class Stopped(KeyboardInterrupt):
-    """A stop signal from outside (SLURM, Kubernetes, ``timeout`` and service managers send SIGTERM, then kill the
-    job a grace period later), raised in the main thread as Ctrl-C raises KeyboardInterrupt, and handled the same
-    way: the round in hand is dropped, the last checkpoint stands, the command says how to continue."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 STOP_SIGNALS = (signal.SIGTERM,)

@@ -95,6 +95,7 @@ class ServerConfig:
         Bytes of a round's client updates the server holds in memory, e.g. "8GiB", "500MB" ("" = no limit, the
         default; "0" = none at all). An update that would go beyond it is written to disk as it arrives and read
         back one tensor, or one expert, at a time (:mod:`fcmoe.spill`): the same result, more disk traffic.
+        ``robust.clip > 0`` is not bounded by it (its clipped updates are held in memory).
     """
 
     memory_budget: str = ""

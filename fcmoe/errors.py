@@ -4,6 +4,17 @@ module)."""
 from __future__ import annotations
 
 import os
+import signal
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal from outside (SLURM, Kubernetes, ``timeout`` and service managers send SIGTERM, then kill the
+    job a grace period later), raised in the main thread as Ctrl-C raises KeyboardInterrupt, and handled the same
+    way: the round in hand is dropped, the last checkpoint stands, the command says how to continue."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def first_line(err: BaseException) -> str:

@@ -69,6 +69,9 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
         skipped). A ClientApp process starts afresh for every message, and featurising is most of its set-up.
     """
     started = time.perf_counter()
+    if config.server.memory_budget and config.robust.clip > 0:
+        log.warning("robust.clip = %g holds the clipped updates in memory: server.memory_budget = %r does not bound "
+                    "them (set robust.clip = 0 to keep within it)", config.robust.clip, config.server.memory_budget)
     device = resolve_device(config.train.device)  # a GPU asked for but absent stops here, before any data is read
     data, model_cfg = config.data, config.model
     train_corpus, test_corpus = load_source(data, config.seed)

@@ -6,7 +6,8 @@ Client i, round t (:func:`client_step`, then :func:`finish_client`):
     algo.client_finish(state_i, θ_t, θ_{t+1}, message_i)         # FC-MoE: r_i ← ρ_i
 Server (:func:`server_step`): screen → clip → fewer than ``robust.min_clients`` accepted keeps θ_t →
     θ_{t+1}, messages = algo.aggregate(θ_t, [Δ_i …]) with the configured mean rule.
-Then each client's deployed model is scored on its own test split (:func:`local_accuracy`) and θ_{t+1} on the
+Then the deployed models of the :func:`scored_clients` are scored on their own test splits (:func:`local_accuracy`:
+the round's participants before the last round, everyone in it) and θ_{t+1} on the
 global test set, and :func:`round_metrics` assembles the ``metrics.jsonl`` row. Which clients take part, and which
 of them fail mid-round, is :func:`start_round`'s: the server's decision in both engines.
 """

@@ -1,13 +1,14 @@
 """A round's client updates within the server's memory budget: the ones beyond it wait on disk.
 
-``server.memory_budget`` bounds the bytes of Δ_i a server holds in one round. :class:`UpdateInbox` keeps the
-updates as they arrive until the next one would pass the budget; that one and every later one is written to a
+``server.memory_budget`` bounds the bytes of Δ_i a server holds in one round. :class:`UpdateInbox` keeps each
+update as it arrives unless it would take the updates held past the budget; such an update is written to a
 safetensors file in the round's spill folder at once, and its Δ_i becomes a :class:`SpilledTree`: a read-only
 mapping that reads a tensor from its file when asked and keeps nothing. The aggregation code is unchanged: it reads
 Δ_i key by key (FedAvg, the shared and router parameters of every method) or one expert unit at a time (FC-MoE's
 importance weights and projection, robust means, pairwise projection: :meth:`SpilledTree.rows` reads only that
 expert's bytes of a fused tensor), so its working set is one key, or one expert, of every client. The values read
-back are the values written: results are bit-identical to holding every update in memory.
+back are the values written: results are bit-identical to holding every update in memory. Not bounded:
+``robust.clip > 0``, whose clipped updates are new trees in memory (a warning says so).
 
 A spill that fails (a full disk) raises the ``OSError`` before the round aggregates anything; the checkpoint of
 the round before stands, and the command says how to resume.
@@ -52,6 +53,9 @@ class SpilledTree(Mapping[str, torch.Tensor]):
         """Rows ``start:stop`` of the tensor ``key`` (its first dimension), reading only their bytes."""
         with safe_open(str(self.path), "pt") as file:
             return file.get_slice(key)[start:stop]
+
+    def __contains__(self, key: object) -> bool:  # by name: Mapping's own would read the tensor
+        return key in self._keys
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

@@ -152,11 +152,12 @@ def _run_parallel(cells: Sequence[Cell], sweep_dir: Path, jobs: int, progress: P
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
                              initargs=(threads, events)) as pool:
-        # configs travel as plain dicts (they hold read-only mappings, which do not pickle)
-        pending = {pool.submit(_run_cell, cell.config.to_dict(), sweep_dir / cell.name): cell for cell in cells}
         try:
+            # configs travel as plain dicts (they hold read-only mappings, which do not pickle)
+            pending = {pool.submit(_run_cell, cell.config.to_dict(), sweep_dir / cell.name): cell for cell in cells}
             _wait_for_cells(pool, pending, events, progress, task, jobs, threads, len(cells))
         except KeyboardInterrupt:  # Ctrl-C reaches the workers too; a scheduler's stop may reach this process only
+            pool.shutdown(wait=False, cancel_futures=True)  # no queued cell starts
             for worker in multiprocessing.active_children():
                 worker.terminate()  # its round in hand is dropped; its last checkpoint stands
             raise

@@ -126,7 +126,8 @@ def _residual_rows(stored: Mapping[str, torch.Tensor], layer: Any) -> torch.Tens
         return stored[layer.name + SCALE][:, None] * stored[layer.name + STEP]
     rows = stored.get(layer.name + ROWS)
     if rows is None:
-        return None
+        return None if layer.keys[0] not in stored else torch.cat(  # dense, by expert key: an older checkpoint's
+            [part.gather(stored) for part in layer.parts], dim=1)
     dense = rows.new_zeros(layer.num_experts, layer.expert_numel)
     dense[stored[layer.name + EXPERTS]] = rows
     return dense

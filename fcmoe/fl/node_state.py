@@ -123,10 +123,14 @@ class NodeStateStore:
         return self._write(f"r{round_index}-train.safetensors", state, extra)
 
     def save_done(self, round_index: int, state: Mapping[str, Any]) -> Path:
-        """The state at the end of round ``round_index``; older rounds' files are then deleted."""
+        """The state at the end of round ``round_index``; older rounds' files are then deleted, but for the newest
+        one before it (a node left out of rounds keeps its last state in an older file, and a resumed ServerApp that
+        repeats ``round_index`` starts the node from that one)."""
         path = self._write(f"r{round_index}.safetensors", state, {})
+        before = [r for r, train in self._files().values() if not train and r < round_index]
+        keep_from = min(round_index - 1, max(before, default=round_index - 1))
         for old, (round_of, _) in self._files().items():
-            if round_of < round_index - 1:
+            if round_of < keep_from:
                 old.unlink(missing_ok=True)
         return path
 

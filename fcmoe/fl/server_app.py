@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from fcmoe.cache import cache_dir
 from fcmoe.checkpoint import Checkpoint, checkpointed_round, load_checkpoint, save_checkpoint
 from fcmoe.config import load_config
 from fcmoe.core import tree_num_bytes
+from fcmoe.errors import Stopped
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, tree_to_record
 from fcmoe.fl.node_state import run_state_folder
@@ -164,9 +166,14 @@ def run_flower_method(exp: Experiment, method: str, run_dir: Path, on_round: Cal
     with warnings.catch_warnings():
         if not verbose:  # Ray's advice on a GPU setting this run does not use
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_clients,
-                       backend_config={"client_resources": resources, "init_args": ray_init},
-                       verbose_logging=verbose)
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=exp.num_clients,
+                           backend_config={"client_resources": resources, "init_args": ray_init},
+                           verbose_logging=verbose)
+        except SystemExit as err:  # Ray's SIGTERM handler, installed as it starts, exits with the signal's number
+            if err.code == signal.SIGTERM:
+                raise Stopped(signal.SIGTERM) from None
+            raise
     if not summaries:
         raise RuntimeError(f"the Flower simulation of {method!r} ended without a result; see the log above")
     # the simulated nodes share this machine's default state folder: a finished run's client state goes with it

@@ -303,8 +303,8 @@ def describe(runs: Sequence[RunResult], alphas: Sequence[float], methods: Sequen
              "methods: " + ", ".join(display_name(m) for m in methods),
              "local training ran on: " + device_counts(runs) + device_legend(runs),
              "runs: " + ", ".join(sorted({str(r.path.parent) for r in runs}))]
-    subsets = sorted({str(r.config.get("eval", {}).get("clients", "all")) for r in runs
-                      if r.config.get("participation", {}).get("fraction", 1.0) < 1.0} - {"all"})
+    subsets = sorted({str(chosen) for r in runs if (chosen := r.config.get("eval", {}).get("clients", "all")) != "all"
+                      and (chosen != "participants" or r.config.get("participation", {}).get("fraction", 1.0) < 1)})
     if subsets:  # eval.clients: before the last round the local curves are not over every client
         lines.append(f"local accuracy before the last round: eval.clients = {' / '.join(subsets)} (the round's "
                      "participants, or k clients drawn per round), not every client; the last round scores all")

@@ -8,9 +8,10 @@ and each client's entry in ``progress.json`` names the file that holds its newes
 With every client drawn every round (``participation.fraction = 1``, the default) every state stays in memory.
 With a few clients of many drawn, a state is *resident* only from the moment the round touches it until the
 round's checkpoint is written; between the rounds it takes part in it lives in its clients file and is read back
-(memory-mapped, only its own tensors) when it is drawn or scored. Host memory then grows with the participants,
-not the population. A tensor several clients of a round share (FC-MoE's round step) is written once and read back
-as one tensor.
+(only its own tensors) when it is drawn or scored. Between rounds, host memory then holds no client's tensors;
+during a round, those of the clients it draws or scores — the participants, but every client in the last round
+(and with ``eval.clients = "all"``), which also writes every state once. A tensor several clients of a round share
+(FC-MoE's round step) is written once and read back as one tensor.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
 def run_round(exp: Experiment, server: RobustAggregation, method: str, round_index: int, global_state: Tree,
               client_states: ClientStates, on_progress: RoundCallback | None = None,
               spill_dir: Path | None = None) -> tuple[Tree, dict[str, Any]]:
-    """One round: the drawn clients train, the server screens and aggregates, every client is scored.
+    """One round: the drawn clients train, the server screens and aggregates, the clients of
+    :func:`~fcmoe.rounds.scored_clients` are scored.
 
     Returns the new global state and the round's ``metrics.jsonl`` row; ``client_states`` are updated in place.
     The round's updates live only in this function's frame, so they are freed when it returns; those beyond

@@ -211,3 +211,15 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
     for layer in tiny.layout.layers:
         assert loaded[0][RESIDUAL][layer.name + STEP] is loaded[1][RESIDUAL][layer.name + STEP]
         assert torch.equal(loaded[1][RESIDUAL][layer.name + SCALE], shared[1][RESIDUAL][layer.name + SCALE])
+
+
+def test_a_dense_residual_of_an_older_checkpoint_is_still_read(tiny: BuiltModel) -> None:
+    """Checkpoints written before the compact residual kept r_i densely by expert key: it re-anchors the same."""
+    state = tiny.model.trainable_state()
+    expert_keys = {key for layer in tiny.layout.layers for key in layer.keys}
+    dense = {k: v for k, v in random_delta(state, 2).items() if k in expert_keys}
+    algo = FCMoE(FCMoEConfig(retention=0.5), tiny.layout)
+    assert all(torch.equal(algo.residual({RESIDUAL: dense})[k], v) for k, v in dense.items())
+    start = algo.client_start(state, {RESIDUAL: dense})
+    key = next(iter(dense))
+    assert torch.equal(start[key], state[key] + 0.5 * dense[key])

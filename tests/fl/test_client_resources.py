@@ -3,6 +3,8 @@ where the clients said they trained, not where the server runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +31,24 @@ def test_a_train_reply_says_where_its_client_trained() -> None:
     update = ClientUpdate(0, {"w": torch.zeros(2)}, 3, {"l": torch.tensor([1, 2])})
     assert decode_device(encode_update(update, device="NVIDIA H100 80GB HBM3")) == "NVIDIA H100 80GB HBM3"
     assert decode_device(encode_update(update)) == ""  # an older client: not recorded
+
+
+def test_a_sigterm_under_ray_stops_the_flower_run_as_ctrl_c_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray replaces the SIGTERM handler with ``sys.exit(15)`` once it starts: that exit becomes fcmoe's Stopped,
+    so ``fcmoe run --engine flower`` ends with the resume line like the in-process engine."""
+    import signal
+    from types import SimpleNamespace
+
+    import flwr.simulation
+
+    from fcmoe.errors import Stopped
+    from fcmoe.fl.server_app import run_flower_method
+
+    def ray_exit(**kwargs: object) -> None:
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", ray_exit)
+    exp = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(client_gpus=-1.0)), num_clients=2,
+                          trainer=SimpleNamespace(device=torch.device("cpu"), device_name="cpu"))
+    with pytest.raises(Stopped):
+        run_flower_method(exp, "fedavg", Path("unused"))

@@ -48,3 +48,17 @@ def test_a_bad_node_config_value_is_named_with_what_it_takes() -> None:
         partition_id({"partition-id": "x"})
     with pytest.raises(ValueError, match=r"^node config worker-idle-s = 'abc': expected seconds, e\.g\. "):
         worker_idle_s({"worker-idle-s": "abc"})
+
+
+def test_a_node_left_out_of_rounds_keeps_its_last_state_for_a_repeated_round(tmp_path: Path) -> None:
+    """A node asked in rounds 1 and 5 only (eval.clients: nobody else asks it): saving round 5 keeps round 1's
+    file, from which a resumed ServerApp that repeats round 5 starts the node; older files go."""
+    store = NodeStateStore(tmp_path, "run", 0)
+    store.save_done(0, {"seed": 1, "stage": 0})
+    store.save_done(1, {"seed": 1, "head": {"w": torch.full((2,), 3.0)}})
+    store.save_trained(5, {"seed": 1}, {"g": torch.zeros(1)})
+    store.save_done(5, {"seed": 1, "stage": 5})
+    again = store.load_before(5)
+    assert torch.equal(again["head"]["w"], torch.full((2,), 3.0))
+    assert sorted(p.name for p in store.folder.glob("r*.safetensors")) == ["r1.safetensors", "r5-train.safetensors",
+                                                                            "r5.safetensors"]
