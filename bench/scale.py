@@ -84,6 +84,7 @@ def run_point(population: int, methods: list[str], rounds: int, folder: Path) ->
         mine = [r for r in rows if r["method"] == method]
         steps = [r["wall_s"] + checkpoint_s.get((method, r["round"]), 0.0) for r in mine]
         out["methods"][method] = {"round_s": sum(steps[:-1]) / max(len(steps) - 1, 1), "last_s": steps[-1],
+                                  "rounds_s": [round(t, 3) for t in steps],
                                   "checkpoint_s": sum(checkpoint_s.get((method, r["round"]), 0.0)
                                                       for r in mine[:-1]) / max(len(mine) - 1, 1)}
     return out
