@@ -3,7 +3,8 @@
 The model is built on the ``meta`` device (shapes only: a published shape, a checkpoint's ``config.json``, or a
 ``-tiny`` configuration; fcmoe's small upcycled models are built for real), and
 :func:`fcmoe.models.memory.estimate_step` adds up what one client's local step holds on the training device. On the
-host, the in-process engine holds the initial, global and new trees and each participating client's update (fp32).
+host, the in-process engine holds the initial, global and new trees and each participating client's update (fp32),
+the updates only up to ``server.memory_budget`` (the rest wait on disk, :mod:`fcmoe.spill`).
 :func:`check_fits` is what ``fcmoe run`` calls before loading: a run whose step cannot fit the training device stops
 there with one line naming the estimate and the fixes.
 """
@@ -33,11 +34,12 @@ class RunPlan:
 
     step: StepMemory
     active: int  # parameters a token uses
-    host_trees: float  # bytes of the trees the in-process engine holds
+    host_trees: float  # bytes of the trees the in-process engine holds (updates: up to the memory budget)
     device: torch.device
     capacity: float  # bytes the training device has
     precision: str
     checkpointing: bool
+    spilled: float = 0.0  # bytes of a round's updates written to disk (server.memory_budget)
 
     @property
     def needed(self) -> float:
@@ -62,11 +64,13 @@ def plan_run(config: ExperimentConfig) -> RunPlan:
     step = estimate_step(built.model, built.layout, built.precision, tokens=train.batch_size * config.data.max_length,
                          checkpointing=on, expert_lora=model_cfg.expert_lora, lora_rank=model_cfg.lora_rank)
     clients = max(1, round(config.participation.fraction * config.partition.num_clients))
-    trees = (3 + clients) * step.trainable * 4
+    update = step.trainable * 4  # an fp32 Δ_i
+    held = clients * update if config.server.budget is None else min(clients * update, config.server.budget)
+    trees = 3 * update + held
     capacity = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                 else psutil.virtual_memory().total)
     active = step.parameters - idle_expert_parameters(built.model, built.layout.top_k)
-    return RunPlan(step, active, trees, device, capacity, built.precision.describe(), on)
+    return RunPlan(step, active, trees, device, capacity, built.precision.describe(), on, clients * update - held)
 
 
 def describe(plan: RunPlan, config: ExperimentConfig) -> list[str]:
@@ -85,7 +89,9 @@ def describe(plan: RunPlan, config: ExperimentConfig) -> list[str]:
         f"precision: {plan.precision}",
         f"one client's step, {train.batch_size} x {config.data.max_length} tokens, gradient checkpointing "
         f"{'on' if plan.checkpointing else 'off'}: {step.describe()}",
-        f"host: the trees the in-process engine holds {plan.host_trees / GIB:.2f} GiB",
+        f"host: the trees the in-process engine holds {plan.host_trees / GIB:.2f} GiB"
+        + (f" (a round's updates beyond server.memory_budget: {plan.spilled / GIB:.2f} GiB on disk)"
+           if config.server.memory_budget else ""),
         f"device: {where}: {verdict}",
     ]
 

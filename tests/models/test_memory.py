@@ -70,3 +70,17 @@ def test_plan_prints_counts_and_a_verdict(capsys: pytest.CaptureFixture[str]) ->
     assert main(["run", "--quiet", *big]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fcmoe: error: mixtral: one client's step needs about") and "model.finetune = 'lora'" in err
+
+
+def test_the_plan_holds_a_rounds_updates_only_up_to_the_memory_budget() -> None:
+    """Host: the initial, global and new trees and the participants' fp32 updates; under server.memory_budget the
+    updates beyond it are counted on disk instead."""
+    from fcmoe.config import load_config
+    from fcmoe.plan import plan_run
+
+    sets = ["model.name=qwen3_moe-tiny", "train.device=cpu", "partition.num_clients=10"]
+    whole = plan_run(load_config(overrides=sets))
+    update = whole.step.trainable * 4
+    assert whole.host_trees == 13 * update and whole.spilled == 0
+    budgeted = plan_run(load_config(overrides=[*sets, f"server.memory_budget='{2 * update}B'"]))
+    assert budgeted.host_trees == 5 * update and budgeted.spilled == 8 * update
