@@ -360,7 +360,7 @@ def test_a_scheduler_stop_ends_a_run_like_ctrl_c_with_the_resume_line(tmp_path: 
     """SIGTERM (SLURM, Kubernetes, ``timeout``) mid-run: exit 143, one line naming the run folder and the resume
     command, the checkpoint readable; ``--resume`` then finishes the run."""
     out = tmp_path / "runs"
-    args = [*RUN, "--set", "rounds=40", "--out", str(out)]
+    args = [*RUN, "--set", "rounds=8", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", *args], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
