@@ -48,6 +48,9 @@ class ModelConfig:
     # with random weights made on the training device: real sizes without the hub
     init: str = "pretrained"  # pretrained | random
     num_layers: int = 0  # init = random: keep only the first N layers (0 = all)
+    # task = "sft": train the LM head too, federated like the shared parameters (a head tied to the input embeddings
+    # is untied: the embeddings stay frozen, so cached features stay valid); off: the head is frozen
+    train_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.name and self.name not in FAMILY_NAMES:
@@ -146,6 +149,9 @@ class ExperimentConfig:
         if task == "sft" and self.model.name not in SFT_MODELS:
             raise ConfigError(f"task = 'sft' trains a causal LM: model.name = {self.model.name!r} is not one; choose "
                               f"one of {', '.join(SFT_MODELS)}")
+        if task != "sft" and self.model.train_lm_head:
+            raise ConfigError("model.train_lm_head = true trains a causal LM's head: it needs task = 'sft' (a "
+                              "classifier's head is always trained)")
         if task == "sft" and self.partition.concept_shift > 0:
             raise ConfigError(f"partition.concept_shift = {self.partition.concept_shift} permutes class labels; "
                               "instruction data has none (its labels are tasks): set it to 0 with task = 'sft'")

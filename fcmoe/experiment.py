@@ -86,7 +86,7 @@ def prepare_experiment(config: ExperimentConfig, feature_cache: Path | None = No
                         label_names=pool.label_names, precision=config.train.precision,
                         master_weights=config.train.master_weights, init=model_cfg.init,
                         num_layers=model_cfg.num_layers, device=device, expert_lora=model_cfg.expert_lora,
-                        task=config.task)
+                        task=config.task, train_lm_head=model_cfg.train_lm_head)
     log.info("precision: %s", built.precision.describe())
     if checkpointing(model_cfg.name, config.train.gradient_checkpointing):
         built.model.enable_gradient_checkpointing()

@@ -51,7 +51,7 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
                 label_names: Sequence[str] | None = None, precision: str = "auto",
                 master_weights: bool = True, init: str = "pretrained", num_layers: int = 0,
                 device: torch.device | str = "cpu", expert_lora: str = "factored", task: str = "classify",
-                ) -> BuiltModel:
+                train_lm_head: bool = False) -> BuiltModel:
     """Build family ``name`` (see ``fcmoe.models.catalog``) with a seeded fresh head (and routers if upcycled).
 
     "minilm-moe" loads the pretrained all-MiniLM-L6-v2 from ``path`` or from the pinned offline wheel
@@ -68,8 +68,9 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     :mod:`fcmoe.models.shapes`). LoRA on fused experts runs ``expert_lora``'s forward: "factored" (no merged copy
     of the expert stacks, :mod:`fcmoe.models.expert_lora`) or PEFT's "merged".
 
-    ``task = "sft"`` builds the causal LM instead (:class:`~fcmoe.models.causal_lm.CausalLM`, its LM head kept):
-    SmolLM2-MoE or a fused decoder family; ``num_labels`` and ``label_names`` do not apply.
+    ``task = "sft"`` builds the causal LM instead (:class:`~fcmoe.models.causal_lm.CausalLM`, its LM head kept,
+    frozen unless ``train_lm_head``): SmolLM2-MoE or a fused decoder family; ``num_labels`` and ``label_names`` do
+    not apply.
     """
     if finetune == "lora" and not supports_lora(name):
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
@@ -80,7 +81,8 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     if task == "sft":
         built = _build_causal(name, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
                               router_init_std=router_init_std, path=path, finetune=finetune, lora_rank=lora_rank,
-                              plan=plan, device=device, expert_lora=expert_lora, init=init, num_layers=num_layers)
+                              plan=plan, device=device, expert_lora=expert_lora, init=init, num_layers=num_layers,
+                              train_lm_head=train_lm_head)
     else:
         built = _build(name, num_labels, num_experts=num_experts, moe_layers=moe_layers,
                        trainable_layers=trainable_layers, router_init_std=router_init_std, max_length=max_length,
@@ -175,7 +177,8 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
 
 def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], trainable_layers: int,
                   router_init_std: float, path: str, finetune: str, lora_rank: int, plan: PrecisionPlan,
-                  device: torch.device | str, expert_lora: str, init: str, num_layers: int) -> BuiltModel:
+                  device: torch.device | str, expert_lora: str, init: str, num_layers: int,
+                  train_lm_head: bool = False) -> BuiltModel:
     """The causal LM of ``name`` for ``task = "sft"`` (:mod:`fcmoe.models.causal_lm`; its codec tokenises)."""
     if name not in SFT_MODELS:
         raise ValueError(f"task = 'sft' needs a causal LM: model.name = {name!r} is not one; choose one of "
@@ -186,7 +189,7 @@ def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], t
         codec = HFCodec(tokenizer) if tokenizer is not None else WordCodec(lm.config.vocab_size)
         frozen = upcycle_top(lm.model, num_experts=num_experts, moe_layers=moe_layers,
                              trainable_layers=trainable_layers, router_init_std=router_init_std)
-        model = CausalLM(lm, codec, frozen)
+        model = CausalLM(lm, codec, frozen, train_lm_head)
         return BuiltModel(model, PerExpertModuleLayout.from_tree(model.trainable_state()), _pairs_only, plan)
     if name.endswith("-tiny") or init == "random":
         config = hub_config(name, path, init, num_layers)
@@ -198,7 +201,7 @@ def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], t
         lm = from_pretrained(name, source, plan.frozen, torch.device(device), causal=True)
         codec = HFCodec(load_tokenizer(source))
     config = lm.config
-    model = CausalLM(adapt(name, lm, finetune, lora_rank, expert_lora), codec)
+    model = CausalLM(adapt(name, lm, finetune, lora_rank, expert_lora), codec, train_head=train_lm_head)
     return BuiltModel(model, expert_layout(name, model, config, finetune), _pairs_only, plan)
 
 

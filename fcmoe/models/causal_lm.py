@@ -8,8 +8,8 @@ runs on those positions alone,
     loss = Σ_{t: targets[t] ≠ −100} −log softmax(W_lm · h_t)[targets[t]] / #{t: targets[t] ≠ −100}
 
 (``h_t``: the final normed hidden state ``[H]``; a 49k–152k-row head at every position would be most of the
-memory). This is the completion-only loss of TRL's ``SFTTrainer`` on the same batch. The LM head and the input
-embeddings stay frozen.
+memory). This is the completion-only loss of TRL's ``SFTTrainer`` on the same batch. The input embeddings stay
+frozen; the LM head too, unless ``model.train_lm_head`` (then untied from the embeddings where they share weights).
 
 Prompts are laid out by the model's chat template when its tokenizer has one (one user turn, the generation cue),
 else by :data:`PLAIN_TEMPLATE`; the response follows, then the end-of-sequence token. A pair longer than
@@ -180,19 +180,26 @@ class CausalLM(TrainableTree):
         Its tokenizer, as :class:`TextCodec`.
     frozen_layers
         The bottom layers that never train: their output is the cached feature (0: the token ids are).
+    train_head
+        Train the LM head as well (``model.train_lm_head``). A head tied to the input embeddings (SmolLM2) gets its
+        own copy of the weights first: the embeddings stay frozen, as the cached features need.
     """
 
     head_keys: tuple[str, ...] = ()  # no classification head
 
-    def __init__(self, lm: nn.Module, codec: TextCodec, frozen_layers: int = 0) -> None:
+    def __init__(self, lm: nn.Module, codec: TextCodec, frozen_layers: int = 0, train_head: bool = False) -> None:
         super().__init__()
         self.lm = lm
         causal = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         self._parts = [causal]  # a list: registered once, under lm
         self.codec = codec
         self.frozen_layers = frozen_layers
+        head = causal.get_output_embeddings()
+        if train_head and head.weight is causal.get_input_embeddings().weight:
+            head.weight = nn.Parameter(head.weight.detach().clone())  # untied: [V, H], trained apart
+            causal.config.tie_word_embeddings = False
         causal.get_input_embeddings().weight.requires_grad_(False)
-        causal.get_output_embeddings().weight.requires_grad_(False)
+        head.weight.requires_grad_(train_head)
         for layer in self.body.layers[:frozen_layers]:
             layer.requires_grad_(False)
 

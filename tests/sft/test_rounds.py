@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fcmoe.algorithms import ALGORITHMS
-from fcmoe.config import ExperimentConfig, load_config
+from fcmoe.config import ConfigError, ExperimentConfig, load_config
 from fcmoe.experiment import prepare_experiment
 from fcmoe.report.build import build_report
 from fcmoe.runner import run_experiment
@@ -83,6 +83,25 @@ def test_sft_trains_the_fused_family_with_lora(tmp_path: Path) -> None:
     assert all("lora_" in key for key in exp.initial_state)
     _, final = run_method(exp, "fcmoe", tmp_path / "m.jsonl")
     assert any(not torch.equal(final[k], exp.initial_state[k]) for k in final)
+
+
+@pytest.mark.parametrize(("model", "finetune"), [("smollm2-moe-tiny", "full"), ("qwen3_moe-tiny", "lora")])
+def test_the_lm_head_trains_when_asked_and_the_embeddings_stay(tmp_path: Path, model: str, finetune: str) -> None:
+    """``model.train_lm_head``: the head is in the federated tree and moves; the input embeddings (tied to the head
+    in SmolLM2, untied here) do not, so the cached features stay valid. Off, the head is frozen."""
+    off = prepare_experiment(sft_config(tmp_path, model, f"model.finetune={finetune}", "methods=['fedavg']"))
+    assert not any("lm_head" in key for key in off.initial_state)
+    exp = prepare_experiment(sft_config(tmp_path, model, f"model.finetune={finetune}", "methods=['fedavg']",
+                                        "model.train_lm_head=true"))
+    (head,) = [key for key in exp.initial_state if "lm_head" in key]
+    causal = exp.built.model.causal
+    embeddings = causal.get_input_embeddings().weight.detach().clone()
+    assert causal.get_output_embeddings().weight is not causal.get_input_embeddings().weight
+    _, final = run_method(exp, "fedavg", tmp_path / "m.jsonl")
+    assert not torch.equal(final[head], exp.initial_state[head])
+    assert torch.equal(causal.get_input_embeddings().weight, embeddings)
+    with pytest.raises(ConfigError, match="train_lm_head = true .* needs task = 'sft'"):
+        load_config(overrides=["model.train_lm_head=true"])
 
 
 def test_flower_sft_equals_in_process(tmp_path: Path) -> None:
