@@ -59,10 +59,15 @@ def plan_run(config: ExperimentConfig) -> RunPlan:
                        lora_rank=model_cfg.lora_rank, init=model_cfg.init, num_layers=model_cfg.num_layers,
                        precision=train.precision, master_weights=train.master_weights,
                        expert_lora=model_cfg.expert_lora, num_experts=model_cfg.num_experts,
-                       moe_layers=model_cfg.moe_layers, trainable_layers=model_cfg.trainable_layers)
+                       moe_layers=model_cfg.moe_layers, trainable_layers=model_cfg.trainable_layers,
+                       task=config.task, train_lm_head=model_cfg.train_lm_head)
     on = checkpointing(model_cfg.name, train.gradient_checkpointing)
-    step = estimate_step(built.model, built.layout, built.precision, tokens=train.batch_size * config.data.max_length,
-                         checkpointing=on, expert_lora=model_cfg.expert_lora, lora_rank=model_cfg.lora_rank)
+    tokens = train.batch_size * config.data.max_length
+    step = estimate_step(built.model, built.layout, built.precision, tokens=tokens, checkpointing=on,
+                         expert_lora=model_cfg.expert_lora, lora_rank=model_cfg.lora_rank)
+    if config.task == "sft":  # the LM head's fp32 logits and their gradient, at most at every token of the batch
+        vocab = built.model.causal.get_output_embeddings().weight.shape[0]
+        step.device["LM logits"] = 2 * tokens * vocab * 4
     clients = max(1, round(config.participation.fraction * config.partition.num_clients))
     update = step.trainable * 4  # an fp32 Δ_i
     held = clients * update if config.server.budget is None else min(clients * update, config.server.budget)

@@ -19,7 +19,7 @@ from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder, load_smol
 from fcmoe.models.families import (FAMILIES, adapt, balance_coefficient, build_hub_family, expert_layout, from_config,
                                    from_pretrained, has_tokenizer, hashing_tokenize, hf_tokenize, hub_config,
                                    hub_plan, load_tokenizer, meta_hub_family, pretrained_path, pretrained_plan)
-from fcmoe.models.shapes import materialise
+from fcmoe.models.shapes import materialise, on_meta
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
@@ -98,16 +98,24 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
 
 def meta_model(name: str, *, path: str, finetune: str, lora_rank: int, init: str, num_layers: int, precision: str,
                master_weights: bool, expert_lora: str, num_experts: int, moe_layers: tuple[int, ...],
-               trainable_layers: int) -> BuiltModel:
+               trainable_layers: int, task: str = "classify", train_lm_head: bool = False) -> BuiltModel:
     """The model :func:`build_model` builds, for its shapes and dtypes: a Switch or fused family on the ``meta``
     device (no weight read, no memory: a pretrained checkpoint's ``config.json`` only); fcmoe's small upcycled
-    models and ``switch-t2t`` are built for real."""
+    models and ``switch-t2t`` are built for real. ``task = "sft"``: the causal LM, its LM head included."""
     family = base_family(name)
     if family not in FAMILIES:
         return build_model(name, 2, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
                            router_init_std=0.02, max_length=16, seed=0, path=path, finetune=finetune,
-                           lora_rank=lora_rank, precision=precision, master_weights=master_weights)
+                           lora_rank=lora_rank, precision=precision, master_weights=master_weights, task=task,
+                           train_lm_head=train_lm_head)
     plan = hub_plan(name, path, init, num_layers, precision, master_weights)
+    if task == "sft":
+        config = hub_config(name, path, init, num_layers)
+        with on_meta(plan.frozen):
+            lm = CausalLM(adapt(name, from_config(name, config, causal=True), finetune, lora_rank, expert_lora),
+                          WordCodec(config.vocab_size), train_head=train_lm_head)
+        apply_precision(lm, plan)
+        return BuiltModel(lm, expert_layout(name, lm, config, finetune), _pairs_only, plan)
     model, layout = meta_hub_family(name, 2, path=path, finetune=finetune, lora_rank=lora_rank, init=init,
                                     num_layers=num_layers, dtype=plan.frozen, expert_lora=expert_lora)
     apply_precision(model, plan)

@@ -84,3 +84,19 @@ def test_the_plan_holds_a_rounds_updates_only_up_to_the_memory_budget() -> None:
     assert whole.host_trees == 13 * update and whole.spilled == 0
     budgeted = plan_run(load_config(overrides=[*sets, f"server.memory_budget='{2 * update}B'"]))
     assert budgeted.host_trees == 5 * update and budgeted.spilled == 8 * update
+
+
+def test_the_plan_of_an_sft_run_counts_the_causal_lm_and_its_logits() -> None:
+    """task = "sft": the causal LM on the meta device (its LM head frozen, or trained when asked) and the fp32
+    logits with their gradient at every token of the batch."""
+    from fcmoe.config import load_config
+    from fcmoe.models.families import hub_config
+    from fcmoe.plan import plan_run
+
+    sets = ["data.name=instruct", "model.name=qwen3_moe-tiny", "train.device=cpu", "train.batch_size=4",
+            "data.max_length=32"]
+    plan = plan_run(load_config(overrides=sets))
+    vocab = hub_config("qwen3_moe-tiny", "").vocab_size
+    assert plan.step.device["LM logits"] == 2 * 4 * 32 * vocab * 4
+    trained = plan_run(load_config(overrides=[*sets, "model.train_lm_head=true"]))
+    assert trained.step.trainable - plan.step.trainable == vocab * hub_config("qwen3_moe-tiny", "").hidden_size
