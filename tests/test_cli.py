@@ -339,6 +339,7 @@ def test_curves_start_at_round_0_with_the_initial_model(tmp_path: Path, monkeypa
     assert rounds == [0, 1, 2, 3] and stats[0].mean == initial["local_acc_mean"]
 
 
+@pytest.mark.slow  # Ray's simulation runtime: multi-process, in make test-slow
 def test_a_flower_simulation_prints_fcmoe_lines_only(tmp_path: Path) -> None:
     """Flower's deprecation notice for ``run_simulation``, Ray's GPU tip and alembic's set-up lines stay off the
     terminal. A process of its own: the alembic lines come once per process, when Flower is first imported."""

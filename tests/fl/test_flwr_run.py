@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 OVERRIDES = ";".join(["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8",
@@ -35,6 +37,7 @@ def _stop_processes_mentioning(marker: str) -> None:
                 pass
 
 
+@pytest.mark.slow  # a whole `flwr run` stack (SuperLink, SuperExec, Ray): multi-process, in make test-slow
 def test_flwr_run_from_the_repo_root_completes(tmp_path: Path) -> None:
     home, out = tmp_path / "flwr-home", tmp_path / "runs"
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
