@@ -91,7 +91,7 @@ class ExperimentConfig:
     """One experiment: every listed method on the same data, partition, model initialisation and budget."""
 
     methods: tuple[str, ...] = ("fedavg", "fedmoe", "pflmoe", "fcmoe")
-    # classify (a head over C classes) | sft (a causal LM's response-token loss) | auto = sft for instruction data
+    # classify (a head over C classes) | sft (a language model's response-token loss) | auto = sft for instruction data
     task: str = "auto"
     rounds: int = 5
     seed: int = 0
@@ -147,10 +147,10 @@ class ExperimentConfig:
         if not self.model.name:
             object.__setattr__(self, "model", dataclasses.replace(self.model, name=DEFAULT_MODEL[task]))
         if task == "sft" and self.model.name not in SFT_MODELS:
-            raise ConfigError(f"task = 'sft' trains a causal LM: model.name = {self.model.name!r} is not one; choose "
-                              f"one of {', '.join(SFT_MODELS)}")
+            raise ConfigError(f"task = 'sft' trains a language model: model.name = {self.model.name!r} is not one; "
+                              f"choose one of {', '.join(SFT_MODELS)}")
         if task != "sft" and self.model.train_lm_head:
-            raise ConfigError("model.train_lm_head = true trains a causal LM's head: it needs task = 'sft' (a "
+            raise ConfigError("model.train_lm_head = true trains a language model's head: it needs task = 'sft' (a "
                               "classifier's head is always trained)")
         if task == "sft" and self.partition.concept_shift > 0:
             raise ConfigError(f"partition.concept_shift = {self.partition.concept_shift} permutes class labels; "

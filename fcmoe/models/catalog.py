@@ -12,8 +12,10 @@ FUSED = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_
 HUB = ("switch", "switch-t2t", *FUSED)  # switch: encoder + head; switch-t2t: encoder-decoder, label generated
 FAMILY_NAMES: tuple[str, ...] = (*UPCYCLED, *HUB, *(f"{name}-tiny" for name in HUB))
 DEFAULT_PATHS = {"switch": "google/switch-base-16", "switch-t2t": "google/switch-base-16"}
-# task = "sft" trains a causal LM: fcmoe's upcycled SmolLM2 or a fused decoder family
-SFT_MODELS: tuple[str, ...] = ("smollm2-moe", "smollm2-moe-tiny", *FUSED, *(f"{name}-tiny" for name in FUSED))
+# task = "sft" trains a language model on the response: fcmoe's upcycled SmolLM2, a fused decoder family, or Switch's
+# encoder-decoder (text to text)
+SFT_MODELS: tuple[str, ...] = ("smollm2-moe", "smollm2-moe-tiny", *FUSED, *(f"{name}-tiny" for name in FUSED),
+                               "switch-t2t", "switch-t2t-tiny")
 DEFAULT_MODEL = {"classify": "minilm-moe", "sft": "smollm2-moe"}  # model.name = "" (the default): the task's
 
 

@@ -22,7 +22,7 @@ are frozen — the hidden states after those layers ``[n, T, H]``, so a local st
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -163,6 +163,18 @@ def answer_tokens(codec: TextCodec, words: Sequence[str], cue: str = "Answer:") 
     return tokens
 
 
+def summed_nll(token_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed cross-entropy of the targets ``[B]`` and their count ``[B]``, the LM head (``token_logits``)
+    run on the hidden states ``[B, T, H]`` of the target positions (``targets [B, T]`` ≠ IGNORE) alone."""
+    where = targets != IGNORE  # [B, T]
+    logits = token_logits(hidden[where])  # [m, V]
+    nll = nn.functional.cross_entropy(logits.float(), targets[where], reduction="none")  # [m]
+    rows = where.nonzero()[:, 0]  # [m] the row of each scored position
+    per_row = torch.zeros(len(targets), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return per_row, where.sum(dim=1)
+
+
 def prompt_lengths(targets: torch.Tensor) -> torch.Tensor:
     """``[n]`` prompt length of each row: the first response token sits one past the first target."""
     has = targets != IGNORE  # [n, T]
@@ -237,17 +249,16 @@ class CausalLM(TrainableTree):
         """LM logits ``[m, V]`` of the hidden states ``[m, H]`` (only the positions that need them)."""
         return self.causal.get_output_embeddings()(hidden)
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head."""
+        return int(self.causal.get_output_embeddings().weight.shape[0])
+
     def response_loss(self, features: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, the summed cross-entropy of its response tokens ``[B]`` and their count ``[B]``: the batch's
         token-mean loss is ``sums.sum() / counts.sum()``, a row's mean ``sums / counts``."""
-        hidden = self(features, attention_mask)  # [B, T, H]
-        where = targets != IGNORE  # [B, T]
-        logits = self.token_logits(hidden[where])  # [m, V]
-        nll = nn.functional.cross_entropy(logits.float(), targets[where], reduction="none")  # [m]
-        rows = where.nonzero()[:, 0]  # [m] the row of each scored position
-        per_row = torch.zeros(len(targets), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-        return per_row, where.sum(dim=1)
+        return summed_nll(self.token_logits, self(features, attention_mask), targets)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -49,6 +49,13 @@ class TrainableTree(nn.Module):
                 return
         raise ValueError(f"{type(self).__name__} holds no transformers model that supports gradient checkpointing")
 
+    def routing_masks(self, attention_mask: torch.Tensor, targets: torch.Tensor | None,
+                      ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The real tokens the routers see in a forward pass over a batch with ``attention_mask`` ``[B, T]`` (and
+        instruction ``targets``): that mask, or a mask per module-name prefix of the routers where the model cuts
+        its rows (an encoder-decoder LM)."""
+        return attention_mask
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached fp32 CPU copies of the trainable parameters, wherever and in whatever dtype the model holds them:
         the trees clients and the server exchange are fp32."""

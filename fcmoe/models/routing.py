@@ -7,10 +7,11 @@ used at all. A hook on each layer's router module reads its output, by the layer
 - "switch": transformers' Switch router ``(dispatch one-hot [B, T, E], probs, logits)``; tokens whose dispatch row
   is empty were dropped by ``expert_capacity`` and are counted in ``dropped`` instead;
 - "topk": ``(logits [B·T, E], scores, indices [B·T, k])`` of the fused-expert families.
-Padding tokens (attention mask 0) are never counted; a router that sees another number of tokens than the mask
-covers (the text-to-text decoder's start position, one per sequence) counts them all. The hooked logits also
-give the Switch load-balancing loss E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a
-softmax of the logits, over all tokens as in transformers' Switch), so one mechanism serves every family.
+Padding tokens (attention mask 0) are never counted (an encoder-decoder LM gives each stack its own mask); a router
+that sees another number of tokens than the mask covers (the text-to-text classifier's decoder start position, one
+per sequence) counts them all. The hooked logits also give the Switch load-balancing loss
+E · Σ_k frac_k · mean_prob_k per layer (frac from the choices, prob from a softmax of the logits, over all tokens
+as in transformers' Switch), so one mechanism serves every family.
 While training, the recorder also keeps router *scores* per layer (HFedMoE's usage and importance): the mean
 router probability of each expert over real tokens, and the mean and max over batches of each batch's mean.
 Cost: an argmax, a bincount, a softmax and a few scatter-adds per layer per batch, summed on the router's device.
@@ -73,7 +74,7 @@ class RoutingRecorder:
         # probability, and in row 3 the batch and real-token counts; only while gradients flow (training)
         self._scores: dict[str, torch.Tensor] = {}
         self._losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (router logits [n, E], frac [E]) per layer
-        self._token_mask: torch.Tensor | None = None
+        self._token_masks: dict[str, torch.Tensor] = {}  # router-name prefix → [B·T] real tokens
         self._enabled = False
         self.counting = True  # False: only the balance loss (what any MoE training step computes), no statistics
         self._handles = [model.get_submodule(spec.router_module).register_forward_hook(self._make_hook(spec))
@@ -86,7 +87,7 @@ class RoutingRecorder:
             if not self._enabled:
                 return
             logits, choices, kept = read_router_output(spec.router_output, output, e)
-            mask = self._token_mask
+            mask = next((m for prefix, m in self._token_masks.items() if spec.router_module.startswith(prefix)), None)
             # [n, 1] real tokens; a router that sees another count than the mask covers is a text-to-text decoder
             # position, one real token per sequence: nothing to mask
             real = (mask[:, None] if mask is not None and mask.numel() == choices.shape[0]
@@ -124,16 +125,19 @@ class RoutingRecorder:
         scores[3, 1] += real.sum()
 
     @contextmanager
-    def recording(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
-        """Count the routing of the forward passes inside the block; ``attention_mask`` [B, T] marks real tokens."""
-        self._token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    def recording(self, attention_mask: torch.Tensor | Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+        """Count the routing of the forward passes inside the block; ``attention_mask`` [B, T] marks real tokens,
+        or one mask per router-name prefix (``TrainableTree.routing_masks``: an encoder-decoder's two stacks)."""
+        masks = {} if attention_mask is None else (
+            dict(attention_mask) if isinstance(attention_mask, Mapping) else {"": attention_mask})
+        self._token_masks = {prefix: mask.reshape(-1).bool() for prefix, mask in masks.items()}
         self._enabled = True
         self._losses = []
         try:
             yield
         finally:
             self._enabled = False
-            self._token_mask = None
+            self._token_masks = {}
 
     def balance_loss(self) -> torch.Tensor:
         """Sum over MoE layers of the Switch load-balancing loss E · Σ_k frac_k · mean_prob_k of the last recorded

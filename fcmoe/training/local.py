@@ -215,13 +215,14 @@ class LocalTrainer:
             # encoder's cached features: the balance loss counts padding positions, so trimming would change results
             batch = batch.trimmed() if batch.features.dim() == 2 or batch.targets is not None else batch
             features, mask, labels = self._to_device(batch)
+            targets = None if batch.targets is None else batch.targets.to(self.device)
             # the backward pass stays inside the mask: gradient checkpointing re-runs the routers there
             with masked_routing(model, self.layout, expert_mask):
-                with self.autocast(), self.recorder.recording(mask):
-                    if batch.targets is None:
+                with self.autocast(), self.recorder.recording(model.routing_masks(mask, targets)):
+                    if targets is None:
                         task_loss = nn.functional.cross_entropy(model(features, mask).float(), labels)  # [B, C]
                     else:  # the token-mean response loss of the batch (TRL's completion-only loss)
-                        sums, counts = model.response_loss(features, mask, batch.targets.to(self.device))
+                        sums, counts = model.response_loss(features, mask, targets)
                         task_loss = sums.sum() / counts.sum().clamp_min(1)
                     balance = self.recorder.balance_loss()  # Switch load-balancing loss from the router logits
                 loss = task_loss + self.aux_loss_coef * balance.float()
@@ -276,7 +277,8 @@ class LocalTrainer:
             for rows in order.split(batch_size):
                 batch = data.subset(rows).trimmed()
                 mask, targets = batch.mask.to(self.device), batch.targets.to(self.device)
-                with self.recorder.recording(mask) if record_routing else contextlib.nullcontext():
+                recording = self.recorder.recording(self.model.routing_masks(mask, targets))
+                with recording if record_routing else contextlib.nullcontext():
                     losses[rows] = response_losses(self.model, batch.features.to(self.device), mask, targets).cpu()
                 scores[rows] = generation_scores(self.model, batch.token_ids.to(self.device), mask, targets,
                                                  batch.exact, self.max_new_tokens)

@@ -115,3 +115,39 @@ def test_length_bucketed_featurize_equals_the_padded_one_on_real_tokens() -> Non
     real = enc.mask.bool()
     torch.testing.assert_close(bucketed.features[real], padded.features[real])
     assert bucketed.features[~real].abs().sum() == 0
+
+
+def test_switch_trains_its_decoder_on_the_response_as_its_own_seq2seq_loss() -> None:
+    """``switch-t2t`` (text to text): the encoder reads the prompt alone, the decoder the response; the loss equals
+    transformers' own loss of the model given the prompt and the response as labels, and a row's response changes
+    only its own loss."""
+    model = tiny_sft("switch-t2t-tiny").model.eval()
+    enc = encode_pairs(model.codec, PROMPTS, RESPONSES, 64)
+    rows = model.split(enc.ids, enc.mask, enc.targets)
+    assert rows.prompt_mask.sum(dim=1).tolist() == [len(model.codec.prompt_ids(p)) for p in PROMPTS]
+    assert rows.labels[1, : len(RESPONSES[1].split()) + 1].tolist() == [*model.codec.encode(RESPONSES[1]),
+                                                                       model.codec.eos_id]
+    sums, counts = model.response_loss(model.featurize(enc.ids, enc.mask), enc.mask, enc.targets)
+    assert counts.tolist() == (enc.targets != IGNORE).sum(dim=1).tolist()
+    model.model.config.decoder_start_token_id = model.start_id  # what transformers shifts the labels behind
+    reference = model.model(input_ids=rows.prompt, attention_mask=rows.prompt_mask, labels=rows.labels).loss
+    torch.testing.assert_close(sums.sum() / counts.sum(), reference)
+
+    changed = encode_pairs(model.codec, PROMPTS, [RESPONSES[0], "red red red"], 64)
+    sums2, _ = model.response_loss(changed.ids, changed.mask, changed.targets)
+    torch.testing.assert_close(sums2[0], sums[0])
+    assert not torch.isclose(sums2[1], sums[1])
+
+
+def test_switchs_routers_count_the_prompt_in_the_encoder_and_the_response_in_the_decoder() -> None:
+    from fcmoe.models.routing import RoutingRecorder
+
+    built = tiny_sft("switch-t2t-tiny")
+    model = built.model
+    enc = encode_pairs(model.codec, PROMPTS, RESPONSES, 64)
+    recorder = RoutingRecorder(model, built.layout)
+    with recorder.recording(model.routing_masks(enc.mask, enc.targets)):
+        model.response_loss(enc.ids, enc.mask, enc.targets)
+    encoder, decoder = (spec.name for spec in built.layout.layers)
+    assert recorder.tokens == {encoder: int(prompt_lengths(enc.targets).sum()),
+                               decoder: int((enc.targets != IGNORE).sum())}

@@ -85,21 +85,36 @@ def test_sft_trains_the_fused_family_with_lora(tmp_path: Path) -> None:
     assert any(not torch.equal(final[k], exp.initial_state[k]) for k in final)
 
 
-@pytest.mark.parametrize(("model", "finetune"), [("smollm2-moe-tiny", "full"), ("qwen3_moe-tiny", "lora")])
+def test_switch_text_to_text_sft_trains_encoder_and_decoder_experts(tmp_path: Path) -> None:
+    """``switch-t2t``: every method's round runs on the encoder-decoder (FedMoE's mask on both stacks), and the
+    decoder's experts learn the responses."""
+    config = sft_config(tmp_path, "switch-t2t-tiny", "methods=['fcmoe','fedmoe']", "rounds=1")
+    exp = prepare_experiment(config)
+    decoder_experts = [k for k in exp.initial_state if k.startswith("model.decoder.") and ".experts." in k]
+    assert decoder_experts
+    for method in config.methods:
+        _, final = run_method(exp, method, tmp_path / f"{method}.jsonl")
+        assert any(not torch.equal(final[k], exp.initial_state[k]) for k in decoder_experts)
+        (row,) = [json.loads(line) for line in (tmp_path / f"{method}.jsonl").read_text().splitlines()]
+        assert math.isfinite(row["global_loss"]) and set(row["task_scores"]) == {"title", "topic"}
+
+
+@pytest.mark.parametrize(("model", "finetune"), [("smollm2-moe-tiny", "full"), ("qwen3_moe-tiny", "lora"),
+                                                ("switch-t2t-tiny", "full")])
 def test_the_lm_head_trains_when_asked_and_the_embeddings_stay(tmp_path: Path, model: str, finetune: str) -> None:
     """``model.train_lm_head``: the head is in the federated tree and moves; the input embeddings (tied to the head
-    in SmolLM2, untied here) do not, so the cached features stay valid. Off, the head is frozen."""
+    in SmolLM2 and Switch, untied here) do not, so the cached features stay valid. Off, the head is frozen."""
     off = prepare_experiment(sft_config(tmp_path, model, f"model.finetune={finetune}", "methods=['fedavg']"))
     assert not any("lm_head" in key for key in off.initial_state)
     exp = prepare_experiment(sft_config(tmp_path, model, f"model.finetune={finetune}", "methods=['fedavg']",
                                         "model.train_lm_head=true"))
     (head,) = [key for key in exp.initial_state if "lm_head" in key]
-    causal = exp.built.model.causal
-    embeddings = causal.get_input_embeddings().weight.detach().clone()
-    assert causal.get_output_embeddings().weight is not causal.get_input_embeddings().weight
+    lm = exp.built.model.causal if model != "switch-t2t-tiny" else exp.built.model.model  # the transformers model
+    embeddings = lm.get_input_embeddings().weight.detach().clone()
+    assert lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight
     _, final = run_method(exp, "fedavg", tmp_path / "m.jsonl")
     assert not torch.equal(final[head], exp.initial_state[head])
-    assert torch.equal(causal.get_input_embeddings().weight, embeddings)
+    assert torch.equal(lm.get_input_embeddings().weight, embeddings)
     with pytest.raises(ConfigError, match="train_lm_head = true .* needs task = 'sft'"):
         load_config(overrides=["model.train_lm_head=true"])
 

@@ -96,3 +96,20 @@ def test_the_trainer_scores_instruction_data_per_row() -> None:
     result = trainer.train(state, data, seed=0)
     assert result.steps == 1 and result.loss == pytest.approx(float(sums.sum() / counts.sum()), rel=1e-4)
     assert (enc.targets != IGNORE).any()
+
+
+def test_switch_scores_letters_and_generates_from_its_decoders_start() -> None:
+    """``switch-t2t``: a letter's score is the full model's logit at the decoder's first position, and generation
+    returns the response without the start token."""
+    model = tiny_sft("switch-t2t-tiny").model.eval()
+    ids, mask = encode_plain(model.codec, ["which option holds Answer:", "another question here Answer:"], 64)
+    letters = answer_tokens(model.codec, ["A", "B", "C", "D"])
+    start = torch.full((2, 1), model.start_id)
+    with torch.no_grad():
+        full = model.model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0]  # [2, V]
+    torch.testing.assert_close(model.last_logits(ids, mask, letters), full[:, letters])
+    generated = model.generate(ids, mask, 3)
+    assert generated.shape[0] == 2 and generated.shape[1] <= 3
+    with torch.no_grad():
+        first = model.model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0].argmax(-1)
+    assert generated[:, 0].tolist() == first.tolist()

@@ -48,3 +48,26 @@ def test_checkpointing_is_on_by_default_for_hub_families_only() -> None:
     assert checkpointing("qwen3_moe", "auto") and checkpointing("switch-tiny", "auto")
     assert not checkpointing("minilm-moe", "auto") and not checkpointing("smollm2-moe", "auto")
     assert checkpointing("minilm-moe", "on") and not checkpointing("olmoe", "off")
+
+
+@pytest.mark.parametrize("name", ["switch-t2t-tiny", "qwen3_moe-tiny"])
+def test_checkpointing_gives_the_same_instruction_tuning(name: str) -> None:
+    """task = "sft": the response loss through an encoder-decoder and a decoder, with and without checkpointing."""
+    from fcmoe.models.causal_lm import encode_pairs
+    from fcmoe.training.local import FeatureSet
+    from tests.conftest import tiny_sft
+
+    ends = []
+    for on in (False, True):
+        built = tiny_sft(name)
+        if on:
+            built.model.enable_gradient_checkpointing()
+        pairs = encode_pairs(built.model.codec, TEXTS * 2, ["yes", "no it is not", "maybe so"] * 2, 32)
+        data = FeatureSet(pairs.ids, pairs.mask, torch.zeros(6, dtype=torch.long), pairs.targets,
+                          torch.zeros(6, dtype=torch.bool))
+        trainer = LocalTrainer(built.model, built.layout, TrainConfig(batch_size=3, device="cpu", lr=1e-2))
+        start = built.model.trainable_state()
+        ends.append(trainer.train(start, data, seed=0).state)
+    assert any(not torch.equal(ends[0][k], start[k]) for k in start)
+    for key in ends[0]:
+        torch.testing.assert_close(ends[1][key], ends[0][key], rtol=1e-5, atol=1e-6, msg=key)
