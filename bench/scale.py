@@ -2,8 +2,10 @@
 
 Usage: ``python bench/scale.py [--population 10,100,1000,10000] [--methods fcmoe,fedavg] [--rounds 3]``, or
 ``python bench/scale.py --model google/switch-base-8 --budget 2GiB`` for the model-size axis: one round of each
-method fully fine-tuning fcmoe's Switch classifier (the encoder and its experts, random weights in the published
-shape) with 10 clients, cut to one local step of 2 × 16 tokens, with the plan's arithmetic beside the measured peak.
+method fully fine-tuning Switch in the published shape (random weights; ``--name switch-t2t``, the default: the
+encoder-decoder generating the label word, every weight but the shared embeddings trained; ``--name switch``: the
+encoder and a head) with 10 clients, cut to one local step of 2 × 16 tokens, with the plan's arithmetic beside the
+measured peak.
 
 Every point is a fresh process (``--point N``) running ``fcmoe run``'s code on the tiny model (``tiny-bert-moe``,
 4 experts), IID, 10 documents a client (8 to train, 2 to test), ``participation.fraction = 10 / N``, checkpointed as
@@ -93,9 +95,10 @@ def run_point(population: int, methods: list[str], rounds: int, folder: Path) ->
     return out
 
 
-def run_model_point(shape: str, method: str, budget: str, folder: Path) -> dict:
-    """One round of ``method`` fully fine-tuning fcmoe's ``switch`` classifier in the published ``shape`` (random
-    weights) with 10 clients under ``server.memory_budget = budget``: cut to 1 local step of 2 × 16 tokens."""
+def run_model_point(shape: str, name: str, method: str, budget: str, folder: Path) -> dict:
+    """One round of ``method`` fully fine-tuning the classifier ``name`` (``switch-t2t``: the encoder-decoder
+    generating the label; ``switch``: the encoder and a head) in the published ``shape`` (random weights) with 10
+    clients under ``server.memory_budget = budget``: cut to 1 local step of 2 × 16 tokens."""
     import torch
 
     from fcmoe.config import load_config
@@ -105,7 +108,7 @@ def run_model_point(shape: str, method: str, budget: str, folder: Path) -> dict:
     torch.set_num_threads(1)
     corpus = write_corpus(folder / "corpus.csv", 10 * 4 * 2)
     config = load_config(overrides=[
-        "model.name=switch", "model.init=random", f"model.path={shape}", "model.finetune=full", "data.name=csv",
+        f"model.name={name}", "model.init=random", f"model.path={shape}", "model.finetune=full", "data.name=csv",
         f"data.path={corpus}", "data.train_per_class=16", "data.max_length=16", "partition.kind=iid",
         "partition.num_clients=10", "partition.min_partition_size=2", "rounds=1", f"methods=[{method!r}]",
         "train.batch_size=2", "train.local_steps=1", "train.threads=1", f"server.memory_budget={budget!r}",
@@ -115,7 +118,7 @@ def run_model_point(shape: str, method: str, budget: str, folder: Path) -> dict:
     started = time.perf_counter()
     run_experiment(config, folder / "run", show_progress=False)
     (row,) = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"shape": shape, "method": method, "budget": budget, "trainable": plan.step.trainable,
+    return {"shape": shape, "model": name, "method": method, "budget": budget, "trainable": plan.step.trainable,
             "round_s": row["wall_s"], "run_s": time.perf_counter() - started,
             "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "planned_host_gib": plan.host_trees / 2**30, "planned_step_gib": plan.step.total / 2**30,
@@ -131,19 +134,21 @@ def main() -> None:
     parser.add_argument("--model", help="a published shape (e.g. google/switch-base-8): one full fine-tuning round "
                                             "a method under --budget instead of the population axis")
     parser.add_argument("--budget", default="2GiB", help="server.memory_budget of --model")
+    parser.add_argument("--name", default="switch-t2t", help="model.name of --model: switch-t2t (encoder-decoder) or "
+                                                              "switch (encoder + head)")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     methods = args.methods.split(",")
     if args.point:
         with tempfile.TemporaryDirectory() as tmp:
-            point = (run_model_point(args.model, methods[0], args.budget, Path(tmp)) if args.model
+            point = (run_model_point(args.model, args.name, methods[0], args.budget, Path(tmp)) if args.model
                      else run_point(args.point, methods, args.rounds, Path(tmp)))
             print(json.dumps(point))
         return
     if args.model:
         for method in methods:
             command = [sys.executable, __file__, "--point", "1", "--model", args.model, "--methods", method,
-                       "--budget", args.budget]
+                       "--budget", args.budget, "--name", args.name]
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
             print(done.stdout.strip().splitlines()[-1] if done.returncode == 0 else
                   f"{method}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", flush=True)

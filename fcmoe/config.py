@@ -78,9 +78,9 @@ class ModelConfig:
             raise ConfigError(f"model.router_init_std = {self.router_init_std}: must be >= 0")
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model.init = {self.init!r}: choose 'pretrained' or 'random'")
-        if self.name and self.init == "random" and (self.name not in HUB or self.name == "switch-t2t"):
+        if self.name and self.init == "random" and self.name not in HUB:
             raise ConfigError(f"model.init = 'random' builds a hub family's published shape; {self.name!r} is not one: "
-                              f"use one of {', '.join(n for n in HUB if n != 'switch-t2t')}")
+                              f"use one of {', '.join(HUB)}")
         if self.num_layers < 0 or (self.num_layers and self.init != "random"):
             raise ConfigError(f"model.num_layers = {self.num_layers}: a layer count >= 1 for model.init = 'random' "
                               "(0 = every layer of the shape)")

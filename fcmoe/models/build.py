@@ -23,7 +23,8 @@ from fcmoe.models.shapes import materialise, on_meta
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
-from fcmoe.models.seq2seq import Seq2SeqLM, TextToTextClassifier, build_seq2seq_lm, build_text_to_text
+from fcmoe.models.seq2seq import (Seq2SeqLM, TextToTextClassifier, build_seq2seq_lm, build_text_to_text,
+                                  meta_text_to_text)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,14 @@ def meta_model(name: str, *, path: str, finetune: str, lora_rank: int, init: str
                trainable_layers: int, task: str = "classify", train_lm_head: bool = False) -> BuiltModel:
     """The model :func:`build_model` builds, for its shapes and dtypes: a Switch or fused family on the ``meta``
     device (no weight read, no memory: a pretrained checkpoint's ``config.json`` only); fcmoe's small upcycled
-    models and ``switch-t2t`` are built for real. ``task = "sft"``: the causal LM, its LM head included."""
+    models are built for real. ``task = "sft"``: the language model, its LM head included."""
     family = base_family(name)
+    if family == "switch-t2t":
+        plan = hub_plan(name, path, init, num_layers, precision, master_weights)
+        wrapped, switch_layout = meta_text_to_text(name, path=path, init=init, num_layers=num_layers,
+                                                   dtype=plan.frozen, task=task, train_head=train_lm_head)
+        apply_precision(wrapped, plan)
+        return BuiltModel(wrapped, switch_layout, _no_tokenizer, plan)
     if family not in FAMILIES:
         return build_model(name, 2, num_experts=num_experts, moe_layers=moe_layers, trainable_layers=trainable_layers,
                            router_init_std=0.02, max_length=16, seed=0, path=path, finetune=finetune,
@@ -167,7 +174,8 @@ def _build(name: str, num_labels: int, *, num_experts: int, moe_layers: tuple[in
     elif name.startswith("switch-t2t"):
         names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
         classifier, layout, tokenize = build_text_to_text(name, names, path=path, max_length=max_length,
-                                                          dtype=plan.frozen)
+                                                          dtype=plan.frozen, init=init, num_layers=num_layers,
+                                                          device=device)
         return BuiltModel(classifier, layout, tokenize, plan)
     elif name in FAMILY_NAMES:
         hub_model, layout, tokenize = build_hub_family(name, num_labels, path=path, finetune=finetune,
@@ -194,7 +202,8 @@ def _build_causal(name: str, *, num_experts: int, moe_layers: tuple[int, ...], t
                          f"{', '.join(SFT_MODELS)}")
     codec: TextCodec
     if name.startswith("switch-t2t"):
-        seq2seq, layout = build_seq2seq_lm(name, path=path, dtype=plan.frozen, train_head=train_lm_head)
+        seq2seq, layout = build_seq2seq_lm(name, path=path, dtype=plan.frozen, train_head=train_lm_head, init=init,
+                                           num_layers=num_layers, device=device)
         return BuiltModel(seq2seq, layout, _pairs_only, plan)
     if name.startswith("smollm2-moe"):
         lm, tokenizer = load_smollm2(name, path, plan.frozen)

@@ -24,6 +24,12 @@ def base_family(name: str) -> str:
     return name.removesuffix("-tiny")
 
 
+def weights_family(name: str) -> str:
+    """The family whose configuration and weights ``name`` builds on: ``switch-t2t`` is Switch's."""
+    family = base_family(name)
+    return "switch" if family == "switch-t2t" else family
+
+
 def supports_lora(name: str) -> bool:
     """LoRA on experts (PEFT ``target_parameters``) needs fused expert tensors."""
     return base_family(name) in FUSED

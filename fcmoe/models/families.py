@@ -25,7 +25,7 @@ from transformers.utils import cached_file
 
 from fcmoe.errors import first_line, why_hub_failed
 from fcmoe.models.backbone import BackboneClassifier
-from fcmoe.models.catalog import DEFAULT_PATHS, base_family
+from fcmoe.models.catalog import DEFAULT_PATHS, base_family, weights_family
 from fcmoe.models.expert_lora import use_factored_expert_lora
 from fcmoe.models.layout import ExpertLayout, FusedExpertLayout, LoRAExpertLayout, SwitchLayout
 from fcmoe.models.precision import PrecisionPlan, plan_precision, stored_dtype
@@ -169,7 +169,7 @@ def meta_hub_family(name: str, num_labels: int, *, path: str, finetune: str, lor
 def hub_config(name: str, path: str, init: str = "pretrained", num_layers: int = 0) -> Any:
     """The transformers config of a hub family as fcmoe builds it: ``-tiny``'s, a published shape, or a checkpoint's
     own ``config.json``."""
-    family = FAMILIES[base_family(name)]
+    family = FAMILIES[weights_family(name)]
     if name.endswith("-tiny"):
         return getattr(transformers, family.config_class)(**family.tiny)
     if init == "random":

@@ -34,9 +34,10 @@ from torch import nn
 from fcmoe.models.catalog import DEFAULT_PATHS
 from fcmoe.models.causal_lm import IGNORE, HFCodec, TextCodec, WordCodec, prompt_lengths, summed_nll
 from fcmoe.models.classifier import TrainableTree
-from fcmoe.models.families import (FAMILIES, hashing_token_id, hashing_tokenize, load_tokenizer,
+from fcmoe.models.families import (FAMILIES, hashing_token_id, hashing_tokenize, hub_config, load_tokenizer,
                                    pretrained_source, tokenize_with)
 from fcmoe.models.layout import SwitchLayout
+from fcmoe.models.shapes import materialise, on_meta
 
 
 class TextToTextClassifier(TrainableTree):
@@ -213,10 +214,12 @@ def _decoder_start_id(model: nn.Module) -> int:
 
 
 def build_text_to_text(name: str, label_names: Sequence[str], *, path: str, max_length: int,
-                       dtype: torch.dtype = torch.float32) -> tuple[TextToTextClassifier, SwitchLayout, Any]:
-    """``switch-t2t`` (pretrained: ``model.path`` or ``google/switch-base-16``, loaded in ``dtype``) or
-    ``switch-t2t-tiny`` (random, the ``switch-tiny`` configuration with its decoder, hashing tokenizer)."""
-    model, tokenizer = _load(name, path, dtype)
+                       dtype: torch.dtype = torch.float32, init: str = "pretrained", num_layers: int = 0,
+                       device: torch.device | str = "cpu") -> tuple[TextToTextClassifier, SwitchLayout, Any]:
+    """``switch-t2t`` (pretrained: ``model.path`` or ``google/switch-base-16``, loaded in ``dtype``; or a published
+    shape with random weights, ``init = "random"``) or ``switch-t2t-tiny`` (random, the ``switch-tiny``
+    configuration with its decoder); random weights come with the hashing tokenizer."""
+    model, tokenizer = _load(name, path, dtype, init, num_layers, device)
     if tokenizer is None:
         tokenize = hashing_tokenize(model.config.vocab_size, max_length)
         token_ids = [hashing_token_id(label.split()[0], model.config.vocab_size) for label in label_names]
@@ -224,25 +227,46 @@ def build_text_to_text(name: str, label_names: Sequence[str], *, path: str, max_
         tokenize = tokenize_with(tokenizer, max_length)
         token_ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in label_names]
     classifier = TextToTextClassifier(model, token_ids)
-    num_experts = int(model.config.num_experts)
-    return classifier, SwitchLayout.from_tree(classifier.trainable_state(), num_experts), tokenize
+    return classifier, _layout(classifier), tokenize
 
 
 def build_seq2seq_lm(name: str, *, path: str, dtype: torch.dtype = torch.float32, train_head: bool = False,
+                     init: str = "pretrained", num_layers: int = 0, device: torch.device | str = "cpu",
                      ) -> tuple[Seq2SeqLM, SwitchLayout]:
-    """``switch-t2t`` for ``task = "sft"`` (pretrained: ``model.path`` or ``google/switch-base-16``, its tokenizer)
-    or ``switch-t2t-tiny`` (random, words hashed into its vocabulary)."""
-    model, tokenizer = _load(name, path, dtype)
-    codec = WordCodec(model.config.vocab_size) if tokenizer is None else HFCodec(tokenizer)
-    lm = Seq2SeqLM(model, codec, train_head)
-    return lm, SwitchLayout.from_tree(lm.trainable_state(), int(model.config.num_experts))
+    """``switch-t2t`` for ``task = "sft"``, built as :func:`build_text_to_text` builds it; pretrained weights come
+    with their tokenizer, random ones with words hashed into the vocabulary."""
+    model, tokenizer = _load(name, path, dtype, init, num_layers, device)
+    lm = Seq2SeqLM(model, WordCodec(model.config.vocab_size) if tokenizer is None else HFCodec(tokenizer), train_head)
+    return lm, _layout(lm)
 
 
-def _load(name: str, path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """The encoder-decoder and its tokenizer: the tiny random twin has none."""
+def meta_text_to_text(name: str, *, path: str, init: str, num_layers: int, dtype: torch.dtype, task: str,
+                      train_head: bool = False) -> tuple[TextToTextClassifier | Seq2SeqLM, SwitchLayout]:
+    """What the two builders above build, on the ``meta`` device (shapes only: a checkpoint's ``config.json`` is
+    read, no weight)."""
+    config = hub_config(name, path, init, num_layers)
+    with on_meta(dtype):
+        model = transformers.SwitchTransformersForConditionalGeneration(config)
+        wrapped = (Seq2SeqLM(model, WordCodec(config.vocab_size), train_head) if task == "sft"
+                   else TextToTextClassifier(model, [0, 1]))
+    return wrapped, _layout(wrapped)
+
+
+def _layout(model: TextToTextClassifier | Seq2SeqLM) -> SwitchLayout:
+    shapes = {key: p for key, p in model.named_parameters() if p.requires_grad}  # read for their shapes only
+    return SwitchLayout.from_tree(shapes, int(model.model.config.num_experts))
+
+
+def _load(name: str, path: str, dtype: torch.dtype, init: str, num_layers: int, device: torch.device | str,
+          ) -> tuple[nn.Module, Any]:
+    """The encoder-decoder and its tokenizer (None for random weights)."""
     if name.endswith("-tiny"):
         config = transformers.SwitchTransformersConfig(**FAMILIES["switch"].tiny)
         return transformers.SwitchTransformersForConditionalGeneration(config), None
+    if init == "random":
+        config = hub_config(name, path, init, num_layers)
+        return materialise(transformers.SwitchTransformersForConditionalGeneration, config, torch.device(device),
+                           dtype), None
     source = path or DEFAULT_PATHS["switch"]
     with pretrained_source(name, source):
         model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(source, dtype=dtype)

@@ -20,7 +20,7 @@ import torch
 import transformers
 from torch import nn
 
-from fcmoe.models.catalog import base_family
+from fcmoe.models.catalog import weights_family
 from fcmoe.models.memory import idle_expert_parameters
 
 
@@ -108,7 +108,7 @@ def shape_config(name: str, config_class: str, path: str, num_layers: int = 0) -
     """The transformers config ``model.init = "random"`` builds: ``path`` is a hub id of :data:`SHAPES`, a local
     folder holding a ``config.json``, or empty (the family's :data:`DEFAULT_SHAPES` entry); cut to ``num_layers``
     layers when > 0."""
-    family = base_family(name)
+    family = weights_family(name)
     key = path or DEFAULT_SHAPES.get(family, "")
     if key in SHAPES:
         shape = SHAPES[key]

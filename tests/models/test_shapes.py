@@ -82,3 +82,30 @@ def test_a_shape_of_another_family_names_the_right_one() -> None:
         shape_config("olmoe", "OlmoeConfig", "Qwen/Qwen3-30B-A3B")
     with pytest.raises(ValueError, match="deepseek_v3 shapes: none for this family"):
         shape_config("deepseek_v3", "DeepseekV3Config", "")
+
+
+@pytest.mark.parametrize("task", ["classify", "sft"])
+def test_switch_t2t_builds_the_encoder_decoder_shape_with_random_weights(tmp_path: Path, task: str) -> None:
+    """switch-base-8's published shape as the text-to-text model (meta: every weight but the shared embeddings
+    trains, 619 M in all), and a folder's config.json materialised, cut to its layers, for both tasks."""
+    from fcmoe.models.build import meta_model
+    from fcmoe.models.families import FAMILIES
+
+    meta = meta_model("switch-t2t", path="google/switch-base-8", finetune="full", lora_rank=8, init="random",
+                      num_layers=0, precision="auto", master_weights=True, expert_lora="factored", num_experts=0,
+                      moe_layers=(), trainable_layers=0, task=task)
+    total = sum(p.numel() for p in meta.model.model.parameters())
+    trainable = sum(p.numel() for p in meta.model.model.parameters() if p.requires_grad)
+    assert total / 1e9 == pytest.approx(0.619, rel=0.01)  # switch-base-8: 619 M parameters
+    assert trainable == total - meta.model.model.get_input_embeddings().weight.numel()
+    assert len(meta.layout.layers) == 12 and {s.name.split(".")[1] for s in meta.layout.layers} == {"encoder", "decoder"}
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "switch_transformers",
+                                                      **FAMILIES["switch"].tiny, "num_layers": 4,
+                                                      "num_decoder_layers": 4}))
+    built = build_model("switch-t2t", 2, num_experts=0, moe_layers=(), trainable_layers=0, router_init_std=0.0,
+                        max_length=16, seed=0, path=str(tmp_path), init="random", num_layers=2, task=task,
+                        label_names=["yes", "no"])
+    assert len(built.model.model.encoder.block) == len(built.model.model.decoder.block) == 2
+    assert [spec.name for spec in built.layout.layers] == ["model.encoder.block.1.layer.1.mlp",
+                                                           "model.decoder.block.1.layer.2.mlp"]
