@@ -189,5 +189,5 @@ class Algorithm:
         rows, stack = [], None
         for k in range(layer.num_experts):
             stack = self.layout.stack_expert(trees, layer, k, stack)  # [N, P]
-            rows.append(mean.per_expert(stack[:, None, :], weights[:, k:k + 1])[0])  # [P]
+            rows.append(mean.over_rows(stack, weights[:, k]))  # [P]
         return torch.stack(rows)

@@ -2,8 +2,9 @@
 
 from fcmoe.core.aggregate import (WEIGHTED_MEAN, MeanRule, WeightedMean, expert_weighted_mean, fedavg_step,
                                   holder_weights)
-from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, PairwiseProjection, consensus_coefficients,
-                                  consensus_project, expert_norms, join_experts, pairwise_project)
+from fcmoe.core.consensus import (ConsensusCoefficients, ConsensusResult, ExpertStep, PairwiseProjection,
+                                  consensus_coefficients, consensus_project, consensus_step, expert_norms,
+                                  pairwise_project, pairwise_step)
 from fcmoe.core.importance import IMPORTANCE_SCHEMES, importance_scores, importance_weights, normalise_columns
 from fcmoe.core.robust import ROBUST_AGGREGATORS, CoordinateMean, clip_factors, coordinate_aggregate
 from fcmoe.core.tree import Tree, row_squared_norms, tree_add, tree_clone, tree_norm, tree_num_bytes, tree_sub
@@ -15,6 +16,7 @@ __all__ = [
     "ConsensusCoefficients",
     "ConsensusResult",
     "CoordinateMean",
+    "ExpertStep",
     "MeanRule",
     "PairwiseProjection",
     "Tree",
@@ -22,16 +24,17 @@ __all__ = [
     "clip_factors",
     "consensus_coefficients",
     "consensus_project",
+    "consensus_step",
     "coordinate_aggregate",
     "expert_norms",
     "expert_weighted_mean",
     "fedavg_step",
     "holder_weights",
     "importance_scores",
-    "join_experts",
     "importance_weights",
     "normalise_columns",
     "pairwise_project",
+    "pairwise_step",
     "row_squared_norms",
     "tree_add",
     "tree_clone",

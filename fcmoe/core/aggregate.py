@@ -26,6 +26,10 @@ class MeanRule(Protocol):
         """``deltas [N, E, P]`` and ``weights [N, E]`` (columns summing to 1, or all zero) → ``[E, P]``."""
         ...
 
+    def over_rows(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One expert unit: ``rows [N, P]`` (client i's update in row i) and ``weights [N]`` → ``[P]``."""
+        ...
+
 
 class WeightedMean:
     """Σ_i w_i x_i: the rule of every algorithm as published."""
@@ -36,6 +40,9 @@ class WeightedMean:
 
     def per_expert(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return expert_weighted_mean(deltas, weights)
+
+    def over_rows(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return expert_weighted_mean(rows[:, None, :], weights[:, None])[0]  # Σ_i w_i Δ_i
 
 
 WEIGHTED_MEAN = WeightedMean()

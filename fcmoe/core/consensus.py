@@ -1,18 +1,18 @@
-"""Gradient consensus projection (FC-MoE step 3), batched over clients and experts.
+"""Gradient consensus projection (FC-MoE step 3), one expert unit at a time.
 
-For one MoE layer, stack every client's expert updates into ``deltas [N, E, P]`` (client i, expert k, the P
-flattened parameters of expert k) and the importance weights into ``weights [N, E]``. Per expert k (paper §III-C):
+For one expert k of one MoE layer, stack the N clients' updates into ``deltas [N, P]`` (row i: client i's Δ_i of
+expert k, flattened) and their importance weights into ``weights [N]`` (step 2). Then (paper §III-C):
 
-    g_k         = Σ_i w_{i,k} Δ_{i,k}                                  consensus direction
-    c_{i,k}     = ⟨Δ_{i,k}, g_k⟩ / ‖g_k‖²   if cos(Δ_{i,k}, g_k) < τ, else 0
-    Δ̃_{i,k}    = Δ_{i,k} − c_{i,k} g_k                                 projected update
-    ρ_{i,k}     = c_{i,k} g_k                                           residual, kept by client i
-    aggregate_k = Σ_i w_{i,k} Δ̃_{i,k} = g_k · (1 − Σ_i w_{i,k} c_{i,k})
+    g        = Σ_i w_i Δ_i                                      consensus direction
+    c_i      = ⟨Δ_i, g⟩ / ‖g‖²   if cos(Δ_i, g) < τ, else 0       projection coefficient
+    Δ̃_i     = Δ_i − c_i g                                       projected update
+    ρ_i      = c_i g                                             removed from client i (it keeps it, step 5)
+    Σ_i w_i Δ̃_i = (1 − Σ_i w_i c_i) · g = scale · g              the expert's step (step 4)
 
-The last identity is why the residual can travel as one scalar per (client, expert): ρ_{i,k} is a multiple of
-g_k, and so is the aggregate step. :func:`consensus_coefficients` computes g, c and the conflict mask with two
-batched matrix products and never materialises an ``[N, E, P]`` output; :func:`consensus_project` builds Δ̃ and ρ
-from them (tests and small models; the server step needs only the coefficients).
+The last identity is why ρ_i travels as one scalar per (client, expert): it and the step are both multiples of g.
+:func:`consensus_step` computes g, c and scale with two matrix–vector products and never builds a Δ̃;
+:func:`pairwise_step` is the PCGrad ablation with the same result type. :func:`consensus_project` is the batched
+``[N, E, P]`` form that builds Δ̃ and ρ (a test oracle and small models).
 """
 
 from __future__ import annotations
@@ -20,6 +20,67 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from fcmoe.core.aggregate import WEIGHTED_MEAN, MeanRule
+
+
+class ExpertStep(NamedTuple):
+    """One expert unit's server step: the expert moves by η · scale · direction, and client i keeps ρ_i."""
+
+    direction: torch.Tensor  # [P]  consensus: g; pairwise: Σ_i w_i Δ̃_i
+    scale: torch.Tensor  # []  consensus: 1 − Σ_i w_i c_i (Σ_i w_i Δ̃_i = scale · g); pairwise: 1
+    removed: torch.Tensor  # consensus: [N] c_i, ρ_i = c_i · g; pairwise: [m, P] ρ_i of the m conflicted clients
+    conflicted: torch.Tensor  # [N] bool: client i's update was projected
+    cosine: torch.Tensor | None  # [N] cos(Δ_i, g), 0 where either is zero (consensus only)
+    unprojected: torch.Tensor  # [P] the step without projection, for the diagnostics (consensus: g)
+
+
+def consensus_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float, mean: MeanRule = WEIGHTED_MEAN,
+                   norms: torch.Tensor | None = None) -> ExpertStep:
+    """FC-MoE step 3 on one expert unit (module docstring): the consensus g, the conflicts, the coefficients c.
+
+    Parameters
+    ----------
+    deltas
+        ``[N, P]`` client updates Δ_i; never modified.
+    weights
+        ``[N]`` importance weights w_i, summing to 1 (all zero: nobody used the expert, which keeps its value).
+    tau
+        Conflict threshold τ on cos(Δ_i, g) (paper default 0; −1 projects nothing).
+    mean
+        How g is taken: Σ_i w_i Δ_i as published, or a robust mean of the same rows
+        (:class:`~fcmoe.core.robust.CoordinateMean`); conflicts are measured against it.
+    norms
+        ``[N]`` ‖Δ_i‖ when the caller has them already (step 2 needs them first).
+    """
+    acc = torch.promote_types(deltas.dtype, torch.float32)  # bf16 sums over P ~ 10^6 would lose every digit
+    g = mean.over_rows(deltas, weights).to(acc)  # [P]
+    dots = deltas.to(acc) @ g  # [N]  ⟨Δ_i, g⟩
+    g_norm = torch.linalg.vector_norm(g)
+    denom = (expert_norms(deltas) if norms is None else norms).to(acc) * g_norm  # [N]  ‖Δ_i‖ ‖g‖
+    tiny = torch.finfo(acc).tiny
+    # clamped: rounding can put an exactly opposed pair at −1 − ε, and τ = −1 must project nothing
+    cosine = torch.where(denom > 0, dots / denom.clamp_min(tiny), 0.0).clamp(-1.0, 1.0)  # [N]
+    conflicted = (cosine < tau) & (denom > 0)
+    coefficient = torch.where(conflicted, dots / g_norm.square().clamp_min(tiny), 0.0)  # [N]  c_i
+    scale = 1.0 - (weights.to(acc) * coefficient).sum()  # ≥ 1 for τ ≤ 0: conflicting c_i are negative
+    return ExpertStep(g, scale, coefficient, conflicted, cosine, g)
+
+
+def pairwise_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float, mean: MeanRule = WEIGHTED_MEAN,
+                  norms: torch.Tensor | None = None) -> ExpertStep:
+    """The ``fcmoe/pairwise`` ablation of step 3 on one expert unit: PCGrad between the clients
+    (:func:`pairwise_project`), then the ``mean`` of the projected updates Δ̃_i. PCGrad's own rule
+    (⟨Δ̃_i, Δ_j⟩ < 0) picks the pairs; τ = −1 turns the projection off. ``norms`` is not needed."""
+    projection = pairwise_project(deltas) if tau > -1.0 else None
+    projected = deltas if projection is None else projection.projected  # [N, P]  Δ̃_i
+    step = mean.over_rows(projected, weights)  # [P]
+    one = torch.ones((), dtype=step.dtype)
+    if projection is None or not projection.conflicted.any():
+        none = torch.zeros(len(deltas), dtype=torch.bool)
+        return ExpertStep(step, one, deltas.new_zeros(0, deltas.shape[1], dtype=torch.float32), none, None, step)
+    removed = (deltas - projected)[projection.conflicted].float()  # [m, P]  ρ_i = Δ_i − Δ̃_i
+    return ExpertStep(step, one, removed, projection.conflicted, None, mean.over_rows(deltas, weights))
 
 
 class ConsensusCoefficients(NamedTuple):
@@ -37,7 +98,7 @@ class ConsensusResult(NamedTuple):
 
     aggregate: torch.Tensor  # [E, P]  Σ_i w_{i,k} Δ̃_{i,k}
     projected: torch.Tensor  # [N, E, P]  Δ̃
-    residual: torch.Tensor  # [N, E, P]  ρ = Δ − Δ̃
+    removed: torch.Tensor  # [N, E, P]  ρ = Δ − Δ̃
     conflicted: torch.Tensor  # [N, E] bool
     consensus: torch.Tensor  # [E, P]  g
     coefficient: torch.Tensor  # [N, E]  c
@@ -57,61 +118,28 @@ def check_consensus_inputs(deltas: torch.Tensor, weights: torch.Tensor, tau: flo
 
 
 def expert_norms(deltas: torch.Tensor) -> torch.Tensor:
-    """‖Δ_{i,k}‖ of ``deltas [N, E, P]`` as ``[N, E]``, accumulated in float32 at least."""
+    """‖Δ‖ over the last dimension (``[N, P]`` → ``[N]``, ``[N, E, P]`` → ``[N, E]``), accumulated in float32 at
+    least."""
     return torch.linalg.vector_norm(deltas, dim=-1, dtype=torch.promote_types(deltas.dtype, torch.float32))
 
 
-def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0,
-                           norms: torch.Tensor | None = None,
-                           consensus: torch.Tensor | None = None) -> ConsensusCoefficients:
-    """Consensus direction g, projection coefficients c and conflict mask of FC-MoE step 3.
-
-    Parameters
-    ----------
-    deltas
-        ``[N, E, P]`` client updates Δ_{i,k}; never modified. Fastest when each expert's N rows are one
-        contiguous matrix (FC-MoE passes one expert at a time, ``[N, 1, P]``: both products are then
-        matrix–vector products).
-    weights
-        ``[N, E]`` importance weights w_{i,k}, each column summing to 1 (or all zero for an expert nobody used).
-    tau
-        Conflict threshold τ on cos(Δ_{i,k}, g_k) (paper default 0): pairs below it are projected.
-    norms
-        ``[N, E]`` ‖Δ_{i,k}‖ when the caller has them already (FC-MoE's importance weights need them first).
-    consensus
-        ``[E, P]`` a direction to use instead of Σ_i w_{i,k} Δ_{i,k} (a robust mean of the same updates);
-        conflicts and coefficients are then measured against it.
-
-    Returns
-    -------
-    ConsensusCoefficients
-    """
+def consensus_coefficients(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0) -> ConsensusCoefficients:
+    """g, c, the conflicts and the scale of every expert of a layer at once (``deltas [N, E, P]``, ``weights
+    [N, E]``): the batched form of :func:`consensus_step`, with two batched matrix products."""
     check_consensus_inputs(deltas, weights, tau)
-    acc = torch.promote_types(deltas.dtype, torch.float32)  # bf16 sums over P ~ 10^6 would lose every digit
+    acc = torch.promote_types(deltas.dtype, torch.float32)
     w = weights.to(acc)
     by_expert = deltas.transpose(0, 1).to(acc)  # [E, N, P]
-    if consensus is None:
-        g = torch.bmm(w.T.unsqueeze(1), by_expert).squeeze(1)  # [E, 1, N] @ [E, N, P] → [E, P]
-    else:
-        g = consensus.to(acc)
+    g = torch.bmm(w.T.unsqueeze(1), by_expert).squeeze(1)  # [E, 1, N] @ [E, N, P] → [E, P]
     dots = torch.bmm(by_expert, g.unsqueeze(2)).squeeze(2).T  # [E, N, P] @ [E, P, 1] → [N, E]  ⟨Δ_{i,k}, g_k⟩
     g_norm = torch.linalg.vector_norm(g, dim=-1)  # [E]
-    delta_norm = (expert_norms(deltas) if norms is None else norms).to(acc)  # [N, E]
     tiny = torch.finfo(acc).tiny
-    denom = delta_norm * g_norm[None, :]  # [N, E]
-    # clamped: rounding can put an exactly opposed pair at −1 − ε, and τ = −1 must project nothing
+    denom = expert_norms(deltas).to(acc) * g_norm[None, :]  # [N, E]
     cosine = torch.where(denom > 0, dots / denom.clamp_min(tiny), 0.0).clamp(-1.0, 1.0)
     conflicted = (cosine < tau) & (denom > 0)
     coefficient = torch.where(conflicted, dots / g_norm.square().clamp_min(tiny)[None, :], 0.0)  # [N, E]
     scale = 1.0 - (w * coefficient).sum(dim=0)  # [E]
     return ConsensusCoefficients(g, coefficient, conflicted, cosine, scale)
-
-
-def join_experts(parts: list[ConsensusCoefficients]) -> ConsensusCoefficients:
-    """The coefficients of a layer from those of its experts (or groups of experts), in expert order."""
-    return ConsensusCoefficients(torch.cat([p.consensus for p in parts]), torch.cat([p.coefficient for p in parts], 1),
-                                 torch.cat([p.conflicted for p in parts], 1), torch.cat([p.cosine for p in parts], 1),
-                                 torch.cat([p.scale for p in parts]))
 
 
 def consensus_project(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 0.0) -> ConsensusResult:
@@ -129,17 +157,17 @@ def consensus_project(deltas: torch.Tensor, weights: torch.Tensor, tau: float = 
     Returns
     -------
     ConsensusResult
-        ``aggregate [E, P]``, ``projected [N, E, P]``, ``residual [N, E, P]``, ``conflicted [N, E]`` and the
+        ``aggregate [E, P]``, ``projected [N, E, P]``, ``removed [N, E, P]``, ``conflicted [N, E]`` and the
         compact fields ``consensus``, ``coefficient``, ``cosine``. ⟨projected_i, g⟩ = 0 for conflicted pairs,
-        projected + residual = deltas up to rounding.
+        projected + removed = deltas up to rounding.
     """
     coeffs = consensus_coefficients(deltas, weights, tau)
     g = coeffs.consensus
-    residual = (coeffs.coefficient[:, :, None] * g[None, :, :]).to(deltas.dtype)  # [N, E, P]
+    removed = (coeffs.coefficient[:, :, None] * g[None, :, :]).to(deltas.dtype)  # [N, E, P]
     return ConsensusResult(
         aggregate=(coeffs.scale[:, None] * g).to(deltas.dtype),  # [E, P]
-        projected=deltas - residual,
-        residual=residual,
+        projected=deltas - removed,
+        removed=removed,
         conflicted=coeffs.conflicted,
         consensus=g.to(deltas.dtype),
         coefficient=coeffs.coefficient,

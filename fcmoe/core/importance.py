@@ -1,9 +1,10 @@
-"""Per-expert importance weights (FC-MoE step 2, paper Eq. for c_{i,l,k} and w_{i,l,k}).
+"""Per-expert importance weights (FC-MoE step 2, the paper's c_{i,l,k} and w_{i,l,k}).
 
-For one MoE layer with N clients and E experts:
+For one MoE layer with N clients and E experts (or one expert unit, ``[N]``):
 
-    c_{i,k} = score(n_i, f_{i,k}, ‖Δ_{i,k}‖)           # [N, E]
-    w_{i,k} = c_{i,k} / Σ_j c_{j,k}                       # [N, E], columns sum to 1 (or 0: nobody used k)
+    a_{i,k} = score(n_i, f_{i,k}, ‖Δ_{i,k}‖)           # [N, E] importance score (the paper's c; fcmoe keeps c for
+                                                        # the projection coefficient of step 3)
+    w_{i,k} = a_{i,k} / Σ_j a_{j,k}                       # [N, E], columns sum to 1 (or 0: nobody used k)
 
 An expert whose column of scores is all zero (no client routed a token to it under a frequency-based scheme)
 gets all-zero weights; callers keep that expert's value unchanged.
@@ -25,7 +26,7 @@ def importance_scores(
     frequencies: torch.Tensor,
     update_norms: torch.Tensor,
 ) -> torch.Tensor:
-    """Raw importance c_{i,k} of client i for expert k.
+    """Importance score a_{i,k} of client i for expert k.
 
     Parameters
     ----------
@@ -35,16 +36,17 @@ def importance_scores(
     num_samples
         ``[N]`` training-sample counts n_i.
     frequencies
-        ``[N, E]`` activation frequencies f_{i,k} = tokens routed to k / tokens through the layer.
+        ``[N, E]`` activation frequencies f_{i,k} = tokens routed to k / tokens through the layer (or ``[N]``: one
+        expert unit).
     update_norms
-        ``[N, E]`` L2 norms of each client's expert update ‖Δ_{i,k}‖.
+        ``[N, E]`` L2 norms of each client's expert update ‖Δ_{i,k}‖ (or ``[N]``).
 
     Returns
     -------
     torch.Tensor
-        ``[N, E]`` non-negative scores (float64 for a stable normalisation).
+        ``[N, E]`` (or ``[N]``) non-negative scores (float64 for a stable normalisation).
     """
-    n = num_samples.to(torch.float64)[:, None].expand_as(frequencies)  # [N, E]
+    n = num_samples.to(torch.float64).reshape(-1, *[1] * (frequencies.dim() - 1)).expand_as(frequencies)  # [N, E]
     f = frequencies.to(torch.float64)
     norm = update_norms.to(torch.float64)
     table = {
@@ -63,7 +65,7 @@ def importance_scores(
 
 
 def normalise_columns(scores: torch.Tensor) -> torch.Tensor:
-    """w_{i,k} = c_{i,k} / Σ_j c_{j,k}; columns with Σ_j c_{j,k} = 0 become all zero.
+    """w_{i,k} = a_{i,k} / Σ_j a_{j,k}; columns with Σ_j a_{j,k} = 0 become all zero.
 
     Parameters
     ----------

@@ -112,3 +112,6 @@ class CoordinateMean:
 
     def per_expert(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return coordinate_aggregate(deltas.transpose(0, 1), self.kind, self.trim_fraction, (weights > 0).T)
+
+    def over_rows(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.per_expert(rows[:, None, :], weights[:, None])[0]

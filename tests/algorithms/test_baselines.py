@@ -279,7 +279,7 @@ def test_fcmoe_pairwise_aggregates_the_projected_updates_and_sends_what_was_remo
     torch.testing.assert_close(step, projected.mean(dim=0), rtol=1e-4, atol=1e-6)
     client: dict = {}
     algo.client_finish(client, state, result.state, result.messages[0])
-    residual = tiny.layout.gather_experts(algo.residual(client), layer)[0]
+    residual = tiny.layout.gather_experts(algo.retained(client), layer)[0]
     torch.testing.assert_close(residual, rows[0] - projected[0], rtol=1e-4, atol=1e-6)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fcmoe.algorithms.fcmoe import EXPERTS, RESIDUAL, ROWS, SCALE, STEP, FCMoE, FCMoEConfig, _layer_metrics
+from fcmoe.algorithms.fcmoe import (EXPERTS, OLDER_RETAINED, RETAINED, ROWS, SCALE, STEP, FCMoE, FCMoEConfig,
+                                   _layer_metrics)
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.core import ConsensusCoefficients, tree_sub
@@ -64,10 +65,10 @@ def test_conflicting_client_gets_a_residual_equal_to_what_was_removed(tiny: Buil
     states: list[dict] = [{} for _ in range(3)]
     for u in updates:
         algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
-    assert RESIDUAL not in states[0] and RESIDUAL not in states[2]
+    assert RETAINED not in states[0] and RETAINED not in states[2]
     # ρ_1 = Δ_1 − Δ̃_1 = ⟨Δ_1, g⟩/‖g‖² g with g = (Δ + Δ − 0.5Δ)/3 = 0.5Δ → ρ_1 = −0.5Δ = Δ_1 (fully opposed)
     key = layer.parts[0].keys[0]
-    torch.testing.assert_close(algo.residual(states[1])[key], opposed[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(algo.retained(states[1])[key], opposed[key], rtol=1e-4, atol=1e-6)
     # re-anchoring: the next start of client 1 is θ + λ ρ_1
     start = algo.client_start(result.state, states[1])
     torch.testing.assert_close(start[key], result.state[key] + 0.5 * opposed[key], rtol=1e-4, atol=1e-6)
@@ -141,7 +142,7 @@ def test_retention_ratio_is_the_residual_next_to_the_update(tiny: BuiltModel) ->
     for layer in tiny.layout.layers:
         residual[layer.name + ROWS] = 2 * tiny.layout.gather_experts(deltas[0], layer)
         residual[layer.name + EXPERTS] = torch.arange(layer.num_experts)
-    states = [{RESIDUAL: residual}, {}]
+    states = [{RETAINED: residual}, {}]
     algo = FCMoE(FCMoEConfig(retention=0.5), tiny.layout)
     for update, client_state in zip(updates, states):
         update.statistics = algo.client_statistics(None, client_state, None, None)
@@ -177,27 +178,27 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
     states: list[dict] = [{} for _ in range(5)]
     for u in updates:
         algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
-    assert [RESIDUAL in s for s in states] == [False, True, False, False, True]
+    assert [RETAINED in s for s in states] == [False, True, False, False, True]
     for layer in tiny.layout.layers:
         step = tiny.layout.gather_experts(result.state, layer) - tiny.layout.gather_experts(state, layer)  # u
-        one, four = states[1][RESIDUAL], states[4][RESIDUAL]
+        one, four = states[1][RETAINED], states[4][RETAINED]
         assert one[layer.name + STEP] is four[layer.name + STEP]  # u once for the round
         assert one[layer.name + SCALE].nonzero().flatten().tolist() == [0]
         for cid in (1, 4):
             dense = result.messages[cid][layer.name][:, None] * step  # the dense residual of before
-            assert torch.equal(tiny.layout.gather_experts(algo.residual(states[cid]), layer), dense)
+            assert torch.equal(tiny.layout.gather_experts(algo.retained(states[cid]), layer), dense)
     # a second round with γ = 0.5: r_1 ← γ r_1 + s_1 u', kept as expert 0's rows
-    before = {cid: algo.residual(states[cid]) for cid in (1, 4)}
+    before = {cid: algo.retained(states[cid]) for cid in (1, 4)}
     second = algo.aggregate(result.state, updates)
     for u in updates:
         algo.client_finish(states[u.client_id], result.state, second.state, second.messages[u.client_id])
     for layer in tiny.layout.layers:
         step = tiny.layout.gather_experts(second.state, layer) - tiny.layout.gather_experts(result.state, layer)
-        kept = states[1][RESIDUAL]
+        kept = states[1][RETAINED]
         assert kept[layer.name + EXPERTS].tolist() == [0] and kept[layer.name + ROWS].shape[0] == 1
         dense = (second.messages[1][layer.name][:, None] * step
                  + 0.5 * tiny.layout.gather_experts(before[1], layer))
-        assert torch.equal(tiny.layout.gather_experts(algo.residual(states[1]), layer), dense)
+        assert torch.equal(tiny.layout.gather_experts(algo.retained(states[1]), layer), dense)
     # a checkpoint of round-1 states: u written once, shared again when read
     fresh, shared = FCMoE(FCMoEConfig(importance="size"), tiny.layout), [{}, {}]
     for client_state, cid in zip(shared, (1, 4)):
@@ -209,8 +210,8 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
     assert step_bytes <= written < 1.1 * step_bytes  # one u per layer, not one per client
     loaded = load_checkpoint(tmp_path, "fcmoe").client_states
     for layer in tiny.layout.layers:
-        assert loaded[0][RESIDUAL][layer.name + STEP] is loaded[1][RESIDUAL][layer.name + STEP]
-        assert torch.equal(loaded[1][RESIDUAL][layer.name + SCALE], shared[1][RESIDUAL][layer.name + SCALE])
+        assert loaded[0][RETAINED][layer.name + STEP] is loaded[1][RETAINED][layer.name + STEP]
+        assert torch.equal(loaded[1][RETAINED][layer.name + SCALE], shared[1][RETAINED][layer.name + SCALE])
 
 
 def test_a_dense_residual_of_an_older_checkpoint_is_still_read(tiny: BuiltModel) -> None:
@@ -219,7 +220,8 @@ def test_a_dense_residual_of_an_older_checkpoint_is_still_read(tiny: BuiltModel)
     expert_keys = {key for layer in tiny.layout.layers for key in layer.keys}
     dense = {k: v for k, v in random_delta(state, 2).items() if k in expert_keys}
     algo = FCMoE(FCMoEConfig(retention=0.5), tiny.layout)
-    assert all(torch.equal(algo.residual({RESIDUAL: dense})[k], v) for k, v in dense.items())
-    start = algo.client_start(state, {RESIDUAL: dense})
+    older = {OLDER_RETAINED: dense}  # under the key r_i had then
+    assert all(torch.equal(algo.retained(older)[k], v) for k, v in dense.items())
+    start = algo.client_start(state, older)
     key = next(iter(dense))
     assert torch.equal(start[key], state[key] + 0.5 * dense[key])

@@ -98,7 +98,8 @@ def test_switch_t2t_builds_the_encoder_decoder_shape_with_random_weights(tmp_pat
     trainable = sum(p.numel() for p in meta.model.model.parameters() if p.requires_grad)
     assert total / 1e9 == pytest.approx(0.619, rel=0.01)  # switch-base-8: 619 M parameters
     assert trainable == total - meta.model.model.get_input_embeddings().weight.numel()
-    assert len(meta.layout.layers) == 12 and {s.name.split(".")[1] for s in meta.layout.layers} == {"encoder", "decoder"}
+    stacks = {spec.name.split(".")[1] for spec in meta.layout.layers}
+    assert len(meta.layout.layers) == 12 and stacks == {"encoder", "decoder"}
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "switch_transformers",
                                                       **FAMILIES["switch"].tiny, "num_layers": 4,
