@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fcmoe.core.tree import Tree
 from fcmoe.registry import register_layout
-
-Tree = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
