@@ -118,7 +118,7 @@ def server_step(server: RobustAggregation, global_state: Tree, arrived: Sequence
     if len(accepted) < server.config.min_clients:
         log.warning("%s: %d accepted update(s) < robust.min_clients = %d: global model kept", label, len(accepted),
                     server.config.min_clients)
-        return ServerStep(ServerResult(state=global_state), [], reasons, skipped=True)
+        return ServerStep(ServerResult(global_state=global_state), [], reasons, skipped=True)
     return ServerStep(server.aggregate(global_state, accepted), accepted, reasons)
 
 

@@ -66,10 +66,10 @@ def test_random_malformed_updates_never_crash_never_nan_never_leak(plan: list[tu
         assert all(i not in kept for i, kind in enumerate(kinds) if kind == "scale")  # honest, 10^6 × is caught
     if not accepted:
         return  # the engines keep the global model (tested in tests/sim/test_reliability.py)
-    new = algo.aggregate(STATE, accepted).state
+    new = algo.aggregate(STATE, accepted).global_state
     assert all(torch.isfinite(v).all() for v in new.values())
     # the result is the aggregate of the updates the plan built as acceptable, rebuilt from their seeds: what was
     # rejected has no influence on the global model
     rebuilt = [_update(i, seed, kind) for i, (kind, seed) in enumerate(plan) if i in kept]
-    reference = algo.aggregate(STATE, rebuilt).state
+    reference = algo.aggregate(STATE, rebuilt).global_state
     assert all(torch.equal(new[k], reference[k]) for k in new)

@@ -7,8 +7,8 @@ One object per method holds both halves; the engines (in-process ``fcmoe.sim`` a
     Δ_i    = local_train(start, mask) − start                     # engine + fcmoe.training
     update = algo.prepare_upload(client_state, update, trained)   # + client_statistics; local experts: no experts
     result = algo.aggregate(global, [ClientUpdate…])              # server
-    algo.client_finish(client_state, global, result.state, result.messages[i])   # client, after the round
-    scored = algo.personalised_prediction(runtime, client_state, result.state, train_i, test_i)
+    algo.client_finish(client_state, global, result.global_state, result.messages[i])   # client, after the round
+    scored = algo.personalised_prediction(runtime, client_state, result.global_state, train_i, test_i)
 
 Client state is a plain dict that never leaves the client (FC-MoE residual, PFL-MoE head and gate, FedMoE mask,
 local experts' own experts): trees of tensors or scalars.
@@ -66,7 +66,7 @@ def routing_frequencies(counts: torch.Tensor) -> torch.Tensor:
 class ServerResult:
     """What the server half returns for one round."""
 
-    state: Tree  # the new global trainable tree
+    global_state: Tree  # the new global trainable tree
     messages: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per-client extras sent down
     metrics: dict[str, Any] = field(default_factory=dict)
 

@@ -146,7 +146,7 @@ class FCMoE(Algorithm):
             scales = torch.stack([u.step.scale for u in units])  # [E]
             state = layout.add_to_experts(state, layer, directions, cfg.server_lr * scales)  # step 4
             layers.append((layer, units))
-        return ServerResult(state=state, messages=self._messages(updates, layers),
+        return ServerResult(global_state=state, messages=self._messages(updates, layers),
                             metrics=self._diagnostics(updates, layers))
 
     def _messages(self, updates: Sequence[ClientUpdate],

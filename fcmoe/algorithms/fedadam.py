@@ -82,7 +82,7 @@ class FedAdam(Algorithm):
             v = self.second_moment.get(key, torch.zeros_like(d)) * cfg.beta_2 + (1 - cfg.beta_2) * d.square()
             self.first_moment[key], self.second_moment[key] = m, v
             state[key] = (theta.float() + step_size * m / (v.sqrt() + cfg.tau)).to(theta.dtype)
-        return ServerResult(state=state, metrics={"server_step_size": step_size})
+        return ServerResult(global_state=state, metrics={"server_step_size": step_size})
 
     def server_state(self) -> Tree:
         return {**{f"m/{k}": v for k, v in self.first_moment.items()},

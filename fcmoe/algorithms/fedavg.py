@@ -24,4 +24,4 @@ class FedAvg(Algorithm):
 
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
-        return ServerResult(state=self.fedavg(global_state, updates, list(global_state), mean))
+        return ServerResult(global_state=self.fedavg(global_state, updates, list(global_state), mean))

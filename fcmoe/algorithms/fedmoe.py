@@ -160,13 +160,13 @@ class FedMoE(Algorithm):
             held.append(holders.sum(dim=0).float().mean().item())
         metrics: dict[str, Any] = {"mean_holders_per_expert": sum(held) / max(len(held), 1)}
         if not self.config.sub_models:
-            return ServerResult(state=state, metrics=metrics)
+            return ServerResult(global_state=state, metrics=metrics)
         changes = self._restructure(updates)
         messages = {u.client_id: {layer.name: self.clients[u.client_id].mask[i].float()
                                   for i, layer in enumerate(layout.layers)} for u in updates}
         counts = [int(self.clients[u.client_id].mask.sum()) for u in updates]
         metrics.update(experts_per_client=sum(counts) / len(counts), expert_budget=self.budget, **changes)
-        return ServerResult(state=state, messages=messages, metrics=metrics)
+        return ServerResult(global_state=state, messages=messages, metrics=metrics)
 
     def _frequencies(self, update: ClientUpdate) -> torch.Tensor:
         """``[L, E]`` p of ``update``: its own-data evaluation counts, or its training counts if it sent none."""

@@ -96,5 +96,5 @@ class HFedMoE(Algorithm):
                 state = layout.scatter_router(state, layer, router if cfg.normalise else total * router)
             above_share[layer.name] = above.double().mean().item()
             alpha_total[layer.name] = total
-        return ServerResult(state=state, metrics={"usage_above_tau_share_per_layer": above_share,
+        return ServerResult(global_state=state, metrics={"usage_above_tau_share_per_layer": above_share,
                                                   "router_weight_total_per_layer": alpha_total})

@@ -56,4 +56,4 @@ class LocalExperts(Algorithm):
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         state = dict(global_state)
         state.update(self.fedavg(global_state, updates, self.layout.shared_keys, mean))
-        return ServerResult(state=state)
+        return ServerResult(global_state=state)

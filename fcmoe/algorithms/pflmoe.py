@@ -82,7 +82,7 @@ class PFLMoE(Algorithm):
     def aggregate(self, global_state: Tree, updates: Sequence[ClientUpdate],
                   mean: MeanRule = WEIGHTED_MEAN) -> ServerResult:
         extra = self.config.head_epochs + self.config.gate_epochs
-        return ServerResult(state=self.fedavg(global_state, updates, list(global_state), mean),
+        return ServerResult(global_state=self.fedavg(global_state, updates, list(global_state), mean),
                             metrics={"extra_local_epochs_on_pooled_features": extra} if self._has_head else
                             {"personalisation": "none (sft)"})
 

@@ -94,7 +94,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         if server_round == 0:
             return None
         state = strategy.round_state
-        step = state.step or ServerStep(ServerResult(state=exp.initial_state), skipped=True)  # no train replies
+        step = state.step or ServerStep(ServerResult(global_state=exp.initial_state), skipped=True)  # no train replies
         local = [state.local_acc.get(cid) for cid in range(exp.num_clients)]
         scored = cfg.eval.scores(server_round, cfg.rounds)
         scores = global_scores(exp, record_to_tree(arrays), server_round) if scored else {"global_acc": math.nan}

@@ -170,7 +170,7 @@ class AlgorithmStrategy(Strategy):
             step = server_step(self.server, self.global_tree, inbox.updates, rejected, label=f"round {server_round}")
         self.round_state.step = step
         counts = round_counts(len(step.accepted), len(step.rejected))
-        return (None if step.skipped else tree_to_record(step.result.state)), counts
+        return (None if step.skipped else tree_to_record(step.result.global_state)), counts
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

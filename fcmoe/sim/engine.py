@@ -83,7 +83,7 @@ def run_round(exp: Experiment, server: RobustAggregation, method: str, round_ind
             if on_progress:
                 on_progress(method, round_index, done)
         step = server_step(server, global_state, inbox.updates, label=f"{method} round {round_index}")
-    new_state = step.result.state
+    new_state = step.result.global_state
     for update in step.accepted:
         finish_client(algo, client_states[update.client_id], global_state, new_state,
                       step.result.messages.get(update.client_id))

@@ -76,7 +76,7 @@ def test_fedmoe_holder_copies_and_unheld_experts_are_kept(tiny: BuiltModel) -> N
     first = _fedmoe_round(algo, tiny, state, [random_delta(state, 0), random_delta(state, 1)], counts)
     assert [first.messages[c][tiny.layout.layers[0].name].tolist() for c in (0, 1)] == [[1, 0, 0, 0], [0, 0, 1, 0]]
     d0, d1 = random_delta(state, 2), random_delta(state, 3)
-    new = _fedmoe_round(algo, tiny, state, [d0, d1], counts).state
+    new = _fedmoe_round(algo, tiny, state, [d0, d1], counts).global_state
     for layer in tiny.layout.layers:
         for k, expected in ((0, tree_add(state, d0)), (1, state), (2, tree_add(state, d1)), (3, state)):
             for key in _expert_keys(layer, k):
@@ -95,9 +95,9 @@ def test_a_budget_of_every_expert_is_fedmoe_agg(tiny: BuiltModel) -> None:
     full = FedMoE(FedMoEConfig(budget=1.0, recommend=False), tiny.layout)
     _fedmoe_round(full, tiny, state, [random_delta(state, 0), random_delta(state, 1)], counts)
     deltas = [random_delta(state, 2), random_delta(state, 3)]
-    published = _fedmoe_round(full, tiny, state, deltas, counts).state
+    published = _fedmoe_round(full, tiny, state, deltas, counts).global_state
     agg = _fedmoe_round(FedMoE(FedMoEConfig(sub_models=False, recommend=False), tiny.layout), tiny, state, deltas,
-                        counts).state
+                        counts).global_state
     assert all(torch.equal(published[k], agg[k]) for k in state)
 
 
@@ -183,14 +183,14 @@ def test_hfedmoe_tau_zero_and_equal_importances_is_fedavg(tiny: BuiltModel) -> N
     usage = [torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.05, 0.05, 0.45, 0.45]), torch.full((4,), 0.25)]
     equal = [0.25 / u for u in usage]  # p_i(e) = u·s = 0.25 for every client and expert: equal α_i
     updates = _scored(make_updates(tiny, deltas, [10, 10, 10]), usage, equal)
-    new = HFedMoE(HFedMoEConfig(usage_share=0.0), tiny.layout).aggregate(state, updates).state
-    reference = FedAvg(FedAvgConfig(), tiny.layout).aggregate(state, updates).state
+    new = HFedMoE(HFedMoEConfig(usage_share=0.0), tiny.layout).aggregate(state, updates).global_state
+    reference = FedAvg(FedAvgConfig(), tiny.layout).aggregate(state, updates).global_state
     for key in state:  # experts: every client above τ = 0; routers: equal α and equal n
         torch.testing.assert_close(new[key], reference[key])
     skewed = _scored(make_updates(tiny, deltas, [10, 10, 10]), usage, usage)  # unequal importances move the router
     router = tiny.layout.router_keys[0]
     assert not torch.allclose(HFedMoE(HFedMoEConfig(usage_share=0.0), tiny.layout).aggregate(state, skewed)
-                              .state[router], reference[router])
+                              .global_state[router], reference[router])
 
 
 def test_hfedmoe_an_expert_under_tau_everywhere_is_kept(tiny: BuiltModel) -> None:
@@ -198,7 +198,7 @@ def test_hfedmoe_an_expert_under_tau_everywhere_is_kept(tiny: BuiltModel) -> Non
     deltas = [random_delta(state, s) for s in range(2)]
     usage = [torch.tensor([0.6, 0.05, 0.2, 0.15]), torch.tensor([0.3, 0.1, 0.0, 0.6])]  # τ = 0.125
     updates = _scored(make_updates(tiny, deltas, [10, 30]), usage, usage)
-    new = HFedMoE(HFedMoEConfig(), tiny.layout).aggregate(state, updates).state
+    new = HFedMoE(HFedMoEConfig(), tiny.layout).aggregate(state, updates).global_state
     layer = tiny.layout.layers[0]
     for key in _expert_keys(layer, 1):  # 0.05 and 0.1 < τ: kept
         assert torch.equal(new[key], state[key])
@@ -211,7 +211,7 @@ def test_hfedmoe_an_expert_under_tau_everywhere_is_kept(tiny: BuiltModel) -> Non
     alpha = torch.tensor([(u * u)[u >= 0.125].sum().item() / 3 for u in usage])
     expected = state[router] + (alpha[0] * deltas[0][router] + alpha[1] * deltas[1][router]) / alpha.sum()
     torch.testing.assert_close(new[router], expected)
-    literal = HFedMoE(HFedMoEConfig(normalise=False), tiny.layout).aggregate(state, updates).state
+    literal = HFedMoE(HFedMoEConfig(normalise=False), tiny.layout).aggregate(state, updates).global_state
     torch.testing.assert_close(literal[router], alpha.sum() * expected)
 
 
@@ -227,7 +227,7 @@ def test_local_experts_upload_no_expert_and_the_global_experts_never_change(tiny
     assert private and not private & set(sent.delta) and set(sent.delta) == set(algo.upload_keys(state))
     assert all(torch.equal(client["local_experts"][k], trained[k]) for k in private)  # kept on the client
     new = algo.aggregate(state, [sent, algo.prepare_upload({}, make_updates(tiny, [random_delta(state, 2)], [5])[0],
-                                                           trained)]).state
+                                                           trained)]).global_state
     assert all(torch.equal(new[k], state[k]) for k in private)
     assert any(not torch.equal(new[k], state[k]) for k in tiny.layout.shared_keys)
     start = algo.client_start(new, client)  # the personalised model: the global shared part, its own experts
@@ -275,10 +275,10 @@ def test_fcmoe_pairwise_aggregates_the_projected_updates_and_sends_what_was_remo
     result = algo.aggregate(state, updates)
     rows = [tiny.layout.gather_experts(d, layer)[0] for d in deltas]  # expert 0: [P] each
     projected = pairwise_project(torch.stack(rows)).projected
-    step = tiny.layout.gather_experts(result.state, layer)[0] - tiny.layout.gather_experts(state, layer)[0]
+    step = tiny.layout.gather_experts(result.global_state, layer)[0] - tiny.layout.gather_experts(state, layer)[0]
     torch.testing.assert_close(step, projected.mean(dim=0), rtol=1e-4, atol=1e-6)
     client: dict = {}
-    algo.client_finish(client, state, result.state, result.messages[0])
+    algo.client_finish(client, state, result.global_state, result.messages[0])
     residual = tiny.layout.gather_experts(algo.retained(client), layer)[0]
     torch.testing.assert_close(residual, rows[0] - projected[0], rtol=1e-4, atol=1e-6)
 

@@ -54,7 +54,7 @@ def uploaded(algorithm, delta: dict[str, torch.Tensor], state: dict[str, torch.T
 def test_shapes_kept_and_finite(algorithm, tiny: BuiltModel) -> None:  # noqa: ANN001
     state = tiny.model.trainable_state()
     updates = make_updates(tiny, [uploaded(algorithm, random_delta(state, s), state) for s in range(3)], [10, 20, 30])
-    new = algorithm.aggregate(state, updates).state
+    new = algorithm.aggregate(state, updates).global_state
     assert new.keys() == state.keys()
     for key, value in new.items():
         assert value.shape == state[key].shape and value.dtype == state[key].dtype, key
@@ -67,12 +67,12 @@ def test_identical_updates_are_a_fixed_point(algorithm, tiny: BuiltModel) -> Non
     by exactly Δ and leave the rest (local experts' experts) as it is, unless the server is an optimiser."""
     state = tiny.model.trainable_state()
     zero = uploaded(algorithm, {k: torch.zeros_like(v) for k, v in state.items()}, state)
-    still = algorithm.aggregate(state, make_updates(tiny, [zero] * 3, [5, 9, 11])).state
+    still = algorithm.aggregate(state, make_updates(tiny, [zero] * 3, [5, 9, 11])).global_state
     for key in state:
         assert torch.equal(still[key], state[key]), key
     delta = uploaded(algorithm, random_delta(state, 7), state)
     fresh = type(algorithm)(algorithm.config, tiny.layout)
-    moved = fresh.aggregate(state, make_updates(tiny, [delta] * 3, [5, 9, 11])).state
+    moved = fresh.aggregate(state, make_updates(tiny, [delta] * 3, [5, 9, 11])).global_state
     if algorithm.name in SERVER_OPTIMISERS:
         return
     expected = tree_add(state, {k: delta.get(k, torch.zeros_like(v)) for k, v in state.items()})
@@ -85,9 +85,9 @@ def test_same_inputs_same_result_and_inputs_untouched(algorithm, tiny: BuiltMode
     deltas = [uploaded(algorithm, random_delta(state, s), state) for s in range(4)]
     snapshot = [{k: v.clone() for k, v in d.items()} for d in deltas]
     state_copy = {k: v.clone() for k, v in state.items()}
-    first = algorithm.aggregate(state, make_updates(tiny, deltas, [3, 4, 5, 6])).state
+    first = algorithm.aggregate(state, make_updates(tiny, deltas, [3, 4, 5, 6])).global_state
     again = type(algorithm)(algorithm.config, tiny.layout)  # a fresh server: no state carried from `first`
-    second = again.aggregate(state, make_updates(tiny, deltas, [3, 4, 5, 6])).state
+    second = again.aggregate(state, make_updates(tiny, deltas, [3, 4, 5, 6])).global_state
     for key in state:
         assert torch.equal(first[key], second[key])
         assert torch.equal(state[key], state_copy[key])

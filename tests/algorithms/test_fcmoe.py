@@ -25,7 +25,7 @@ def test_size_weights_no_projection_no_retention_equals_fedavg(tiny: BuiltModel)
     updates = make_updates(tiny, deltas, [7, 19, 3, 30], counts)
     fcmoe = FCMoE(FCMoEConfig(importance="size", tau=-1.0, retention=0.0), tiny.layout)
     fedavg = FedAvg(FedAvgConfig(), tiny.layout)
-    ours, reference = fcmoe.aggregate(state, updates).state, fedavg.aggregate(state, updates).state
+    ours, reference = fcmoe.aggregate(state, updates).global_state, fedavg.aggregate(state, updates).global_state
     for key in state:  # expert units by a batched product, FedAvg client by client: equal to float32 rounding
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
 
@@ -34,7 +34,7 @@ def test_unused_expert_keeps_its_value(tiny: BuiltModel) -> None:
     state = tiny.model.trainable_state()
     counts = [torch.tensor([3, 0, 1, 9]), torch.tensor([2, 0, 5, 1])]
     updates = make_updates(tiny, [random_delta(state, s) for s in range(2)], [5, 5], counts)
-    new = FCMoE(FCMoEConfig(), tiny.layout).aggregate(state, updates).state
+    new = FCMoE(FCMoEConfig(), tiny.layout).aggregate(state, updates).global_state
     layer = tiny.layout.layers[0]
     for key in [part.keys[1] for part in layer.parts]:
         assert torch.equal(new[key], state[key]), key
@@ -48,7 +48,7 @@ def test_frequency_weighting_favours_the_heavy_user(tiny: BuiltModel) -> None:
     d0, d1 = random_delta(state, 0), random_delta(state, 1)
     counts = [torch.tensor([90, 10, 0, 0]), torch.tensor([10, 90, 0, 0])]
     updates = make_updates(tiny, [d0, d1], [10, 10], counts)
-    new = FCMoE(FCMoEConfig(importance="freq", projection=False), tiny.layout).aggregate(state, updates).state
+    new = FCMoE(FCMoEConfig(importance="freq", projection=False), tiny.layout).aggregate(state, updates).global_state
     key = layer.parts[0].keys[0]
     torch.testing.assert_close(new[key], state[key] + 0.9 * d0[key] + 0.1 * d1[key])
 
@@ -64,16 +64,16 @@ def test_conflicting_client_gets_a_residual_equal_to_what_was_removed(tiny: Buil
     assert result.metrics["conflict_rate"] > 0
     states: list[dict] = [{} for _ in range(3)]
     for u in updates:
-        algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
+        algo.client_finish(states[u.client_id], state, result.global_state, result.messages[u.client_id])
     assert RETAINED not in states[0] and RETAINED not in states[2]
     # ρ_1 = Δ_1 − Δ̃_1 = ⟨Δ_1, g⟩/‖g‖² g with g = (Δ + Δ − 0.5Δ)/3 = 0.5Δ → ρ_1 = −0.5Δ = Δ_1 (fully opposed)
     key = layer.parts[0].keys[0]
     torch.testing.assert_close(algo.retained(states[1])[key], opposed[key], rtol=1e-4, atol=1e-6)
     # re-anchoring: the next start of client 1 is θ + λ ρ_1
-    start = algo.client_start(result.state, states[1])
-    torch.testing.assert_close(start[key], result.state[key] + 0.5 * opposed[key], rtol=1e-4, atol=1e-6)
+    start = algo.client_start(result.global_state, states[1])
+    torch.testing.assert_close(start[key], result.global_state[key] + 0.5 * opposed[key], rtol=1e-4, atol=1e-6)
     # the projected aggregate dropped client 1's opposing component: experts moved by (2/3)·Δ
-    torch.testing.assert_close(tree_sub(result.state, state)[key], (2 / 3) * base[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tree_sub(result.global_state, state)[key], (2 / 3) * base[key], rtol=1e-4, atol=1e-6)
 
 
 def test_messages_are_one_scalar_per_layer_and_expert(tiny: BuiltModel) -> None:
@@ -177,10 +177,10 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
     result = algo.aggregate(state, updates)
     states: list[dict] = [{} for _ in range(5)]
     for u in updates:
-        algo.client_finish(states[u.client_id], state, result.state, result.messages[u.client_id])
+        algo.client_finish(states[u.client_id], state, result.global_state, result.messages[u.client_id])
     assert [RETAINED in s for s in states] == [False, True, False, False, True]
     for layer in tiny.layout.layers:
-        step = tiny.layout.gather_experts(result.state, layer) - tiny.layout.gather_experts(state, layer)  # u
+        step = tiny.layout.gather_experts(result.global_state, layer) - tiny.layout.gather_experts(state, layer)  # u
         one, four = states[1][RETAINED], states[4][RETAINED]
         assert one[layer.name + STEP] is four[layer.name + STEP]  # u once for the round
         assert one[layer.name + SCALE].nonzero().flatten().tolist() == [0]
@@ -189,11 +189,12 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
             assert torch.equal(tiny.layout.gather_experts(algo.retained(states[cid]), layer), dense)
     # a second round with γ = 0.5: r_1 ← γ r_1 + s_1 u', kept as expert 0's rows
     before = {cid: algo.retained(states[cid]) for cid in (1, 4)}
-    second = algo.aggregate(result.state, updates)
+    second = algo.aggregate(result.global_state, updates)
     for u in updates:
-        algo.client_finish(states[u.client_id], result.state, second.state, second.messages[u.client_id])
+        algo.client_finish(states[u.client_id], result.global_state, second.global_state, second.messages[u.client_id])
     for layer in tiny.layout.layers:
-        step = tiny.layout.gather_experts(second.state, layer) - tiny.layout.gather_experts(result.state, layer)
+        gather = tiny.layout.gather_experts
+        step = gather(second.global_state, layer) - gather(result.global_state, layer)
         kept = states[1][RETAINED]
         assert kept[layer.name + EXPERTS].tolist() == [0] and kept[layer.name + ROWS].shape[0] == 1
         dense = (second.messages[1][layer.name][:, None] * step
@@ -202,7 +203,7 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
     # a checkpoint of round-1 states: u written once, shared again when read
     fresh, shared = FCMoE(FCMoEConfig(importance="size"), tiny.layout), [{}, {}]
     for client_state, cid in zip(shared, (1, 4)):
-        fresh.client_finish(client_state, state, result.state, result.messages[cid])
+        fresh.client_finish(client_state, state, result.global_state, result.messages[cid])
     save_checkpoint(tmp_path, Checkpoint("fcmoe", 1, state, shared, {}))
     written = sum(v.numel() * v.element_size() for k, v in load_file(str(tmp_path / "state-r1.safetensors")).items()
                   if k.startswith("client"))

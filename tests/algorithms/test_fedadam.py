@@ -45,13 +45,13 @@ def test_two_rounds_equal_flowers_fedadam(tiny: BuiltModel) -> None:
     sizes = [7, 19, 3]
     for server_round in (1, 2):
         deltas = [random_delta(state, 10 * server_round + i) for i in range(3)]
-        state = ours.aggregate(state, make_updates(tiny, deltas, sizes)).state
+        state = ours.aggregate(state, make_updates(tiny, deltas, sizes)).global_state
         expected = _flower_round(flower, server_round, flower_state, deltas, sizes)
         flower_state = {k: torch.from_numpy(expected[k]).float() for k in state}
         for key in state:
             np.testing.assert_allclose(state[key].numpy(), expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
     assert ours.steps == 2 and set(ours.first_moment) == set(state)
-    moved = ours.aggregate(state, make_updates(tiny, [random_delta(state, 99)] * 3, sizes)).state
+    moved = ours.aggregate(state, make_updates(tiny, [random_delta(state, 99)] * 3, sizes)).global_state
     assert any(not torch.equal(moved[k], state[k]) for k in state)
 
 

@@ -20,7 +20,7 @@ def test_fedmoe_copies_a_single_holder_and_keeps_unheld(tiny: BuiltModel) -> Non
     d0, d1 = random_delta(state, 0), random_delta(state, 1)
     counts = [torch.tensor([4, 0, 0, 1]), torch.tensor([0, 0, 2, 1])]
     updates = make_updates(tiny, [d0, d1], [10, 30], counts)
-    new = FedMoE(AGG, tiny.layout).aggregate(state, updates).state
+    new = FedMoE(AGG, tiny.layout).aggregate(state, updates).global_state
     layer = tiny.layout.layers[1]
     expected = {0: tree_add(state, d0), 1: state, 2: tree_add(state, d1)}
     for k, ref in expected.items():
@@ -39,8 +39,8 @@ def test_min_share_drops_a_marginal_holder(tiny: BuiltModel) -> None:
     counts = [torch.tensor([99, 1, 0, 0]), torch.tensor([50, 50, 0, 0])]  # client 0 sent 1 % to expert 1
     updates = make_updates(tiny, [d0, d1], [10, 10], counts)
     key = tiny.layout.layers[0].parts[0].keys[1]
-    loose = FedMoE(AGG, tiny.layout).aggregate(state, updates).state
-    strict = FedMoE(FedMoEConfig(sub_models=False, min_share=0.02), tiny.layout).aggregate(state, updates).state
+    loose = FedMoE(AGG, tiny.layout).aggregate(state, updates).global_state
+    strict = FedMoE(FedMoEConfig(sub_models=False, min_share=0.02), tiny.layout).aggregate(state, updates).global_state
     torch.testing.assert_close(loose[key], state[key] + 0.5 * d0[key] + 0.5 * d1[key])
     torch.testing.assert_close(strict[key], state[key] + d1[key])
 
@@ -67,8 +67,8 @@ def test_sparse_uploads_make_an_unsent_expert_absent_not_zero(tiny: BuiltModel) 
     assert torch.equal(sparse[1].delta[key3], torch.zeros_like(state[key3]))
     assert sparse[1].upload_bytes < sum(v.numel() * 4 for v in dense[1].delta.values())
     for algo in (FedAvg(FedAvgConfig(), tiny.layout), FCMoE(FCMoEConfig(importance="size", tau=-1.0), tiny.layout)):
-        was_zero = algo.aggregate(state, dense).state
-        absent = algo.aggregate(state, sparse).state
+        was_zero = algo.aggregate(state, dense).global_state
+        absent = algo.aggregate(state, sparse).global_state
         torch.testing.assert_close(absent[key3], state[key3] + dense[0].delta[key3])  # client 0's alone
         torch.testing.assert_close(was_zero[key3], state[key3] + 0.25 * dense[0].delta[key3])  # 10/40 of it
         key0 = next(k for k in layer.keys if "expert_0." in k)  # both sent expert 0: unchanged semantics
@@ -92,9 +92,9 @@ def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: 
     robust = RobustConfig(aggregator=aggregator, max_norm_ratio=0.0)
     for cls, config in ((FedAvg, FedAvgConfig()), (FCMoE, FCMoEConfig()), (FedMoE, AGG), (FedMoE, FedMoEConfig())):
         algo = cls(config, tiny.layout)  # a fresh server each time: FedMoE's first round assigns sub-MoEs
-        mean_step = tree_add(algo.aggregate(state, updates).state, state, scale=-1.0)
+        mean_step = tree_add(algo.aggregate(state, updates).global_state, state, scale=-1.0)
         wrapped = RobustAggregation(cls(config, tiny.layout), robust)
-        robust_step = tree_add(wrapped.aggregate(state, updates).state, state, scale=-1.0)
+        robust_step = tree_add(wrapped.aggregate(state, updates).global_state, state, scale=-1.0)
         for key in (tiny.layout.layers[0].keys[0], tiny.layout.shared_keys[0], *tiny.layout.router_keys[:1]):
             assert (mean_step[key] * base[key]).sum() < 0, key  # the attacker wins the mean
             cosine = torch.nn.functional.cosine_similarity(robust_step[key].flatten(), base[key].flatten(), dim=0)
@@ -118,7 +118,7 @@ def test_the_wrapper_with_the_mean_is_the_algorithm_itself(tiny: BuiltModel) -> 
         server = RobustAggregation(cls(cls.config_class(), tiny.layout), RobustConfig())
         accepted, rejected = server.admit(updates, state)
         wrapped = server.aggregate(state, accepted)
-        assert rejected == [] and all(torch.equal(plain.state[k], wrapped.state[k]) for k in state), name
+        assert rejected == [] and all(torch.equal(plain.global_state[k], wrapped.global_state[k]) for k in state), name
 
 
 def test_clipping_bounds_a_scaled_client_per_unit(tiny: BuiltModel) -> None:

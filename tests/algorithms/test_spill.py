@@ -45,7 +45,7 @@ def _round(method: str, built: BuiltModel, budget: int | None, folder: Path,
         step = server_step(server, state, inbox.updates)
         assert spilled == (0 if budget is None else 4 - min(4, budget // tree_num_bytes(deltas[0])))
     assert not folder.exists()  # the spilled files go once the round is aggregated
-    return step.result.state, step.result.messages, step.rejected
+    return step.result.global_state, step.result.messages, step.rejected
 
 
 @pytest.mark.parametrize("method", METHODS)

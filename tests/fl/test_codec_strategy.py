@@ -155,7 +155,7 @@ def test_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny: BuiltModel) 
                _reply(encode_update(every[0]), instructions[5]),  # node 16 (client 5) sends client 0's update
                _reply(encode_update(every[0]), instructions[0])]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
-    expected = strategy.server.algorithm.aggregate(global_state, good).state
+    expected = strategy.server.algorithm.aggregate(global_state, good).global_state
     got = record_to_tree(new_arrays)
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # the same math, in client-id order
     assert metrics["valid_updates"] == 2 and metrics["rejected"] == 4
@@ -195,7 +195,7 @@ def test_strategy_rejects_a_scaled_update_by_its_norm(tiny: BuiltModel) -> None:
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     (reason,) = strategy.round_state.step.rejected
     assert reason.startswith("client 3: update norm") and "× the round's median" in reason
-    expected = strategy.server.algorithm.aggregate(global_state, updates[:3]).state
+    expected = strategy.server.algorithm.aggregate(global_state, updates[:3]).global_state
     got = record_to_tree(new_arrays)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert metrics["valid_updates"] == 3 and metrics["rejected"] == 1

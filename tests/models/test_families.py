@@ -48,7 +48,8 @@ def test_an_fcmoe_result_survives_the_next_aggregation(case: tuple[BuiltModel, t
     built, _ = case
     state = built.model.trainable_state()
     algo = FCMoE(FCMoEConfig(), built.layout)
-    first = algo.aggregate(state, make_updates(built, [random_delta(state, s) for s in range(3)], [3, 4, 5])).state
+    updates = make_updates(built, [random_delta(state, s) for s in range(3)], [3, 4, 5])
+    first = algo.aggregate(state, updates).global_state
     kept = {k: v.clone() for k, v in first.items()}
     algo.aggregate(first, make_updates(built, [random_delta(state, s, scale=1.0) for s in range(10, 13)], [5, 4, 3]))
     for key in kept:
