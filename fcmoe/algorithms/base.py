@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, fedavg_step, holder_weights
-from fcmoe.models.layout import ExpertLayout
+from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
 
 
@@ -183,7 +183,8 @@ class Algorithm:
             out.update({k: moved[k] for k in layer.keys if k in wanted})
         return out
 
-    def expert_means(self, trees: Sequence[Tree], layer: Any, weights: torch.Tensor, mean: MeanRule) -> torch.Tensor:
+    def expert_means(self, trees: Sequence[Tree], layer: MoELayerSpec, weights: torch.Tensor,
+                     mean: MeanRule) -> torch.Tensor:
         """``[E, P]``: row k is the ``mean`` of expert k over the trees with ``weights[:, k]`` (``weights [N, E]``),
         one expert unit at a time (:meth:`~fcmoe.models.layout.ExpertLayout.stack_expert`)."""
         rows, stack = [], None

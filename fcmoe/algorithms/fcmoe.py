@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult, routing_frequencies
+from fcmoe.algorithms.base import (Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult,
+                                  routing_frequencies)
 from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ExpertStep, MeanRule, Tree, consensus_step, expert_norms,
                         importance_weights, normalise_columns, pairwise_step, tree_add)
-from fcmoe.models.layout import MoELayerSpec
+from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
@@ -115,7 +116,7 @@ class FCMoE(Algorithm):
     variants = {"no-projection": {"projection": False}, "no-retention": {"retention": 0.0},
                 "no-importance": {"importance": "size"}, "pairwise": {"reference": "pairwise"}}
 
-    def __init__(self, config: FCMoEConfig, layout: Any) -> None:
+    def __init__(self, config: FCMoEConfig, layout: ExpertLayout) -> None:
         super().__init__(config, layout)
         # MoE layer → (weak references to the expert tensors of the last (θ_old, θ_new) pair, its step u)
         self._steps: dict[str, tuple[list[weakref.ref[torch.Tensor]], torch.Tensor]] = {}
@@ -211,7 +212,7 @@ class FCMoE(Algorithm):
                 out.update(self.layout.split_experts(layer, rows))
         return out
 
-    def client_statistics(self, runtime: Any, client_state: dict[str, Any], trained: Any,
+    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: Any,
                           data: Any) -> dict[str, torch.Tensor]:
         """‖λ r_i‖ per MoE layer of the r_i this round started from, for the server's ``retention_ratio_per_layer``
         (one scalar per layer; r_i itself stays on the client)."""
@@ -274,7 +275,7 @@ class FCMoE(Algorithm):
         self._steps[layer.name] = ([weakref.ref(t) for t in pair], step)
         return step
 
-    def deployed_prediction(self, runtime: Any, client_state: dict[str, Any], global_state: Tree,
+    def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
                             data: Any) -> Prediction:
         """The personalised model θ + λ·r_i."""
         return runtime.predict(self.client_start(global_state, client_state), data)

@@ -21,6 +21,7 @@ import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
+from fcmoe.models.layout import ExpertLayout
 from fcmoe.registry import register_algorithm
 
 
@@ -62,7 +63,7 @@ class FedAdam(Algorithm):
     config_class = FedAdamConfig
     config: FedAdamConfig
 
-    def __init__(self, config: FedAdamConfig, layout: object) -> None:
+    def __init__(self, config: FedAdamConfig, layout: ExpertLayout) -> None:
         super().__init__(config, layout)
         self.first_moment: Tree = {}  # m
         self.second_moment: Tree = {}  # v

@@ -33,6 +33,7 @@ from fcmoe.algorithms.base import (Algorithm, AlgorithmConfig, ClientRuntime, Cl
                                    routing_frequencies)
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, holder_weights
 from fcmoe.core.submoe import largest_threshold, recommend_experts
+from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
 
@@ -100,7 +101,7 @@ class FedMoE(Algorithm):
     config: FedMoEConfig
     variants = {"agg": {"sub_models": False, "recommend": False}}
 
-    def __init__(self, config: FedMoEConfig, layout: Any) -> None:
+    def __init__(self, config: FedMoEConfig, layout: ExpertLayout) -> None:
         super().__init__(config, layout)
         self.clients: dict[int, _Structure] = {}
         total = sum(layer.num_experts for layer in layout.layers)
@@ -133,7 +134,7 @@ class FedMoE(Algorithm):
         return runtime.predict(global_state, data, expert_mask=self.client_expert_mask(client_state))
 
     # ------------------------------------------------------------------ server half
-    def _holders(self, update: ClientUpdate, index: int, layer: Any) -> torch.Tensor:
+    def _holders(self, update: ClientUpdate, index: int, layer: MoELayerSpec) -> torch.Tensor:
         """``[E]`` bool: the experts of ``layer`` that ``update`` contributes to the modular aggregation."""
         if not self.config.sub_models:
             return (update.routing_counts[layer.name] > 0) & (update.frequencies(layer.name) >= self.config.min_share)
