@@ -13,7 +13,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install assets run test test-slow bench bench-gpu clean
+.PHONY: install assets run test lint test-slow bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,15 @@ assets: $(STAMP)
 run: assets
 	$(BIN)/fcmoe run
 
-# `make test`: everything but the multi-process Flower runs (deployments, resume, sparse and participation parity),
-# which `make test-slow` runs; CI runs both.
-test: assets
+# `make test`: the linters (ruff on everything, mypy on core, algorithms and the config; pyproject.toml), then
+# everything but the multi-process Flower runs (deployments, resume, sparse and participation parity), which
+# `make test-slow` runs; CI runs both.
+test: assets lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check fcmoe tests bench
+	$(BIN)/mypy
 
 test-slow: assets
 	$(BIN)/python -m pytest -q -m slow

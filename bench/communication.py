@@ -47,7 +47,7 @@ def lora_comparison(family: str, model_path: str, rounds: int, alpha: float) -> 
     print(f"{family}{' at ' + model_path if model_path else ''}, 4 clients; bytes per round (all clients)")
     print(f"{'method':<8} {'round':>5} {'full up':>14} {'LoRA up':>12} {'full down':>14} {'LoRA down':>12} "
           f"{'up ratio':>9}")
-    for full, lora in zip(rows["full"], rows["lora"]):
+    for full, lora in zip(rows["full"], rows["lora"], strict=True):
         print(f"{full['method']:<8} {full['round']:>5} {full['bytes_up']:>14,d} {lora['bytes_up']:>12,d} "
               f"{full['bytes_down']:>14,d} {lora['bytes_down']:>12,d} {full['bytes_up'] / lora['bytes_up']:>8.1f}x")
 

@@ -8,6 +8,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
 keys = ("conflict_rate", "projected_weight_share_per_layer", "projection_step_change_per_layer",
         "retention_ratio_per_layer")
 for folder in sys.argv[1:]:

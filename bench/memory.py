@@ -191,7 +191,7 @@ def _extrapolate(shape: str, variant: str, rows: list[dict]) -> None:
 
 
 def plan_estimate(shape: str, variant: str, tokens: int, layers: int = 0) -> float:
-    """fcmoe plan's bytes for this step (``layers`` = 0: full depth), plus the start and end trees a CPU step
+    """Fcmoe plan's bytes for this step (``layers`` = 0: full depth), plus the start and end trees a CPU step
     keeps beside the model (fp32, on the host: on a GPU run they are not in the device's figure)."""
     from fcmoe.models.build import meta_model
     from fcmoe.models.memory import estimate_step

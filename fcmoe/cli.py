@@ -106,7 +106,7 @@ def _threads_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _set_threads(threads: int) -> None:
-    """torch's threads for this command (a command owns its process): ``train.threads``, 0 = torch's default. A
+    """Torch's threads for this command (a command owns its process): ``train.threads``, 0 = torch's default. A
     busy machine is pointed out: every process using every core slows all of them down many times over."""
     import torch
 

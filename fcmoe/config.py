@@ -19,8 +19,18 @@ from typing import Any
 import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
-from fcmoe.config_sections import (AttackConfig, ConfigError, EvalConfig, ParticipationConfig, RobustConfig,
-                                   ServerConfig, SweepConfig, TrackingConfig, TrainConfig, _positive)
+from fcmoe.config_sections import (
+    AttackConfig,
+    ConfigError,
+    EvalConfig,
+    ParticipationConfig,
+    RobustConfig,
+    ServerConfig,
+    SweepConfig,
+    TrackingConfig,
+    TrainConfig,
+    _positive,
+)
 from fcmoe.data.catalog import FILE_SOURCES, INSTRUCT_SOURCES
 from fcmoe.data.config import DataConfig, PartitionConfig
 from fcmoe.models.catalog import DEFAULT_MODEL, FAMILY_NAMES, HUB, SFT_MODELS, supports_lora
@@ -175,7 +185,7 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             if f.name == "algorithms":
                 out.update({name: _plain(dataclasses.asdict(cfg)) for name, cfg in value.items()})
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:
                 out[f.name] = _plain(value)

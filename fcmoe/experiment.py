@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from fcmoe.config import ExperimentConfig
 from fcmoe.core import Tree, tree_clone
-from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.data.corpus import TextCorpus, subsample_per_class
 from fcmoe.data.mmlu import MMLU_CHOICES, mmlu_zero_shot, stratified_questions
 from fcmoe.data.offline import mmlu_offline_questions
+from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.data.sources import load_source
 from fcmoe.files import atomic_write
 from fcmoe.models.build import BuiltModel, build_model, checkpointing

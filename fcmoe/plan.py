@@ -19,8 +19,8 @@ import torch
 from fcmoe.config import ExperimentConfig
 from fcmoe.models.build import checkpointing, meta_model
 from fcmoe.models.catalog import HUB
-from fcmoe.models.shapes import DEFAULT_SHAPES
 from fcmoe.models.memory import GIB, StepMemory, estimate_step, idle_expert_parameters
+from fcmoe.models.shapes import DEFAULT_SHAPES
 from fcmoe.training.local import resolve_device
 
 

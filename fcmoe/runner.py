@@ -11,16 +11,22 @@ import logging
 import shutil
 from pathlib import Path
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fcmoe.checkpoint import checkpointed_round
 from fcmoe.config import ExperimentConfig
 from fcmoe.experiment import prepare_experiment
 from fcmoe.plan import check_fits
 from fcmoe.rounds import initial_scores
-from fcmoe.runs import (MethodSummary, check_same_experiment, keep_rows, load_summaries, save_final_model,
-                        save_partition, save_summaries)
-from fcmoe.checkpoint import checkpointed_round
+from fcmoe.runs import (
+    MethodSummary,
+    check_same_experiment,
+    keep_rows,
+    load_summaries,
+    save_final_model,
+    save_partition,
+    save_summaries,
+)
 from fcmoe.sim.engine import RoundCallback, run_method
 from fcmoe.tracking import make_tracker
 

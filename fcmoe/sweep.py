@@ -27,8 +27,15 @@ from typing import Any
 
 import tomli_w
 import torch
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fcmoe.config import ConfigError, ExperimentConfig, build_config
 from fcmoe.data.partition import PartitionError
@@ -132,7 +139,8 @@ def run_cells(cells: Sequence[Cell], folder: Path, show_progress: bool = True, j
             started = time.perf_counter()
             runs_before = total_runs - sum(len(m) for m in todo.values())
 
-            def advance(method: str, round_index: int, clients_done: int, cell: Cell = cell) -> None:
+            def advance(method: str, round_index: int, clients_done: int, cell: Cell = cell,
+                        runs_before: int = runs_before) -> None:
                 done = runs_before + todo[cell.name].index(method)
                 progress.update(task, advance=1, description=f"runs {done}/{total_runs} · {cell.name} {method} "
                                                              f"round {round_index}/{cell.config.rounds}")

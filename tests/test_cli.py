@@ -386,8 +386,9 @@ def test_a_disk_full_while_spilling_stops_with_one_line_and_resumes_to_the_unint
     """``server.memory_budget = "0"``: every update goes to disk. The disk fills in FC-MoE's round 2: one line (the
     spill file, the resume command), exit 1; the resumed run ends with the final models of a run that never
     spilled."""
-    import fcmoe.spill
     from safetensors.torch import load_file
+
+    import fcmoe.spill
 
     real, calls = fcmoe.spill.save_file, []
 

@@ -1,7 +1,6 @@
 """Federated algorithms, one file each (config + server half + client half), registered by name."""
 
-from fcmoe.algorithms import (fcmoe, fedadam, fedavg, fedmoe, hfedmoe, localexperts,  # noqa: F401  (registration)
-                              pflmoe)
+from fcmoe.algorithms import fcmoe, fedadam, fedavg, fedmoe, hfedmoe, localexperts, pflmoe  # noqa: F401  (registration)
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientUpdate, ServerResult
 from fcmoe.registry import ALGORITHMS
 

@@ -27,10 +27,27 @@ from typing import Any
 
 import torch
 
-from fcmoe.algorithms.base import (Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult,
-                                  routing_frequencies)
-from fcmoe.core import (IMPORTANCE_SCHEMES, WEIGHTED_MEAN, ExpertStep, MeanRule, Tree, consensus_step, expert_norms,
-                        importance_weights, normalise_columns, pairwise_step, tree_add)
+from fcmoe.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    ClientRuntime,
+    ClientUpdate,
+    ServerResult,
+    routing_frequencies,
+)
+from fcmoe.core import (
+    IMPORTANCE_SCHEMES,
+    WEIGHTED_MEAN,
+    ExpertStep,
+    MeanRule,
+    Tree,
+    consensus_step,
+    expert_norms,
+    importance_weights,
+    normalise_columns,
+    pairwise_step,
+    tree_add,
+)
 from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
@@ -160,12 +177,13 @@ class FCMoE(Algorithm):
                 coefficients = torch.stack([u.step.removed for u in units], dim=1)  # [N, E]  c_i
                 scales = torch.stack([u.step.scale for u in units])  # [E]
                 scalars = coefficients / (self.config.server_lr * scales)[None, :]  # [N, E]  ρ_i = s_i · u
-                for update, row in zip(updates, scalars.to(torch.float32).unbind(0)):
+                for update, row in zip(updates, scalars.to(torch.float32).unbind(0), strict=True):
                     messages[update.client_id][layer.name] = row
                 continue
             rows: dict[int, dict[int, torch.Tensor]] = {}  # client index → expert → ρ_{i,k} [P]
             for k, unit in enumerate(units):
-                for i, removed in zip(unit.step.conflicted.nonzero().flatten().tolist(), unit.step.removed):
+                projected = unit.step.conflicted.nonzero().flatten().tolist()  # the m clients of step.removed
+                for i, removed in zip(projected, unit.step.removed, strict=True):
                     rows.setdefault(i, {})[k] = removed
             for i, by_expert in rows.items():
                 messages[updates[i].client_id].update({
@@ -181,7 +199,8 @@ class FCMoE(Algorithm):
         for layer, units in layers:
             weights = torch.stack([u.weights for u in units], dim=1)  # [N, E]
             conflicted = torch.stack([u.step.conflicted for u in units], dim=1)  # [N, E]
-            cosines = None if units[0].step.cosine is None else torch.stack([u.step.cosine for u in units], dim=1)
+            cosine_rows = [u.step.cosine for u in units if u.step.cosine is not None]  # none with pairwise
+            cosines = torch.stack(cosine_rows, dim=1) if cosine_rows else None
             rate[layer.name], mean_cosine, projected_weight[layer.name] = _layer_metrics(weights, conflicted, cosines)
             if cosines is not None:
                 cosine[layer.name] = mean_cosine
@@ -269,7 +288,8 @@ class FCMoE(Algorithm):
         its expert tensors, held weakly, so a finished round's models are not kept alive here."""
         pair = [t for tree in (old_global, new_global) for t in (tree[k] for k in layer.keys)]
         memo = self._steps.get(layer.name)
-        if memo is not None and len(memo[0]) == len(pair) and all(ref() is t for ref, t in zip(memo[0], pair)):
+        if memo is not None and len(memo[0]) == len(pair) and all(
+                ref() is t for ref, t in zip(memo[0], pair, strict=True)):
             return memo[1]
         step = self.layout.gather_experts(new_global, layer) - self.layout.gather_experts(old_global, layer)
         self._steps[layer.name] = ([weakref.ref(t) for t in pair], step)

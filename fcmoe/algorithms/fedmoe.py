@@ -29,8 +29,14 @@ from typing import Any
 
 import torch
 
-from fcmoe.algorithms.base import (Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult,
-                                   routing_frequencies)
+from fcmoe.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    ClientRuntime,
+    ClientUpdate,
+    ServerResult,
+    routing_frequencies,
+)
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, holder_weights
 from fcmoe.core.submoe import largest_threshold, recommend_experts
 from fcmoe.models.layout import ExpertLayout, MoELayerSpec

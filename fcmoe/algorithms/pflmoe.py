@@ -16,8 +16,8 @@ metrics say so (``personalisation: "none (sft)"``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

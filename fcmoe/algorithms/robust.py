@@ -68,8 +68,8 @@ def screen_updates(updates: Sequence[ClientUpdate], expected: Tree, layout: Expe
         keep = norms <= max_norm_ratio * median
         rejected += [f"client {u.client_id}: update norm {norm:.4g} is {norm / median:.1f}× the round's median "
                      f"{median:.4g} (robust.max_norm_ratio = {max_norm_ratio:g})"
-                     for u, norm, ok in zip(accepted, norms.tolist(), keep.tolist()) if not ok]
-        accepted = [u for u, ok in zip(accepted, keep.tolist()) if ok]
+                     for u, norm, ok in zip(accepted, norms.tolist(), keep.tolist(), strict=True) if not ok]
+        accepted = [u for u, ok in zip(accepted, keep.tolist(), strict=True) if ok]
     return accepted, rejected
 
 

@@ -16,7 +16,6 @@ from fcmoe.data.corpus import DataError, TextCorpus, encode_labels
 from fcmoe.data.mmlu import MMLU_CHOICES, MMLUQuestion, mmlu_corpus, subject_key
 from fcmoe.errors import first_line, why_hub_failed
 
-
 AGNEWS_ID = "fancyzhx/ag_news"
 AGNEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
 MMLU_ID = "cais/mmlu"

@@ -122,8 +122,8 @@ def _first_sentence(text: str) -> str:
 
 
 def _labelled(corpora: tuple[TextCorpus, TextCorpus], words: dict[str, str]) -> tuple[list[Document], ...]:
-    return tuple([{"text": text, "answer": words[c.label_names[label]]} for text, label in zip(c.texts, c.labels)]
-                 for c in corpora)
+    return tuple([{"text": text, "answer": words[c.label_names[label]]}
+                  for text, label in zip(c.texts, c.labels, strict=True)] for c in corpora)
 
 
 def _bbc() -> tuple[list[Document], list[Document]]:
@@ -144,5 +144,5 @@ def _bbc() -> tuple[list[Document], list[Document]]:
                     labels.append(label)
     articles = TextCorpus(heads, np.array(labels, dtype=np.int64), list(BBC_SECTIONS), responses=bodies)
     return tuple([{"headline": head, "body": body, "section": BBC_SECTIONS[label]}
-                  for head, body, label in zip(split.texts, split.responses, split.labels)]
+                  for head, body, label in zip(split.texts, split.responses, split.labels, strict=True)]
                  for split in hold_out(articles, 0.2, 0))

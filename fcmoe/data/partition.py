@@ -15,8 +15,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
-                                       PathologicalPartitioner, Partitioner)
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
 
 from fcmoe.data.config import PartitionConfig
 from fcmoe.data.corpus import DataError
@@ -25,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class PartitionError(DataError):
-    """This seed's and α's draw cannot give every client enough documents (another cell of a sweep may)."""
+    """The draw of this seed and α cannot give every client enough documents (another cell of a sweep may)."""
 
 
 @dataclass

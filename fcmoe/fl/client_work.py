@@ -29,8 +29,17 @@ from fcmoe.algorithms import Algorithm
 from fcmoe.config import build_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl import IMPORTED_AT
-from fcmoe.fl.codec import (ARRAYS, MESSAGE, Instruction, decode_instruction, decode_message, encode_evaluation,
-                            encode_identity, encode_update, record_to_tree)
+from fcmoe.fl.codec import (
+    ARRAYS,
+    MESSAGE,
+    Instruction,
+    decode_instruction,
+    decode_message,
+    encode_evaluation,
+    encode_identity,
+    encode_update,
+    record_to_tree,
+)
 from fcmoe.fl.node_settings import PhaseClock, node_root, partition_id, warm_cache_enabled
 from fcmoe.fl.node_state import NodeStateStore, one_featurises, use_warm_folder
 from fcmoe.rounds import client_step, deployed_global_accuracy, finish_client, initial_client_state, local_accuracy

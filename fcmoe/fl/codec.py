@@ -287,6 +287,7 @@ def encode_message(message: Mapping[str, torch.Tensor] | None) -> ArrayRecord:
 
 
 def decode_message(record: ArrayRecord | None) -> dict[str, torch.Tensor] | None:
+    """A server message as tensors (copies), or None when there is none."""
     if record is None or not len(record):
         return None
     return {k: v.clone() for k, v in record.to_torch_state_dict().items()}

@@ -63,7 +63,7 @@ class Deployment:
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     """(ca.crt, server.pem, server.key): a one-day CA and a server certificate for localhost / 127.0.0.1."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fcmoe local CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -264,6 +264,7 @@ def _answer(conn: Connection, client_work: Any) -> bool:  # noqa: ANN401 - the m
 
 
 def main() -> None:
+    """Run the worker on the socket, key, lock and log the ClientApp passes."""
     parser = argparse.ArgumentParser(description="fcmoe's node-resident worker (started by the ClientApp)")
     for name in ("socket", "key", "lock", "log"):
         parser.add_argument(name, type=Path)

@@ -34,6 +34,7 @@ import torch
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fcmoe.algorithms import ServerResult
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.cache import cache_dir
 from fcmoe.checkpoint import Checkpoint, checkpointed_round, load_checkpoint, save_checkpoint
@@ -44,10 +45,16 @@ from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, tree_to_record
 from fcmoe.fl.node_state import run_state_folder
 from fcmoe.fl.strategy import AlgorithmStrategy
-from fcmoe.algorithms import ServerResult
 from fcmoe.rounds import ServerStep, global_scores, initial_scores, round_metrics, scored_clients, start_round
-from fcmoe.runs import (MethodSummary, append_row, keep_rows, new_run_dir, save_final_model, save_partition,
-                        save_summaries)
+from fcmoe.runs import (
+    MethodSummary,
+    append_row,
+    keep_rows,
+    new_run_dir,
+    save_final_model,
+    save_partition,
+    save_summaries,
+)
 
 log = logging.getLogger(__name__)
 

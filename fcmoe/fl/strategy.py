@@ -27,10 +27,20 @@ from flwr.serverapp.strategy import Strategy
 
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree
-from fcmoe.fl.codec import (Instruction, MalformedReply, decode_device, decode_evaluation, decode_identity,
-                            decode_update,
-                            deployed_global_of, encode_instruction, mean_local_accuracy, record_to_tree, round_counts,
-                            tree_to_record)
+from fcmoe.fl.codec import (
+    Instruction,
+    MalformedReply,
+    decode_device,
+    decode_evaluation,
+    decode_identity,
+    decode_update,
+    deployed_global_of,
+    encode_instruction,
+    mean_local_accuracy,
+    record_to_tree,
+    round_counts,
+    tree_to_record,
+)
 from fcmoe.rounds import RoundDraw, ServerStep, server_step
 from fcmoe.spill import UpdateInbox
 

@@ -13,18 +13,38 @@ from transformers import BertModel
 
 from fcmoe.models.backbone import BackboneClassifier
 from fcmoe.models.catalog import FAMILY_NAMES, FUSED, HUB, SFT_MODELS, base_family, supports_lora
-from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.causal_lm import CausalLM, HFCodec, TextCodec, WordCodec
+from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.decoder import SMOLLM2_GGUF, build_upcycled_decoder, load_smollm2, upcycle_top
-from fcmoe.models.families import (FAMILIES, adapt, balance_coefficient, build_hub_family, expert_layout, from_config,
-                                   from_pretrained, has_tokenizer, hashing_tokenize, hf_tokenize, hub_config,
-                                   hub_plan, load_tokenizer, meta_hub_family, pretrained_path, pretrained_plan)
-from fcmoe.models.shapes import materialise, on_meta
+from fcmoe.models.families import (
+    FAMILIES,
+    adapt,
+    balance_coefficient,
+    build_hub_family,
+    expert_layout,
+    from_config,
+    from_pretrained,
+    has_tokenizer,
+    hashing_tokenize,
+    hf_tokenize,
+    hub_config,
+    hub_plan,
+    load_tokenizer,
+    meta_hub_family,
+    pretrained_path,
+    pretrained_plan,
+)
 from fcmoe.models.layout import ExpertLayout, PerExpertModuleLayout
 from fcmoe.models.memory import text_config
 from fcmoe.models.precision import PrecisionPlan, apply_precision, plan_precision
-from fcmoe.models.seq2seq import (Seq2SeqLM, TextToTextClassifier, build_seq2seq_lm, build_text_to_text,
-                                  meta_text_to_text)
+from fcmoe.models.seq2seq import (
+    Seq2SeqLM,
+    TextToTextClassifier,
+    build_seq2seq_lm,
+    build_text_to_text,
+    meta_text_to_text,
+)
+from fcmoe.models.shapes import materialise, on_meta
 
 log = logging.getLogger(__name__)
 

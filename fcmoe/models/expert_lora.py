@@ -44,7 +44,7 @@ def use_factored_expert_lora(model: nn.Module) -> int:
 
 def factored_experts(experts: nn.Module, wrappers: dict[str, ParamWrapper], hidden: torch.Tensor,
                      top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' fused-experts forward with each target's LoRA applied per expert (module docstring).
+    """Transformers' fused-experts forward with each target's LoRA applied per expert (module docstring).
 
     ``hidden [n, H]``, ``top_k_index [n, k]``, ``top_k_weights [n, k]`` → ``[n, H]``.
     """

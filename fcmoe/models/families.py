@@ -277,6 +277,7 @@ def _dequantised(source: str) -> dict[str, Any]:
 
 
 def has_tokenizer(path: str) -> bool:
+    """Whether the folder ``path`` holds a tokenizer of its own."""
     return bool(path) and any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
@@ -310,7 +311,7 @@ def load_tokenizer(source: str) -> Any:
 
 
 def tokenize_with(tokenizer: Any, max_length: int) -> Any:
-    """texts → (ids ``[n, max_length]``, mask ``[n, max_length]``), padded and truncated by ``tokenizer``."""
+    """Texts → (ids ``[n, max_length]``, mask ``[n, max_length]``), padded and truncated by ``tokenizer``."""
 
     def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")

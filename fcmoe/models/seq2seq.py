@@ -34,8 +34,15 @@ from torch import nn
 from fcmoe.models.catalog import DEFAULT_PATHS
 from fcmoe.models.causal_lm import IGNORE, HFCodec, TextCodec, WordCodec, prompt_lengths, summed_nll
 from fcmoe.models.classifier import TrainableTree
-from fcmoe.models.families import (FAMILIES, hashing_token_id, hashing_tokenize, hub_config, load_tokenizer,
-                                   pretrained_source, tokenize_with)
+from fcmoe.models.families import (
+    FAMILIES,
+    hashing_token_id,
+    hashing_tokenize,
+    hub_config,
+    load_tokenizer,
+    pretrained_source,
+    tokenize_with,
+)
 from fcmoe.models.layout import SwitchLayout
 from fcmoe.models.shapes import materialise, on_meta
 

@@ -28,8 +28,20 @@ from pathlib import Path
 import numpy as np
 
 from fcmoe.report import plots
-from fcmoe.report.results import (ReportError, RunResult, Stat, alphas_of, curve, default_target, find_runs,
-                                  layer_curve, methods_of, rounds_to_target, shifted_clients, stat)
+from fcmoe.report.results import (
+    ReportError,
+    RunResult,
+    Stat,
+    alphas_of,
+    curve,
+    default_target,
+    find_runs,
+    layer_curve,
+    methods_of,
+    rounds_to_target,
+    shifted_clients,
+    stat,
+)
 from fcmoe.report.table import display_name
 from fcmoe.sweep import skipped_cells
 
@@ -103,7 +115,7 @@ def global_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Se
         if any(math.isfinite(s.mean) for s in mixtures):  # PFL-MoE: its authors' reading of global accuracy
             table.rows.append([f"{display_name(method)} (clients' mixtures, its paper's reading)",
                                *(table.add_record(method, a, "deployed_global_acc_mean", s) for a, s in
-                                 zip(alphas, mixtures))])
+                                 zip(alphas, mixtures, strict=True))])
     return table
 
 

@@ -9,9 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
-
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 HEATMAP_CLIENTS = 60  # rows a partition heatmap draws: beyond that the figure is taller than any screen
 
@@ -117,7 +116,7 @@ def utilisation_heatmaps(shares: dict[str, np.ndarray], path: Path, title: str =
     if not shares:
         raise ValueError("no MoE layer to plot: the runs recorded no per-client routing")
     fig, axes = plt.subplots(1, len(shares), figsize=(3.2 + 2.6 * len(shares), 3.6), squeeze=False)
-    for ax, (layer, grid) in zip(axes[0], shares.items()):
+    for ax, (layer, grid) in zip(axes[0], shares.items(), strict=True):
         grid = np.asarray(grid, dtype=float)
         image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=max(float(grid.max()), 1e-9))
         ax.set_title(layer, fontsize=9)
@@ -154,7 +153,7 @@ def errorbar_panels(panels: Sequence[tuple[str, str, dict[str, Points]]], path: 
     """
     markers, styles = MARKERS, LINE_STYLES
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
-    for ax, (panel_title, ylabel, series) in zip(axes[0], panels):
+    for ax, (panel_title, ylabel, series) in zip(axes[0], panels, strict=True):
         for i, (label, (x, mean, std)) in enumerate(series.items()):
             ax.errorbar(np.asarray(x, dtype=float), np.asarray(mean, dtype=float), yerr=np.asarray(std, dtype=float),
                         marker=markers[i % len(markers)], linestyle=styles[i % len(styles)], capsize=3, label=label)

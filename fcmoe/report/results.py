@@ -162,6 +162,7 @@ def shifted_clients(run: RunResult) -> list[int]:
 
 
 def alphas_of(runs: Sequence[RunResult]) -> list[float]:
+    """The Dirichlet α values of the runs, ascending."""
     return sorted({r.alpha for r in runs})
 
 
@@ -213,7 +214,7 @@ def layer_curve(runs: Sequence[RunResult], method: str, alpha: float, key: str,
 def rounds_to_target(runs: Sequence[RunResult], method: str, alpha: float, target: float) -> int | None:
     """First round whose seed-mean global accuracy reaches ``target``; None if it never does."""
     rounds, stats = curve(runs, method, alpha, "global_acc")
-    return next((t for t, s in zip(rounds, stats) if s.n and s.mean >= target - 1e-12), None)
+    return next((t for t, s in zip(rounds, stats, strict=True) if s.n and s.mean >= target - 1e-12), None)
 
 
 def default_target(runs: Sequence[RunResult], alpha: float, methods: Sequence[str]) -> float:

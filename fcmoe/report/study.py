@@ -1,4 +1,4 @@
-"""The report of ``fcmoe study``: when do FC-MoE's projection and retention change the result?
+"""The report of ``fcmoe study``: when do FC-MoE's projection and retention change the result.
 
 A study folder holds one cell folder per (regime, seed), ``<regime>-seed<s>`` (see :mod:`fcmoe.study`); every cell
 runs FC-MoE and its ablations on the same data, partition and initial model. This module reads the cells' small
@@ -116,7 +116,7 @@ def study_markdown(regimes: Sequence[Regime], figure: str) -> str:
                   "|---|---|---|---|---|---|"]
         for method in methods:
             g, loc = paired(regime, method, "global_acc"), paired(regime, method, "local_acc_mean")
-            per_seed = ", ".join(f"{a:+.4f} / {b:+.4f}" for a, b in zip(g.diffs, loc.diffs))
+            per_seed = ", ".join(f"{a:+.4f} / {b:+.4f}" for a, b in zip(g.diffs, loc.diffs, strict=True))
             lines.append(f"| {method} | {_signed(g.stat)} | {g.signs} | {_signed(loc.stat)} | {loc.signs} | "
                          f"{per_seed} |")
         lines += ["", "| mechanism | " + " | ".join(h for _, h, _ in MECHANISMS) + " |",

@@ -25,7 +25,7 @@ def display_name(method: str) -> str:
 
 
 def summary_table(summaries: Sequence[MethodSummary], title: str = "") -> Table:
-    """method | global acc | local acc mean ± std | rounds | wall time."""
+    """Method | global acc | local acc mean ± std | rounds | wall time."""
     table = Table(title=title or None)
     for column in ("method", "global acc", "local acc (mean ± std)", "rounds", "wall time"):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -36,4 +36,5 @@ def summary_table(summaries: Sequence[MethodSummary], title: str = "") -> Table:
 
 
 def print_summary(summaries: Sequence[MethodSummary], title: str = "", console: Console | None = None) -> None:
+    """Print the summary table of the methods to the terminal."""
     (console or Console()).print(summary_table(summaries, title))

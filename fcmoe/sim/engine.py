@@ -14,12 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from fcmoe.algorithms.robust import RobustAggregation
+from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
-from fcmoe.rounds import (client_step, deployed_global_accuracy, finish_client, global_scores, initial_client_state,
-                          local_accuracy, round_metrics, scored_clients, server_step, start_round)
+from fcmoe.rounds import (
+    client_step,
+    deployed_global_accuracy,
+    finish_client,
+    global_scores,
+    initial_client_state,
+    local_accuracy,
+    round_metrics,
+    scored_clients,
+    server_step,
+    start_round,
+)
 from fcmoe.runs import MethodSummary, append_row
-from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.sim.client_states import ClientStates
 from fcmoe.spill import UpdateInbox
 

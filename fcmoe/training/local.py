@@ -20,8 +20,8 @@ from fcmoe.config import TrainConfig
 from fcmoe.config_sections import ConfigError
 from fcmoe.core import Tree
 from fcmoe.models.classifier import EncoderClassifier
-from fcmoe.models.outputs import Prediction
 from fcmoe.models.layout import ExpertLayout
+from fcmoe.models.outputs import Prediction
 from fcmoe.models.precision import PrecisionPlan, check_device
 from fcmoe.models.routing import RoutingRecorder, masked_routing
 from fcmoe.training.sft import generation_scores, letter_accuracy, response_losses

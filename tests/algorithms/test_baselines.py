@@ -7,12 +7,12 @@ import dataclasses
 
 import torch
 
+from fcmoe.algorithms.base import AlgorithmConfig
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
 from fcmoe.algorithms.fedmoe import MASK, VAL_ACC, FedMoE, FedMoEConfig
 from fcmoe.algorithms.hfedmoe import SCORES, HFedMoE, HFedMoEConfig
 from fcmoe.algorithms.localexperts import LocalExperts
-from fcmoe.algorithms.base import AlgorithmConfig
 from fcmoe.core import pairwise_project, tree_add
 from fcmoe.core.submoe import experts_reaching, largest_threshold, recommend_experts
 from fcmoe.models.build import BuiltModel
@@ -61,7 +61,7 @@ def test_recommendation_adds_what_similar_clients_use_and_drops_keeping_one_per_
 def _fedmoe_round(algo: FedMoE, tiny: BuiltModel, state: dict, deltas: list, counts: list[torch.Tensor],
                   accs: list[float] | None = None) -> dict:
     updates = make_updates(tiny, deltas, [10, 30], counts)
-    for update, acc in zip(updates, accs or []):
+    for update, acc in zip(updates, accs or [], strict=True):
         update.statistics[VAL_ACC] = torch.tensor(acc, dtype=torch.float64)
     return algo.aggregate(state, updates)
 
@@ -172,7 +172,7 @@ def test_the_client_trains_and_deploys_its_sub_moe(tiny: BuiltModel) -> None:
 
 # ---------------------------------------------------------------------------------------------- HFedMoE
 def _scored(updates: list, usage: list[torch.Tensor], score: list[torch.Tensor]) -> list:
-    for update, u, s in zip(updates, usage, score):
+    for update, u, s in zip(updates, usage, score, strict=True):
         update.statistics.update({SCORES + layer: torch.stack([u, s, s]) for layer in update.routing_counts})
     return updates
 

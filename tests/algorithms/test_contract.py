@@ -17,7 +17,7 @@ def make_updates(built: BuiltModel, deltas: list[dict[str, torch.Tensor]], sizes
                  counts: list[torch.Tensor] | None = None) -> list[ClientUpdate]:
     layers = built.layout.layers
     updates = []
-    for i, (delta, n) in enumerate(zip(deltas, sizes)):
+    for i, (delta, n) in enumerate(zip(deltas, sizes, strict=True)):
         routing = {s.name: (counts[i] if counts else torch.full((s.num_experts,), 5)) for s in layers}
         updates.append(ClientUpdate(i, delta, n, routing))
     return updates
@@ -91,7 +91,7 @@ def test_same_inputs_same_result_and_inputs_untouched(algorithm, tiny: BuiltMode
     for key in state:
         assert torch.equal(first[key], second[key])
         assert torch.equal(state[key], state_copy[key])
-    for d, s in zip(deltas, snapshot):
+    for d, s in zip(deltas, snapshot, strict=True):
         assert all(torch.equal(d[k], s[k]) for k in d)
 
 

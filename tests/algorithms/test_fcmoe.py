@@ -8,8 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fcmoe.algorithms.fcmoe import (EXPERTS, OLDER_RETAINED, RETAINED, ROWS, SCALE, STEP, FCMoE, FCMoEConfig,
-                                   _layer_metrics)
+from fcmoe.algorithms.fcmoe import (
+    EXPERTS,
+    OLDER_RETAINED,
+    RETAINED,
+    ROWS,
+    SCALE,
+    STEP,
+    FCMoE,
+    FCMoEConfig,
+    _layer_metrics,
+)
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.core import ConsensusCoefficients, tree_sub
@@ -82,7 +91,7 @@ def test_messages_are_one_scalar_per_layer_and_expert(tiny: BuiltModel) -> None:
     result = FCMoE(FCMoEConfig(), tiny.layout).aggregate(state, updates)
     for message in result.messages.values():
         assert set(message) == {s.name for s in tiny.layout.layers}
-        assert all(v.shape == (s.num_experts,) for s, v in zip(tiny.layout.layers, message.values()))
+        assert all(v.shape == (s.num_experts,) for s, v in zip(tiny.layout.layers, message.values(), strict=True))
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
@@ -144,7 +153,7 @@ def test_retention_ratio_is_the_residual_next_to_the_update(tiny: BuiltModel) ->
         residual[layer.name + EXPERTS] = torch.arange(layer.num_experts)
     states = [{RETAINED: residual}, {}]
     algo = FCMoE(FCMoEConfig(retention=0.5), tiny.layout)
-    for update, client_state in zip(updates, states):
+    for update, client_state in zip(updates, states, strict=True):
         update.statistics = algo.client_statistics(None, client_state, None, None)
     assert set(updates[0].statistics) == {f"retained_norm/{layer.name}" for layer in tiny.layout.layers}
     assert updates[1].statistics == {}
@@ -202,7 +211,7 @@ def test_residuals_cost_what_they_carry_and_equal_the_dense_residual(tiny: Built
         assert torch.equal(tiny.layout.gather_experts(algo.retained(states[1]), layer), dense)
     # a checkpoint of round-1 states: u written once, shared again when read
     fresh, shared = FCMoE(FCMoEConfig(importance="size"), tiny.layout), [{}, {}]
-    for client_state, cid in zip(shared, (1, 4)):
+    for client_state, cid in zip(shared, (1, 4), strict=True):
         fresh.client_finish(client_state, state, result.global_state, result.messages[cid])
     save_checkpoint(tmp_path, Checkpoint("fcmoe", 1, state, shared, {}))
     written = sum(v.numel() * v.element_size() for k, v in load_file(str(tmp_path / "state-r1.safetensors")).items()

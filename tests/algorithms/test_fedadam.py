@@ -26,7 +26,7 @@ def _flower_round(strategy: FlowerFedAdam, server_round: int, global_state: dict
     """One round of Flower's FedAdam: the replies carry each client's model θ + Δ_i and its n_i."""
     strategy.current_arrays = {k: v.numpy() for k, v in global_state.items()}  # what configure_train stores
     replies = []
-    for node, (delta, n) in enumerate(zip(deltas, sizes), start=1):
+    for node, (delta, n) in enumerate(zip(deltas, sizes, strict=True), start=1):
         sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
         model = ArrayRecord({k: global_state[k] + delta[k] for k in global_state})
         replies.append(Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": n})}),

@@ -131,6 +131,6 @@ def test_clipping_bounds_a_scaled_client_per_unit(tiny: BuiltModel) -> None:
     updates = make_updates(tiny, deltas, [10] * 4, [torch.tensor([5, 5, 5, 5])] * 4)
     clipped = clip_updates(updates, tiny.layout, 2.0)
     assert tree_norm(clipped[3].delta) < 3 * max(tree_norm(u.delta) for u in updates[:3])
-    for before, after in zip(updates[:3], clipped[:3]):
+    for before, after in zip(updates[:3], clipped[:3], strict=True):
         assert all(torch.equal(before.delta[k], after.delta[k]) for k in before.delta)  # within 2× the median
     assert all(torch.equal(updates[3].delta[k], deltas[3][k]) for k in deltas[3])  # inputs not modified

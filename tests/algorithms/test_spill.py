@@ -29,9 +29,9 @@ def _server(method: str, built: BuiltModel, robust: RobustConfig) -> RobustAggre
 
 
 def _round(method: str, built: BuiltModel, budget: int | None, folder: Path,
-           robust: RobustConfig = RobustConfig()) -> tuple[dict, dict, list[str]]:
+           robust: RobustConfig | None = None) -> tuple[dict, dict, list[str]]:
     """One server step over 4 updates (one conflicting, one 50× too large) through an inbox of ``budget``."""
-    server = _server(method, built, robust)
+    server = _server(method, built, robust or RobustConfig())
     state = built.model.trainable_state()
     deltas = [uploaded(server.algorithm, random_delta(state, s), state) for s in range(4)]
     deltas[1] = {k: -v for k, v in deltas[0].items()}  # pulls against client 0

@@ -7,8 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcmoe.core import (CoordinateMean, consensus_coefficients, consensus_project, consensus_step, expert_norms,
-                        normalise_columns, pairwise_project, pairwise_step)
+from fcmoe.core import (
+    CoordinateMean,
+    consensus_coefficients,
+    consensus_project,
+    consensus_step,
+    expert_norms,
+    normalise_columns,
+    pairwise_project,
+    pairwise_step,
+)
 
 
 def random_case(seed: int, n: int = 5, e: int = 3, p: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

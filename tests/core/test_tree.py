@@ -21,11 +21,11 @@ def test_fedavg_step_matches_flower_fedavg() -> None:
     trees = [random_tree(s) for s in range(4)]
     sizes = [13, 40, 7, 101]
     records = [RecordDict({"arrays": ArrayRecord(dict(t)),
-                           "metrics": MetricRecord({"num-examples": n})}) for t, n in zip(trees, sizes)]
+                           "metrics": MetricRecord({"num-examples": n})}) for t, n in zip(trees, sizes, strict=True)]
     flower = aggregate_arrayrecords(records, "num-examples").to_numpy_ndarrays()
     zero = {k: torch.zeros_like(v) for k, v in trees[0].items()}
     ours = fedavg_step(zero, trees, sizes, list(zero))
-    for key, expected in zip(trees[0], flower):
+    for key, expected in zip(trees[0], flower, strict=True):
         np.testing.assert_allclose(ours[key].numpy(), expected, rtol=1e-6, atol=1e-7)
 
 

@@ -39,7 +39,8 @@ def test_the_shift_is_seeded_and_moves_every_label_a_shifted_client_holds() -> N
         assert all(mapping[label] == label for label in set(range(5)) - set(held.tolist()) - set(mapping[held]))
     unshifted = _partition(0, share=0.0)
     assert not unshifted.label_maps
-    for a, b in zip(part.clients, unshifted.clients):  # the shift does not change who holds which documents
+    # the shift does not change who holds which documents
+    for a, b in zip(part.clients, unshifted.clients, strict=True):
         assert np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test)
 
 

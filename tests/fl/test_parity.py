@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
-from fcmoe.sim.engine import run_method
 from fcmoe.runner import run_experiment
+from fcmoe.sim.engine import run_method
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
         "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=2",

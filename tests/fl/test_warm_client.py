@@ -44,8 +44,8 @@ def test_the_second_message_of_a_client_does_not_rebuild_its_features(tmp_path: 
     assert len(featurize_calls) == 2  # the pool and the global test set
     second = _new_process_experiment(config_text, node)
     assert len(featurize_calls) == 2  # read from the node's disk
-    for a, b in [(first.global_test, second.global_test), *zip(first.client_train, second.client_train),
-                 *zip(first.client_test, second.client_test)]:
+    for a, b in [(first.global_test, second.global_test), *zip(first.client_train, second.client_train, strict=True),
+                 *zip(first.client_test, second.client_test, strict=True)]:
         assert torch.equal(a.features, b.features) and torch.equal(a.mask, b.mask)
         assert torch.equal(a.labels, b.labels)
     other = tomli_w.dumps(load_config(overrides=[*TINY, "seed=1"]).to_dict())

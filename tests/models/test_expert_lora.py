@@ -23,7 +23,7 @@ def _pair(name: str) -> tuple[BuiltModel, BuiltModel]:
     assert rerouted == [0, len(factored.layout.layers)]
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for (key, a), (_, b) in zip(merged.model.named_parameters(), factored.model.named_parameters(), strict=True):
+        for (_, a), (_, b) in zip(merged.model.named_parameters(), factored.model.named_parameters(), strict=True):
             if a.requires_grad:
                 a.copy_(torch.randn(a.shape, generator=generator) * 0.1)
                 b.copy_(a)
@@ -58,7 +58,8 @@ def test_factored_expert_lora_keeps_no_expert_stack_for_backward() -> None:
         saved: list[int] = []
         ids, mask = built.tokenize(TEXTS)
         features = built.model.featurize(ids, mask)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t,
+                                                      lambda t: t):
             built.model(features, mask)
         sizes[name] = max(saved)
     stack = 4 * 2 * 32 * 64  # E × 2I × H: one gate_up_proj stack

@@ -87,7 +87,7 @@ def test_the_plan_holds_a_rounds_updates_only_up_to_the_memory_budget() -> None:
 
 
 def test_the_plan_of_an_sft_run_counts_the_causal_lm_and_its_logits() -> None:
-    """task = "sft": the causal LM on the meta device (its LM head frozen, or trained when asked) and the fp32
+    """Task = "sft": the causal LM on the meta device (its LM head frozen, or trained when asked) and the fp32
     logits with their gradient at every token of the batch."""
     from fcmoe.config import load_config
     from fcmoe.models.families import hub_config

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fcmoe import rounds
 from fcmoe.algorithms import ALGORITHMS
 from fcmoe.cli import main
 from fcmoe.config import load_config
-from fcmoe import rounds
 from fcmoe.experiment import prepare_experiment
 from fcmoe.runner import run_experiment
 from fcmoe.sim import engine

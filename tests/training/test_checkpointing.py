@@ -52,7 +52,7 @@ def test_checkpointing_is_on_by_default_for_hub_families_only() -> None:
 
 @pytest.mark.parametrize("name", ["switch-t2t-tiny", "qwen3_moe-tiny"])
 def test_checkpointing_gives_the_same_instruction_tuning(name: str) -> None:
-    """task = "sft": the response loss through an encoder-decoder and a decoder, with and without checkpointing."""
+    """Task = "sft": the response loss through an encoder-decoder and a decoder, with and without checkpointing."""
     from fcmoe.models.causal_lm import encode_pairs
     from fcmoe.training.local import FeatureSet
     from tests.conftest import tiny_sft
