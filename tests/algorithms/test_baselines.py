@@ -61,7 +61,7 @@ def test_recommendation_adds_what_similar_clients_use_and_drops_keeping_one_per_
 def _fedmoe_round(algo: FedMoE, tiny: BuiltModel, state: dict, deltas: list, counts: list[torch.Tensor],
                   accs: list[float] | None = None) -> dict:
     updates = make_updates(tiny, deltas, [10, 30], counts)
-    for update, acc in zip(updates, accs or [], strict=True):
+    for update, acc in zip(updates, accs, strict=True) if accs else ():
         update.statistics[VAL_ACC] = torch.tensor(acc, dtype=torch.float64)
     return algo.aggregate(state, updates)
 
