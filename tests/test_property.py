@@ -10,7 +10,7 @@ from fcmoe.algorithms import ClientUpdate
 from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
 from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
 from fcmoe.algorithms.robust import screen_updates
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 BUILT = tiny_model()
 STATE = BUILT.model.trainable_state()

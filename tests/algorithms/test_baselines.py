@@ -16,7 +16,7 @@ from fcmoe.algorithms.localexperts import LocalExperts
 from fcmoe.core import pairwise_project, tree_add
 from fcmoe.core.submoe import experts_reaching, largest_threshold, recommend_experts
 from fcmoe.models.build import BuiltModel
-from tests.algorithms.test_contract import make_updates, random_delta
+from tests.helpers import build_family, make_updates, random_delta
 
 
 def _expert_keys(layer, k: int) -> list[str]:  # noqa: ANN001
@@ -150,9 +150,7 @@ def test_recommendation_reverts_and_freezes_when_the_next_participation_is_not_b
 def test_fedmoe_on_a_top2_model_gives_every_sub_moe_two_experts_per_layer() -> None:
     """Budget 0.25 of 8 experts would be 2 (one per layer); a top-2 router needs 2 per layer: 4, one of each
     client's most used experts and the next in its p."""
-    from tests.models.test_families import build
-
-    fused = build("qwen3_moe-tiny", "full")
+    fused = build_family("qwen3_moe-tiny", "full")
     state = fused.model.trainable_state()
     algo = FedMoE(FedMoEConfig(recommend=False), fused.layout)
     assert algo.budget == 4

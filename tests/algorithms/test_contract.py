@@ -7,29 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from fcmoe.algorithms import ALGORITHMS, ClientUpdate
+from fcmoe.algorithms import ALGORITHMS
 from fcmoe.core import tree_add
 from fcmoe.models.build import BuiltModel
-from tests.conftest import tiny_model
-
-
-def make_updates(built: BuiltModel, deltas: list[dict[str, torch.Tensor]], sizes: list[int],
-                 counts: list[torch.Tensor] | None = None) -> list[ClientUpdate]:
-    layers = built.layout.layers
-    updates = []
-    for i, (delta, n) in enumerate(zip(deltas, sizes, strict=True)):
-        routing = {s.name: (counts[i] if counts else torch.full((s.num_experts,), 5)) for s in layers}
-        updates.append(ClientUpdate(i, delta, n, routing))
-    return updates
-
-
-def random_delta(state: dict[str, torch.Tensor], seed: int, scale: float = 1e-2) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {k: scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-
-
-METHODS = [*ALGORITHMS.names(), *(f"{name}/{variant}" for name in ALGORITHMS.names()
-                                   for variant in ALGORITHMS.get(name).variants)]
+from tests.helpers import METHODS, make_updates, random_delta, tiny_model, uploaded
 
 
 @pytest.fixture(params=METHODS)
@@ -44,11 +25,6 @@ def algorithm(request: pytest.FixtureRequest, tiny: BuiltModel):  # noqa: ANN201
 # the server half is an optimiser with its own step: "the same Δ from everyone moves the model by Δ" does not hold
 # (FedAdam's step is tested against Flower's own FedAdam instead)
 SERVER_OPTIMISERS = {"fedadam"}
-
-
-def uploaded(algorithm, delta: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """``delta`` restricted to what the algorithm's clients upload (local experts: no expert, no router)."""
-    return {k: delta[k] for k in algorithm.upload_keys(state)}
 
 
 def test_shapes_kept_and_finite(algorithm, tiny: BuiltModel) -> None:  # noqa: ANN001

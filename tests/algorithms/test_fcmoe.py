@@ -23,7 +23,7 @@ from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.core import ConsensusCoefficients, tree_sub
 from fcmoe.models.build import BuiltModel
-from tests.algorithms.test_contract import make_updates, random_delta
+from tests.helpers import make_updates, random_delta
 
 
 def test_size_weights_no_projection_no_retention_equals_fedavg(tiny: BuiltModel) -> None:

@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fcmoe.algorithms.fedadam import FedAdam, FedAdamConfig
 from fcmoe.models.build import BuiltModel
-from tests.algorithms.test_contract import make_updates, random_delta
+from tests.helpers import TINY, make_updates, random_delta, stop_after_round_two_and_resume
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +61,6 @@ def test_the_moments_survive_a_resume(tmp_path: Path, monkeypatch: pytest.Monkey
     from fcmoe.config import load_config
     from fcmoe.experiment import prepare_experiment
     from fcmoe.sim import engine
-    from tests.sim.test_baselines_run import stop_after_round_two_and_resume
-    from tests.sim.test_engine import TINY
 
     exp = prepare_experiment(load_config(overrides=[*TINY, "methods=['fedadam']", "rounds=3", "fedadam.eta=0.01"]))
     _, uninterrupted = engine.run_method(exp, "fedadam", tmp_path / "a.jsonl")

@@ -10,7 +10,7 @@ import torch
 from fcmoe.algorithms.fedmoe import FedMoE, FedMoEConfig
 from fcmoe.core import tree_add
 from fcmoe.models.build import BuiltModel
-from tests.algorithms.test_contract import make_updates, random_delta
+from tests.helpers import make_updates, random_delta
 
 AGG = FedMoEConfig(sub_models=False, recommend=False)  # the variant fedmoe/agg
 

@@ -17,7 +17,7 @@ from fcmoe.core import tree_num_bytes
 from fcmoe.models.build import BuiltModel
 from fcmoe.rounds import server_step
 from fcmoe.spill import SpilledTree, UpdateInbox
-from tests.algorithms.test_contract import METHODS, make_updates, random_delta, uploaded
+from tests.helpers import METHODS, build_family, make_updates, random_delta, uploaded
 
 
 def _server(method: str, built: BuiltModel, robust: RobustConfig) -> RobustAggregation:
@@ -53,9 +53,7 @@ def _round(method: str, built: BuiltModel, budget: int | None, folder: Path,
 def test_spilled_updates_aggregate_to_the_in_memory_values(method: str, model: str, tiny: BuiltModel,
                                                            tmp_path: Path) -> None:
     """Budget none, one update's worth, and 0 (everything on disk): bit-identical states and messages."""
-    from tests.models.test_families import build
-
-    built = tiny if model == "per-expert" else build("qwen3_moe-tiny", "full")
+    built = tiny if model == "per-expert" else build_family("qwen3_moe-tiny", "full")
     one = tree_num_bytes(uploaded(_server(method, built, RobustConfig()).algorithm,
                                   built.model.trainable_state(), built.model.trainable_state()))
     reference, messages, rejected = _round(method, built, None, tmp_path / "a")

@@ -13,7 +13,7 @@ import torch
 from fcmoe.config import ConfigError, PartitionConfig, load_config
 from fcmoe.data.partition import Partition, partition_pool
 from fcmoe.experiment import prepare_experiment
-from tests.sim.test_engine import TINY
+from tests.helpers import TINY
 
 LABELS = np.repeat(np.arange(5), 80)  # 400 rows, 5 classes
 

@@ -36,6 +36,7 @@ from fcmoe.fl.codec import (
 from fcmoe.fl.strategy import AlgorithmStrategy
 from fcmoe.models.build import BuiltModel
 from fcmoe.rounds import RoundDraw
+from tests.helpers import make_updates, random_delta
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +96,6 @@ def test_update_round_trip() -> None:
 
 def test_sparse_update_travels_without_its_unrouted_experts(tiny: BuiltModel) -> None:
     from fcmoe.rounds import sparsify
-    from tests.algorithms.test_contract import make_updates, random_delta
 
     state = tiny.model.trainable_state()
     counts = [torch.tensor([0, 4, 0, 1]), torch.tensor([2, 2, 2, 2])]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fcmoe.config import load_config
 from fcmoe.fl import server_app
 from fcmoe.runner import run_experiment
-from tests.fl.test_parity import TINY
+from tests.helpers import FLOWER_TINY
 
 
 class ServerDied(RuntimeError):
@@ -24,7 +24,7 @@ class ServerDied(RuntimeError):
 
 @pytest.mark.slow
 def test_a_killed_flower_server_resumes_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    overrides = [*TINY, "rounds=3", "methods=['fcmoe']", "partition.num_clients=4", "partition.alpha=0.1"]
+    overrides = [*FLOWER_TINY, "rounds=3", "methods=['fcmoe']", "partition.num_clients=4", "partition.alpha=0.1"]
     config = dataclasses.replace(load_config(overrides=overrides), engine="flower")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     whole.mkdir(), resumed.mkdir()

@@ -31,7 +31,7 @@ from fcmoe.fl.codec import (
     tree_to_record,
 )
 from fcmoe.fl.node_settings import NODE_STATE, STATE_DIR, WARM_WORKER, WORKER_IDLE_S
-from tests.sim.test_engine import TINY
+from tests.helpers import TINY
 
 CONFIG = [*TINY, "train.threads=1"]  # the worker and this process: the same sums to the last bit
 

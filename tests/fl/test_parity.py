@@ -15,11 +15,7 @@ from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
 from fcmoe.runner import run_experiment
 from fcmoe.sim.engine import run_method
-
-TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
-        "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=2",
-        "train.batch_size=8", "methods=['fedavg','fcmoe','fedadam']"]
-
+from tests.helpers import FLOWER_TINY
 
 EVERY_METHOD = "methods=['fedavg','fcmoe','fedadam','fedmoe','hfedmoe','localexperts','fcmoe/pairwise','pflmoe']"
 SPARSE_METHODS = "methods=['fedavg','fcmoe','fedmoe','localexperts']"  # those whose uploads sparsity changes
@@ -28,7 +24,7 @@ SPARSE_METHODS = "methods=['fedavg','fcmoe','fedmoe','localexperts']"  # those w
 # the sparse variant and the participation test are Flower simulations too (Ray, ~2 min each): make test-slow
 @pytest.mark.parametrize("sparse", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["dense", "sparse-uploads"])
 def test_flower_simulation_equals_in_process(sparse: bool, tmp_path: Path) -> None:
-    config = load_config(overrides=[*TINY, f"sparse_uploads={str(sparse).lower()}",
+    config = load_config(overrides=[*FLOWER_TINY, f"sparse_uploads={str(sparse).lower()}",
                                     SPARSE_METHODS if sparse else EVERY_METHOD])
     exp = prepare_experiment(config)
     in_process = {m: run_method(exp, m, tmp_path / "in-process.jsonl")[1] for m in config.methods}
@@ -68,7 +64,7 @@ def test_flower_participation_and_dropouts_match_in_process(tmp_path: Path,
     """Half the clients drawn per round, 30 % dropping out mid-round: the Flower server messages the clients the
     in-process engine trains, and aggregates the same ones; with ``eval.every = 2`` round 1 is not scored, and the
     clients still apply their messages (the final models agree)."""
-    overrides = [*TINY, "partition.num_clients=4", "rounds=3", "methods=['fcmoe']", "participation.fraction=0.5",
+    overrides = [*FLOWER_TINY, "partition.num_clients=4", "rounds=3", "methods=['fcmoe']", "participation.fraction=0.5",
                  "participation.dropout=0.3", "eval.every=2"]
     config = load_config(overrides=overrides)
     exp = prepare_experiment(config)

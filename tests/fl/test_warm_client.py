@@ -15,7 +15,7 @@ from fcmoe.config import load_config
 from fcmoe.fl import client_work
 from fcmoe.fl.node_settings import STATE_DIR, WARM_CACHE, PhaseClock
 from fcmoe.fl.node_state import NodeStateStore
-from tests.sim.test_engine import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from fcmoe.data.mmlu import MMLU_CHOICES
 from fcmoe.models.build import build_model
 from fcmoe.models.decoder import SMOLLM2_GGUF, SMOLLM2_WHEEL_FOLDER
-from tests.conftest import offline_asset
+from tests.helpers import offline_asset
 
 PROMPT = "What is the capital of France?\nA. Berlin\nB. Paris\nC. Rome\nD. Madrid\nAnswer:"
 

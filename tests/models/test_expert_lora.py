@@ -8,7 +8,7 @@ import torch
 
 from fcmoe.models.build import BuiltModel, build_model
 from fcmoe.models.catalog import FUSED
-from tests.models.test_families import TEXTS
+from tests.helpers import TEXTS
 
 
 def _lora(name: str, expert_lora: str) -> BuiltModel:

@@ -14,7 +14,7 @@ from fcmoe.models.catalog import FAMILY_NAMES, HUB, supports_lora
 from fcmoe.models.layout import FusedExpertLayout, LoRAExpertLayout, PerExpertModuleLayout, SwitchLayout
 from fcmoe.models.routing import RoutingRecorder
 from fcmoe.runner import run_experiment
-from tests.conftest import offline_asset
+from tests.helpers import TEXTS, build_family, make_updates, offline_asset, random_delta
 
 LAYOUT_CASES: list[tuple[str, str, type]] = [  # (model.name, model.finetune, expected layout)
     ("tiny-bert-moe", "full", PerExpertModuleLayout),
@@ -26,24 +26,16 @@ LAYOUT_CASES: list[tuple[str, str, type]] = [  # (model.name, model.finetune, ex
 ]
 CASE_IDS = [f"{name}-{finetune}" for name, finetune, _ in LAYOUT_CASES]
 
-TEXTS = ["the cat sat on the mat today", "a b", "one two three four five six seven eight nine ten eleven"]
-
-
-def build(name: str, finetune: str) -> BuiltModel:
-    return build_model(name, 3, num_experts=4, moe_layers=(0, 1), trainable_layers=2, router_init_std=0.5,
-                       max_length=16, seed=0, finetune=finetune, lora_rank=2)
-
 
 @pytest.fixture(params=LAYOUT_CASES, ids=CASE_IDS)
 def case(request: pytest.FixtureRequest) -> tuple[BuiltModel, type]:
     name, finetune, layout_class = request.param
-    return build(name, finetune), layout_class
+    return build_family(name, finetune), layout_class
 
 
 def test_an_fcmoe_result_survives_the_next_aggregation(case: tuple[BuiltModel, type]) -> None:
     """FC-MoE reuses its [E, P] consensus buffer across rounds: on every layout, a returned state never aliases it."""
     from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
-    from tests.algorithms.test_contract import make_updates, random_delta
 
     built, _ = case
     state = built.model.trainable_state()
@@ -197,7 +189,7 @@ def test_switch_capacity_drops_are_reported_not_counted(monkeypatch: pytest.Monk
     small = families.Family(**{**families.FAMILIES["switch"].__dict__,
                                "tiny": {**families.FAMILIES["switch"].tiny, "expert_capacity": 2}})
     monkeypatch.setitem(families.FAMILIES, "switch", small)
-    built = build("switch-tiny", "full")
+    built = build_family("switch-tiny", "full")
     ids, mask = built.tokenize(TEXTS)
     recorder = RoutingRecorder(built.model, built.layout)
     with recorder.recording(mask), torch.no_grad():
@@ -238,7 +230,7 @@ def test_pretrained_family_loads_from_a_local_folder(family: str, tmp_path: Path
 
 def test_shared_experts_are_shared_parameters() -> None:
     for name in ("qwen2_moe-tiny", "deepseek_v3-tiny"):
-        layout = build(name, "full").layout
+        layout = build_family(name, "full").layout
         shared = [k for k in layout.shared_keys if "shared_expert" in k]
         assert shared, name
         assert not any("shared_expert" in k for k in layout.expert_keys + layout.router_keys)

@@ -13,7 +13,7 @@ from fcmoe.config import ConfigError, TrainConfig, load_config
 from fcmoe.models.build import build_model
 from fcmoe.models.families import FAMILIES
 from fcmoe.training.local import LocalTrainer
-from tests.conftest import save_tiny_checkpoint, tiny_model
+from tests.helpers import save_tiny_checkpoint, tiny_model
 
 
 def test_a_pretrained_family_gets_its_own_router_settings(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from fcmoe.models.build import BuiltModel
 from fcmoe.models.layout import PerExpertModuleLayout
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 LAYOUT_CASES = [
     pytest.param(dict(num_experts=4), id="tiny-bert-moe-E4"),

@@ -10,7 +10,7 @@ from fcmoe.models.build import BuiltModel
 from fcmoe.models.catalog import FUSED
 from fcmoe.models.masked_routers import MASKED_RULES, masked_rule
 from fcmoe.models.routing import RoutingRecorder, masked_routing
-from tests.models.test_families import TEXTS, build
+from tests.helpers import TEXTS, build_family
 
 CASES = [(f"{family}-tiny", finetune) for family in FUSED for finetune in ("full", "lora")]
 
@@ -27,13 +27,13 @@ def _grouped_deepseek(family: str) -> BuiltModel:
     grouped = families.Family(**{**spec.__dict__, "tiny": {**spec.tiny, "n_group": 2, "topk_group": 1, **extra}})
     families.FAMILIES[family] = grouped
     try:
-        return build(f"{family}-tiny", "full")
+        return build_family(f"{family}-tiny", "full")
     finally:
         families.FAMILIES[family] = spec
 
 
 def _model(name: str, finetune: str) -> BuiltModel:
-    return _grouped_deepseek(name.removesuffix("-grouped")) if name in GROUPED else build(name, finetune)
+    return _grouped_deepseek(name.removesuffix("-grouped")) if name in GROUPED else build_family(name, finetune)
 
 
 def _inputs(built: BuiltModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +86,7 @@ def test_a_masked_expert_is_never_chosen_and_gets_no_gradient(name: str, finetun
 
 
 def test_fewer_held_experts_than_the_router_chooses_is_refused() -> None:
-    built = build("qwen3_moe-tiny", "full")
+    built = build_family("qwen3_moe-tiny", "full")
     masks = {spec.name: torch.tensor([1.0, 0.0, 0.0, 0.0]) for spec in built.layout.layers}
     with pytest.raises(ValueError, match="a sub-MoE of a top-2 router must hold at least 2 experts, got 1"):
         with masked_routing(built.model, built.layout, masks):
@@ -95,6 +95,6 @@ def test_fewer_held_experts_than_the_router_chooses_is_refused() -> None:
 
 def test_every_fused_family_has_a_rule() -> None:
     for family in FUSED:
-        built = build(f"{family}-tiny", "full")
+        built = build_family(f"{family}-tiny", "full")
         for spec in built.layout.layers:
             assert type(built.model.get_submodule(spec.router_module)).__name__ in MASKED_RULES

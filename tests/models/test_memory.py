@@ -11,7 +11,7 @@ from fcmoe.cli import main
 from fcmoe.models.build import build_model, meta_model
 from fcmoe.models.memory import estimate_step, kept_for_backward
 from fcmoe.models.routing import RoutingRecorder
-from tests.conftest import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint
 
 
 def _saved_bytes(built, tokens: int) -> int:  # noqa: ANN001 - a BuiltModel

@@ -12,7 +12,7 @@ from fcmoe.config import TrainConfig
 from fcmoe.models.build import build_model
 from fcmoe.models.precision import PrecisionError, plan_precision
 from fcmoe.training.local import LocalTrainer, featurize
-from tests.conftest import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXTS = ["the cat sat on the mat", "stocks fell sharply today", "a goal in extra time", "the senate passed a bill"]

@@ -10,7 +10,7 @@ from fcmoe.models.classifier import EncoderClassifier, tiny_bert_config
 from fcmoe.models.layout import PerExpertModuleLayout
 from fcmoe.models.moe import SwitchMoE
 from fcmoe.models.routing import RoutingRecorder
-from tests.conftest import offline_asset
+from tests.helpers import offline_asset
 
 
 def dense_and_moe(encoder_factory, num_experts: int, trainable_layers: int):  # noqa: ANN001, ANN201

@@ -20,7 +20,7 @@ from fcmoe.cli import main
 from fcmoe.config import ConfigError, load_config
 from fcmoe.report.build import build_report
 from fcmoe.sweep import run_sweep, sweep_cells
-from tests.sim.test_engine import TINY
+from tests.helpers import TINY
 
 METHODS = ["fedavg", "fcmoe"]
 ALPHAS = [0.1, 1.0]

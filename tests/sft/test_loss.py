@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fcmoe.models.causal_lm import IGNORE, PLAIN_TEMPLATE, CausalLM, HFCodec, WordCodec, encode_pairs, prompt_lengths
-from tests.conftest import tiny_sft
+from tests.helpers import tiny_sft
 
 PROMPTS = ["what is two plus two", "name a color"]
 RESPONSES = ["four", "blue is the sky red"]

@@ -9,7 +9,7 @@ from rouge_score import rouge_scorer
 
 from fcmoe.models.causal_lm import IGNORE, CausalLM, WordCodec, answer_tokens, encode_pairs, encode_plain
 from fcmoe.training.sft import exact_match, generation_scores, letter_accuracy, normalise, rouge_l
-from tests.conftest import tiny_sft
+from tests.helpers import tiny_sft
 
 
 @pytest.mark.parametrize(("prediction", "reference", "expected"), [

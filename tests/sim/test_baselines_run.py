@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from fcmoe.config import load_config
 from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.sim import engine
-from tests.sim.test_engine import TINY
+from tests.helpers import TINY, stop_after_round_two_and_resume
 
 RESUMED = ["fedmoe", "hfedmoe", "localexperts", "fcmoe/pairwise", "pflmoe"]
 
@@ -69,20 +68,3 @@ def test_a_run_stopped_after_round_two_resumes_bit_identical(method: str, exp: E
     assert final["local_acc"] == reference["local_acc"] and final["global_acc"] == reference["global_acc"]
 
 
-def stop_after_round_two_and_resume(exp: Experiment, method: str, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
-    """Run ``method`` with checkpoints into ``tmp_path/checkpoint`` (metrics ``b.jsonl``), interrupt it at round 3,
-    keep a copy of the checkpoint as ``after-round-2``, resume; the resumed final model."""
-    real_round = engine.run_round
-
-    def stop_at_round_3(exp_, server, method_, round_index, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if round_index == 3:
-            raise KeyboardInterrupt
-        return real_round(exp_, server, method_, round_index, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "run_round", stop_at_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run_method(exp, method, tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")
-    shutil.copytree(tmp_path / "checkpoint", tmp_path / "after-round-2")
-    monkeypatch.setattr(engine, "run_round", real_round)
-    return engine.run_method(exp, method, tmp_path / "b.jsonl", checkpoint_dir=tmp_path / "checkpoint")[1]

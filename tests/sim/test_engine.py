@@ -18,10 +18,7 @@ from fcmoe.experiment import prepare_experiment
 from fcmoe.runner import run_experiment
 from fcmoe.sim import engine
 from fcmoe.sim.engine import run_method
-
-TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "model.trainable_layers=2", "data.train_per_class=8",
-        "data.test_per_class=3", "data.max_length=32", "partition.num_clients=4", "partition.min_partition_size=6",
-        "rounds=2", "train.batch_size=8"]
+from tests.helpers import TINY
 
 
 def test_every_method_runs_end_to_end(tmp_path: Path) -> None:

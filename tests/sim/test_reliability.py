@@ -19,7 +19,7 @@ import fcmoe.sim.engine
 from fcmoe.cli import main
 from fcmoe.config import load_config
 from fcmoe.runner import run_experiment
-from tests.sim.test_engine import TINY
+from tests.helpers import TINY
 
 FOUR = [*TINY, "rounds=3", 'methods=["fedavg", "fcmoe"]']
 

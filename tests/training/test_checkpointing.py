@@ -9,7 +9,7 @@ import torch
 from fcmoe.config import TrainConfig
 from fcmoe.models.build import checkpointing
 from fcmoe.training.local import LocalTrainer, featurize
-from tests.models.test_families import TEXTS, build
+from tests.helpers import TEXTS, build_family, tiny_sft
 
 CASES = [("tiny-bert-moe", "full"), ("smollm2-moe-tiny", "full"), ("switch-tiny", "full"),
          ("switch-t2t-tiny", "full"), ("qwen3_moe-tiny", "full"), ("qwen3_moe-tiny", "lora"),
@@ -18,7 +18,7 @@ CASES = [("tiny-bert-moe", "full"), ("smollm2-moe-tiny", "full"), ("switch-tiny"
 
 def _train(name: str, finetune: str, on: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """(start tree, end tree, forward calls of the first router)."""
-    built = build(name, finetune)
+    built = build_family(name, finetune)
     if on:
         built.model.enable_gradient_checkpointing()
     calls = []
@@ -55,7 +55,6 @@ def test_checkpointing_gives_the_same_instruction_tuning(name: str) -> None:
     """Task = "sft": the response loss through an encoder-decoder and a decoder, with and without checkpointing."""
     from fcmoe.models.causal_lm import encode_pairs
     from fcmoe.training.local import FeatureSet
-    from tests.conftest import tiny_sft
 
     ends = []
     for on in (False, True):

@@ -8,7 +8,7 @@ import torch
 from fcmoe.config import ConfigError, TrainConfig, load_config
 from fcmoe.experiment import prepare_experiment
 from fcmoe.training.local import FeatureSet, LocalResult, LocalTrainer, featurize, resolve_device
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.mark.parametrize(("key", "value"), [("device", "gpu"), ("device", "cuda:x"), ("precision", "fp16")])

@@ -7,7 +7,7 @@ import torch
 
 from fcmoe.config import ConfigError, TrainConfig, load_config
 from fcmoe.training.local import LocalTrainer, batch_rows, featurize
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_batch_rows_gives_exactly_the_steps_asked_from_fresh_shuffles() -> None:
