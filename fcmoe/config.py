@@ -334,7 +334,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
+        fix = f"; quote it: {key} = '{value}'" if hint is str else ""
+        raise ConfigError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}{fix}")
     return value
 
 
