@@ -58,7 +58,7 @@ def test_config_is_frozen() -> None:
     ("attack.clients=[12]", r"attack.clients = \[12\]: client 12 does not exist"),
     ("attack.kind=steal", r"attack.kind = 'steal'"),
     ("sparse_uploads=1", r"sparse_uploads = 1: expected bool"),
-    ("server.memory_budget=0", r"server.memory_budget = 0: expected str, got int; quote it: server.memory_budget = '0'"),
+    ("server.memory_budget=0", r"memory_budget = 0: expected str, got int; quote it: server.memory_budget = '0'"),
 ])
 def test_bad_values_are_named(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
