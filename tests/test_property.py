@@ -66,10 +66,14 @@ def test_random_malformed_updates_never_crash_never_nan_never_leak(plan: list[tu
         assert all(i not in kept for i, kind in enumerate(kinds) if kind == "scale")  # honest, 10^6 × is caught
     if not accepted:
         return  # the engines keep the global model (tested in tests/sim/test_reliability.py)
+    # screening lets through exactly what the plan built as acceptable, unaltered (no rejected update, no clean-up
+    # of a kept one), and the aggregate leaves the global model it started from as it was
+    rebuilt = [_update(i, seed, kind) for i, (kind, seed) in enumerate(plan) if i in kept]
+    for got, built in zip(accepted, rebuilt, strict=True):
+        assert got.client_id == built.client_id and got.num_samples == built.num_samples
+        assert got.delta.keys() == built.delta.keys() and all(torch.equal(got.delta[k], built.delta[k])
+                                                               for k in built.delta)
+    before = {k: v.clone() for k, v in STATE.items()}
     new = algo.aggregate(STATE, accepted).global_state
     assert all(torch.isfinite(v).all() for v in new.values())
-    # the result is the aggregate of the updates the plan built as acceptable, rebuilt from their seeds: what was
-    # rejected has no influence on the global model
-    rebuilt = [_update(i, seed, kind) for i, (kind, seed) in enumerate(plan) if i in kept]
-    reference = algo.aggregate(STATE, rebuilt).global_state
-    assert all(torch.equal(new[k], reference[k]) for k in new)
+    assert all(torch.equal(STATE[k], before[k]) for k in STATE)

@@ -1,4 +1,5 @@
-"""Expert addressing: gather/scatter round trips and edits that touch exactly one expert."""
+"""Expert addressing at its edges (one expert; one trainable layer above a frozen one): gather/scatter round
+trips and edits that touch exactly one expert."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from fcmoe.models.build import BuiltModel
 from fcmoe.models.layout import PerExpertModuleLayout
 from tests.helpers import tiny_model
 
-LAYOUT_CASES = [
-    pytest.param(dict(num_experts=4), id="tiny-bert-moe-E4"),
+# the edge cases of expert addressing; every family's ordinary case is in tests/models/test_families.py's table
+EDGE_CASES = [
     pytest.param(dict(num_experts=1), id="tiny-bert-moe-E1"),
     pytest.param(dict(num_experts=3, trainable_layers=1), id="tiny-bert-moe-top1-frozen1"),
 ]
 
 
-@pytest.fixture(params=LAYOUT_CASES)
+@pytest.fixture(params=EDGE_CASES)
 def built(request: pytest.FixtureRequest) -> BuiltModel:
     kwargs = dict(request.param)
     if kwargs.get("trainable_layers") == 1:

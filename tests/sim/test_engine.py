@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import weakref
@@ -98,8 +99,19 @@ def test_cli_data_error_exits_1_with_one_line_and_leaves_no_run_folder(
     assert not (tmp_path / "runs").exists()  # nor the --out folder it would have created
 
 
-def test_all_methods_registered() -> None:
-    assert ALGORITHMS.names() == ["fcmoe", "fedadam", "fedavg", "fedmoe", "hfedmoe", "localexperts", "pflmoe"]
+def test_every_registered_method_and_variant_is_a_method_the_config_accepts() -> None:
+    """Each registered name has a frozen config whose defaults validate; each variant switches
+    fields its config has, and ``methods = [...]`` accepts the name and every variant."""
+    for name in ALGORITHMS.names():
+        cls = ALGORITHMS.get(name)
+        config = cls.config_class()
+        assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen, name
+        fields = {f.name for f in dataclasses.fields(config)}
+        for variant, switches in cls.variants.items():
+            assert set(switches) <= fields, f"{name}/{variant}"
+            dataclasses.replace(config, **switches)  # validates
+        methods = [name, *(f"{name}/{v}" for v in cls.variants)]
+        assert load_config(overrides=[f"methods={methods!r}"]).methods == tuple(methods)
 
 
 def test_real_minilm_moe_federation_runs(tmp_path: Path) -> None:
