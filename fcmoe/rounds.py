@@ -26,6 +26,7 @@ from fcmoe.algorithms import Algorithm, ClientUpdate, ServerResult
 from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.core import Tree, tree_num_bytes, tree_sub
 from fcmoe.experiment import Experiment
+from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN, LOCAL_ACC_STD, MMLU_ACC, TASK_SCORES, TRAIN_LOSS, row_problem
 from fcmoe.models.layout import ExpertLayout
 from fcmoe.process_memory import release_freed_memory
 from fcmoe.training.local import FeatureSet, LocalTrainer
@@ -119,7 +120,12 @@ def server_step(server: RobustAggregation, global_state: Tree, arrived: Sequence
         log.warning("%s: %d accepted update(s) < robust.min_clients = %d: global model kept", label, len(accepted),
                     server.config.min_clients)
         return ServerStep(ServerResult(global_state=global_state), [], reasons, skipped=True)
-    return ServerStep(server.aggregate(global_state, accepted), accepted, reasons)
+    result = server.aggregate(global_state, accepted)
+    undeclared = sorted(set(result.metrics) - server.algorithm.metric_keys)
+    if undeclared:  # a renamed or new key would otherwise vanish from the report without a word
+        raise ValueError(f"{type(server.algorithm).__name__} returned undeclared metrics {undeclared}: add them to "
+                         "its metric_keys")
+    return ServerStep(result, accepted, reasons)
 
 
 def local_accuracy(exp: Experiment, algo: Algorithm, client_id: int, client_state: dict[str, Any],
@@ -149,15 +155,15 @@ def global_scores(exp: Experiment, global_state: Tree, round_index: int) -> dict
     prompts); instruction tuning adds each task's score (``task_scores``), the mean response-token loss
     (``global_loss``) and, in the final round (and round 0), MMLU's zero-shot accuracy (``mmlu_acc``)."""
     seen = exp.trainer.predict(global_state, exp.global_test)
-    scores: dict[str, Any] = {"global_acc": seen.score()}
+    scores: dict[str, Any] = {GLOBAL_ACC: seen.score()}
     if seen.scores is None:
         return scores
     names = exp.pool.label_names
     correct = seen.correct()
-    scores["task_scores"] = {names[t]: correct[seen.labels == t].mean().item() for t in seen.labels.unique().tolist()}
+    scores[TASK_SCORES] = {names[t]: correct[seen.labels == t].mean().item() for t in seen.labels.unique().tolist()}
     scores["global_loss"] = seen.losses.double().mean().item()
     if exp.mmlu is not None and round_index in (0, exp.config.rounds):
-        scores["mmlu_acc"] = exp.trainer.letter_accuracy(global_state, exp.mmlu, list(exp.letter_ids))
+        scores[MMLU_ACC] = exp.trainer.letter_accuracy(global_state, exp.mmlu, list(exp.letter_ids))
     return scores
 
 
@@ -169,7 +175,7 @@ def initial_scores(exp: Experiment) -> dict[str, Any]:
     every = exp.trainer.predict(exp.initial_state, FeatureSet.concat(tests))
     local = torch.tensor([part.score() for part in every.split([len(test) for test in tests])], dtype=torch.float64)
     return {**global_scores(exp, exp.initial_state, 0),
-            "local_acc_mean": local.mean().item(), "local_acc_std": local.std(unbiased=False).item()}
+            LOCAL_ACC_MEAN: local.mean().item(), LOCAL_ACC_STD: local.std(unbiased=False).item()}
 
 
 def expert_utilisation(updates: Sequence[ClientUpdate]) -> dict[str, list[float]]:
@@ -208,10 +214,10 @@ def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDr
     reported = torch.tensor([a for a in local_acc if a is not None], dtype=torch.float64)
     nan = float("nan")
     row = {**scores, "local_acc": list(local_acc),
-           "local_acc_mean": reported.mean().item() if reported.numel() else nan,
-           "local_acc_std": reported.std(unbiased=False).item() if reported.numel() else nan,
+           LOCAL_ACC_MEAN: reported.mean().item() if reported.numel() else nan,
+           LOCAL_ACC_STD: reported.std(unbiased=False).item() if reported.numel() else nan,
            "method": method, "round": round_index,
-           "train_loss": sum(u.metrics["loss"] for u in updates) / len(updates) if updates else nan,
+           TRAIN_LOSS: sum(u.metrics["loss"] for u in updates) / len(updates) if updates else nan,
            "utilisation": expert_utilisation(updates) if updates else {},
            "clients": [u.client_id for u in updates],
            "client_utilisation": client_utilisation(updates) if updates else {},
@@ -229,6 +235,9 @@ def round_metrics(method: str, round_index: int, step: ServerStep, draw: RoundDr
         row.update(deployed_global_acc=list(deployed_global), deployed_global_acc_mean=scores.mean().item(),
                    deployed_global_acc_std=scores.std(unbiased=False).item())
     row.update(participants=draw.drawn, failed=draw.failed, rejected=step.rejected, skipped=step.skipped)
+    problem = row_problem(row, step.result.metrics.keys())
+    if problem is not None:
+        raise ValueError(f"{method} round {round_index}: {problem}")
     return row
 
 

@@ -23,6 +23,7 @@ from fcmoe.config import ExperimentConfig, load_config
 from fcmoe.core import Tree
 from fcmoe.errors import first_line
 from fcmoe.experiment import Experiment
+from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN, LOCAL_ACC_STD, MMLU_ACC, TASK_SCORES
 from fcmoe.report.plots import partition_heatmap
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ class MethodSummary:
     def from_row(cls, row: dict[str, Any], rounds: int, wall_s: float, device: str = "") -> MethodSummary:
         """The summary of a run whose last ``metrics.jsonl`` row is ``row``."""
         nan = float("nan")
-        return cls(row["method"], row.get("global_acc", nan), row.get("local_acc_mean", nan),
-                   row.get("local_acc_std", nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
+        return cls(row["method"], row.get(GLOBAL_ACC, nan), row.get(LOCAL_ACC_MEAN, nan),
+                   row.get(LOCAL_ACC_STD, nan), rounds, wall_s, row.get("local_model_global_acc_mean", nan),
                    row.get("local_model_global_acc_std", nan), device, row.get("deployed_global_acc_mean", nan),
-                   row.get("mmlu_acc", nan), row.get("task_scores"))
+                   row.get(MMLU_ACC, nan), row.get(TASK_SCORES))
 
 
 def new_run_dir(out_dir: str | Path) -> Path:

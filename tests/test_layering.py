@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "fcmoe": 0, "fcmoe.core": 0, "fcmoe.registry": 0, "fcmoe.cache": 0, "fcmoe.config_sections": 0,
     "fcmoe.process_memory": 0, "fcmoe.report.plots": 0, "fcmoe.files": 0,  # leaves: they import no other fcmoe module
     "fcmoe.errors": 0,  # a leaf too: how an exception is quoted in a one-line message
+    "fcmoe.metrics_row": 0,  # a leaf: the keys of a metrics.jsonl row
     "fcmoe.data": 1,
     "fcmoe.models": 2,
     "fcmoe.algorithms": 3,

@@ -90,6 +90,8 @@ class Algorithm:
     """
 
     name: ClassVar[str] = ""
+    # the keys of ServerResult.metrics, written into each round's metrics.jsonl row beside fcmoe.metrics_row's
+    metric_keys: ClassVar[frozenset[str]] = frozenset()
     display_name: ClassVar[str] = ""  # in tables and figures; the registered name when empty
     # True: the report also gives the mean over clients of each deployed model on the global test set (PFL-MoE's
     # paper reading of "global accuracy"), measured in the final round

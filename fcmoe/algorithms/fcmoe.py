@@ -127,6 +127,9 @@ class FCMoE(Algorithm):
     """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
 
     display_name = "FC-MoE"
+    metric_keys = frozenset({"conflict_rate", "conflict_rate_per_layer", "mean_cosine_per_layer",
+                             "projected_weight_share_per_layer", "projection_step_change_per_layer",
+                             "retention_ratio_per_layer"})
     config_class = FCMoEConfig
     config: FCMoEConfig
     # the paper's Table II ablations, each one switch off

@@ -60,6 +60,7 @@ class FedAdam(Algorithm):
     """Adam on the server over FedAvg's pseudo-gradient; the deployed local model is the global one."""
 
     display_name = "FedAdam"
+    metric_keys = frozenset({"server_step_size"})
     config_class = FedAdamConfig
     config: FedAdamConfig
 

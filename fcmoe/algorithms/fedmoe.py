@@ -103,6 +103,8 @@ class FedMoE(Algorithm):
     """Sub-MoE per client, modular aggregation over holders, expert recommendation."""
 
     display_name = "FedMoE"
+    metric_keys = frozenset({"mean_holders_per_expert", "experts_per_client", "expert_budget", "sub_moes_assigned",
+                             "recommendations", "reverts"})
     config_class = FedMoEConfig
     config: FedMoEConfig
     variants = {"agg": {"sub_models": False, "recommend": False}}

@@ -58,6 +58,7 @@ class HFedMoE(Algorithm):
     """Usage-thresholded expert averaging and importance-weighted router aggregation."""
 
     display_name = "HFedMoE"
+    metric_keys = frozenset({"usage_above_tau_share_per_layer", "router_weight_total_per_layer"})
     config_class = HFedMoEConfig
     config: HFedMoEConfig
 

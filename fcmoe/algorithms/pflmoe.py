@@ -76,6 +76,7 @@ class PFLMoE(Algorithm):
     """FedAvg global model + per-client personal head and sigmoid gate over logits."""
 
     display_name = "PFL-MoE"
+    metric_keys = frozenset({"extra_local_epochs_on_pooled_features", "personalisation"})
     config_class = PFLMoEConfig
     config: PFLMoEConfig
 

@@ -45,6 +45,7 @@ from fcmoe.experiment import Experiment, prepare_experiment
 from fcmoe.fl.codec import RunSettings, global_accuracy_record, record_to_tree, tree_to_record
 from fcmoe.fl.node_state import run_state_folder
 from fcmoe.fl.strategy import AlgorithmStrategy
+from fcmoe.metrics_row import GLOBAL_ACC
 from fcmoe.rounds import ServerStep, global_scores, initial_scores, round_metrics, scored_clients, start_round
 from fcmoe.runs import (
     MethodSummary,
@@ -104,7 +105,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         step = state.step or ServerStep(ServerResult(global_state=exp.initial_state), skipped=True)  # no train replies
         local = [state.local_acc.get(cid) for cid in range(exp.num_clients)]
         scored = cfg.eval.scores(server_round, cfg.rounds)
-        scores = global_scores(exp, record_to_tree(arrays), server_round) if scored else {"global_acc": math.nan}
+        scores = global_scores(exp, record_to_tree(arrays), server_round) if scored else {GLOBAL_ACC: math.nan}
         now = time.perf_counter()
         row = round_metrics(method, server_round, step, state.draw, scores, local, model_bytes,
                             now - clock["round"], now - (state.evaluation_started or now),
@@ -117,7 +118,7 @@ def serve(grid: Grid, exp: Experiment, method: str, run_dir: Path, round_timeout
         clock["round"] = time.perf_counter()
         if on_round is not None:
             on_round(server_round)
-        return global_accuracy_record(row["global_acc"])
+        return global_accuracy_record(row[GLOBAL_ACC])
 
     final = strategy.run_rounds(grid, tree_to_record(start_state), first_round, cfg.rounds, round_timeout_s,
                                 evaluate)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN, MMLU_ACC, TASK_SCORES, TRAIN_LOSS
 from fcmoe.report import plots
 from fcmoe.report.results import (
     ReportError,
@@ -88,7 +89,7 @@ def build_report(paths: Sequence[Path], out: Path | None = None, target: float |
     # Table II is always there, so the tables keep the paper's numbers (empty when no variant ran)
     tables.insert(1, ablation_table(runs, alphas, [m for b in bases for m in (b, *ablation)
                                                    if m == b or m.startswith(b + "/")]))
-    if any(s.get("task_scores") for run in runs for s in run.summaries.values()):  # instruction tuning
+    if any(s.get(TASK_SCORES) for run in runs for s in run.summaries.values()):  # instruction tuning
         tables.append(instruct_table(runs, alphas, methods))
     for table in tables:
         write_csv(table, out / "tables" / f"{table.name}.csv")
@@ -108,8 +109,8 @@ def global_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: Se
                         "Global model on the global test set after the last round; mean ± std over seeds.",
                         ["method", *(f"α = {a:g}" for a in alphas)])
     for method in methods:
-        table.rows.append([display_name(method), *(table.add_record(method, a, "global_acc",
-                                                                    stat(runs, method, a, "global_acc"))
+        table.rows.append([display_name(method), *(table.add_record(method, a, GLOBAL_ACC,
+                                                                    stat(runs, method, a, GLOBAL_ACC))
                                                    + device_mark(runs, method, a) for a in alphas)])
         mixtures = [stat(runs, method, a, "deployed_global_acc_mean") for a in alphas]
         if any(math.isfinite(s.mean) for s in mixtures):  # PFL-MoE: its authors' reading of global accuracy
@@ -130,8 +131,8 @@ def ablation_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: 
         cells = []
         for a in alphas:
             mark = device_mark(runs, method, a)
-            cells.append(table.add_record(method, a, "global_acc", stat(runs, method, a, "global_acc")) + mark)
-            cells.append(table.add_record(method, a, "local_acc_mean", stat(runs, method, a, "local_acc_mean"))
+            cells.append(table.add_record(method, a, GLOBAL_ACC, stat(runs, method, a, GLOBAL_ACC)) + mark)
+            cells.append(table.add_record(method, a, LOCAL_ACC_MEAN, stat(runs, method, a, LOCAL_ACC_MEAN))
                          + mark)
         table.rows.append([display_name(method), *cells])
     return table
@@ -189,7 +190,7 @@ def instruct_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: 
     """Table V (``task = "sft"``): the final global model's generation score per task and over the held-out
     prompts, the clients' deployed models' mean score, and MMLU, beside the model before training."""
     tasks = list(dict.fromkeys(t for run in runs for s in [run.initial, *run.summaries.values()]
-                               for t in (s.get("task_scores") or {})))
+                               for t in (s.get(TASK_SCORES) or {})))
     table = ReportTable("table5_instruct", "Table V: instruction tuning",
                         "Generation score of the global model on held-out prompts per task (exact match or ROUGE-L) "
                         "and over all of them, the mean over clients of each deployed model on its own prompts "
@@ -197,8 +198,8 @@ def instruct_table(runs: Sequence[RunResult], alphas: Sequence[float], methods: 
                         "model, shared by every method.",
                         ["method", *(["α"] if len(alphas) > 1 else []), *tasks, "mean", "local", "MMLU"])
 
-    columns = [*((f"task_scores:{t}", lambda found, t=t: (found.get("task_scores") or {}).get(t)) for t in tasks),
-               *((key, lambda found, key=key: found.get(key)) for key in ("global_acc", "local_acc_mean", "mmlu_acc"))]
+    columns = [*((f"task_scores:{t}", lambda found, t=t: (found.get(TASK_SCORES) or {}).get(t)) for t in tasks),
+               *((key, lambda found, key=key: found.get(key)) for key in (GLOBAL_ACC, LOCAL_ACC_MEAN, MMLU_ACC))]
     for source in [None, *methods]:  # None: the initial model (summary.json's "initial")
         for a in alphas:
             found = [run.initial if source is None else run.summaries[source] for run in runs
@@ -224,7 +225,7 @@ MECHANISM_ROWS = (("conflict_rate_per_layer", "conflict rate"), ("mean_cosine_pe
                   ("retention_ratio_per_layer", "retention ratio"))
 
 
-TRAINING_ROWS = (("train_loss", ("train loss", 1.0)), ("bytes_up", ("MB up per round", 1e-6)),
+TRAINING_ROWS = ((TRAIN_LOSS, ("train loss", 1.0)), ("bytes_up", ("MB up per round", 1e-6)),
                  ("bytes_down", ("MB down per round", 1e-6)))
 
 
@@ -259,7 +260,7 @@ def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequ
                                     + list(ablation), "Ablation convergence")):
         if not methods:
             continue
-        panels = [[(f"α = {a:g}", lines(methods, a, key)) for a in alphas] for key in ("global_acc", "local_acc_mean")]
+        panels = [[(f"α = {a:g}", lines(methods, a, key)) for a in alphas] for key in (GLOBAL_ACC, LOCAL_ACC_MEAN)]
         figures.append((caption, plots.curve_grid(panels, ["global accuracy", "local accuracy"],
                                                   folder / f"{name}.png", ylims=[(0.0, 1.0)] * 2,
                                                   chance=[chance] * 2)))
@@ -269,7 +270,7 @@ def write_figures(runs: Sequence[RunResult], alphas: Sequence[float], main: Sequ
         figures.append(("Training: mean train loss of the accepted updates, and megabytes sent per round "
                         "(uploads: every accepted update; downloads: the model and any per-client message)",
                         plots.curve_grid(panels, [label for _, (label, _) in training], folder / "training.png",
-                                         ylims=[None if key == "train_loss" else (0.0, None) for key, _ in training])))
+                                         ylims=[None if key == TRAIN_LOSS else (0.0, None) for key, _ in training])))
     conflict_method = "fcmoe" if "fcmoe" in main else None
     keys = [(key, label) for key, label in MECHANISM_ROWS
             if conflict_method and any(r.get(key) for run in runs for r in run.method_rows(conflict_method))]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fcmoe.errors import first_line
-from fcmoe.runs import RunFolderError, read_jsonl
+from fcmoe.metrics_row import GLOBAL_ACC, row_problem
+from fcmoe.runs import RunFolderError, jsonl_lines
 
 
 class ReportError(ValueError):
@@ -135,9 +136,14 @@ def load_run(folder: Path) -> RunResult:
         except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ReportError(f"cannot read {summary_path}: {_reason(err)}") from None
     try:
-        rows = read_jsonl(folder / "metrics.jsonl")
+        lines = jsonl_lines(folder / "metrics.jsonl")
     except RunFolderError as err:
         raise ReportError(str(err)) from None
+    for number, (_, row) in enumerate(lines, 1):
+        problem = row_problem(row)
+        if problem is not None:  # a missing key would read as NaN in every table and figure
+            raise ReportError(f"{folder / 'metrics.jsonl'} row {number}: {problem}")
+    rows = [row for _, row in lines]
     finished = set(summaries)
     rows = [r for r in rows if r.get("method") in finished]  # rows of an interrupted method are not results
     unfinished = [m for m in config.get("methods", []) if m not in finished]
@@ -213,13 +219,13 @@ def layer_curve(runs: Sequence[RunResult], method: str, alpha: float, key: str,
 
 def rounds_to_target(runs: Sequence[RunResult], method: str, alpha: float, target: float) -> int | None:
     """First round whose seed-mean global accuracy reaches ``target``; None if it never does."""
-    rounds, stats = curve(runs, method, alpha, "global_acc")
+    rounds, stats = curve(runs, method, alpha, GLOBAL_ACC)
     return next((t for t, s in zip(rounds, stats, strict=True) if s.n and s.mean >= target - 1e-12), None)
 
 
 def default_target(runs: Sequence[RunResult], alpha: float, methods: Sequence[str]) -> float:
     """FedAvg's final seed-mean global accuracy at ``alpha`` (else the lowest final one among ``methods``)."""
     if "fedavg" in methods:
-        return stat(runs, "fedavg", alpha, "global_acc").mean
-    finals = [stat(runs, m, alpha, "global_acc").mean for m in methods]
+        return stat(runs, "fedavg", alpha, GLOBAL_ACC).mean
+    finals = [stat(runs, m, alpha, GLOBAL_ACC).mean for m in methods]
     return min((f for f in finals if math.isfinite(f)), default=math.nan)

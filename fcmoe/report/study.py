@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN
 from fcmoe.report.plots import Points, errorbar_panels
 from fcmoe.report.results import ReportError, RunResult, Stat, find_runs, shifted_clients
 
 REFERENCE = "fcmoe"
-ACCURACIES = (("global_acc", "global"), ("local_acc_mean", "local"))
+ACCURACIES = ((GLOBAL_ACC, "global"), (LOCAL_ACC_MEAN, "local"))
 # (metrics.jsonl key, heading, first round it can be nonzero: a residual exists only after round 1)
 MECHANISMS = (("conflict_rate_per_layer", "conflict rate", 1),
               ("projected_weight_share_per_layer", "projected weight share", 1),
@@ -115,7 +116,7 @@ def study_markdown(regimes: Sequence[Regime], figure: str) -> str:
         lines += ["| FC-MoE − | global (mean ± std) | signs | local (mean ± std) | signs | per seed (global / local) |",
                   "|---|---|---|---|---|---|"]
         for method in methods:
-            g, loc = paired(regime, method, "global_acc"), paired(regime, method, "local_acc_mean")
+            g, loc = paired(regime, method, GLOBAL_ACC), paired(regime, method, LOCAL_ACC_MEAN)
             per_seed = ", ".join(f"{a:+.4f} / {b:+.4f}" for a, b in zip(g.diffs, loc.diffs, strict=True))
             lines.append(f"| {method} | {_signed(g.stat)} | {g.signs} | {_signed(loc.stat)} | {loc.signs} | "
                          f"{per_seed} |")
@@ -158,7 +159,7 @@ def study_figure(regimes: Sequence[Regime], path: Path) -> Path:
 
     def gaps(shifted: bool) -> list:
         tag = " (concept shift)" if shifted else ""
-        return [(f"− {m.split('/')[-1]}{tag}", lambda r, m=m: paired(r, m, "global_acc").stat)
+        return [(f"− {m.split('/')[-1]}{tag}", lambda r, m=m: paired(r, m, GLOBAL_ACC).stat)
                 for m in ("fcmoe/no-projection", "fcmoe/no-retention", "fedavg")]
 
     return errorbar_panels([("FC-MoE's projection", "share / relative change", series(mechanisms)),

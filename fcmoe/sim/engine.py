@@ -17,6 +17,7 @@ from fcmoe.algorithms.robust import RobustAggregation
 from fcmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fcmoe.core import Tree, tree_num_bytes
 from fcmoe.experiment import Experiment
+from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN, LOCAL_ACC_STD, TRAIN_LOSS
 from fcmoe.rounds import (
     client_step,
     deployed_global_accuracy,
@@ -67,7 +68,7 @@ def run_method(exp: Experiment, method: str, metrics_path: Path, on_progress: Ro
             save_checkpoint(checkpoint_dir, client_states.checkpoint(Checkpoint(
                 method, round_index, global_state, [], row, server.algorithm.server_state())))
         log.info("%s round %d: global %.4f, local %.4f ± %.4f, loss %.4f, %.1f s (evaluation %.1f s)", method,
-                 round_index, row["global_acc"], row["local_acc_mean"], row["local_acc_std"], row["train_loss"],
+                 round_index, row[GLOBAL_ACC], row[LOCAL_ACC_MEAN], row[LOCAL_ACC_STD], row[TRAIN_LOSS],
                  row["wall_s"], row["eval_s"])
     summary = MethodSummary.from_row(row, cfg.rounds, time.perf_counter() - started, exp.trainer.device_name)
     return summary, global_state
@@ -99,7 +100,7 @@ def run_round(exp: Experiment, server: RobustAggregation, method: str, round_ind
                       step.result.messages.get(update.client_id))
     eval_started = time.perf_counter()
     local: list[float | None] = [None] * exp.num_clients  # None: not scored this round (eval.every, eval.clients)
-    scores: dict[str, Any] = {"global_acc": float("nan")}
+    scores: dict[str, Any] = {GLOBAL_ACC: float("nan")}
     deployed = []
     if exp.config.eval.scores(round_index, exp.config.rounds):
         scored = scored_clients(exp, round_index, draw)

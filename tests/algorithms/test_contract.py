@@ -104,3 +104,24 @@ def test_same_inputs_same_result_and_inputs_untouched(case: tuple[Algorithm, Bui
 def test_registry_refuses_a_name_clash() -> None:
     with pytest.raises(ValueError, match="already registered"):
         ALGORITHMS.register("fedavg")(object)
+
+
+def test_a_server_metric_no_algorithm_declares_stops_the_round() -> None:
+    """A key an algorithm returns without declaring it in ``metric_keys`` (a rename, say) is an error at once,
+    before it could vanish from the report."""
+    from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
+    from fcmoe.algorithms.robust import RobustAggregation
+    from fcmoe.config_sections import RobustConfig
+    from fcmoe.rounds import server_step
+
+    class Renamed(FedAvg):
+        def aggregate(self, global_state, updates, mean=None):  # type: ignore[no-untyped-def]
+            result = super().aggregate(global_state, updates)
+            result.metrics["renamed_share"] = 1.0
+            return result
+
+    built = _built("tiny-bert-moe", "full")
+    state = built.model.trainable_state()
+    server = RobustAggregation(Renamed(FedAvgConfig(), built.layout), RobustConfig())
+    with pytest.raises(ValueError, match=r"Renamed returned undeclared metrics \['renamed_share'\]: add them to its"):
+        server_step(server, state, make_updates(built, [random_delta(state, s) for s in range(2)], [3, 4]))

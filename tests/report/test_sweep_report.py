@@ -269,3 +269,16 @@ def test_partition_heatmap_of_a_large_population_draws_the_first_clients(tmp_pat
     small = Image.open(partition_heatmap(counts[:10], list("abcd"), tmp_path / "small.png"))
     limit = Image.open(partition_heatmap(counts[:HEATMAP_CLIENTS], list("abcd"), tmp_path / "limit.png"))
     assert big.size == limit.size and small.size[1] < big.size[1]
+
+
+def test_a_row_without_a_required_key_stops_the_report_naming_it(sweep_dir: Path, tmp_path: Path) -> None:
+    """A metrics row that lost ``global_acc`` (renamed, say) is an error naming the file, row and key, not a NaN."""
+    from fcmoe.report.results import ReportError, load_run
+
+    cell = tmp_path / "cell"
+    shutil.copytree(sweep_dir / "alpha0.1-seed0", cell)
+    rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    rows[1]["accuracy"] = rows[1].pop("global_acc")
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ReportError, match=r"metrics.jsonl row 2: no 'global_acc' in the row"):
+        load_run(cell)
