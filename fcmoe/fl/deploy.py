@@ -18,9 +18,7 @@ Across machines the same steps apply with real addresses: see the README's deplo
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import glob
 import ipaddress
 import json
 import logging
@@ -36,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -126,22 +123,29 @@ def _register_node(flwr: Callable[..., subprocess.CompletedProcess], public: Pat
         time.sleep(1.0)
 
 
+@dataclass
+class DeploymentHandle:
+    """The running deployment, handed to a ``during`` callback (the tests' fault injection): its processes (the
+    SuperLink first, then SuperNode i at ``1 + i``), their logs, how to start one again, and a flag to set when the
+    callback has killed the whole deployment (the status is then ``"killed"``)."""
+
+    processes: list[subprocess.Popen]
+    logs: dict[str, Path]
+    start: Callable[[str, list[str]], subprocess.Popen]
+    timeout_s: float
+    crashed: threading.Event = field(default_factory=threading.Event)
+
+
 def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: int = 39200,
                  timeout_s: float = 900.0, workdir: Path | None = None, node_options: str = "",
-                 kill_last_node_when: str | None = None, kill_all_when: str | None = None,
-                 restart_after_train: tuple[int, int] | None = None) -> Deployment:
+                 during: Callable[[DeploymentHandle], None] | None = None) -> Deployment:
     """Run the Flower app in ``app_dir`` on a local TLS + authenticated deployment; see the module docstring.
 
     ``run_config`` is passed to ``flwr run --run-config``; ports ``base_port`` (the SuperLink's HTTPS API) to
-    ``base_port + num_nodes`` (one ClientAppIO port per node) on 127.0.0.1 are used. ``kill_last_node_when``
-    is fault injection: once a non-empty file matches that glob pattern (e.g. the run's ``metrics.jsonl`` after
-    round 1), the last SuperNode is killed with SIGKILL, and the run has to finish without it. ``kill_all_when``
-    kills everything (SuperLink, ServerApp, every SuperNode) the same way, a crash of the whole deployment: the
-    status is then ``"killed"``, and a new deployment with ``resume-dir`` in ``run_config`` continues the run.
-    ``restart_after_train = (node, round)`` stops SuperNode ``node`` (SIGTERM to its process group) once its reply
-    to that round's train message has reached the SuperLink, and starts it again with the same key and node
-    config (:func:`_restart_node`). ``node_options`` is appended to every SuperNode's ``--node-config``, e.g.
-    ``"state-dir='/srv/fcmoe' warm-cache=false"``.
+    ``base_port + num_nodes`` (one ClientAppIO port per node) on 127.0.0.1 are used. ``node_options`` is appended
+    to every SuperNode's ``--node-config``, e.g. ``"state-dir='/srv/fcmoe' warm-cache=false"``. ``during`` runs in
+    a thread of its own once every process is up, with a :class:`DeploymentHandle` (the tests kill or restart
+    processes through it).
     """
     started = time.perf_counter()
     work = workdir or Path(tempfile.mkdtemp(prefix="fcmoe-deploy-"))
@@ -192,17 +196,12 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
                 raise RuntimeError(f"{name} exited with code {proc.returncode}: {logs[name].read_text()[-600:]}")
         startup_s = time.perf_counter() - started
         run_started = time.perf_counter()
-        killed = threading.Event()
-        for pattern, victims in ((kill_last_node_when, processes[-1:]), (kill_all_when, list(processes))):
-            if pattern:
-                threading.Thread(target=_kill_when, args=(pattern, victims, timeout_s, killed), daemon=True).start()
-        if restart_after_train:
-            nodes = {i: processes[1 + i] for i in range(num_nodes)}
-            threading.Thread(target=_restart_node, args=(*restart_after_train, nodes, logs, start, timeout_s),
-                             daemon=True).start()
+        handle = DeploymentHandle(processes, logs, start, timeout_s)
+        if during is not None:
+            threading.Thread(target=during, args=(handle,), daemon=True).start()
         submitted = flwr("run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config, timeout=timeout_s)
         (work / "flwr-run.log").write_text(submitted.stdout + submitted.stderr)
-        if kill_all_when and killed.is_set():
+        if handle.crashed.is_set():
             status = "killed"
         elif submitted.returncode != 0:  # refused before it ran (e.g. an invalid run config): no status to wait for
             status = "refused: " + " ".join((submitted.stdout + submitted.stderr).split())[-300:]
@@ -213,103 +212,22 @@ def deploy_local(app_dir: Path, num_nodes: int, run_config: str, *, base_port: i
         _stop(processes)
 
 
-def _kill_when(pattern: str, processes: list[subprocess.Popen], timeout_s: float, killed: threading.Event) -> None:
-    """SIGKILL ``processes`` and their children once a non-empty file matches the glob ``pattern``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(Path(match).stat().st_size > 0 for match in glob.glob(pattern)):
-            for process in processes:
-                _signal_group(process, signal.SIGKILL)
-                log.warning("fault injection: killed %s", " ".join(map(str, process.args[:1])))
-            killed.set()
-            return
-        time.sleep(0.2)
-
-
-def _restart_node(node: int, round_index: int, nodes: dict[int, subprocess.Popen], logs: dict[str, Path],
-                  start: Callable[[str, list[str]], subprocess.Popen], timeout_s: float) -> None:
-    """Stop SuperNode ``node`` after its reply to its ``round_index``-th train message (that round's, when it
-    trains every round), then start it again.
-
-    Deterministic, from the SuperNodes' own logs: the ClientApp process of every other node's train message is
-    frozen (SIGSTOP) as soon as it starts, so the server cannot finish the train phase and send ``node`` anything
-    new, while those SuperNodes go on sending heartbeats; ``node`` is stopped once its log says its train reply
-    was "Sent successfully" (the SuperLink has it), started again with its own key and node config, and the
-    frozen ClientApps go on once it is connected again. So the restart falls between two of ``node``'s
-    messages, with its trained state on disk only.
-
-    SIGTERM, not SIGKILL: a SuperNode that stops deactivates itself at the SuperLink, while one killed outright
-    stays "online" there until two heartbeat intervals (60 s) pass, and Flower 1.41 refuses to activate its key
-    again before that (error 2004).
-    """
-    victim = f"supernode_{node}"
-    others = [i for i in nodes if i != node]
-    frozen: dict[int, psutil.Process] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and not (_train_reply_sent(logs[victim], round_index)
-                                                   and len(frozen) == len(others)):
-            for i in others:
-                if i not in frozen and _log_count(logs[f"supernode_{i}"], "Receiving: train message") >= round_index:
-                    app = _client_app_process(nodes[i])
-                    if app is not None:
-                        app.suspend()
-                        frozen[i] = app
-            time.sleep(0.1)
-        old = nodes[node]
-        _signal_group(old, signal.SIGTERM)
-        old.wait(timeout=30)
-        connected = _log_count(logs[victim], "SuperNode ID")
-        log.warning("fault injection: stopped SuperNode %d after its round-%d train reply; restarting it", node,
-                    round_index)
-        nodes[node] = start(victim, list(map(str, old.args)))
-        while time.monotonic() < deadline and _log_count(logs[victim], "SuperNode ID") <= connected:
-            time.sleep(0.2)
-    finally:
-        for app in frozen.values():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                app.resume()
-
-
-def _client_app_process(supernode: subprocess.Popen) -> psutil.Process | None:
-    """The running ``flwr-clientapp`` process a SuperNode started, if there is one."""
-    try:
-        children = psutil.Process(supernode.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return None
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if child.status() != psutil.STATUS_ZOMBIE and any("flwr-clientapp" in a for a in child.cmdline()):
-                return child
-    return None
-
-
-def _log_count(path: Path, text: str) -> int:
-    return path.read_text(errors="replace").count(text) if path.is_file() else 0
-
-
-def _train_reply_sent(path: Path, round_index: int) -> bool:
-    """Whether the SuperNode log at ``path`` says its ``round_index``-th train reply reached the SuperLink."""
-    text = path.read_text(errors="replace") if path.is_file() else ""
-    parts = text.split("Sending: train message")
-    return len(parts) > round_index and "Sent successfully" in parts[round_index]
-
-
 def _stop(processes: list[subprocess.Popen]) -> None:
     """SIGTERM each process group (the process and its children), SIGKILL what is left after 15 s."""
     for proc in reversed(processes):
-        _signal_group(proc, signal.SIGTERM)
+        signal_group(proc, signal.SIGTERM)
     for proc in processes:
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
     time.sleep(1.0)
     for proc in processes:  # children that outlived their parent
-        _signal_group(proc, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to ``proc``'s process group (it and what it spawned); gone already is fine."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

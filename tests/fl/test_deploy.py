@@ -18,6 +18,7 @@ from fcmoe.config import load_config
 from fcmoe.experiment import prepare_experiment
 from fcmoe.fl.deploy import _register_node, make_certificates, make_node_keys
 from fcmoe.sim.engine import run_method
+from tests.fl.faults import kill_when, restart_after_train
 
 TINY = ["model.name=tiny-bert-moe", "model.num_experts=4", "data.train_per_class=8", "data.test_per_class=3",
         "data.max_length=32", "partition.num_clients=2", "partition.min_partition_size=6", "rounds=2"]
@@ -78,7 +79,7 @@ def test_a_supernode_killed_after_round_1_does_not_stop_the_run(tmp_path: Path) 
     out = tmp_path / "runs"
     run_config = f'overrides="{";".join(TINY)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
     result = deploy_local(Path(__file__).resolve().parents[2], 2, run_config, base_port=39400, timeout_s=600,
-                          kill_last_node_when=str(out / "*" / "metrics.jsonl"))
+                          during=kill_when(str(out / "*" / "metrics.jsonl")))
     assert result.status == "finished:completed"
     (run_dir,) = out.iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -98,7 +99,7 @@ def test_a_killed_deployment_resumes_with_node_state_and_equals_in_process(tmp_p
     overrides = [*TINY, "partition.num_clients=4", "partition.alpha=0.1", "rounds=3"]
     run_config = f'overrides="{";".join(overrides)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
     first = deploy_local(app, 4, run_config, base_port=39500, timeout_s=600,
-                         kill_all_when=str(out / "*" / "checkpoint" / "progress.json"))
+                         during=kill_when(str(out / "*" / "checkpoint" / "progress.json"), everything=True))
     assert first.status == "killed"
     (run_dir,) = out.iterdir()
     assert not (run_dir / "model-fcmoe.safetensors").exists()
@@ -120,7 +121,7 @@ def test_a_supernode_restarted_mid_round_keeps_its_client_state_and_equals_in_pr
         out, nodes = tmp_path / f"attempt{attempt}" / "runs", tmp_path / f"attempt{attempt}" / "nodes"
         run_config = f'overrides="{";".join(overrides)}" method="fcmoe" out-dir="{out}" round-timeout-s=300.0'
         result = deploy_local(app, 4, run_config, base_port=39700 + 50 * attempt, timeout_s=600,
-                              restart_after_train=(3, 2),
+                              during=restart_after_train(3, 2),
                               node_options=f"state-dir='{nodes}'")
         assert result.status == "finished:completed"
         assert result.logs["supernode_3"].read_text().count("SuperNode ID") == 2  # restarted, and connected again
