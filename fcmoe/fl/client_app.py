@@ -23,7 +23,7 @@ _clock = PhaseClock(IMPORTED_AT, time.time())
 def _answer(kind: str, msg: Message, context: Context) -> Message:
     phases = _clock.pending()
     if warm_worker_enabled(context.node_config):
-        from fcmoe.fl import node_worker  # POSIX only (fcntl, Unix sockets); light: no torch
+        from fcmoe.fl import node_worker  # POSIX only (Unix sockets); light: no torch
 
         reply, node_state = node_worker.forward(kind, msg.content, context.node_config, context.run_id, phases)
     else:

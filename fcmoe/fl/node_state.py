@@ -33,11 +33,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: nodes on one machine featurise side by side
-    fcntl = None
-
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -69,11 +65,10 @@ def one_featurises(folder: Path | None) -> Iterator[None]:
     """Around preparing an experiment whose features are cached in ``folder``: while the cache is incomplete,
     nodes on one machine take turns (``<folder>/.lock``), so the first featurises and writes it and the others
     read it, instead of every node featurising at once on the same cores. A complete cache needs no turn."""
-    if folder is None or fcntl is None or all((folder / name).is_file() for name in FEATURE_FILES):
+    if folder is None or all((folder / name).is_file() for name in FEATURE_FILES):
         yield
         return
-    with open(folder / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with FileLock(folder / ".lock"):
         yield
 
 

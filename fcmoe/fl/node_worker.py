@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from filelock import FileLock
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -142,8 +142,7 @@ def _connect_or_start(address: WorkerAddress, node_config: Mapping[str, Any], ow
     if conn is not None:
         return conn
     address.lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(address.lock, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per node: two messages at once start one worker
+    with FileLock(address.lock):  # one starter per node: two messages at once start one worker
         conn = _try_connect(address)
         if conn is not None:
             return conn
