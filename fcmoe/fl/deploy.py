@@ -41,6 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from fcmoe.files import write_private
 from fcmoe.fl.node_settings import node_config
+from fcmoe.fl.waiting import poll
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +98,24 @@ def make_node_keys(folder: Path, index: int) -> tuple[Path, Path]:
 
 
 def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen, log_file: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if process.poll() is not None:
             tail = log_file.read_text()[-600:]
             raise RuntimeError(f"{process.args[0]} exited with code {process.returncode}: {tail}")
         with socket.socket() as sock:
             # a port in the ephemeral range can "accept" a probe from itself (a TCP self-connect) before the
             # server listens: that is not a listener (seen once in CI: registration then found no SuperLink)
-            if sock.connect_ex(("127.0.0.1", port)) == 0 and sock.getsockname() != sock.getpeername():
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+            return sock.connect_ex(("127.0.0.1", port)) == 0 and sock.getsockname() != sock.getpeername()
+
+    if not poll(listening, bool, timeout_s, 0.5):
+        raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
 def _register_node(flwr: Callable[..., subprocess.CompletedProcess], public: Path,
                    timeout_s: float = 30.0) -> subprocess.CompletedProcess:
     """``flwr supernode register``, retried while the SuperLink is not serving yet (its port opens first)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        registered = flwr("supernode", "register", str(public), CONNECTION)
-        starting = "unavailable" in registered.stdout + registered.stderr
-        if registered.returncode == 0 or not starting or time.monotonic() > deadline:
-            return registered
-        time.sleep(1.0)
+    return poll(lambda: flwr("supernode", "register", str(public), CONNECTION),
+                lambda reply: reply.returncode == 0 or "unavailable" not in reply.stdout + reply.stderr, timeout_s, 1.0)
 
 
 @dataclass
@@ -235,18 +230,17 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def _final_status(flwr, timeout_s: float) -> str:  # noqa: ANN001 - the local runner above
-    """The newest run's status once it is final (``finished:…``), from ``flwr ls --format json``."""
-    deadline = time.monotonic() + timeout_s
-    status = "unknown"
-    while time.monotonic() < deadline:
-        listing = flwr("ls", "--format", "json")
+    """The newest run's status once it is final (``finished:…``), from ``flwr ls --format json``; the last one
+    seen when ``timeout_s`` pass first."""
+    seen = ["unknown"]
+
+    def newest() -> str:
         try:
-            runs = json.loads(listing.stdout).get("runs", [])
-        except json.JSONDecodeError:
+            runs = json.loads(flwr("ls", "--format", "json").stdout).get("runs", [])
+        except json.JSONDecodeError:  # a listing cut short: the last status seen stands
             runs = []
         if runs:
-            status = max(runs, key=lambda r: r.get("pending-at", ""))["status"]
-            if status.startswith("finished"):
-                return status
-        time.sleep(2.0)
-    return status
+            seen.append(max(runs, key=lambda r: r.get("pending-at", ""))["status"])
+        return seen[-1]
+
+    return poll(newest, lambda status: status.startswith("finished"), timeout_s, 2.0)

@@ -46,6 +46,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 import fcmoe
 from fcmoe.files import write_private
 from fcmoe.fl.node_settings import node_root, worker_idle_s
+from fcmoe.fl.waiting import poll
 from fcmoe.process_memory import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -156,15 +157,16 @@ def _connect_or_start(address: WorkerAddress, node_config: Mapping[str, Any], ow
                  str(address.lock), str(address.log), str(owner_pid), str(worker_idle_s(node_config))],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)  # outlives this ClientApp process and its process group
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while (conn := _try_connect(address)) is None:
+        def serving() -> Connection | None:
             if worker.poll() is not None:
                 tail = address.log.read_text(errors="replace")[-600:]
                 raise WorkerError(f"the node's worker exited with code {worker.returncode} before serving: {tail}")
-            if time.monotonic() > deadline:
-                worker.kill()
-                raise WorkerError(f"the node's worker did not listen within {START_TIMEOUT_S:.0f} s; see {address.log}")
-            time.sleep(0.1)
+            return _try_connect(address)
+
+        conn = poll(serving, lambda found: found is not None, START_TIMEOUT_S, 0.1)
+        if conn is None:
+            worker.kill()
+            raise WorkerError(f"the node's worker did not listen within {START_TIMEOUT_S:.0f} s; see {address.log}")
         return conn
 
 

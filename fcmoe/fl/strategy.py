@@ -41,6 +41,7 @@ from fcmoe.fl.codec import (
     round_counts,
     tree_to_record,
 )
+from fcmoe.fl.waiting import poll
 from fcmoe.rounds import RoundDraw, ServerStep, server_step
 from fcmoe.spill import UpdateInbox
 
@@ -231,10 +232,13 @@ class AlgorithmStrategy(Strategy):
         with an error reply, which ``aggregate_train`` rejects). A node not seen before is asked once who it is.
         """
         if not self._waited:
-            deadline = time.monotonic() + self.node_wait_s
-            while (connected := len(list(grid.get_node_ids()))) < self.num_nodes and time.monotonic() < deadline:
-                log.info("waiting for nodes: %d of %d connected", connected, self.num_nodes)
-                time.sleep(1.0)
+            def connected() -> int:
+                count = len(list(grid.get_node_ids()))
+                if count < self.num_nodes:
+                    log.info("waiting for nodes: %d of %d connected", count, self.num_nodes)
+                return count
+
+            poll(connected, lambda count: count >= self.num_nodes, self.node_wait_s, 1.0)
             self._waited = True
         nodes = sorted(grid.get_node_ids())
         if not nodes:

@@ -39,7 +39,7 @@ def test_certificates_chain_to_the_ca(tmp_path: Path) -> None:
 
 def test_node_registration_waits_for_a_superlink_that_is_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its port can open before it serves: "unavailable" is retried, any other failure is returned at once."""
-    monkeypatch.setattr("fcmoe.fl.deploy.time.sleep", lambda s: None)
+    monkeypatch.setattr("fcmoe.fl.waiting.time.sleep", lambda s: None)
     unavailable = subprocess.CompletedProcess([], 1, "Connection to the SuperLink is unavailable.", "")
     replies = [unavailable, unavailable, subprocess.CompletedProcess([], 0, "registered", "")]
     calls: list[tuple[str, ...]] = []
