@@ -24,7 +24,7 @@ from fcmoe.core import Tree
 from fcmoe.errors import first_line
 from fcmoe.experiment import Experiment
 from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN, LOCAL_ACC_STD, MMLU_ACC, TASK_SCORES
-from fcmoe.report.plots import partition_heatmap
+from fcmoe.plots import partition_heatmap
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fcmoe"
 # lowest first; a module belongs to the longest prefix listed
 LAYERS: dict[str, int] = {
     "fcmoe": 0, "fcmoe.core": 0, "fcmoe.registry": 0, "fcmoe.cache": 0, "fcmoe.config_sections": 0,
-    "fcmoe.process_memory": 0, "fcmoe.report.plots": 0, "fcmoe.files": 0,  # leaves: they import no other fcmoe module
+    "fcmoe.process_memory": 0, "fcmoe.plots": 0, "fcmoe.files": 0,  # leaves: they import no other fcmoe module
     "fcmoe.errors": 0,  # a leaf too: how an exception is quoted in a one-line message
     "fcmoe.metrics_row": 0,  # a leaf: the keys of a metrics.jsonl row
     "fcmoe.data": 1,

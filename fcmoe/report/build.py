@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fcmoe import plots
 from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN, MMLU_ACC, TASK_SCORES, TRAIN_LOSS
-from fcmoe.report import plots
 from fcmoe.report.results import (
     ReportError,
     RunResult,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcmoe.metrics_row import GLOBAL_ACC, LOCAL_ACC_MEAN
-from fcmoe.report.plots import Points, errorbar_panels
+from fcmoe.plots import Points, errorbar_panels
 from fcmoe.report.results import ReportError, RunResult, Stat, find_runs, shifted_clients
 
 REFERENCE = "fcmoe"

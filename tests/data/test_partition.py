@@ -10,7 +10,7 @@ import pytest
 from fcmoe.config import ConfigError, PartitionConfig, load_config
 from fcmoe.data.corpus import DataError
 from fcmoe.data.partition import partition_pool
-from fcmoe.report.plots import partition_heatmap
+from fcmoe.plots import partition_heatmap
 
 LABELS = np.repeat(np.arange(5), 40)  # 200 documents, 5 classes
 

@@ -262,7 +262,7 @@ def test_partition_heatmap_of_a_large_population_draws_the_first_clients(tmp_pat
     pixels tall and take seconds); 10 clients draw them all."""
     from PIL import Image
 
-    from fcmoe.report.plots import HEATMAP_CLIENTS, partition_heatmap
+    from fcmoe.plots import HEATMAP_CLIENTS, partition_heatmap
 
     counts = np.arange(1000 * 4).reshape(1000, 4) % 7
     big = Image.open(partition_heatmap(counts, list("abcd"), tmp_path / "big.png"))
