@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -122,6 +122,41 @@ class ExpertUnit:
     step: ExpertStep
 
 
+@dataclass
+class Diagnostics:
+    """The server's figures per MoE layer: the conflict rate, the mean cosine to g, the importance weight the
+    projected pairs carry, how far projection moved the step, and the re-anchoring offset next to the update."""
+
+    rate: dict[str, float] = field(default_factory=dict)
+    cosine: dict[str, float] = field(default_factory=dict)
+    projected_weight: dict[str, float] = field(default_factory=dict)
+    step_change: dict[str, float] = field(default_factory=dict)
+    retention: dict[str, float] = field(default_factory=dict)
+
+    def add(self, layer: MoELayerSpec, units: Sequence[ExpertUnit], updates: Sequence[ClientUpdate]) -> None:
+        """One layer's figures, from its experts' steps."""
+        weights = torch.stack([u.weights for u in units], dim=1)  # [N, E]
+        conflicted = torch.stack([u.step.conflicted for u in units], dim=1)  # [N, E]
+        cosine_rows = [u.step.cosine for u in units if u.step.cosine is not None]  # none with pairwise
+        cosines = torch.stack(cosine_rows, dim=1) if cosine_rows else None
+        self.rate[layer.name], mean_cosine, self.projected_weight[layer.name] = _layer_metrics(weights, conflicted,
+                                                                                               cosines)
+        if cosines is not None:
+            self.cosine[layer.name] = mean_cosine
+        self.step_change[layer.name] = _step_change([u.step for u in units])
+        update_norms = torch.stack([u.norms for u in units], dim=1).double().square().sum(dim=1).sqrt()  # [N]
+        retained = torch.tensor([float(u.statistics.get(RETAINED_NORM + layer.name, torch.zeros(1))[0])
+                                 for u in updates])  # [N]  ‖λ r_i‖, 0 without r_i
+        self.retention[layer.name] = retention_ratio(retained, update_norms)
+
+    def metrics(self) -> dict[str, Any]:
+        """The ``ServerResult.metrics`` of the round (FCMoE.metric_keys)."""
+        return {"conflict_rate": sum(self.rate.values()) / max(len(self.rate), 1),
+                "conflict_rate_per_layer": self.rate, "mean_cosine_per_layer": self.cosine,
+                "projected_weight_share_per_layer": self.projected_weight,
+                "projection_step_change_per_layer": self.step_change, "retention_ratio_per_layer": self.retention}
+
+
 @register_algorithm("fcmoe")
 class FCMoE(Algorithm):
     """Importance-weighted, conflict-projected expert aggregation with local retention of what was removed."""
@@ -148,10 +183,11 @@ class FCMoE(Algorithm):
         state = dict(global_state)
         state.update(self.fedavg(global_state, updates, [*layout.shared_keys, *layout.router_keys], mean))
         n = torch.tensor([u.num_samples for u in updates])  # [N]
-        tau = cfg.tau if cfg.projection else -1.0  # −1: nothing is projected
+        tau = cfg.tau if cfg.projection else None  # None: nothing is projected
         step_rule = STEP_RULES[cfg.reference]
         trees = [u.delta for u in updates]
-        layers: list[tuple[MoELayerSpec, list[ExpertUnit]]] = []
+        messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
+        diagnostics = Diagnostics()
         for layer in layout.layers:
             f = routing_frequencies(torch.stack([u.routing_counts[layer.name] for u in updates]))  # [N, E]
             held = torch.stack([u.held(layer.name) for u in updates])  # [N, E]; all True unless uploads are sparse
@@ -166,55 +202,30 @@ class FCMoE(Algorithm):
             directions = torch.stack([u.step.direction for u in units])  # [E, P]
             scales = torch.stack([u.step.scale for u in units])  # [E]
             state = layout.add_to_experts(state, layer, directions, cfg.server_lr * scales)  # step 4
-            layers.append((layer, units))
-        return ServerResult(global_state=state, messages=self._messages(updates, layers),
-                            metrics=self._diagnostics(updates, layers))
+            self._add_messages(messages, updates, layer, units)
+            diagnostics.add(layer, units, updates)  # then the layer's steps are let go
+        return ServerResult(global_state=state, messages=messages, metrics=diagnostics.metrics())
 
-    def _messages(self, updates: Sequence[ClientUpdate],
-                  layers: Sequence[tuple[MoELayerSpec, list[ExpertUnit]]]) -> dict[int, dict[str, torch.Tensor]]:
-        """What each client needs of ρ_i: per layer its scalars s_i [E] ("<layer>"), or with pairwise projection the
-        rows ρ_i of the experts it was projected on ("removed/<layer>@rows", "…@experts")."""
-        messages: dict[int, dict[str, torch.Tensor]] = {u.client_id: {} for u in updates}
-        for layer, units in layers:
-            if self.config.reference == "consensus":
-                coefficients = torch.stack([u.step.removed for u in units], dim=1)  # [N, E]  c_i
-                scales = torch.stack([u.step.scale for u in units])  # [E]
-                scalars = coefficients / (self.config.server_lr * scales)[None, :]  # [N, E]  ρ_i = s_i · u
-                for update, row in zip(updates, scalars.to(torch.float32).unbind(0), strict=True):
-                    messages[update.client_id][layer.name] = row
-                continue
-            rows: dict[int, dict[int, torch.Tensor]] = {}  # client index → expert → ρ_{i,k} [P]
-            for k, unit in enumerate(units):
-                projected = unit.step.conflicted.nonzero().flatten().tolist()  # the m clients of step.removed
-                for i, removed in zip(projected, unit.step.removed, strict=True):
-                    rows.setdefault(i, {})[k] = removed
-            for i, by_expert in rows.items():
-                messages[updates[i].client_id].update({
-                    REMOVED + layer.name + ROWS: torch.stack(list(by_expert.values())),  # [m, P]
-                    REMOVED + layer.name + EXPERTS: torch.tensor(list(by_expert))})  # [m]
-        return messages
-
-    def _diagnostics(self, updates: Sequence[ClientUpdate],
-                     layers: Sequence[tuple[MoELayerSpec, list[ExpertUnit]]]) -> dict[str, Any]:
-        """Per MoE layer: the conflict rate, the mean cosine to g, the importance weight the projected pairs carry,
-        how far projection moved the step, and the re-anchoring offset next to the update."""
-        rate, cosine, projected_weight, step_change, retention = {}, {}, {}, {}, {}
-        for layer, units in layers:
-            weights = torch.stack([u.weights for u in units], dim=1)  # [N, E]
-            conflicted = torch.stack([u.step.conflicted for u in units], dim=1)  # [N, E]
-            cosine_rows = [u.step.cosine for u in units if u.step.cosine is not None]  # none with pairwise
-            cosines = torch.stack(cosine_rows, dim=1) if cosine_rows else None
-            rate[layer.name], mean_cosine, projected_weight[layer.name] = _layer_metrics(weights, conflicted, cosines)
-            if cosines is not None:
-                cosine[layer.name] = mean_cosine
-            step_change[layer.name] = _step_change([u.step for u in units])
-            update_norms = torch.stack([u.norms for u in units], dim=1).double().square().sum(dim=1).sqrt()  # [N]
-            retained = torch.tensor([float(u.statistics.get(RETAINED_NORM + layer.name, torch.zeros(1))[0])
-                                     for u in updates])  # [N]  ‖λ r_i‖, 0 without r_i
-            retention[layer.name] = retention_ratio(retained, update_norms)
-        return {"conflict_rate": sum(rate.values()) / max(len(rate), 1), "conflict_rate_per_layer": rate,
-                "mean_cosine_per_layer": cosine, "projected_weight_share_per_layer": projected_weight,
-                "projection_step_change_per_layer": step_change, "retention_ratio_per_layer": retention}
+    def _add_messages(self, messages: dict[int, dict[str, torch.Tensor]], updates: Sequence[ClientUpdate],
+                      layer: MoELayerSpec, units: Sequence[ExpertUnit]) -> None:
+        """What each client needs of ρ_i in one layer: its scalars s_i [E] ("<layer>"), or with pairwise projection
+        the rows ρ_i of the experts it was projected on ("removed/<layer>@rows", "…@experts")."""
+        if self.config.reference == "consensus":
+            coefficients = torch.stack([u.step.removed for u in units], dim=1)  # [N, E]  c_i
+            scales = torch.stack([u.step.scale for u in units])  # [E]
+            scalars = coefficients / (self.config.server_lr * scales)[None, :]  # [N, E]  ρ_i = s_i · u
+            for update, row in zip(updates, scalars.to(torch.float32).unbind(0), strict=True):
+                messages[update.client_id][layer.name] = row
+            return
+        rows: dict[int, dict[int, torch.Tensor]] = {}  # client index → expert → ρ_{i,k} [P]
+        for k, unit in enumerate(units):
+            projected = unit.step.conflicted.nonzero().flatten().tolist()  # the m clients of step.removed
+            for i, removed in zip(projected, unit.step.removed, strict=True):
+                rows.setdefault(i, {})[k] = removed
+        for i, by_expert in rows.items():
+            messages[updates[i].client_id].update({
+                REMOVED + layer.name + ROWS: torch.stack(list(by_expert.values())),  # [m, P]
+                REMOVED + layer.name + EXPERTS: torch.tensor(list(by_expert))})  # [m]
 
     # ------------------------------------------------------------------ client half: steps 1 and 5
     def client_start(self, global_state: Tree, client_state: dict[str, Any]) -> Tree:
@@ -261,8 +272,10 @@ class FCMoE(Algorithm):
         for layer in self.layout.layers:
             before = _retained_rows(old, layer) if self.config.decay > 0 else None  # [E, P] γ's operand
             if self.config.reference == "pairwise":
-                removed = torch.zeros(layer.num_experts, layer.expert_numel)  # [E, P]  ρ_i
                 rows = message.get(REMOVED + layer.name + ROWS)  # absent: this client was projected on no expert
+                if rows is None and before is None:
+                    continue  # ρ_i = 0 and nothing retained: r_i is zero and not stored
+                removed = torch.zeros(layer.num_experts, layer.expert_numel)  # [E, P]  ρ_i
                 if rows is not None:
                     removed[message[REMOVED + layer.name + EXPERTS]] = rows
             else:

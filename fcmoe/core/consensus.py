@@ -35,8 +35,8 @@ class ExpertStep(NamedTuple):
     unprojected: torch.Tensor  # [P] the step without projection, for the diagnostics (consensus: g)
 
 
-def consensus_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float, mean: MeanRule = WEIGHTED_MEAN,
-                   norms: torch.Tensor | None = None) -> ExpertStep:
+def consensus_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float | None,
+                   mean: MeanRule = WEIGHTED_MEAN, norms: torch.Tensor | None = None) -> ExpertStep:
     """FC-MoE step 3 on one expert unit (module docstring): the consensus g, the conflicts, the coefficients c.
 
     Parameters
@@ -46,7 +46,7 @@ def consensus_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float, mean
     weights
         ``[N]`` importance weights w_i, summing to 1 (all zero: nobody used the expert, which keeps its value).
     tau
-        Conflict threshold τ on cos(Δ_i, g) (paper default 0; −1 projects nothing).
+        Conflict threshold τ on cos(Δ_i, g) (paper default 0; −1 projects nothing); ``None``: no projection.
     mean
         How g is taken: Σ_i w_i Δ_i as published, or a robust mean of the same rows
         (:class:`~fcmoe.core.robust.CoordinateMean`); conflicts are measured against it.
@@ -61,18 +61,19 @@ def consensus_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float, mean
     tiny = torch.finfo(acc).tiny
     # clamped: rounding can put an exactly opposed pair at −1 − ε, and τ = −1 must project nothing
     cosine = torch.where(denom > 0, dots / denom.clamp_min(tiny), 0.0).clamp(-1.0, 1.0)  # [N]
-    conflicted = (cosine < tau) & (denom > 0)
+    conflicted = (cosine < (-1.0 if tau is None else tau)) & (denom > 0)
     coefficient = torch.where(conflicted, dots / g_norm.square().clamp_min(tiny), 0.0)  # [N]  c_i
     scale = 1.0 - (weights.to(acc) * coefficient).sum()  # ≥ 1 for τ ≤ 0: conflicting c_i are negative
     return ExpertStep(g, scale, coefficient, conflicted, cosine, g)
 
 
-def pairwise_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float, mean: MeanRule = WEIGHTED_MEAN,
-                  norms: torch.Tensor | None = None) -> ExpertStep:
+def pairwise_step(deltas: torch.Tensor, weights: torch.Tensor, tau: float | None,
+                  mean: MeanRule = WEIGHTED_MEAN, norms: torch.Tensor | None = None) -> ExpertStep:
     """The ``fcmoe/pairwise`` ablation of step 3 on one expert unit: PCGrad between the clients
     (:func:`pairwise_project`), then the ``mean`` of the projected updates Δ̃_i. PCGrad's own rule
-    (⟨Δ̃_i, Δ_j⟩ < 0) picks the pairs; τ = −1 turns the projection off. ``norms`` is not needed."""
-    projection = pairwise_project(deltas) if tau > -1.0 else None
+    (⟨Δ̃_i, Δ_j⟩ < 0) picks the pairs whatever τ is; ``tau = None`` turns the projection off. ``norms`` is not
+    needed."""
+    projection = pairwise_project(deltas) if tau is not None else None
     projected = deltas if projection is None else projection.projected  # [N, P]  Δ̃_i
     step = mean.over_rows(projected, weights)  # [P]
     one = torch.ones((), dtype=step.dtype)

@@ -277,8 +277,9 @@ class LocalTrainer:
             for rows in order.split(batch_size):
                 batch = data.subset(rows).trimmed()
                 mask, targets = batch.mask.to(self.device), batch.targets.to(self.device)
-                recording = self.recorder.recording(self.model.routing_masks(mask, targets))
-                with recording if record_routing else contextlib.nullcontext():
+                recording = (self.recorder.recording(self.model.routing_masks(mask, targets)) if record_routing
+                             else contextlib.nullcontext())
+                with recording:
                     losses[rows] = response_losses(self.model, batch.features.to(self.device), mask, targets).cpu()
                 scores[rows] = generation_scores(self.model, batch.token_ids.to(self.device), mask, targets,
                                                  batch.exact, self.max_new_tokens)

@@ -157,6 +157,7 @@ def test_the_pairwise_step_is_the_mean_of_pcgrads_projections_and_keeps_what_the
     assert step.scale == 1 and torch.equal(step.conflicted, projection.conflicted) and step.conflicted.any()
     torch.testing.assert_close(step.removed, (deltas - projection.projected)[projection.conflicted])
     torch.testing.assert_close(step.unprojected, weights @ deltas)
-    off = pairwise_step(deltas, weights, -1.0)
+    assert torch.equal(pairwise_step(deltas, weights, -1.0).direction, step.direction)  # τ is not PCGrad's rule
+    off = pairwise_step(deltas, weights, None)
     assert not off.conflicted.any() and off.removed.shape == (0, 30)
     torch.testing.assert_close(off.direction, weights @ deltas)
