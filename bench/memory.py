@@ -45,10 +45,10 @@ def measure_one(shape: str, layers: int, variant: str, batch: int, length: int, 
     batch (forward under the same autocast, cross-entropy, backward, fused AdamW; no routing statistics)."""
     import torch
 
-    from fcmoe.config import TrainConfig
     from fcmoe.models.build import build_model
     from fcmoe.models.memory import kept_for_backward
     from fcmoe.models.shapes import SHAPES
+    from fcmoe.training.config import TrainConfig
     from fcmoe.training.local import FeatureSet, LocalTrainer
 
     base = _rss_mb()

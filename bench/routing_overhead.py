@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from fcmoe.config import ConfigError, TrainConfig
+from fcmoe.config import ConfigError
 from fcmoe.data.offline import load_20ng
 from fcmoe.models.build import build_model
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import LocalTrainer, featurize, resolve_device
 
 

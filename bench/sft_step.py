@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from fcmoe.config_sections import TrainConfig
 from fcmoe.data.mixture import load_instruct
 from fcmoe.models.build import build_model
 from fcmoe.models.causal_lm import encode_pairs
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import FeatureSet, LocalTrainer, featurize
 
 

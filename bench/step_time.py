@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from fcmoe.config import TrainConfig
 from fcmoe.data.offline import load_20ng
 from fcmoe.models.build import build_model
 from fcmoe.models.catalog import FAMILY_NAMES, supports_lora
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import LocalTrainer, featurize
 
 

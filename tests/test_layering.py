@@ -24,9 +24,9 @@ LAYERS: dict[str, int] = {
     "fcmoe.metrics_row": 0,  # a leaf: the keys of a metrics.jsonl row
     "fcmoe.data": 1,
     "fcmoe.models": 2,
-    "fcmoe.algorithms": 3,
-    "fcmoe.config": 4,
-    "fcmoe.training": 5,
+    "fcmoe.training": 3,  # local training reads its own [train] section: below the algorithms, which drive it
+    "fcmoe.algorithms": 4,
+    "fcmoe.config": 5,
     "fcmoe.experiment": 6,
     "fcmoe.spill": 6,  # a round's updates beyond the server's memory budget, on disk
     "fcmoe.rounds": 7,
@@ -38,8 +38,7 @@ LAYERS: dict[str, int] = {
     "fcmoe.cli_errors": 12, "fcmoe.listing": 12,
 }
 LEAVES = {name for name, rank in LAYERS.items() if rank == 0 and name != "fcmoe.core"}
-FORBIDDEN = {("fcmoe.fl", "fcmoe.sim"), ("fcmoe.sim", "fcmoe.fl"), ("fcmoe.sim", "fcmoe.report"),
-             ("fcmoe.training", "fcmoe.algorithms")}
+FORBIDDEN = {("fcmoe.fl", "fcmoe.sim"), ("fcmoe.sim", "fcmoe.fl"), ("fcmoe.sim", "fcmoe.report")}
 CORE_ROOTS = {"__future__", "collections", "typing", "torch", "fcmoe", "math", "dataclasses"}
 
 

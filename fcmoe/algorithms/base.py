@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, fedavg_step, holder_weights
 from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
+
+if TYPE_CHECKING:  # a hint only: importing training would load transformers with every config
+    from fcmoe.training.local import FeatureSet, LocalResult
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class ClientRuntime(Protocol):
 
     head_keys: tuple[str, ...]  # the classification head's weight and bias (none for a causal LM)
 
-    def predict(self, state: Mapping[str, torch.Tensor], data: Any, batch_size: int = 128,
+    def predict(self, state: Mapping[str, torch.Tensor], data: FeatureSet, batch_size: int = 128,
                 expert_mask: Mapping[str, torch.Tensor] | None = None, record_routing: bool = False,
                 ) -> Prediction: ...
 
@@ -114,8 +117,8 @@ class Algorithm:
         """Layer → ``[E]`` (nonzero = held): the sub-MoE the client trains and deploys (default: every expert)."""
         return None
 
-    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: Any,
-                          data: Any) -> dict[str, torch.Tensor]:
+    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: LocalResult,
+                          data: FeatureSet) -> dict[str, torch.Tensor]:
         """Small tensors uploaded beside Δ_i (``trained``: the local training's result, with ``state``,
         ``routing_counts`` and ``router_scores``; ``data``: the client's train split). Default: none."""
         return {}
@@ -129,7 +132,7 @@ class Algorithm:
         return list(global_state)
 
     def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            data: Any) -> Prediction:
+                            data: FeatureSet) -> Prediction:
         """The client's deployed model as it stands (no local fitting) on ``data``; default the global model. Also
         read on the global test set for :attr:`scores_deployed_on_global_test`."""
         return runtime.predict(global_state, data)
@@ -139,7 +142,7 @@ class Algorithm:
         """Update private client state from the server's per-client message (default: nothing)."""
 
     def personalised_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                                train: Any, test: Any) -> Prediction:
+                                train: FeatureSet, test: FeatureSet) -> Prediction:
         """The client's deployed model on its test split: :meth:`deployed_prediction`, unless the method fits
         something locally first (PFL-MoE's head and gate)."""
         return self.deployed_prediction(runtime, client_state, global_state, test)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,9 @@ from fcmoe.core import (
 from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
+
+if TYPE_CHECKING:  # a hint only: importing training would load transformers with every config
+    from fcmoe.training.local import FeatureSet, LocalResult
 
 RETAINED = "retained"  # client state: r_i, per MoE layer in a compact form (keys "<layer name><suffix>"):
 #   STEP, SCALE:    r = scale[:, None] · step, step [E, P] the round's global expert step u (shared by the clients
@@ -245,8 +248,8 @@ class FCMoE(Algorithm):
                 out.update(self.layout.split_experts(layer, rows))
         return out
 
-    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: Any,
-                          data: Any) -> dict[str, torch.Tensor]:
+    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: LocalResult,
+                          data: FeatureSet) -> dict[str, torch.Tensor]:
         """‖λ r_i‖ per MoE layer of the r_i this round started from, for the server's ``retention_ratio_per_layer``
         (one scalar per layer; r_i itself stays on the client)."""
         stored = _stored(client_state)
@@ -312,7 +315,7 @@ class FCMoE(Algorithm):
         return step
 
     def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            data: Any) -> Prediction:
+                            data: FeatureSet) -> Prediction:
         """The personalised model θ + λ·r_i."""
         return runtime.predict(self.client_start(global_state, client_state), data)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,9 @@ from fcmoe.core.submoe import largest_threshold, recommend_experts
 from fcmoe.models.layout import ExpertLayout, MoELayerSpec
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
+
+if TYPE_CHECKING:  # a hint only: importing training would load transformers with every config
+    from fcmoe.training.local import FeatureSet, LocalResult
 
 MASK = "fedmoe_mask"  # client state and server message: layer → [E] float, 1 = held
 VAL_ACC, VAL_COUNTS = "val_acc", "val_counts/"  # client statistics
@@ -120,8 +123,8 @@ class FedMoE(Algorithm):
     def client_expert_mask(self, client_state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         return client_state.get(MASK)
 
-    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: Any,
-                          data: Any) -> dict[str, torch.Tensor]:
+    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: LocalResult,
+                          data: FeatureSet) -> dict[str, torch.Tensor]:
         """p_{i,l,e} (as routing counts) and the accuracy of the trained sub-MoE on the client's own data."""
         if not self.config.sub_models:
             return {}
@@ -137,7 +140,7 @@ class FedMoE(Algorithm):
             client_state[MASK] = {layer.name: message[layer.name].clone() for layer in self.layout.layers}
 
     def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            data: Any) -> Prediction:
+                            data: FeatureSet) -> Prediction:
         """The global model routed within the client's sub-MoE."""
         return runtime.predict(global_state, data, expert_mask=self.client_expert_mask(client_state))
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree, holder_weights
 from fcmoe.registry import register_algorithm
+
+if TYPE_CHECKING:  # a hint only: importing training would load transformers with every config
+    from fcmoe.training.local import FeatureSet, LocalResult
 
 SCORES = "router_scores/"  # client statistic per layer: [3, E] usage, mean and max batch score
 
@@ -62,8 +65,8 @@ class HFedMoE(Algorithm):
     config_class = HFedMoEConfig
     config: HFedMoEConfig
 
-    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: Any,
-                          data: Any) -> dict[str, torch.Tensor]:
+    def client_statistics(self, runtime: ClientRuntime, client_state: dict[str, Any], trained: LocalResult,
+                          data: FeatureSet) -> dict[str, torch.Tensor]:
         return {SCORES + layer: scores for layer, scores in trained.router_scores.items()}
 
     def _scores(self, update: ClientUpdate, layer: str) -> torch.Tensor:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, ClientUpdate, ServerResult
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
+
+if TYPE_CHECKING:  # a hint only: importing training would load transformers with every config
+    from fcmoe.training.local import FeatureSet
 
 PRIVATE = "local_experts"  # client state: the client's own experts and router rows
 
@@ -44,7 +47,7 @@ class LocalExperts(Algorithm):
         return dataclasses.replace(update, delta={k: v for k, v in update.delta.items() if k in shared})
 
     def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            data: Any) -> Prediction:
+                            data: FeatureSet) -> Prediction:
         return runtime.predict(self.client_start(global_state, client_state), data)
 
     # ------------------------------------------------------------------ server half

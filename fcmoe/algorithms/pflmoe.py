@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from fcmoe.algorithms.base import Algorithm, AlgorithmConfig, ClientRuntime, Cli
 from fcmoe.core import WEIGHTED_MEAN, MeanRule, Tree
 from fcmoe.models.outputs import Prediction
 from fcmoe.registry import register_algorithm
+
+if TYPE_CHECKING:  # a hint only: importing training would load transformers with every config
+    from fcmoe.training.local import FeatureSet
 
 HEAD, GATE = "pfl_head", "pfl_gate"
 
@@ -99,7 +102,7 @@ class PFLMoE(Algorithm):
         return any(key.endswith(("head.weight", "head.bias")) for key in self.layout.shared_keys)
 
     def personalised_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                                train: Any, test: Any) -> Prediction:
+                                train: FeatureSet, test: FeatureSet) -> Prediction:
         if not self._has_head:  # a causal LM: nothing to mix (module docstring)
             return runtime.predict(global_state, test)
         cfg = self.config
@@ -119,7 +122,7 @@ class PFLMoE(Algorithm):
         return self._mixed(mixture, runtime.predict(global_state, test))
 
     def deployed_prediction(self, runtime: ClientRuntime, client_state: dict[str, Any], global_state: Tree,
-                            data: Any) -> Prediction:
+                            data: FeatureSet) -> Prediction:
         """The client's mixture as last fitted (no further training) on ``data``."""
         seen = runtime.predict(global_state, data)
         if not self._has_head:

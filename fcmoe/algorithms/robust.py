@@ -13,14 +13,58 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fcmoe.algorithms.base import Algorithm, ClientUpdate, ServerResult
-from fcmoe.config_sections import RobustConfig
+from fcmoe.config_sections import ConfigError, _positive
 from fcmoe.core import WEIGHTED_MEAN, CoordinateMean, MeanRule, Tree, clip_factors, row_squared_norms, tree_norm
 from fcmoe.core.validate import update_problem
 from fcmoe.models.layout import ExpertLayout
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """What the server accepts and how it combines updates (both engines).
+
+    Attributes
+    ----------
+    max_norm_ratio
+        Reject an update whose norm exceeds this multiple of the round's median update norm (with ≥ 3 valid
+        updates; 0 = off). Malformed updates (missing or extra keys, wrong shapes or dtypes, NaN / Inf) are always
+        rejected.
+    min_clients
+        Fewer accepted updates than this keep the global model; the round is marked skipped.
+    clip
+        Clip each client's update per unit (every MoE expert, and all other parameters together) to this multiple
+        of the round's median norm of that unit (0 = off).
+    aggregator
+        Inner aggregator over clients: "mean" (each algorithm's own weights), or coordinate-wise "trimmed_mean" /
+        "median" (unweighted, over the clients holding the unit).
+    trim_fraction
+        trimmed_mean: the share of clients cut at each end of every coordinate.
+    """
+
+    max_norm_ratio: float = 10.0
+    min_clients: int = 1
+    clip: float = 0.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.max_norm_ratio >= 0 or 0 < self.max_norm_ratio <= 1:
+            raise ConfigError(f"robust.max_norm_ratio = {self.max_norm_ratio}: must be > 1 (e.g. 10) or 0 (off)")
+        _positive("robust.min_clients", self.min_clients)
+        if not self.clip >= 0:
+            raise ConfigError(f"robust.clip = {self.clip}: must be >= 0 (a multiple of the median norm; 0 = off)")
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"robust.aggregator = {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"robust.trim_fraction = {self.trim_fraction}: must be in [0, 0.5)")
+
+
+AGGREGATORS = ("mean", "trimmed_mean", "median")
 
 
 class RobustAggregation:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fcmoe.config import TrainConfig
 from fcmoe.config_sections import ConfigError
 from fcmoe.core import Tree
 from fcmoe.models.classifier import EncoderClassifier
@@ -24,6 +23,7 @@ from fcmoe.models.layout import ExpertLayout
 from fcmoe.models.outputs import Prediction
 from fcmoe.models.precision import PrecisionPlan, check_device
 from fcmoe.models.routing import RoutingRecorder, masked_routing
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.sft import generation_scores, letter_accuracy, response_losses
 
 log = logging.getLogger(__name__)

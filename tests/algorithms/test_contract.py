@@ -110,8 +110,7 @@ def test_a_server_metric_no_algorithm_declares_stops_the_round() -> None:
     """A key an algorithm returns without declaring it in ``metric_keys`` (a rename, say) is an error at once,
     before it could vanish from the report."""
     from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
-    from fcmoe.algorithms.robust import RobustAggregation
-    from fcmoe.config_sections import RobustConfig
+    from fcmoe.algorithms.robust import RobustAggregation, RobustConfig
     from fcmoe.rounds import server_step
 
     class Renamed(FedAvg):

@@ -80,8 +80,7 @@ def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: 
     """9 honest clients near +d, one sends −1000·d: the mean flips sign, the robust aggregators do not."""
     from fcmoe.algorithms.fcmoe import FCMoE, FCMoEConfig
     from fcmoe.algorithms.fedavg import FedAvg, FedAvgConfig
-    from fcmoe.algorithms.robust import RobustAggregation
-    from fcmoe.config_sections import RobustConfig
+    from fcmoe.algorithms.robust import RobustAggregation, RobustConfig
 
     state = tiny.model.trainable_state()
     base = random_delta(state, 0)
@@ -104,8 +103,7 @@ def test_robust_inner_aggregator_resists_a_sign_flipped_and_scaled_client(tiny: 
 def test_the_wrapper_with_the_mean_is_the_algorithm_itself(tiny: BuiltModel) -> None:
     """RobustAggregation adds nothing when it screens nothing and keeps the weighted mean."""
     from fcmoe.algorithms import ALGORITHMS
-    from fcmoe.algorithms.robust import RobustAggregation
-    from fcmoe.config_sections import RobustConfig
+    from fcmoe.algorithms.robust import RobustAggregation, RobustConfig
 
     state = tiny.model.trainable_state()
     everything = make_updates(tiny, [random_delta(state, s) for s in range(3)], [5, 9, 2],

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fcmoe.algorithms import ALGORITHMS
-from fcmoe.algorithms.robust import RobustAggregation
-from fcmoe.config_sections import ConfigError, RobustConfig, ServerConfig, budget_bytes
+from fcmoe.algorithms.robust import RobustAggregation, RobustConfig
+from fcmoe.config_sections import ConfigError, ServerConfig, budget_bytes
 from fcmoe.core import tree_num_bytes
 from fcmoe.models.build import BuiltModel
 from fcmoe.rounds import server_step

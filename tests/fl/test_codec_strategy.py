@@ -15,8 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fcmoe import rounds
 from fcmoe.algorithms import ALGORITHMS, ClientUpdate
-from fcmoe.algorithms.robust import RobustAggregation
-from fcmoe.config_sections import RobustConfig
+from fcmoe.algorithms.robust import RobustAggregation, RobustConfig
 from fcmoe.fl.codec import (
     ARRAYS,
     MESSAGE,

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmoe.config import ConfigError, TrainConfig, load_config
+from fcmoe.config import ConfigError, load_config
 from fcmoe.models.build import build_model
 from fcmoe.models.families import FAMILIES
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import LocalTrainer
 from tests.helpers import save_tiny_checkpoint, tiny_model
 

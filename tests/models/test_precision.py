@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmoe.config import TrainConfig
 from fcmoe.models.build import build_model
 from fcmoe.models.precision import PrecisionError, plan_precision
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import LocalTrainer, featurize
 from tests.helpers import save_tiny_checkpoint
 

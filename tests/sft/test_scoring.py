@@ -76,7 +76,7 @@ def test_mmlu_letter_scoring_on_a_hand_built_case() -> None:
 
 
 def test_the_trainer_scores_instruction_data_per_row() -> None:
-    from fcmoe.config_sections import TrainConfig
+    from fcmoe.training.config import TrainConfig
     from fcmoe.training.local import FeatureSet, LocalTrainer
 
     built = tiny_sft()

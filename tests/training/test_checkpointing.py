@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcmoe.config import TrainConfig
 from fcmoe.models.build import checkpointing
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import LocalTrainer, featurize
 from tests.helpers import TEXTS, build_family, tiny_sft
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcmoe.config import ConfigError, TrainConfig, load_config
+from fcmoe.config import ConfigError, load_config
 from fcmoe.experiment import prepare_experiment
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import FeatureSet, LocalResult, LocalTrainer, featurize, resolve_device
 from tests.helpers import tiny_model
 

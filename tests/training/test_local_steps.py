@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcmoe.config import ConfigError, TrainConfig, load_config
+from fcmoe.config import ConfigError, load_config
+from fcmoe.training.config import TrainConfig
 from fcmoe.training.local import LocalTrainer, batch_rows, featurize
 from tests.helpers import tiny_model
 
