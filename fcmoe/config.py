@@ -23,6 +23,7 @@ from typing import Any
 import tomli_w
 
 from fcmoe.algorithms import ALGORITHMS, Algorithm, AlgorithmConfig
+from fcmoe.algorithms.build import build_algorithm, method_config, split_method
 from fcmoe.algorithms.robust import RobustConfig
 from fcmoe.config_sections import (
     AttackConfig,
@@ -38,6 +39,7 @@ from fcmoe.data.catalog import FILE_SOURCES, INSTRUCT_SOURCES
 from fcmoe.data.config import DataConfig, PartitionConfig
 from fcmoe.models.catalog import DEFAULT_MODEL, SFT_MODELS
 from fcmoe.models.config import ModelConfig
+from fcmoe.models.layout import ExpertLayout
 from fcmoe.training.config import TrainConfig
 
 
@@ -113,15 +115,11 @@ class ExperimentConfig:
 
     def algorithm_config(self, method: str) -> AlgorithmConfig:
         """The config of ``method`` ("name" or "name/variant": the named switches applied to ``[name]``)."""
-        name, variant = split_method(method)
-        config = self.algorithms[name]
-        if variant:
-            config = dataclasses.replace(config, **ALGORITHMS.get(name).variants[variant])
-        return config
+        return method_config(self.algorithms, method)
 
-    def make_algorithm(self, method: str, layout: Any) -> Algorithm:
+    def make_algorithm(self, method: str, layout: ExpertLayout) -> Algorithm:
         """An instance of ``method``'s algorithm with its (variant) config, on ``layout``."""
-        return ALGORITHMS.get(split_method(method)[0])(self.algorithm_config(method), layout)
+        return build_algorithm(self.algorithms, method, layout)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML-serialisable) with every resolved value."""
@@ -143,21 +141,6 @@ class ExperimentConfig:
 ENGINES = ("inprocess", "flower")
 TASKS = ("classify", "sft")
 LOCAL_FILE_SOURCES = (*FILE_SOURCES, "instruct-file")  # data.path is a file (else maybe a hub id)
-
-
-def split_method(method: str) -> tuple[str, str]:
-    """``"fcmoe/no-projection"`` → ``("fcmoe", "no-projection")``; ``"fedavg"`` → ``("fedavg", "")``.
-
-    Raises :class:`ConfigError` naming the unknown algorithm or variant and the valid choices.
-    """
-    name, _, variant = method.partition("/")
-    if name not in ALGORITHMS.names():
-        raise ConfigError(f"methods: unknown method {method!r}; choose from {', '.join(ALGORITHMS.names())}")
-    variants = ALGORITHMS.get(name).variants
-    if variant and variant not in variants:
-        known = ", ".join(f"{name}/{v}" for v in variants) or "none"
-        raise ConfigError(f"methods: unknown variant {method!r}; {name}'s variants: {known}")
-    return name, variant
 _TOP_LEVEL = ("methods", "task", "rounds", "seed", "out_dir", "engine", "sparse_uploads")
 _SECTIONS: dict[str, type] = {"data": DataConfig, "partition": PartitionConfig, "model": ModelConfig,
                               "train": TrainConfig, "robust": RobustConfig,
