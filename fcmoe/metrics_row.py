@@ -9,12 +9,9 @@ TensorBoard read rows through the names below; a row without a required key is a
 from collections.abc import Collection, Mapping
 from typing import Any, NotRequired, TypedDict
 
-# the keys readers ask for by name
-METHOD, ROUND = "method", "round"
-GLOBAL_ACC, GLOBAL_LOSS, TASK_SCORES, MMLU_ACC = "global_acc", "global_loss", "task_scores", "mmlu_acc"
-LOCAL_ACC, LOCAL_ACC_MEAN, LOCAL_ACC_STD = "local_acc", "local_acc_mean", "local_acc_std"
-TRAIN_LOSS, WALL_S = "train_loss", "wall_s"
-LOCAL_MODEL_GLOBAL_ACC_MEAN, DEPLOYED_GLOBAL_ACC_MEAN = "local_model_global_acc_mean", "deployed_global_acc_mean"
+# the keys the report, the study, the engines' logs and the summaries read by name
+GLOBAL_ACC, TASK_SCORES, MMLU_ACC = "global_acc", "task_scores", "mmlu_acc"
+LOCAL_ACC_MEAN, LOCAL_ACC_STD, TRAIN_LOSS = "local_acc_mean", "local_acc_std", "train_loss"
 
 
 class MetricsRow(TypedDict):
