@@ -31,15 +31,14 @@ import torch
 import transformers
 from torch import nn
 
-from fcmoe.models.catalog import DEFAULT_PATHS
 from fcmoe.models.causal_lm import IGNORE, HFCodec, TextCodec, WordCodec, prompt_lengths, summed_nll
 from fcmoe.models.classifier import TrainableTree
 from fcmoe.models.families import (
-    FAMILIES,
     hashing_token_id,
     hashing_tokenize,
     hub_config,
     load_tokenizer,
+    pretrained_path,
     pretrained_source,
     tokenize_with,
 )
@@ -267,14 +266,12 @@ def _layout(model: TextToTextClassifier | Seq2SeqLM) -> SwitchLayout:
 def _load(name: str, path: str, dtype: torch.dtype, init: str, num_layers: int, device: torch.device | str,
           ) -> tuple[nn.Module, Any]:
     """The encoder-decoder and its tokenizer (None for random weights)."""
+    build = transformers.SwitchTransformersForConditionalGeneration
     if name.endswith("-tiny"):
-        config = transformers.SwitchTransformersConfig(**FAMILIES["switch"].tiny)
-        return transformers.SwitchTransformersForConditionalGeneration(config), None
+        return build(hub_config(name, path)), None
     if init == "random":
-        config = hub_config(name, path, init, num_layers)
-        return materialise(transformers.SwitchTransformersForConditionalGeneration, config, torch.device(device),
-                           dtype), None
-    source = path or DEFAULT_PATHS["switch"]
+        return materialise(build, hub_config(name, path, init, num_layers), torch.device(device), dtype), None
+    source = pretrained_path(name, path)
     with pretrained_source(name, source):
-        model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        model = build.from_pretrained(source, dtype=dtype)
     return model, load_tokenizer(source)

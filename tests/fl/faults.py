@@ -10,6 +10,7 @@ import contextlib
 import glob
 import logging
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,10 +95,10 @@ def restart_after_train(node: int, round_index: int) -> Fault:
     return fault
 
 
-def _client_app_process(supernode: object) -> psutil.Process | None:
+def _client_app_process(supernode: subprocess.Popen) -> psutil.Process | None:
     """The running ``flwr-clientapp`` process a SuperNode started, if there is one."""
     try:
-        children = psutil.Process(supernode.pid).children(recursive=True)  # type: ignore[attr-defined]
+        children = psutil.Process(supernode.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return None
     for child in children:
